@@ -1,1 +1,199 @@
-//! (placeholder, being written)
+//! The command line (clap derive). Every flag can also come from an environment variable.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+/// Keeps a restaurant's cloud PostgreSQL mirror in step with its local database.
+///
+/// bite-sync runs next to the restaurant's database and only ever dials out. Start with
+/// `bite-sync demo` to see it work on two throwaway local databases.
+#[derive(Debug, Parser)]
+#[command(name = "bite-sync", version, propagate_version = true)]
+pub struct Cli {
+    /// Config file [default: ./bite-sync.toml if present]
+    #[arg(long, global = true, env = "BITE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// More log output (-v debug, -vv trace)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Only warnings and errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// Log format on stderr
+    #[arg(long, global = true, env = "BITE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// What to do
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy tables (schema and data) from the local database to the mirror, atomically
+    ///
+    /// All tables are read from one snapshot of the source, built beside the mirror's
+    /// current tables, and swapped in together in one short transaction: readers of the
+    /// mirror see the old rows until then, never an empty or half-filled table. A run that
+    /// is interrupted leaves the mirror as it was.
+    ///
+    /// Examples:
+    ///   bite-sync sync --tables customers,orders
+    ///   bite-sync sync --tables 'sales.*' --exclude sales.audit_log --jobs 4
+    ///   bite-sync sync --dry-run                 # show the plan and the DDL, change nothing
+    ///   bite-sync sync --init                    # first sync into a fresh mirror database
+    ///
+    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error, 130 interrupted.
+    #[command(verbatim_doc_comment)]
+    Sync(SyncArgs),
+
+    /// Run bite-sync on two throwaway local databases with a sample restaurant
+    ///
+    /// Starts a local PostgreSQL pair in a temporary directory (needs PostgreSQL's server
+    /// binaries, e.g. Debian's postgresql-15), loads the sample restaurant, syncs it, and
+    /// shows how to look at the result. Ctrl-C stops and removes everything it made.
+    Demo(DemoArgs),
+
+    /// Benchmark bite-sync against `pg_dump | psql` on throwaway local databases
+    Bench(BenchArgs),
+}
+
+/// Where the two databases are.
+#[derive(Debug, Args, Clone, Default)]
+pub struct DatabaseArgs {
+    /// The local database URL, e.g. postgres://bite@localhost/bite
+    #[arg(long, env = "BITE_SOURCE_URL", value_name = "URL", hide_env_values = true)]
+    pub source: Option<String>,
+
+    /// The mirror database URL (Railway's), e.g. postgres://...?sslmode=verify-full
+    #[arg(long, env = "BITE_MIRROR_URL", value_name = "URL", hide_env_values = true)]
+    pub mirror: Option<String>,
+}
+
+/// `bite-sync sync`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DatabaseArgs,
+
+    /// Tables to sync, comma-separated: customers,orders  sales.orders  '"Order Items"'  'archive.*'
+    /// [default: sync.tables from the config file, else every table]
+    #[arg(long, short = 't', env = "BITE_TABLES", value_name = "LIST")]
+    pub tables: Option<String>,
+
+    /// Tables to leave out, same syntax as --tables
+    #[arg(long, env = "BITE_EXCLUDE", value_name = "LIST")]
+    pub exclude: Option<String>,
+
+    /// Create missing tables and add missing columns; copy no rows
+    #[arg(long, conflicts_with = "data_only")]
+    pub schema_only: bool,
+
+    /// Copy rows only; the mirror's tables must already exist with the source's columns
+    #[arg(long)]
+    pub data_only: bool,
+
+    /// Tables built in parallel (each uses one connection per database) [default: 2]
+    #[arg(long, short = 'j', env = "BITE_JOBS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: Option<u16>,
+
+    /// Show the plan (tables, order, DDL) and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print a machine-readable JSON summary on stdout
+    #[arg(long)]
+    pub json: bool,
+
+    /// Allow the first sync into a database that has no bite_sync bookkeeping yet
+    #[arg(long)]
+    pub init: bool,
+
+    /// How long the final swap waits for readers' locks before retrying, e.g. 10s
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub lock_timeout: Option<std::time::Duration>,
+}
+
+/// `bite-sync demo`.
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Customers in the sample restaurant
+    #[arg(long, default_value_t = 1_000)]
+    pub customers: u64,
+
+    /// Orders in the sample restaurant
+    #[arg(long, default_value_t = 5_000)]
+    pub orders: u64,
+
+    /// Run the demo and exit instead of waiting for Ctrl-C
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `bite-sync bench`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Customers to generate
+    #[arg(long, default_value_t = 100_000)]
+    pub customers: u64,
+
+    /// Orders to generate (three items each)
+    #[arg(long, default_value_t = 1_000_000)]
+    pub orders: u64,
+
+    /// Parallel jobs for bite-sync
+    #[arg(long, default_value_t = 2)]
+    pub jobs: u16,
+
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::parse_duration(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sync_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "bite-sync",
+            "sync",
+            "--tables",
+            "customers,orders",
+            "--jobs",
+            "4",
+            "--dry-run",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Sync(args) = cli.command else {
+            panic!("not sync")
+        };
+        assert_eq!(args.tables.as_deref(), Some("customers,orders"));
+        assert_eq!(args.jobs, Some(4));
+        assert!(args.dry_run && args.json);
+        assert!(
+            Cli::try_parse_from(["bite-sync", "sync", "--schema-only", "--data-only"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["bite-sync", "sync", "--jobs", "0"]).is_err());
+    }
+}

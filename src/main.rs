@@ -1,1 +1,209 @@
-fn main() {}
+//! The `bite-sync` binary: parse the command line, load configuration, set up logging, run the
+//! command, print the error chain and exit with a code that means something:
+//! 0 success, 1 failure, 2 usage or configuration error, 130 interrupted.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use bite_sync::cli::{Cli, Command, SyncArgs};
+use bite_sync::config::{self, Config, ConfigError, LogFormat, Overrides};
+use bite_sync::pg::ident::parse_pattern_list;
+use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let overrides = match overrides(&cli) {
+        Ok(o) => o,
+        Err(e) => return fail_config(&e),
+    };
+    let config = match config::read_file(cli.config.as_deref(), &cwd)
+        .and_then(|(file, raw)| config::resolve(file, raw, overrides))
+    {
+        Ok(c) => c,
+        Err(e) => return fail_config(&e),
+    };
+    init_tracing(&cli, &config);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cancel = CancellationToken::new();
+    runtime.spawn(shutdown_on_signal(cancel.clone()));
+    let code = runtime.block_on(async {
+        match cli.command {
+            Command::Sync(args) => run_sync(&config, &args, cancel).await,
+            Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),
+            Command::Bench(args) => report(bite_sync::bench::run(&args, cancel).await),
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+/// Flags that override the config file.
+fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
+    let mut o = Overrides::default();
+    if let Command::Sync(args) = &cli.command {
+        let list = |flag: &str, text: &Option<String>| match text {
+            None => Ok(None),
+            Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
+                problems: vec![format!("--{flag}: {e}")],
+            }),
+        };
+        o.source_url = args.db.source.clone();
+        o.mirror_url = args.db.mirror.clone();
+        o.tables = list("tables", &args.tables)?;
+        o.exclude = list("exclude", &args.exclude)?;
+        o.jobs = args.jobs.map(usize::from);
+        o.lock_timeout = args.lock_timeout;
+    }
+    Ok(o)
+}
+
+fn fail_config(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(2)
+}
+
+fn init_tracing(cli: &Cli, config: &Config) {
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BITE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("bite_sync={level},warn")));
+    let format = cli
+        .log_format
+        .or(config.log_format)
+        .unwrap_or(LogFormat::Text);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+async fn shutdown_on_signal(cancel: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    cancel.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    cancel.cancel();
+}
+
+async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -> u8 {
+    let (source, mirror) = match config.require_both() {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let mut opts = SyncOptions::new(source, mirror);
+    opts.tables = config.sync.tables.clone();
+    opts.exclude = config.sync.exclude.clone();
+    opts.jobs = config.sync.jobs;
+    opts.lock_timeout = config.sync.lock_timeout;
+    opts.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
+    opts.dry_run = args.dry_run;
+    opts.init = args.init;
+    opts.mode = if args.schema_only {
+        Mode::SchemaOnly
+    } else if args.data_only {
+        Mode::DataOnly
+    } else {
+        Mode::Full
+    };
+    let show_bars = !args.json && !args.dry_run && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let observer: Arc<dyn sync::Observer> = if show_bars {
+        Arc::new(sync::progress::TerminalProgress::new())
+    } else {
+        Arc::new(sync::Quiet)
+    };
+    let result = sync::sync(&opts, Arc::clone(&observer), cancel).await;
+    drop(observer);
+    match result {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", sync::report::render(&report));
+            }
+            0
+        }
+        Err(e) => {
+            let code = match e {
+                SyncError::Cancelled => 130,
+                ref other => other.exit_code() as u8,
+            };
+            let message = chain(&e);
+            eprintln!("error: {message}");
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": message, "exit_code": code })
+                );
+            }
+            code
+        }
+    }
+}
+
+fn report<E: std::error::Error>(result: std::result::Result<(), E>) -> u8 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            1
+        }
+    }
+}
+
+/// `outer: inner: root`, each cause once.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -1,1 +1,1054 @@
-//! (placeholder, being written)
+//! On-demand table sync: copy chosen tables, schema and data, from the source to the mirror,
+//! atomically.
+//!
+//! A run goes:
+//! 1. **Safety**: refuse when source and mirror are the same database, and refuse to write into
+//!    a database without `bite_sync` bookkeeping unless `--init` was given. One run at a time
+//!    per mirror (an advisory lock held by the run's control connection).
+//! 2. **Snapshot**: a repeatable-read transaction on the source exports its snapshot; every
+//!    worker imports it, so all tables are read as of one instant, and the catalog is read in
+//!    it too.
+//! 3. **Plan** ([`plan`]): resolve patterns, compare with the mirror, refuse what cannot be
+//!    applied, order by foreign keys. `--dry-run` stops here and prints the plan.
+//! 4. **Stage**: types, sequences and schemas the tables need are created on the mirror
+//!    (additive, harmless to readers). Each table is built in a per-run staging schema by up to
+//!    `--jobs` workers: `CREATE TABLE`, binary `COPY ... FREEZE` streamed from the source
+//!    ([`copy`]), then keys and indexes: data before indexes. Then foreign keys among staged
+//!    tables, and sequences set to the source's values.
+//! 5. **Swap** ([`swap`]): one short transaction drops the old tables and moves the staged
+//!    ones into place, and records the run. Readers see the old rows until it commits.
+//!
+//! Killed at any point before the swap commits, a run leaves the mirror's tables untouched;
+//! the next run removes its staging schemas.
+
+pub mod catalog;
+pub mod copy;
+pub mod ddl;
+pub mod plan;
+pub mod progress;
+pub mod report;
+pub mod swap;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+use tokio_util::sync::CancellationToken;
+
+use crate::bookkeeping::{self, BookkeepingError};
+use crate::pg::connect::{ConnectError, DbUrl};
+use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
+
+use self::catalog::{SourceCatalog, TableDef, TypeDef};
+use self::copy::{CopyFormat, CopyStats};
+pub use self::plan::{Mode, PlanError, TableAction};
+use self::swap::SwapTable;
+
+/// Everything a sync run needs to know.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    /// The local database.
+    pub source: DbUrl,
+    /// The cloud mirror.
+    pub mirror: DbUrl,
+    /// Tables to sync (empty: every user table).
+    pub tables: Vec<TablePattern>,
+    /// Tables to leave out.
+    pub exclude: Vec<TablePattern>,
+    /// Schema, data or both.
+    pub mode: Mode,
+    /// Tables built in parallel (connections per side: this plus one).
+    pub jobs: usize,
+    /// Plan only.
+    pub dry_run: bool,
+    /// Allow the first write into a database without bookkeeping.
+    pub init: bool,
+    /// How long the swap waits for readers' locks before trying again.
+    pub lock_timeout: Duration,
+    /// `maintenance_work_mem` for index builds on the mirror, e.g. `256MB`.
+    pub maintenance_work_mem: String,
+    /// Read from this exported snapshot instead of taking a new one (replication set-up).
+    pub snapshot: Option<String>,
+}
+
+impl SyncOptions {
+    /// Options with the defaults for everything but the two databases.
+    pub fn new(source: DbUrl, mirror: DbUrl) -> Self {
+        Self {
+            source,
+            mirror,
+            tables: Vec::new(),
+            exclude: Vec::new(),
+            mode: Mode::Full,
+            jobs: 2,
+            dry_run: false,
+            init: false,
+            lock_timeout: Duration::from_secs(10),
+            maintenance_work_mem: "256MB".into(),
+            snapshot: None,
+        }
+    }
+}
+
+/// What a run did (or, for `--dry-run`, would do). Serialized for `--json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SyncReport {
+    /// The run's id in `bite_sync.sync_runs` (none for dry runs).
+    pub run_id: Option<i64>,
+    /// Whether this was only a plan.
+    pub dry_run: bool,
+    /// Schema, data or both.
+    pub mode: Mode,
+    /// Whether this run created the mirror's bookkeeping (`--init` on a fresh database).
+    pub initialized_mirror: bool,
+    /// Statements run before the tables are built: schemas, types, sequences.
+    pub prepare: Vec<String>,
+    /// Per table, in foreign-key order.
+    pub tables: Vec<TableReport>,
+    /// Rows copied in all.
+    pub rows: u64,
+    /// Bytes copied in all.
+    pub bytes: u64,
+    /// Wall time of the run.
+    pub duration_ms: u64,
+    /// Things the user should know: skipped foreign keys, keys that failed validation ...
+    pub warnings: Vec<String>,
+}
+
+/// One table of a run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TableReport {
+    /// As the user would type it.
+    pub table: String,
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// What happens to the mirror's table.
+    #[serde(flatten)]
+    pub action: TableAction,
+    /// COPY format used.
+    pub format: CopyFormat,
+    /// Rows copied.
+    pub rows: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+    /// Time spent building the table (copy and indexes).
+    pub duration_ms: u64,
+    /// The DDL that builds it (shown by `--dry-run`).
+    pub ddl: Vec<String>,
+}
+
+/// Hooks for showing progress; every method has a no-op default.
+pub trait Observer: Send + Sync {
+    /// A phase of the run begins.
+    fn phase(&self, _what: &str) {}
+    /// A table starts building.
+    fn table_started(&self, _table: &QualifiedName, _estimated_rows: u64) {}
+    /// Rows are flowing.
+    fn table_progress(&self, _table: &QualifiedName, _stats: CopyStats) {}
+    /// A table is built (indexes included).
+    fn table_finished(&self, _table: &QualifiedName, _stats: CopyStats) {}
+}
+
+/// An [`Observer`] that shows nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// Which database an error came from, for permission hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The local database.
+    Source,
+    /// The mirror.
+    Mirror,
+}
+
+/// Why a sync failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Could not connect.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// Source and mirror are one database.
+    #[error("source and mirror are the same database ({0}): refusing to sync a database onto itself; check BITE_SOURCE_URL and BITE_MIRROR_URL")]
+    SameDatabase(String),
+    /// The mirror has no bookkeeping and `--init` was not given.
+    #[error("{0} has no bite_sync bookkeeping, so it has never been a bite-sync mirror: if it is the right database, run again with --init to set it up (this protects production databases from a mistyped URL)")]
+    NotInitialized(String),
+    /// What was asked cannot be done.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Bookkeeping migrations failed.
+    #[error("failed to set up bookkeeping on the mirror")]
+    Bookkeeping(#[from] BookkeepingError),
+    /// A column type the mirror lacks and bite-sync does not create.
+    #[error("{table} needs type {type_name} ({kind}{}), which the mirror lacks: create it on the mirror first", .extension.as_ref().map(|e| format!(" from extension {e}: CREATE EXTENSION {e}")).unwrap_or_default())]
+    MissingType {
+        /// A table that uses it.
+        table: String,
+        /// The type.
+        type_name: String,
+        /// What kind of type.
+        kind: &'static str,
+        /// The extension that provides it on the source.
+        extension: Option<String>,
+    },
+    /// Mirror objects would be dropped along with a replaced table.
+    #[error("{table} on the mirror has dependent objects that a sync would have to drop: {}; drop them on the mirror (they can be recreated after the sync) or leave {table} out", .objects.join(", "))]
+    MirrorDependents {
+        /// The table.
+        table: String,
+        /// Descriptions of the dependents.
+        objects: Vec<String>,
+    },
+    /// Another run holds the mirror.
+    #[error("another bite-sync run is syncing into {0}: wait for it to finish")]
+    Busy(String),
+    /// The user lacks a privilege.
+    #[error("{context}: permission denied: {hint}")]
+    PermissionDenied {
+        /// What was being done.
+        context: String,
+        /// Which privilege to grant.
+        hint: &'static str,
+        /// Cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A statement failed.
+    #[error("{context}")]
+    Query {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Ctrl-C or shutdown.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl SyncError {
+    /// Exit code for the command line: 2 for mistakes in what was asked, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SyncError::SameDatabase(_) | SyncError::NotInitialized(_) => 2,
+            SyncError::Plan(p) if p.is_usage() => 2,
+            _ => 1,
+        }
+    }
+
+    /// Worth retrying as is (a lost connection, a restarting server).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SyncError::Connect(e) => e.is_transient(),
+            SyncError::Query { source, .. } => source.is_closed() || source.as_db_error().is_none(),
+            SyncError::Busy(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Wraps a database error with what was being done, recognizing missing privileges.
+fn pg(side: Side, context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SyncError {
+    let context = context.into();
+    move |source| {
+        if source.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            let hint = match side {
+                Side::Source => {
+                    "the source user needs SELECT on the synced tables and their sequences (GRANT SELECT ON ALL TABLES IN SCHEMA ... TO ...; GRANT SELECT ON ALL SEQUENCES IN SCHEMA ... TO ...)"
+                }
+                Side::Mirror => {
+                    "the mirror user needs CREATE on the database (for schemas) and on the target schemas, and must own the mirror tables it replaces"
+                }
+            };
+            SyncError::PermissionDenied {
+                context,
+                hint,
+                source,
+            }
+        } else {
+            SyncError::Query { context, source }
+        }
+    }
+}
+
+/// Runs one sync.
+pub async fn sync(
+    opts: &SyncOptions,
+    observer: Arc<dyn Observer>,
+    cancel: CancellationToken,
+) -> Result<SyncReport, SyncError> {
+    tokio::select! {
+        result = run(opts, observer) => result,
+        () = cancel.cancelled() => Err(SyncError::Cancelled),
+    }
+}
+
+/// Schemas bite-sync builds tables in before swapping them in; the next run drops leftovers.
+const STAGING_PREFIX: &str = "bite_sync_stage_";
+/// Session advisory lock that keeps two runs off one mirror.
+const RUN_LOCK: i64 = 0x6269_7465_0002;
+
+async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncReport, SyncError> {
+    let started = Instant::now();
+    observer.phase("connecting");
+    let (source, mut mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
+
+    let source_id = database_identity(&source, Side::Source).await?;
+    let mirror_id = database_identity(&mirror, Side::Mirror).await?;
+    if source_id == mirror_id {
+        return Err(SyncError::SameDatabase(opts.mirror.target()));
+    }
+
+    let initialized = bookkeeping::is_initialized(&mirror).await?;
+    if !initialized && !opts.init && !opts.dry_run {
+        return Err(SyncError::NotInitialized(format!(
+            "the mirror {}",
+            opts.mirror.target()
+        )));
+    }
+    if !opts.dry_run {
+        let locked: bool = mirror
+            .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&RUN_LOCK])
+            .await
+            .map_err(pg(Side::Mirror, "failed to take the run lock on the mirror"))?
+            .get(0);
+        if !locked {
+            return Err(SyncError::Busy(opts.mirror.target()));
+        }
+        bookkeeping::migrate(&mut mirror).await?;
+        cleanup_leftovers(&mirror).await?;
+    }
+
+    // The snapshot every table is read from.
+    observer.phase("reading the source catalog");
+    let search_path = catalog::search_path(&source)
+        .await
+        .map_err(pg(Side::Source, "failed to read the source's search_path"))?;
+    let snapshot = begin_snapshot(&source, opts.snapshot.as_deref()).await?;
+    source
+        .batch_execute("SELECT pg_catalog.set_config('search_path', '', true)")
+        .await
+        .map_err(pg(Side::Source, "failed to set the source's search_path"))?;
+    let all = catalog::list_tables(&source)
+        .await
+        .map_err(pg(Side::Source, "failed to list the source's tables"))?;
+    let selected = plan::resolve(&all, &search_path, &opts.tables, &opts.exclude)?;
+    let names: Vec<QualifiedName> = selected.into_iter().map(|e| e.name).collect();
+    let source_catalog = catalog::read_tables(&source, &names)
+        .await
+        .map_err(pg(Side::Source, "failed to read the source's table definitions"))?;
+
+    observer.phase("comparing with the mirror");
+    mirror
+        .batch_execute("SET search_path = ''")
+        .await
+        .map_err(pg(Side::Mirror, "failed to set the mirror's search_path"))?;
+    let mirror_tables: BTreeSet<QualifiedName> = catalog::list_tables(&mirror)
+        .await
+        .map_err(pg(Side::Mirror, "failed to list the mirror's tables"))?
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| source_catalog.tables.contains_key(n))
+        .collect();
+    let existing: Vec<QualifiedName> = mirror_tables.iter().cloned().collect();
+    let mirror_catalog = catalog::read_tables(&mirror, &existing)
+        .await
+        .map_err(pg(Side::Mirror, "failed to read the mirror's table definitions"))?;
+
+    if opts.dry_run {
+        let mut planned = plan_run(opts, &source_catalog, &mirror_catalog, "dry_run")?;
+        planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
+        return Ok(planned.report(None, !initialized, started));
+    }
+
+    // From here on the run is recorded, failures included.
+    let run_id = record_start(&mirror, opts, &names, &source_id).await?;
+    let result = async {
+        let mut planned = plan_run(opts, &source_catalog, &mirror_catalog, &run_id.to_string())?;
+        planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
+        check_dependents(&mirror, &planned, &mirror_catalog).await?;
+        execute(
+            opts,
+            &observer,
+            &mut mirror,
+            &source_catalog,
+            &mut planned,
+            &snapshot,
+            run_id,
+            started,
+        )
+        .await?;
+        Ok(planned)
+    }
+    .await;
+    match result {
+        Ok(planned) => {
+            drop(source);
+            Ok(planned.report(Some(run_id), !initialized, started))
+        }
+        Err(e) => {
+            record_failure(&mirror, run_id, &e).await;
+            Err(e)
+        }
+    }
+}
+
+/// Identifies a database across connections: the cluster's system identifier (falling back to
+/// the server's address and start time where that needs privileges) plus the database OID.
+async fn database_identity(client: &Client, side: Side) -> Result<String, SyncError> {
+    let precise = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) \
+                    || '/' || d.oid::text \
+             FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()",
+            &[],
+        )
+        .await;
+    let row = match precise {
+        Ok(row) => row,
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => client
+            .query_one(
+                "SELECT COALESCE(pg_catalog.inet_server_addr()::text, 'local') || ':' \
+                        || COALESCE(pg_catalog.inet_server_port()::text, '') || '@' \
+                        || pg_catalog.pg_postmaster_start_time()::text || '/' || d.oid::text \
+                 FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database()",
+                &[],
+            )
+            .await
+            .map_err(pg(side, "failed to identify the database"))?,
+        Err(e) => return Err(pg(side, "failed to identify the database")(e)),
+    };
+    Ok(row.get(0))
+}
+
+/// Drops staging schemas of runs that died and marks their records abandoned. Only called
+/// while holding the run lock, so no live run's schema is touched.
+async fn cleanup_leftovers(mirror: &Client) -> Result<(), SyncError> {
+    let rows = mirror
+        .query(
+            "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE $1",
+            &[&format!("{STAGING_PREFIX}%")],
+        )
+        .await
+        .map_err(pg(Side::Mirror, "failed to look for leftover staging schemas"))?;
+    for r in &rows {
+        let schema: String = r.get(0);
+        tracing::info!(schema, "removing staging schema left by an interrupted run");
+        mirror
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", quote(&schema)))
+            .await
+            .map_err(pg(Side::Mirror, format!("failed to drop leftover schema {schema}")))?;
+    }
+    mirror
+        .batch_execute(
+            "UPDATE bite_sync.sync_runs SET outcome = 'abandoned', finished_at = now() \
+             WHERE outcome = 'running'",
+        )
+        .await
+        .map_err(pg(Side::Mirror, "failed to mark interrupted runs"))?;
+    Ok(())
+}
+
+async fn begin_snapshot(source: &Client, given: Option<&str>) -> Result<String, SyncError> {
+    let context = "failed to start the snapshot transaction on the source";
+    match given {
+        Some(name) => {
+            source
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    literal(name)
+                ))
+                .await
+                .map_err(pg(Side::Source, context))?;
+            Ok(name.to_string())
+        }
+        None => {
+            source
+                .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(pg(Side::Source, context))?;
+            let row = source
+                .query_one("SELECT pg_catalog.pg_export_snapshot()", &[])
+                .await
+                .map_err(pg(Side::Source, "failed to export the source snapshot"))?;
+            Ok(row.get(0))
+        }
+    }
+}
+
+/// One table's place in a run.
+#[derive(Debug, Clone)]
+struct PlannedTable {
+    def: TableDef,
+    action: TableAction,
+    format: CopyFormat,
+    /// Where the table is built; `None` when nothing is built (schema-only on an existing table).
+    staged: Option<QualifiedName>,
+    stats: CopyStats,
+    duration: Duration,
+}
+
+impl PlannedTable {
+    fn copies_data(&self, mode: Mode) -> bool {
+        self.staged.is_some() && mode != Mode::SchemaOnly
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Planned {
+    mode: Mode,
+    /// In foreign-key order.
+    tables: Vec<PlannedTable>,
+    staging_schemas: Vec<String>,
+    prepare: Vec<String>,
+    /// Foreign keys to add after loading: (table index, statement).
+    foreign_keys: Vec<(usize, String)>,
+    warnings: Vec<String>,
+}
+
+impl Planned {
+    fn report(&self, run_id: Option<i64>, initialized_mirror: bool, started: Instant) -> SyncReport {
+        let tables: Vec<TableReport> = self
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| TableReport {
+                table: t.def.name.to_string(),
+                schema: t.def.name.schema.clone(),
+                name: t.def.name.name.clone(),
+                action: t.action.clone(),
+                format: t.format,
+                rows: t.stats.rows,
+                bytes: t.stats.bytes,
+                duration_ms: t.duration.as_millis() as u64,
+                ddl: self.table_ddl(i),
+            })
+            .collect();
+        SyncReport {
+            run_id,
+            dry_run: run_id.is_none(),
+            mode: self.mode,
+            initialized_mirror,
+            prepare: self.prepare.clone(),
+            rows: tables.iter().map(|t| t.rows).sum(),
+            bytes: tables.iter().map(|t| t.bytes).sum(),
+            tables,
+            duration_ms: started.elapsed().as_millis() as u64,
+            warnings: self.warnings.clone(),
+        }
+    }
+
+    /// The statements that build table `i`.
+    fn table_ddl(&self, i: usize) -> Vec<String> {
+        let t = &self.tables[i];
+        let mut out = Vec::new();
+        match (&t.staged, &t.action) {
+            (Some(at), _) => {
+                out.push(ddl::create_table(&t.def, at));
+                out.extend(build_statements(&t.def, at));
+            }
+            (None, TableAction::AddColumns { columns }) => {
+                for c in t.def.columns.iter().filter(|c| columns.contains(&c.name)) {
+                    out.push(ddl::add_column(&t.def.name, c));
+                }
+            }
+            (None, _) => {}
+        }
+        out.extend(
+            self.foreign_keys
+                .iter()
+                .filter(|(owner, _)| *owner == i)
+                .map(|(_, s)| s.clone()),
+        );
+        out
+    }
+}
+
+/// Keys and indexes, built after the data is in.
+fn build_statements(def: &TableDef, at: &QualifiedName) -> Vec<String> {
+    def.constraints
+        .iter()
+        .filter(|c| c.kind != 'c')
+        .map(|c| ddl::add_key(at, c))
+        .chain(def.indexes.iter().map(|i| ddl::create_index(at, i)))
+        .collect()
+}
+
+/// Plans a run; `tag` makes the staging schema names unique to it.
+fn plan_run(
+    opts: &SyncOptions,
+    source: &SourceCatalog,
+    mirror: &SourceCatalog,
+    tag: &str,
+) -> Result<Planned, SyncError> {
+    let order = plan::fk_order(&source.tables);
+    let target_schemas: Vec<String> = order
+        .iter()
+        .map(|n| n.schema.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut tables = Vec::with_capacity(order.len());
+    for name in &order {
+        let def = source.tables[name].clone();
+        let action = plan::compare(&def, mirror.tables.get(name), opts.mode)?;
+        let staged = match (&action, opts.mode) {
+            (TableAction::AddColumns { .. }, _) => None,
+            _ => {
+                let i = target_schemas
+                    .iter()
+                    .position(|s| s == &name.schema)
+                    .unwrap_or(0);
+                Some(QualifiedName::new(
+                    format!("{STAGING_PREFIX}{tag}_{i}"),
+                    name.name.clone(),
+                ))
+            }
+        };
+        tables.push(PlannedTable {
+            format: CopyFormat::for_table(&def),
+            def,
+            action,
+            staged,
+            stats: CopyStats::default(),
+            duration: Duration::ZERO,
+        });
+    }
+
+    let mut warnings = Vec::new();
+    let mut foreign_keys = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let Some(at) = &t.staged else { continue };
+        for fk in &t.def.foreign_keys {
+            let parent = tables.iter().find(|p| p.def.name == fk.referenced);
+            match parent {
+                Some(p) => {
+                    let referenced_at = p.staged.as_ref().unwrap_or(&p.def.name);
+                    foreign_keys.push((i, ddl::add_foreign_key(at, fk, referenced_at)));
+                }
+                None => warnings.push(format!(
+                    "foreign key {} on {} references {}, which is not part of this sync: skipped",
+                    fk.name, t.def.name, fk.referenced
+                )),
+            }
+        }
+    }
+    let staging_schemas = (0..target_schemas.len())
+        .map(|i| format!("{STAGING_PREFIX}{tag}_{i}"))
+        .collect();
+    Ok(Planned {
+        mode: opts.mode,
+        tables,
+        staging_schemas,
+        prepare: Vec::new(),
+        foreign_keys,
+        warnings,
+    })
+}
+
+/// Schemas, types and sequences the mirror needs before the tables can be built; additive, so
+/// they are committed right away.
+async fn prepare_statements(
+    mirror: &Client,
+    source: &SourceCatalog,
+    names: &[QualifiedName],
+) -> Result<Vec<String>, SyncError> {
+    let mut out = Vec::new();
+    let mut schemas: BTreeSet<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+    schemas.extend(source.types.iter().map(|t| t.name().schema.as_str()));
+    schemas.extend(source.sequences.iter().map(|s| s.name.schema.as_str()));
+    for schema in schemas {
+        out.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)));
+    }
+    for t in &source.types {
+        let name = t.name();
+        let found = mirror
+            .query_opt(
+                "SELECT t.typtype::text, \
+                        ARRAY(SELECT enumlabel::text FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid ORDER BY enumsortorder) \
+                 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
+                 WHERE n.nspname = $1 AND t.typname = $2",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(pg(Side::Mirror, format!("failed to look up type {name} on the mirror")))?;
+        match (t, found) {
+            (TypeDef::Enum { labels, .. }, Some(row)) => {
+                let mirror_labels: Vec<String> = row.get(1);
+                out.extend(ddl::add_enum_labels(name, labels, &mirror_labels));
+            }
+            (_, Some(_)) => {}
+            (TypeDef::External { kind, extension, .. }, None) => {
+                let table = source
+                    .tables
+                    .values()
+                    .find(|d| d.columns.iter().any(|c| c.type_sql.contains(&name.quoted()) || c.type_sql.contains(&name.name)))
+                    .map(|d| d.name.to_string())
+                    .unwrap_or_default();
+                return Err(SyncError::MissingType {
+                    table,
+                    type_name: name.to_string(),
+                    kind,
+                    extension: extension.clone(),
+                });
+            }
+            (def, None) => out.extend(ddl::create_type(def)),
+        }
+    }
+    for seq in &source.sequences {
+        out.push(ddl::create_sequence(seq));
+    }
+    Ok(out)
+}
+
+/// Refuses to replace a mirror table that other mirror objects (views) depend on: dropping it
+/// would need CASCADE, which would silently drop them.
+async fn check_dependents(
+    mirror: &Client,
+    planned: &Planned,
+    mirror_catalog: &SourceCatalog,
+) -> Result<(), SyncError> {
+    for t in &planned.tables {
+        if t.staged.is_none() {
+            continue;
+        }
+        let Some(old) = mirror_catalog.tables.get(&t.def.name) else {
+            continue;
+        };
+        let rows = mirror
+            .query(
+                "SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, 0) \
+                 FROM pg_catalog.pg_depend d \
+                 JOIN pg_catalog.pg_rewrite rw ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND rw.oid = d.objid \
+                 WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = $1 \
+                   AND rw.ev_class <> $1 \
+                 ORDER BY 1",
+                &[&old.oid],
+            )
+            .await
+            .map_err(pg(Side::Mirror, "failed to look for objects that depend on mirror tables"))?;
+        if !rows.is_empty() {
+            return Err(SyncError::MirrorDependents {
+                table: t.def.name.to_string(),
+                objects: rows.iter().map(|r| r.get(0)).collect(),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn record_start(
+    mirror: &Client,
+    opts: &SyncOptions,
+    names: &[QualifiedName],
+    source_id: &str,
+) -> Result<i64, SyncError> {
+    let tables: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mode = serde_json::to_value(opts.mode)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let row = mirror
+        .query_one(
+            "INSERT INTO bite_sync.sync_runs (mode, tables, source_system_identifier, source_database) \
+             VALUES ($1, $2, $3, $4) RETURNING id",
+            &[&mode, &tables, &source_id, &opts.source.dbname()],
+        )
+        .await
+        .map_err(pg(Side::Mirror, "failed to record the run on the mirror"))?;
+    Ok(row.get(0))
+}
+
+async fn record_failure(mirror: &Client, run_id: i64, error: &SyncError) {
+    let message = error_chain(error);
+    let result = mirror
+        .execute(
+            "UPDATE bite_sync.sync_runs SET outcome = 'failed', finished_at = now(), error = $2, \
+                    duration_ms = (extract(epoch FROM now() - started_at) * 1000)::bigint \
+             WHERE id = $1",
+            &[&run_id, &message],
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not record the failed run (the next run marks it abandoned)");
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute(
+    opts: &SyncOptions,
+    observer: &Arc<dyn Observer>,
+    mirror: &mut Client,
+    source_catalog: &SourceCatalog,
+    planned: &mut Planned,
+    snapshot: &str,
+    run_id: i64,
+    started: Instant,
+) -> Result<(), SyncError> {
+    observer.phase("preparing the mirror");
+    for statement in planned
+        .prepare
+        .iter()
+        .cloned()
+        .chain(planned.staging_schemas.iter().map(|s| format!("CREATE SCHEMA {}", quote(s))))
+    {
+        mirror
+            .batch_execute(&statement)
+            .await
+            .map_err(pg(Side::Mirror, format!("failed to prepare the mirror: {statement}")))?;
+    }
+
+    observer.phase("copying");
+    build_tables(opts, observer, planned, snapshot).await?;
+
+    if !planned.foreign_keys.is_empty() {
+        observer.phase("adding foreign keys");
+        for (i, statement) in &planned.foreign_keys {
+            mirror.batch_execute(statement).await.map_err(pg(
+                Side::Mirror,
+                format!("failed to add a foreign key to {}", planned.tables[*i].def.name),
+            ))?;
+        }
+    }
+
+    if opts.mode != Mode::SchemaOnly {
+        for seq in &source_catalog.sequences {
+            mirror
+                .batch_execute(&ddl::set_sequence(&seq.name, seq))
+                .await
+                .map_err(pg(Side::Mirror, format!("failed to set sequence {}", seq.name)))?;
+        }
+    }
+
+    observer.phase("swapping in the new tables");
+    let swap_tables: Vec<SwapTable> = planned
+        .tables
+        .iter()
+        .map(|t| SwapTable {
+            target: t.def.name.clone(),
+            staged: t.staged.clone(),
+            replaces_existing: matches!(t.action, TableAction::Replace { .. }),
+            add_columns: match &t.action {
+                TableAction::AddColumns { columns } => t
+                    .def
+                    .columns
+                    .iter()
+                    .filter(|c| columns.contains(&c.name))
+                    .map(|c| ddl::add_column(&t.def.name, c))
+                    .collect(),
+                _ => Vec::new(),
+            },
+            owned_sequences: source_catalog
+                .sequences
+                .iter()
+                .filter_map(|s| s.owned_by.as_ref().map(|o| (s, o)))
+                .filter(|(_, (owner, _))| owner == &t.def.name)
+                .map(|(s, (_, column))| (s.name.clone(), column.clone()))
+                .collect(),
+        })
+        .collect();
+    let finish = finish_statements(planned, run_id, started);
+    let outcome = swap::swap(
+        mirror,
+        &swap_tables,
+        &planned.staging_schemas,
+        opts.lock_timeout,
+        &finish,
+    )
+    .await
+    .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;
+
+    if !outcome.repointed.is_empty() {
+        observer.phase("validating foreign keys from other mirror tables");
+        let violated = swap::validate_foreign_keys(mirror, &outcome.repointed)
+            .await
+            .map_err(pg(Side::Mirror, "failed to validate foreign keys"))?;
+        for (key, detail) in violated {
+            planned.warnings.push(format!(
+                "foreign key {} on mirror table {} no longer holds after the sync ({detail}); it stays NOT VALID",
+                key.name, key.table
+            ));
+        }
+    }
+    for w in &planned.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(())
+}
+
+/// Bookkeeping statements committed with the swap.
+fn finish_statements(planned: &Planned, run_id: i64, started: Instant) -> Vec<String> {
+    let rows: u64 = planned.tables.iter().map(|t| t.stats.rows).sum();
+    let bytes: u64 = planned.tables.iter().map(|t| t.stats.bytes).sum();
+    let mut out = vec![format!(
+        "UPDATE bite_sync.sync_runs SET outcome = 'succeeded', finished_at = now(), \
+         rows_copied = {rows}, bytes_copied = {bytes}, duration_ms = {} WHERE id = {run_id}",
+        started.elapsed().as_millis()
+    )];
+    for t in &planned.tables {
+        let action = match t.action {
+            TableAction::Create => "create",
+            TableAction::Replace { .. } => "replace",
+            TableAction::AddColumns { .. } => "add-columns",
+        };
+        out.push(format!(
+            "INSERT INTO bite_sync.sync_run_tables (run_id, table_name, action, rows_copied, bytes_copied, duration_ms) \
+             VALUES ({run_id}, {}, {}, {}, {}, {})",
+            literal(&t.def.name.to_string()),
+            literal(action),
+            t.stats.rows,
+            t.stats.bytes,
+            t.duration.as_millis()
+        ));
+    }
+    out
+}
+
+/// Builds every staged table with up to `opts.jobs` workers, biggest tables first.
+async fn build_tables(
+    opts: &SyncOptions,
+    observer: &Arc<dyn Observer>,
+    planned: &mut Planned,
+    snapshot: &str,
+) -> Result<(), SyncError> {
+    let mut queue: Vec<usize> = (0..planned.tables.len())
+        .filter(|&i| planned.tables[i].staged.is_some())
+        .collect();
+    queue.sort_by_key(|&i| std::cmp::Reverse(planned.tables[i].def.estimated_bytes));
+    let queue = Arc::new(Mutex::new(queue.into_iter().collect::<VecDeque<_>>()));
+    let tables: Arc<Vec<PlannedTable>> = Arc::new(planned.tables.clone());
+    let workers = opts.jobs.max(1).min(tables.len().max(1));
+    let mut handles = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let queue = Arc::clone(&queue);
+        let tables = Arc::clone(&tables);
+        let observer = Arc::clone(observer);
+        let opts = opts.clone();
+        let snapshot = snapshot.to_string();
+        handles.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            let mut connections: Option<(Client, Client)> = None;
+            loop {
+                let Some(i) = queue.lock().expect("queue lock").pop_front() else {
+                    break;
+                };
+                if connections.is_none() {
+                    connections = Some(worker_connections(&opts, &snapshot).await?);
+                }
+                let (source, mirror) = connections.as_mut().expect("just connected");
+                tracing::debug!(worker, table = %tables[i].def.name, "building");
+                let built = build_one(&opts, &observer, source, mirror, &tables[i]).await?;
+                done.push((i, built));
+            }
+            Ok::<_, SyncError>(done)
+        }));
+    }
+    let mut first_error = None;
+    for handle in handles {
+        match handle.await {
+            Ok(Ok(done)) => {
+                for (i, (stats, duration)) in done {
+                    planned.tables[i].stats = stats;
+                    planned.tables[i].duration = duration;
+                }
+            }
+            Ok(Err(e)) => {
+                // Stop the other workers: their work would be thrown away.
+                queue.lock().expect("queue lock").clear();
+                first_error.get_or_insert(e);
+            }
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn worker_connections(opts: &SyncOptions, snapshot: &str) -> Result<(Client, Client), SyncError> {
+    let (source, mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            literal(snapshot)
+        ))
+        .await
+        .map_err(pg(Side::Source, "failed to join the source snapshot"))?;
+    mirror
+        .batch_execute(&format!(
+            "SET search_path = ''; SET synchronous_commit = off; SET maintenance_work_mem = {}",
+            literal(&opts.maintenance_work_mem)
+        ))
+        .await
+        .map_err(pg(Side::Mirror, "failed to set up a mirror session"))?;
+    Ok((source, mirror))
+}
+
+/// Builds one staged table in one mirror transaction: create, copy, identity sequences, keys,
+/// indexes. Staged tables are committed with `synchronous_commit = off`: the swap's commit
+/// is synchronous and flushes the WAL before it, so nothing is exposed that could be lost.
+async fn build_one(
+    opts: &SyncOptions,
+    observer: &Arc<dyn Observer>,
+    source: &Client,
+    mirror: &mut Client,
+    table: &PlannedTable,
+) -> Result<(CopyStats, Duration), SyncError> {
+    let started = Instant::now();
+    let at = table.staged.as_ref().expect("only staged tables are built");
+    let name = &table.def.name;
+    observer.table_started(name, table.def.estimated_rows as u64);
+    let tx = mirror
+        .transaction()
+        .await
+        .map_err(pg(Side::Mirror, format!("failed to start building {name}")))?;
+    tx.batch_execute(&ddl::create_table(&table.def, at))
+        .await
+        .map_err(pg(Side::Mirror, format!("failed to create {name} on the mirror")))?;
+    let mut stats = CopyStats::default();
+    if table.copies_data(opts.mode) {
+        stats = copy::copy_table(source, &tx, &table.def, at, table.format, |s| {
+            observer.table_progress(name, s)
+        })
+        .await
+        .map_err(pg(Side::Mirror, format!("failed to copy {name}")))?;
+    }
+    for column in &table.def.columns {
+        if let Some(identity) = &column.identity {
+            let seq = QualifiedName::new(at.schema.clone(), identity.sequence.name.name.clone());
+            if opts.mode != Mode::SchemaOnly {
+                tx.batch_execute(&ddl::set_sequence(&seq, &identity.sequence))
+                    .await
+                    .map_err(pg(Side::Mirror, format!("failed to set the identity of {name}")))?;
+            }
+        }
+    }
+    for statement in build_statements(&table.def, at) {
+        tx.batch_execute(&statement)
+            .await
+            .map_err(pg(Side::Mirror, format!("failed to build keys and indexes of {name}")))?;
+    }
+    tx.commit()
+        .await
+        .map_err(pg(Side::Mirror, format!("failed to commit {name}")))?;
+    observer.table_finished(name, stats);
+    Ok((stats, started.elapsed()))
+}

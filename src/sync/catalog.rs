@@ -1,0 +1,677 @@
+//! Reading table definitions from a database's catalog.
+//!
+//! The source's catalog is read inside the sync's snapshot transaction, so the definitions
+//! match the data that is copied. Every query runs with an empty `search_path` (set by the
+//! caller), so `format_type`, `pg_get_expr` and `pg_get_constraintdef` qualify every name
+//! outside `pg_catalog`: the text they return means the same thing on the mirror.
+//!
+//! This module only runs queries and fills plain structs; deciding what to do with them is
+//! [`super::plan`]'s job and turning them into SQL is [`super::ddl`]'s.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio_postgres::Client;
+
+use crate::pg::ident::QualifiedName;
+
+/// The first OID PostgreSQL hands to user objects; anything below is built in and has the same
+/// OID on every cluster of a major version.
+pub const FIRST_USER_OID: u32 = 16384;
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableDef {
+    /// The table's OID on the database it was read from.
+    pub oid: u32,
+    /// Schema and name.
+    pub name: QualifiedName,
+    /// Columns in `attnum` order, dropped columns left out.
+    pub columns: Vec<ColumnDef>,
+    /// Primary key, unique, check and exclusion constraints.
+    pub constraints: Vec<ConstraintDef>,
+    /// Foreign keys declared on this table.
+    pub foreign_keys: Vec<ForeignKeyDef>,
+    /// Indexes that do not back a constraint.
+    pub indexes: Vec<IndexDef>,
+    /// `pg_class.reltuples`: the planner's row estimate, for progress bars and scheduling.
+    pub estimated_rows: i64,
+    /// Heap size in bytes, for scheduling the biggest tables first.
+    pub estimated_bytes: i64,
+}
+
+/// One column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnDef {
+    /// Column name.
+    pub name: String,
+    /// The type as SQL text (`format_type`), e.g. `numeric(10,2)`, `"public"."order_status"[]`.
+    pub type_sql: String,
+    /// The type's OID.
+    pub type_oid: u32,
+    /// For arrays, the element type's OID; 0 otherwise.
+    pub element_type_oid: u32,
+    /// `NOT NULL`.
+    pub not_null: bool,
+    /// The default expression, if any (not for identity or generated columns).
+    pub default: Option<String>,
+    /// `COLLATE` clause text when the column's collation differs from its type's default.
+    pub collation: Option<String>,
+    /// Identity column settings.
+    pub identity: Option<Identity>,
+    /// Expression of a stored generated column.
+    pub generated: Option<String>,
+}
+
+impl ColumnDef {
+    /// Whether COPY carries this column (stored generated columns are recomputed instead).
+    pub fn is_copied(&self) -> bool {
+        self.generated.is_none()
+    }
+}
+
+/// `GENERATED { ALWAYS | BY DEFAULT } AS IDENTITY`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// `ALWAYS` rather than `BY DEFAULT`.
+    pub always: bool,
+    /// The identity's sequence.
+    pub sequence: SequenceDef,
+}
+
+/// A sequence: its parameters and where it stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceDef {
+    /// Schema and name.
+    pub name: QualifiedName,
+    /// `smallint`, `integer` or `bigint`.
+    pub data_type: String,
+    /// `START WITH`.
+    pub start: i64,
+    /// `INCREMENT BY`.
+    pub increment: i64,
+    /// `MINVALUE`.
+    pub min: i64,
+    /// `MAXVALUE`.
+    pub max: i64,
+    /// `CACHE`.
+    pub cache: i64,
+    /// `CYCLE`.
+    pub cycle: bool,
+    /// Current position (`last_value`, or `None` when never used).
+    pub last_value: Option<i64>,
+    /// The table column that owns it (`OWNED BY`), if any.
+    pub owned_by: Option<(QualifiedName, String)>,
+}
+
+/// A primary key, unique, check or exclusion constraint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConstraintDef {
+    /// Constraint name.
+    pub name: String,
+    /// `p`, `u`, `c` or `x`, as in `pg_constraint.contype`.
+    pub kind: char,
+    /// `pg_get_constraintdef` text, e.g. `PRIMARY KEY (id)`, `CHECK ((price >= (0)::numeric))`.
+    pub definition: String,
+}
+
+/// A foreign key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForeignKeyDef {
+    /// Constraint name.
+    pub name: String,
+    /// Referencing columns, in key order.
+    pub columns: Vec<String>,
+    /// The referenced table.
+    pub referenced: QualifiedName,
+    /// Referenced columns, in key order.
+    pub referenced_columns: Vec<String>,
+    /// `pg_constraint.confupdtype`.
+    pub on_update: char,
+    /// `pg_constraint.confdeltype`.
+    pub on_delete: char,
+    /// `MATCH FULL`.
+    pub match_full: bool,
+    /// `DEFERRABLE`.
+    pub deferrable: bool,
+    /// `INITIALLY DEFERRED`.
+    pub initially_deferred: bool,
+}
+
+/// A plain index (one that does not back a constraint).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexDef {
+    /// Index name.
+    pub name: String,
+    /// Everything after `ON <table>` in `pg_get_indexdef`: ` USING btree (customer_id)`.
+    pub using: String,
+    /// `CREATE UNIQUE INDEX`.
+    pub unique: bool,
+}
+
+/// A user-defined type a synced column depends on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TypeDef {
+    /// `CREATE TYPE ... AS ENUM`.
+    Enum {
+        /// Schema and name.
+        name: QualifiedName,
+        /// Labels in sort order.
+        labels: Vec<String>,
+    },
+    /// `CREATE DOMAIN`.
+    Domain {
+        /// Schema and name.
+        name: QualifiedName,
+        /// The base type as SQL text.
+        base_type: String,
+        /// `NOT NULL`.
+        not_null: bool,
+        /// `DEFAULT` expression.
+        default: Option<String>,
+        /// `COLLATE` clause text.
+        collation: Option<String>,
+        /// Named `CHECK` constraints: (name, definition).
+        checks: Vec<(String, String)>,
+    },
+    /// A type the mirror must already have (from an extension, or a composite or range type):
+    /// bite-sync does not create it, only checks that it exists.
+    External {
+        /// Schema and name.
+        name: QualifiedName,
+        /// What kind of type, for the message: `composite`, `range`, `base` ...
+        kind: &'static str,
+        /// The extension that provides it, if any.
+        extension: Option<String>,
+    },
+}
+
+impl TypeDef {
+    /// The type's name.
+    pub fn name(&self) -> &QualifiedName {
+        match self {
+            TypeDef::Enum { name, .. }
+            | TypeDef::Domain { name, .. }
+            | TypeDef::External { name, .. } => name,
+        }
+    }
+}
+
+/// Everything the source's catalog says about the tables of one sync.
+#[derive(Debug, Clone, Default)]
+pub struct SourceCatalog {
+    /// The selected tables, by name.
+    pub tables: BTreeMap<QualifiedName, TableDef>,
+    /// User types the tables need, dependencies first (a domain after the enum it wraps).
+    pub types: Vec<TypeDef>,
+    /// Sequences referenced by column defaults (`serial` columns and hand-made `nextval`).
+    pub sequences: Vec<SequenceDef>,
+}
+
+/// A table that exists, with its kind, for resolving `--tables` patterns.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TableEntry {
+    /// Schema and name.
+    pub name: QualifiedName,
+    /// `r` (table) or `p` (partitioned table).
+    pub kind: char,
+}
+
+/// Schemas that never hold user tables to sync.
+const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'bite_sync', 'pg_toast') \
+     AND n.nspname NOT LIKE 'pg_temp_%' AND n.nspname NOT LIKE 'pg_toast_temp_%' \
+     AND n.nspname NOT LIKE 'bite_sync_stage_%'";
+
+/// Lists every user table of the database.
+pub async fn list_tables(client: &Client) -> Result<Vec<TableEntry>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT n.nspname, c.relname, c.relkind::text \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {SYSTEM_SCHEMAS} \
+         ORDER BY 1, 2"
+    );
+    let rows = client.query(&sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TableEntry {
+            name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            kind: r.get::<_, String>(2).chars().next().unwrap_or('r'),
+        })
+        .collect())
+}
+
+/// The schemas an unqualified table name is looked up in, in order (`current_schemas(false)`).
+pub async fn search_path(client: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT pg_catalog.current_schemas(false)::text[]", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Reads the full definitions of `names` (which must exist) plus the types and sequences they
+/// depend on.
+pub async fn read_tables(
+    client: &Client,
+    names: &[QualifiedName],
+) -> Result<SourceCatalog, tokio_postgres::Error> {
+    let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
+    let tables: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname, c.relname, c.reltuples::int8, \
+                    pg_catalog.pg_relation_size(c.oid) \
+             FROM unnest($1::text[], $2::text[]) AS want(schema, name) \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.name \
+             WHERE c.relkind IN ('r', 'p')",
+            &[&schemas, &tables],
+        )
+        .await?;
+    let mut by_oid: BTreeMap<u32, TableDef> = BTreeMap::new();
+    for r in &rows {
+        let oid: u32 = r.get(0);
+        by_oid.insert(
+            oid,
+            TableDef {
+                oid,
+                name: QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+                columns: Vec::new(),
+                constraints: Vec::new(),
+                foreign_keys: Vec::new(),
+                indexes: Vec::new(),
+                estimated_rows: r.get::<_, i64>(3).max(0),
+                estimated_bytes: r.get(4),
+            },
+        );
+    }
+    let oids: Vec<u32> = by_oid.keys().copied().collect();
+
+    read_columns(client, &oids, &mut by_oid).await?;
+    read_constraints(client, &oids, &mut by_oid).await?;
+    read_indexes(client, &oids, &mut by_oid).await?;
+    let sequences = read_default_sequences(client, &oids).await?;
+
+    let mut type_oids = BTreeSet::new();
+    for t in by_oid.values() {
+        for c in &t.columns {
+            type_oids.insert(c.type_oid);
+        }
+    }
+    let types = read_types(client, type_oids).await?;
+
+    Ok(SourceCatalog {
+        tables: by_oid.into_values().map(|t| (t.name.clone(), t)).collect(),
+        types,
+        sequences,
+    })
+}
+
+async fn read_columns(
+    client: &Client,
+    oids: &[u32],
+    tables: &mut BTreeMap<u32, TableDef>,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attrelid, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                    a.atttypid, CASE WHEN t.typcategory = 'A' THEN t.typelem ELSE 0::oid END, \
+                    a.attnotnull, \
+                    CASE WHEN a.attgenerated = '' AND a.attidentity = '' \
+                         THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END, \
+                    CASE WHEN a.attcollation <> t.typcollation AND a.attcollation <> 0 \
+                         THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END, \
+                    a.attidentity::text, \
+                    CASE WHEN a.attgenerated = 's' THEN pg_catalog.pg_get_expr(d.adbin, d.adrelid) END, \
+                    pg_catalog.pg_get_serial_sequence(pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname), a.attname)::regclass::oid \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation \
+             LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
+             WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attrelid, a.attnum",
+            &[&oids],
+        )
+        .await?;
+    for r in &rows {
+        let relid: u32 = r.get(0);
+        let identity_kind: String = r.get(8);
+        let identity = match identity_kind.as_str() {
+            "a" | "d" => {
+                let seq_oid: Option<u32> = r.get(10);
+                let sequence = match seq_oid {
+                    Some(oid) => read_sequence(client, oid).await?,
+                    None => None,
+                };
+                sequence.map(|sequence| Identity {
+                    always: identity_kind == "a",
+                    sequence,
+                })
+            }
+            _ => None,
+        };
+        let column = ColumnDef {
+            name: r.get(1),
+            type_sql: r.get(2),
+            type_oid: r.get(3),
+            element_type_oid: r.get(4),
+            not_null: r.get(5),
+            default: r.get(6),
+            collation: r.get(7),
+            identity,
+            generated: r.get(9),
+        };
+        if let Some(t) = tables.get_mut(&relid) {
+            t.columns.push(column);
+        }
+    }
+    Ok(())
+}
+
+async fn read_constraints(
+    client: &Client,
+    oids: &[u32],
+    tables: &mut BTreeMap<u32, TableDef>,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT con.conrelid, con.conname, con.contype::text, \
+                    pg_catalog.pg_get_constraintdef(con.oid), \
+                    fn.nspname, fc.relname, \
+                    ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(num, ord) \
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.num \
+                          ORDER BY k.ord)::text[], \
+                    ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(num, ord) \
+                          JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num \
+                          ORDER BY k.ord)::text[], \
+                    con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, \
+                    con.condeferrable, con.condeferred \
+             FROM pg_catalog.pg_constraint con \
+             LEFT JOIN pg_catalog.pg_class fc ON fc.oid = con.confrelid \
+             LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = fc.relnamespace \
+             WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'c', 'x', 'f') \
+               AND con.conparentid = 0 \
+             ORDER BY con.conrelid, con.contype, con.conname",
+            &[&oids],
+        )
+        .await?;
+    for r in &rows {
+        let relid: u32 = r.get(0);
+        let Some(table) = tables.get_mut(&relid) else {
+            continue;
+        };
+        let kind = first_char(r.get(2));
+        let name: String = r.get(1);
+        if kind == 'f' {
+            table.foreign_keys.push(ForeignKeyDef {
+                name,
+                columns: r.get(6),
+                referenced: QualifiedName::new(r.get::<_, String>(4), r.get::<_, String>(5)),
+                referenced_columns: r.get(7),
+                on_update: first_char(r.get(8)),
+                on_delete: first_char(r.get(9)),
+                match_full: first_char(r.get(10)) == 'f',
+                deferrable: r.get(11),
+                initially_deferred: r.get(12),
+            });
+        } else {
+            table.constraints.push(ConstraintDef {
+                name,
+                kind,
+                definition: r.get(3),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn read_indexes(
+    client: &Client,
+    oids: &[u32],
+    tables: &mut BTreeMap<u32, TableDef>,
+) -> Result<(), tokio_postgres::Error> {
+    // Indexes backing a constraint come with the constraint; the rest are rebuilt from
+    // pg_get_indexdef, whose text is `CREATE [UNIQUE] INDEX <name> ON [ONLY] <table> USING ...`.
+    let rows = client
+        .query(
+            "SELECT i.indrelid, ic.relname, i.indisunique, pg_catalog.pg_get_indexdef(i.indexrelid), \
+                    pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(tc.relname) \
+             FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+             JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = tc.relnamespace \
+             WHERE i.indrelid = ANY($1) \
+               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint con WHERE con.conindid = i.indexrelid \
+                               AND con.conrelid = i.indrelid) \
+             ORDER BY i.indrelid, ic.relname",
+            &[&oids],
+        )
+        .await?;
+    for r in &rows {
+        let relid: u32 = r.get(0);
+        let Some(table) = tables.get_mut(&relid) else {
+            continue;
+        };
+        let definition: String = r.get(3);
+        let qualified_table: String = r.get(4);
+        let using = definition
+            .find(&format!(" ON {qualified_table} "))
+            .or_else(|| definition.find(&format!(" ON ONLY {qualified_table} ")))
+            .map(|at| {
+                let rest = &definition[at..];
+                let skip = rest.find(" USING ").unwrap_or(rest.len());
+                rest[skip..].to_string()
+            })
+            .unwrap_or_default();
+        table.indexes.push(IndexDef {
+            name: r.get(1),
+            using,
+            unique: r.get(2),
+        });
+    }
+    Ok(())
+}
+
+async fn read_sequence(
+    client: &Client,
+    oid: u32,
+) -> Result<Option<SequenceDef>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname, c.relname, pg_catalog.format_type(s.seqtypid, NULL), s.seqstart, \
+                    s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle, \
+                    (SELECT CASE WHEN ps.last_value IS NOT NULL THEN ps.last_value END \
+                       FROM pg_catalog.pg_sequences ps WHERE ps.schemaname = n.nspname AND ps.sequencename = c.relname), \
+                    on_.nspname, oc.relname, oa.attname \
+             FROM pg_catalog.pg_sequence s \
+             JOIN pg_catalog.pg_class c ON c.oid = s.seqrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             LEFT JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid \
+                  AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0 \
+             LEFT JOIN pg_catalog.pg_class oc ON oc.oid = d.refobjid \
+             LEFT JOIN pg_catalog.pg_namespace on_ ON on_.oid = oc.relnamespace \
+             LEFT JOIN pg_catalog.pg_attribute oa ON oa.attrelid = d.refobjid AND oa.attnum = d.refobjsubid \
+             WHERE s.seqrelid = $1",
+            &[&oid],
+        )
+        .await?;
+    Ok(row.map(|r| SequenceDef {
+        name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+        data_type: r.get(2),
+        start: r.get(3),
+        increment: r.get(4),
+        min: r.get(5),
+        max: r.get(6),
+        cache: r.get(7),
+        cycle: r.get(8),
+        last_value: r.get(9),
+        owned_by: match (
+            r.get::<_, Option<String>>(10),
+            r.get::<_, Option<String>>(11),
+            r.get::<_, Option<String>>(12),
+        ) {
+            (Some(s), Some(t), Some(c)) => Some((QualifiedName::new(s, t), c)),
+            _ => None,
+        },
+    }))
+}
+
+/// Sequences that column defaults of `oids` call (serial columns, hand-written `nextval`).
+async fn read_default_sequences(
+    client: &Client,
+    oids: &[u32],
+) -> Result<Vec<SequenceDef>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT DISTINCT dep.refobjid \
+             FROM pg_catalog.pg_attrdef ad \
+             JOIN pg_catalog.pg_depend dep ON dep.classid = 'pg_catalog.pg_attrdef'::regclass \
+                  AND dep.objid = ad.oid AND dep.refclassid = 'pg_catalog.pg_class'::regclass \
+             JOIN pg_catalog.pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S' \
+             WHERE ad.adrelid = ANY($1)",
+            &[&oids],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for r in &rows {
+        if let Some(seq) = read_sequence(client, r.get(0)).await? {
+            out.push(seq);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Reads the user types behind `type_oids`, following arrays to their elements and domains to
+/// their base types, and returns them dependencies first.
+async fn read_types(
+    client: &Client,
+    type_oids: BTreeSet<u32>,
+) -> Result<Vec<TypeDef>, tokio_postgres::Error> {
+    let mut pending: Vec<u32> = type_oids.into_iter().collect();
+    let mut seen = BTreeSet::new();
+    let mut ordered: Vec<TypeDef> = Vec::new();
+    // Depth-first, emitting a type after its dependencies.
+    let mut stack: Vec<(u32, bool)> = pending.drain(..).map(|o| (o, false)).collect();
+    while let Some((oid, expanded)) = stack.pop() {
+        if oid < FIRST_USER_OID {
+            continue;
+        }
+        if expanded {
+            if let Some(def) = read_type(client, oid).await? {
+                if !ordered.iter().any(|t| t.name() == def.name()) {
+                    ordered.push(def);
+                }
+            }
+            continue;
+        }
+        if !seen.insert(oid) {
+            continue;
+        }
+        let row = client
+            .query_one(
+                "SELECT t.typtype::text, t.typelem, t.typbasetype, t.typcategory::text \
+                 FROM pg_catalog.pg_type t WHERE t.oid = $1",
+                &[&oid],
+            )
+            .await?;
+        let typtype = first_char(row.get(0));
+        let elem: u32 = row.get(1);
+        let base: u32 = row.get(2);
+        let category = first_char(row.get(3));
+        if category == 'A' && elem != 0 {
+            // An array type is created along with its element type.
+            stack.push((elem, false));
+            continue;
+        }
+        stack.push((oid, true));
+        if typtype == 'd' {
+            stack.push((base, false));
+        }
+    }
+    Ok(ordered)
+}
+
+async fn read_type(client: &Client, oid: u32) -> Result<Option<TypeDef>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT n.nspname, t.typname, t.typtype::text, \
+                    pg_catalog.format_type(t.typbasetype, t.typtypmod), t.typnotnull, t.typdefault, \
+                    CASE WHEN t.typcollation <> 0 AND t.typcollation <> bt.typcollation \
+                         THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END, \
+                    (SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid \
+                      WHERE d.classid = 'pg_catalog.pg_type'::regclass AND d.objid = t.oid AND d.deptype = 'e' LIMIT 1) \
+             FROM pg_catalog.pg_type t \
+             JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
+             LEFT JOIN pg_catalog.pg_type bt ON bt.oid = t.typbasetype \
+             LEFT JOIN pg_catalog.pg_collation co ON co.oid = t.typcollation \
+             LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
+             WHERE t.oid = $1",
+            &[&oid],
+        )
+        .await?;
+    let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+    let extension: Option<String> = row.get(7);
+    let typtype = first_char(row.get(2));
+    if extension.is_some() {
+        return Ok(Some(TypeDef::External {
+            name,
+            kind: "extension",
+            extension,
+        }));
+    }
+    Ok(Some(match typtype {
+        'e' => {
+            let labels = client
+                .query(
+                    "SELECT enumlabel::text FROM pg_catalog.pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            TypeDef::Enum { name, labels }
+        }
+        'd' => {
+            let checks = client
+                .query(
+                    "SELECT conname::text, pg_catalog.pg_get_constraintdef(oid) FROM pg_catalog.pg_constraint \
+                     WHERE contypid = $1 AND contype = 'c' ORDER BY conname",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            TypeDef::Domain {
+                name,
+                base_type: row.get(3),
+                not_null: row.get(4),
+                default: row.get(5),
+                collation: row.get(6),
+                checks,
+            }
+        }
+        'c' => TypeDef::External {
+            name,
+            kind: "composite",
+            extension: None,
+        },
+        'r' | 'm' => TypeDef::External {
+            name,
+            kind: "range",
+            extension: None,
+        },
+        _ => TypeDef::External {
+            name,
+            kind: "base",
+            extension: None,
+        },
+    }))
+}
+
+fn first_char(s: String) -> char {
+    s.chars().next().unwrap_or(' ')
+}
