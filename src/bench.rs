@@ -8,6 +8,9 @@ use tokio_util::sync::CancellationToken;
 pub struct BenchError;
 
 /// Runs the bench.
-pub async fn run(_args: &crate::cli::BenchArgs, _cancel: CancellationToken) -> Result<(), BenchError> {
+pub async fn run(
+    _args: &crate::cli::BenchArgs,
+    _cancel: CancellationToken,
+) -> Result<(), BenchError> {
     Err(BenchError)
 }

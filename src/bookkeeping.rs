@@ -44,7 +44,9 @@ pub enum BookkeepingError {
         source: tokio_postgres::Error,
     },
     /// The mirror was set up by a newer bite-sync.
-    #[error("the mirror's bite_sync schema is at version {found}, newer than this bite-sync knows ({known}): upgrade bite-sync")]
+    #[error(
+        "the mirror's bite_sync schema is at version {found}, newer than this bite-sync knows ({known}): upgrade bite-sync"
+    )]
     TooNew {
         /// The mirror's version.
         found: i32,
@@ -79,9 +81,12 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, BookkeepingError> 
             .transaction()
             .await
             .map_err(query_err("failed to start a migration transaction"))?;
-        tx.execute("SELECT pg_catalog.pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(query_err("failed to take the migration lock"))?;
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+            &[&MIGRATION_LOCK],
+        )
+        .await
+        .map_err(query_err("failed to take the migration lock"))?;
         tx.batch_execute(
             "CREATE SCHEMA IF NOT EXISTS bite_sync; \
              CREATE TABLE IF NOT EXISTS bite_sync.schema_migrations ( \

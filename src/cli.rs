@@ -26,7 +26,13 @@ pub struct Cli {
     pub quiet: bool,
 
     /// Log format on stderr
-    #[arg(long, global = true, env = "BITE_LOG_FORMAT", value_enum, value_name = "FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        env = "BITE_LOG_FORMAT",
+        value_enum,
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<LogFormat>,
 
     /// What to do
@@ -69,11 +75,21 @@ pub enum Command {
 #[derive(Debug, Args, Clone, Default)]
 pub struct DatabaseArgs {
     /// The local database URL, e.g. postgres://bite@localhost/bite
-    #[arg(long, env = "BITE_SOURCE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BITE_SOURCE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub source: Option<String>,
 
     /// The mirror database URL (Railway's), e.g. postgres://...?sslmode=verify-full
-    #[arg(long, env = "BITE_MIRROR_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "BITE_MIRROR_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub mirror: Option<String>,
 }
 

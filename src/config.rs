@@ -222,8 +222,18 @@ pub fn resolve(
             }
         }
     };
-    let source = database(Role::Source, overrides.source_url, raw.source, "BITE_SOURCE_URL");
-    let mirror = database(Role::Mirror, overrides.mirror_url, raw.mirror, "BITE_MIRROR_URL");
+    let source = database(
+        Role::Source,
+        overrides.source_url,
+        raw.source,
+        "BITE_SOURCE_URL",
+    );
+    let mirror = database(
+        Role::Mirror,
+        overrides.mirror_url,
+        raw.mirror,
+        "BITE_MIRROR_URL",
+    );
 
     let mut patterns = |key: &str, list: Option<Vec<String>>| -> Vec<TablePattern> {
         let mut out = Vec::new();
@@ -242,7 +252,10 @@ pub fn resolve(
         (Some(j), _) => j,
         (None, Some(j)) if (1..=64).contains(&j) => j as usize,
         (None, Some(j)) => {
-            problems.push(format!("{}: must be between 1 and 64, got {j}", where_("sync.jobs")));
+            problems.push(format!(
+                "{}: must be between 1 and 64, got {j}",
+                where_("sync.jobs")
+            ));
             2
         }
         (None, None) => 2,
@@ -360,7 +373,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn valid_memory(text: &str) -> bool {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (n, unit) = text.split_at(split);
     !n.is_empty() && matches!(unit, "kB" | "MB" | "GB" | "")
 }
@@ -372,8 +387,12 @@ mod tests {
     #[test]
     fn the_committed_example_parses_and_validates() {
         let raw = parse(EXAMPLE).expect("example parses");
-        let config = resolve(Some("bite-sync.example.toml".into()), raw, Overrides::default())
-            .expect("example validates");
+        let config = resolve(
+            Some("bite-sync.example.toml".into()),
+            raw,
+            Overrides::default(),
+        )
+        .expect("example validates");
         assert_eq!(config.sync.jobs, 2);
         assert!(!config.sync.tables.is_empty());
         assert!(config.source.is_some() && config.mirror.is_some());

@@ -8,6 +8,9 @@ use tokio_util::sync::CancellationToken;
 pub struct DemoError;
 
 /// Runs the demo.
-pub async fn run(_args: &crate::cli::DemoArgs, _cancel: CancellationToken) -> Result<(), DemoError> {
+pub async fn run(
+    _args: &crate::cli::DemoArgs,
+    _cancel: CancellationToken,
+) -> Result<(), DemoError> {
     Err(DemoError)
 }

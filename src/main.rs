@@ -145,7 +145,8 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
     } else {
         Mode::Full
     };
-    let show_bars = !args.json && !args.dry_run && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let show_bars =
+        !args.json && !args.dry_run && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let observer: Arc<dyn sync::Observer> = if show_bars {
         Arc::new(sync::progress::TerminalProgress::new())
     } else {

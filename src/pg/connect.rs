@@ -104,15 +104,15 @@ impl DbUrl {
     }
     /// Connects.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
-        let (client, conn) = self
-            .config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| ConnectError::Connect {
-                role: self.role,
-                target: self.target(),
-                source,
-            })?;
+        let (client, conn) =
+            self.config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| ConnectError::Connect {
+                    role: self.role,
+                    target: self.target(),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection closed");

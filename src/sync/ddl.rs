@@ -157,7 +157,11 @@ pub fn create_table(def: &TableDef, at: &QualifiedName) -> String {
         let definition = c.definition.trim_end_matches(" NOT VALID");
         parts.push(format!("CONSTRAINT {} {definition}", quote(&c.name)));
     }
-    format!("CREATE TABLE {} (\n    {}\n)", at.quoted(), parts.join(",\n    "))
+    format!(
+        "CREATE TABLE {} (\n    {}\n)",
+        at.quoted(),
+        parts.join(",\n    ")
+    )
 }
 
 /// Primary key, unique and exclusion constraints (each builds its index).
@@ -192,7 +196,11 @@ fn fk_action(code: char) -> &'static str {
 }
 
 /// A foreign key from `at` to `referenced_at`.
-pub fn add_foreign_key(at: &QualifiedName, fk: &ForeignKeyDef, referenced_at: &QualifiedName) -> String {
+pub fn add_foreign_key(
+    at: &QualifiedName,
+    fk: &ForeignKeyDef,
+    referenced_at: &QualifiedName,
+) -> String {
     let cols = |c: &[String]| c.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
     let mut sql = format!(
         "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({})",
@@ -221,7 +229,11 @@ pub fn add_foreign_key(at: &QualifiedName, fk: &ForeignKeyDef, referenced_at: &Q
 
 /// `ALTER TABLE ... ADD COLUMN` for a column the mirror lacks.
 pub fn add_column(at: &QualifiedName, column: &ColumnDef) -> String {
-    format!("ALTER TABLE {} ADD COLUMN {}", at.quoted(), column_sql(column))
+    format!(
+        "ALTER TABLE {} ADD COLUMN {}",
+        at.quoted(),
+        column_sql(column)
+    )
 }
 
 #[cfg(test)]
@@ -274,7 +286,10 @@ mod tests {
             not_null: true,
             default: Some("0".into()),
             collation: None,
-            checks: vec![("price_check".into(), "CHECK ((VALUE >= (0)::numeric))".into())],
+            checks: vec![(
+                "price_check".into(),
+                "CHECK ((VALUE >= (0)::numeric))".into(),
+            )],
         };
         assert_eq!(
             create_type(&d).unwrap(),

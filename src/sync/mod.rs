@@ -173,10 +173,14 @@ pub enum SyncError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// Source and mirror are one database.
-    #[error("source and mirror are the same database ({0}): refusing to sync a database onto itself; check BITE_SOURCE_URL and BITE_MIRROR_URL")]
+    #[error(
+        "source and mirror are the same database ({0}): refusing to sync a database onto itself; check BITE_SOURCE_URL and BITE_MIRROR_URL"
+    )]
     SameDatabase(String),
     /// The mirror has no bookkeeping and `--init` was not given.
-    #[error("{0} has no bite_sync bookkeeping, so it has never been a bite-sync mirror: if it is the right database, run again with --init to set it up (this protects production databases from a mistyped URL)")]
+    #[error(
+        "{0} has no bite_sync bookkeeping, so it has never been a bite-sync mirror: if it is the right database, run again with --init to set it up (this protects production databases from a mistyped URL)"
+    )]
     NotInitialized(String),
     /// What was asked cannot be done.
     #[error(transparent)]
@@ -316,7 +320,10 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         let locked: bool = mirror
             .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&RUN_LOCK])
             .await
-            .map_err(pg(Side::Mirror, "failed to take the run lock on the mirror"))?
+            .map_err(pg(
+                Side::Mirror,
+                "failed to take the run lock on the mirror",
+            ))?
             .get(0);
         if !locked {
             return Err(SyncError::Busy(opts.mirror.target()));
@@ -340,29 +347,40 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         .map_err(pg(Side::Source, "failed to list the source's tables"))?;
     let selected = plan::resolve(&all, &search_path, &opts.tables, &opts.exclude)?;
     let names: Vec<QualifiedName> = selected.into_iter().map(|e| e.name).collect();
-    let source_catalog = catalog::read_tables(&source, &names)
-        .await
-        .map_err(pg(Side::Source, "failed to read the source's table definitions"))?;
+    let source_catalog = catalog::read_tables(&source, &names).await.map_err(pg(
+        Side::Source,
+        "failed to read the source's table definitions",
+    ))?;
 
     observer.phase("comparing with the mirror");
     mirror
         .batch_execute("SET search_path = ''")
         .await
         .map_err(pg(Side::Mirror, "failed to set the mirror's search_path"))?;
-    let mirror_tables: BTreeSet<QualifiedName> = catalog::list_tables(&mirror)
+    let mirror_all: BTreeSet<QualifiedName> = catalog::list_tables(&mirror)
         .await
         .map_err(pg(Side::Mirror, "failed to list the mirror's tables"))?
         .into_iter()
         .map(|e| e.name)
-        .filter(|n| source_catalog.tables.contains_key(n))
         .collect();
-    let existing: Vec<QualifiedName> = mirror_tables.iter().cloned().collect();
-    let mirror_catalog = catalog::read_tables(&mirror, &existing)
-        .await
-        .map_err(pg(Side::Mirror, "failed to read the mirror's table definitions"))?;
+    let existing: Vec<QualifiedName> = mirror_all
+        .iter()
+        .filter(|n| source_catalog.tables.contains_key(*n))
+        .cloned()
+        .collect();
+    let mirror_catalog = catalog::read_tables(&mirror, &existing).await.map_err(pg(
+        Side::Mirror,
+        "failed to read the mirror's table definitions",
+    ))?;
 
     if opts.dry_run {
-        let mut planned = plan_run(opts, &source_catalog, &mirror_catalog, "dry_run")?;
+        let mut planned = plan_run(
+            opts,
+            &source_catalog,
+            &mirror_catalog,
+            &mirror_all,
+            "dry_run",
+        )?;
         planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
         return Ok(planned.report(None, !initialized, started));
     }
@@ -370,7 +388,13 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
     // From here on the run is recorded, failures included.
     let run_id = record_start(&mirror, opts, &names, &source_id).await?;
     let result = async {
-        let mut planned = plan_run(opts, &source_catalog, &mirror_catalog, &run_id.to_string())?;
+        let mut planned = plan_run(
+            opts,
+            &source_catalog,
+            &mirror_catalog,
+            &mirror_all,
+            &run_id.to_string(),
+        )?;
         planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
         check_dependents(&mirror, &planned, &mirror_catalog).await?;
         execute(
@@ -436,14 +460,20 @@ async fn cleanup_leftovers(mirror: &Client) -> Result<(), SyncError> {
             &[&format!("{STAGING_PREFIX}%")],
         )
         .await
-        .map_err(pg(Side::Mirror, "failed to look for leftover staging schemas"))?;
+        .map_err(pg(
+            Side::Mirror,
+            "failed to look for leftover staging schemas",
+        ))?;
     for r in &rows {
         let schema: String = r.get(0);
         tracing::info!(schema, "removing staging schema left by an interrupted run");
         mirror
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", quote(&schema)))
             .await
-            .map_err(pg(Side::Mirror, format!("failed to drop leftover schema {schema}")))?;
+            .map_err(pg(
+                Side::Mirror,
+                format!("failed to drop leftover schema {schema}"),
+            ))?;
     }
     mirror
         .batch_execute(
@@ -509,11 +539,18 @@ struct Planned {
     prepare: Vec<String>,
     /// Foreign keys to add after loading: (table index, statement).
     foreign_keys: Vec<(usize, String)>,
+    /// Foreign keys to mirror tables outside the run, added by the swap.
+    outside_keys: Vec<swap::OutsideKey>,
     warnings: Vec<String>,
 }
 
 impl Planned {
-    fn report(&self, run_id: Option<i64>, initialized_mirror: bool, started: Instant) -> SyncReport {
+    fn report(
+        &self,
+        run_id: Option<i64>,
+        initialized_mirror: bool,
+        started: Instant,
+    ) -> SyncReport {
         let tables: Vec<TableReport> = self
             .tables
             .iter()
@@ -566,6 +603,12 @@ impl Planned {
                 .filter(|(owner, _)| *owner == i)
                 .map(|(_, s)| s.clone()),
         );
+        out.extend(
+            self.outside_keys
+                .iter()
+                .filter(|k| k.key.table == t.def.name)
+                .map(|k| format!("{} NOT VALID  -- in the swap, validated after", k.statement)),
+        );
         out
     }
 }
@@ -585,6 +628,7 @@ fn plan_run(
     opts: &SyncOptions,
     source: &SourceCatalog,
     mirror: &SourceCatalog,
+    mirror_tables: &BTreeSet<QualifiedName>,
     tag: &str,
 ) -> Result<Planned, SyncError> {
     let order = plan::fk_order(&source.tables);
@@ -623,6 +667,7 @@ fn plan_run(
 
     let mut warnings = Vec::new();
     let mut foreign_keys = Vec::new();
+    let mut outside_keys = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         let Some(at) = &t.staged else { continue };
         for fk in &t.def.foreign_keys {
@@ -632,8 +677,18 @@ fn plan_run(
                     let referenced_at = p.staged.as_ref().unwrap_or(&p.def.name);
                     foreign_keys.push((i, ddl::add_foreign_key(at, fk, referenced_at)));
                 }
+                // The parent is already on the mirror: keep the key, pointing at it. It is
+                // added NOT VALID in the swap and validated after, as the parent's rows are
+                // the mirror's, not this snapshot's.
+                None if mirror_tables.contains(&fk.referenced) => outside_keys.push(swap::OutsideKey {
+                    key: swap::RepointedKey {
+                        table: t.def.name.clone(),
+                        name: fk.name.clone(),
+                    },
+                    statement: ddl::add_foreign_key(&t.def.name, fk, &fk.referenced),
+                }),
                 None => warnings.push(format!(
-                    "foreign key {} on {} references {}, which is not part of this sync: skipped",
+                    "foreign key {} on {} references {}, which is neither part of this sync nor on the mirror: skipped",
                     fk.name, t.def.name, fk.referenced
                 )),
             }
@@ -648,6 +703,7 @@ fn plan_run(
         staging_schemas,
         prepare: Vec::new(),
         foreign_keys,
+        outside_keys,
         warnings,
     })
 }
@@ -684,11 +740,20 @@ async fn prepare_statements(
                 out.extend(ddl::add_enum_labels(name, labels, &mirror_labels));
             }
             (_, Some(_)) => {}
-            (TypeDef::External { kind, extension, .. }, None) => {
+            (
+                TypeDef::External {
+                    kind, extension, ..
+                },
+                None,
+            ) => {
                 let table = source
                     .tables
                     .values()
-                    .find(|d| d.columns.iter().any(|c| c.type_sql.contains(&name.quoted()) || c.type_sql.contains(&name.name)))
+                    .find(|d| {
+                        d.columns.iter().any(|c| {
+                            c.type_sql.contains(&name.quoted()) || c.type_sql.contains(&name.name)
+                        })
+                    })
                     .map(|d| d.name.to_string())
                     .unwrap_or_default();
                 return Err(SyncError::MissingType {
@@ -803,16 +868,16 @@ async fn execute(
     started: Instant,
 ) -> Result<(), SyncError> {
     observer.phase("preparing the mirror");
-    for statement in planned
-        .prepare
-        .iter()
-        .cloned()
-        .chain(planned.staging_schemas.iter().map(|s| format!("CREATE SCHEMA {}", quote(s))))
-    {
-        mirror
-            .batch_execute(&statement)
-            .await
-            .map_err(pg(Side::Mirror, format!("failed to prepare the mirror: {statement}")))?;
+    for statement in planned.prepare.iter().cloned().chain(
+        planned
+            .staging_schemas
+            .iter()
+            .map(|s| format!("CREATE SCHEMA {}", quote(s))),
+    ) {
+        mirror.batch_execute(&statement).await.map_err(pg(
+            Side::Mirror,
+            format!("failed to prepare the mirror: {statement}"),
+        ))?;
     }
 
     observer.phase("copying");
@@ -823,7 +888,10 @@ async fn execute(
         for (i, statement) in &planned.foreign_keys {
             mirror.batch_execute(statement).await.map_err(pg(
                 Side::Mirror,
-                format!("failed to add a foreign key to {}", planned.tables[*i].def.name),
+                format!(
+                    "failed to add a foreign key to {}",
+                    planned.tables[*i].def.name
+                ),
             ))?;
         }
     }
@@ -833,7 +901,10 @@ async fn execute(
             mirror
                 .batch_execute(&ddl::set_sequence(&seq.name, seq))
                 .await
-                .map_err(pg(Side::Mirror, format!("failed to set sequence {}", seq.name)))?;
+                .map_err(pg(
+                    Side::Mirror,
+                    format!("failed to set sequence {}", seq.name),
+                ))?;
         }
     }
 
@@ -869,6 +940,7 @@ async fn execute(
         mirror,
         &swap_tables,
         &planned.staging_schemas,
+        &planned.outside_keys,
         opts.lock_timeout,
         &finish,
     )
@@ -983,7 +1055,10 @@ async fn build_tables(
     }
 }
 
-async fn worker_connections(opts: &SyncOptions, snapshot: &str) -> Result<(Client, Client), SyncError> {
+async fn worker_connections(
+    opts: &SyncOptions,
+    snapshot: &str,
+) -> Result<(Client, Client), SyncError> {
     let (source, mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
     source
         .batch_execute(&format!(
@@ -1022,7 +1097,10 @@ async fn build_one(
         .map_err(pg(Side::Mirror, format!("failed to start building {name}")))?;
     tx.batch_execute(&ddl::create_table(&table.def, at))
         .await
-        .map_err(pg(Side::Mirror, format!("failed to create {name} on the mirror")))?;
+        .map_err(pg(
+            Side::Mirror,
+            format!("failed to create {name} on the mirror"),
+        ))?;
     let mut stats = CopyStats::default();
     if table.copies_data(opts.mode) {
         stats = copy::copy_table(source, &tx, &table.def, at, table.format, |s| {
@@ -1037,14 +1115,18 @@ async fn build_one(
             if opts.mode != Mode::SchemaOnly {
                 tx.batch_execute(&ddl::set_sequence(&seq, &identity.sequence))
                     .await
-                    .map_err(pg(Side::Mirror, format!("failed to set the identity of {name}")))?;
+                    .map_err(pg(
+                        Side::Mirror,
+                        format!("failed to set the identity of {name}"),
+                    ))?;
             }
         }
     }
     for statement in build_statements(&table.def, at) {
-        tx.batch_execute(&statement)
-            .await
-            .map_err(pg(Side::Mirror, format!("failed to build keys and indexes of {name}")))?;
+        tx.batch_execute(&statement).await.map_err(pg(
+            Side::Mirror,
+            format!("failed to build keys and indexes of {name}"),
+        ))?;
     }
     tx.commit()
         .await

@@ -49,10 +49,14 @@ pub enum PlanError {
     #[error("no tables to sync: the selection is empty")]
     NothingSelected,
     /// Partitioned tables are not synced yet.
-    #[error("table {0} is partitioned: partitioned tables are not supported yet; sync its partitions' data through a plain table or leave it out with --exclude")]
+    #[error(
+        "table {0} is partitioned: partitioned tables are not supported yet; sync its partitions' data through a plain table or leave it out with --exclude"
+    )]
     Partitioned(QualifiedName),
     /// Same column, different type.
-    #[error("column {column} of {table} is {source_type} on the source but {mirror_type} on the mirror: change it on the mirror (ALTER TABLE ... ALTER COLUMN ... TYPE) or drop the mirror table, then sync again")]
+    #[error(
+        "column {column} of {table} is {source_type} on the source but {mirror_type} on the mirror: change it on the mirror (ALTER TABLE ... ALTER COLUMN ... TYPE) or drop the mirror table, then sync again"
+    )]
     IncompatibleColumn {
         /// The table.
         table: QualifiedName,
@@ -64,7 +68,9 @@ pub enum PlanError {
         mirror_type: String,
     },
     /// A column only the mirror has would be lost.
-    #[error("column {column} of {table} exists on the mirror but not on the source, and a sync would drop it: drop it on the mirror or add it on the source")]
+    #[error(
+        "column {column} of {table} exists on the mirror but not on the source, and a sync would drop it: drop it on the mirror or add it on the source"
+    )]
     ExtraMirrorColumn {
         /// The table.
         table: QualifiedName,
@@ -187,10 +193,7 @@ fn matching<'a>(
 fn unknown(all: &[TableEntry], pattern: &TablePattern) -> PlanError {
     PlanError::UnknownTable {
         pattern: pattern.to_string(),
-        suggestions: near(
-            &pattern.to_string(),
-            all.iter().map(|e| e.name.to_string()),
-        ),
+        suggestions: near(&pattern.to_string(), all.iter().map(|e| e.name.to_string())),
     }
 }
 

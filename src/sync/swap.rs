@@ -41,10 +41,20 @@ pub struct RepointedKey {
     pub name: String,
 }
 
+/// A foreign key from a run table to a mirror table outside the run, added `NOT VALID` by the
+/// swap once the run table is in place.
+#[derive(Debug, Clone)]
+pub struct OutsideKey {
+    /// Which key.
+    pub key: RepointedKey,
+    /// `ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...` naming the final tables.
+    pub statement: String,
+}
+
 /// What the swap did besides moving tables.
 #[derive(Debug, Clone, Default)]
 pub struct SwapOutcome {
-    /// Foreign keys re-added `NOT VALID`, to validate after commit.
+    /// Foreign keys added `NOT VALID`, to validate after commit.
     pub repointed: Vec<RepointedKey>,
 }
 
@@ -57,13 +67,25 @@ pub async fn swap(
     mirror: &mut Client,
     tables: &[SwapTable],
     staging_schemas: &[String],
+    outside_keys: &[OutsideKey],
     lock_timeout: Duration,
     finish: &[String],
 ) -> Result<SwapOutcome, tokio_postgres::Error> {
     let mut attempt = 1;
     loop {
-        match swap_once(mirror, tables, staging_schemas, lock_timeout, finish).await {
-            Err(e) if attempt < SWAP_ATTEMPTS && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+        match swap_once(
+            mirror,
+            tables,
+            staging_schemas,
+            outside_keys,
+            lock_timeout,
+            finish,
+        )
+        .await
+        {
+            Err(e)
+                if attempt < SWAP_ATTEMPTS && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
+            {
                 tracing::warn!(
                     attempt,
                     "could not lock the mirror tables within {lock_timeout:?}: readers hold them; retrying"
@@ -80,6 +102,7 @@ async fn swap_once(
     mirror: &mut Client,
     tables: &[SwapTable],
     staging_schemas: &[String],
+    outside_keys: &[OutsideKey],
     lock_timeout: Duration,
     finish: &[String],
 ) -> Result<SwapOutcome, tokio_postgres::Error> {
@@ -235,6 +258,10 @@ async fn swap_once(
             ))
             .await?;
         }
+    }
+    for key in outside_keys {
+        after_move.push(format!("{} NOT VALID", key.statement));
+        outcome.repointed.push(key.key.clone());
     }
     for statement in after_move.iter().chain(finish) {
         tx.batch_execute(statement).await?;
