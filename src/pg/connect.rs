@@ -159,6 +159,28 @@ enum Verification {
 pub type PgConnection =
     tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
 
+/// tokio-postgres asks for a TLS connector before it knows whether TLS will be used, and for
+/// unix sockets it passes an empty host name, which rustls rejects as a server name. It never
+/// starts TLS without a host name (it fails with "no hostname provided" first), so a stand-in
+/// name is never checked against a certificate.
+#[derive(Clone)]
+struct Tls(MakeRustlsConnect);
+
+impl MakeTlsConnect<Socket> for Tls {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let hostname = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, hostname)
+    }
+}
+
 /// A parsed database URL for one side, safe to print: `Display` and `Debug` show the password
 /// as `***`.
 #[derive(Clone)]
@@ -404,7 +426,7 @@ impl DbUrl {
     async fn attempt(
         &self,
         config: &tokio_postgres::Config,
-        tls: MakeRustlsConnect,
+        tls: Tls,
     ) -> Result<(Client, PgConnection), ConnectError> {
         let connecting = config.connect(tls);
         // tokio-postgres's connect_timeout only bounds the TCP connect; libpq's bounds the whole
@@ -447,10 +469,7 @@ impl DbUrl {
         }
     }
 
-    async fn tls_connector(
-        &self,
-        verification: Verification,
-    ) -> Result<MakeRustlsConnect, ConnectError> {
+    async fn tls_connector(&self, verification: Verification) -> Result<Tls, ConnectError> {
         let role = self.role;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match verification {
@@ -471,7 +490,7 @@ impl DbUrl {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(MakeRustlsConnect::new(config))
+        Ok(Tls(MakeRustlsConnect::new(config)))
     }
 
     async fn webpki_verifier(
