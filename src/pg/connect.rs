@@ -1,14 +1,82 @@
-//! TEMPORARY minimal stand-in (plain connections only) until the TLS-capable module lands.
+//! Database URLs and connecting: the one place bite-sync opens a connection to the source (the
+//! restaurant's local PostgreSQL) or the mirror (the cloud copy, reached over the internet).
+//!
+//! [`DbUrl`] reads `postgres://` URLs and libpq `key=value` strings. It takes out the settings
+//! tokio-postgres does not know (`sslmode=verify-ca`/`verify-full`, `sslrootcert`), applies
+//! bite-sync's defaults (10 s connect timeout, TCP keepalives, `application_name`) and connects
+//! with TLS chosen per `sslmode`, as libpq does:
+//!
+//! | `sslmode` | TLS | certificate check |
+//! |---|---|---|
+//! | `disable` | never | none |
+//! | `allow`, `prefer` (default) | if the server offers it, else plain | none |
+//! | `require` | always | none, or the chain if a CA file is given (as libpq) |
+//! | `verify-ca` | always | chain against the roots |
+//! | `verify-full` | always | chain and host name |
+//!
+//! Roots are the CA file (`sslrootcert=` in the URL, else [`DbUrl::with_ca_file`]) or, without
+//! one, the system's roots plus the bundled Mozilla roots. Unix-socket connections never use TLS
+//! (the server does not offer it there; libpq ignores `sslmode` for them too).
+//!
+//! [`ConnectError`] names role, host, port, database and user, says what to do, and tells the
+//! retry loop whether trying again can help ([`ConnectError::is_transient`]).
+//!
+//! Invariants:
+//! - Secrets are never printed. `Display`/`Debug` of a [`DbUrl`] show the password as `***`;
+//!   errors never contain the URL or the password; URL errors describe the problem without echoing
+//!   the input. tokio-postgres only ever parses a `key='value'` string rebuilt here, so its own
+//!   parse errors (kept as sources) can only name a setting, never repeat a value.
+//! - Verification is never weaker than the `sslmode` asks, and every mode that uses TLS still
+//!   checks the handshake signatures against the certificate the server presented.
 
-use std::fmt;
+use std::error::Error as _;
+use std::fmt::{self, Write as _};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// Shown in `pg_stat_activity` so a DBA can tell bite-sync's sessions apart.
+const APPLICATION_NAME: &str = "bite-sync";
+/// libpq waits forever by default; a daemon must notice a dead network instead.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// NAT boxes and cloud load balancers drop idle flows after a few minutes; probing after a minute
+/// keeps a quiet replication connection alive and notices a dead peer.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+const DEFAULT_PORT: u16 = 5432;
+const SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
 
 /// Which side a URL belongs to, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
-    /// The local database.
+    /// The restaurant's local database, read from.
     Source,
-    /// The cloud mirror.
+    /// The cloud database, written to.
     Mirror,
+}
+
+impl Role {
+    /// The environment variable that carries this side's URL, named in messages that ask the user
+    /// to fix the URL.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Role::Source => "BITE_SOURCE_URL",
+            Role::Mirror => "BITE_MIRROR_URL",
+        }
+    }
 }
 
 impl fmt::Display for Role {
@@ -20,116 +88,1979 @@ impl fmt::Display for Role {
     }
 }
 
-/// A database URL with its secrets kept out of Display/Debug.
+/// How much TLS a connection demands, as libpq's `sslmode` (`allow` is read as `prefer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// Plain TCP only.
+    Disable,
+    /// TLS without verification if the server offers it, else plain (libpq's default).
+    Prefer,
+    /// TLS without verification, unless a CA file is given: then the chain is checked.
+    Require,
+    /// TLS; the certificate chain must lead to a trusted root; the host name is not checked.
+    VerifyCa,
+    /// TLS; the chain must lead to a trusted root and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The `sslmode` value as written in a URL.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn from_param(value: &str) -> Option<SslMode> {
+        Some(match value {
+            "disable" => SslMode::Disable,
+            // libpq's `allow` tries plain first and TLS second; nothing bite-sync talks to
+            // refuses TLS while accepting plain, so trying TLS first loses nothing.
+            "allow" | "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// What to check on the server's certificate; `None` means no TLS at all.
+    fn verification(self, has_ca_file: bool) -> Option<Verification> {
+        match self {
+            SslMode::Disable => None,
+            SslMode::Prefer => Some(Verification::None),
+            SslMode::Require if has_ca_file => Some(Verification::Chain),
+            SslMode::Require => Some(Verification::None),
+            SslMode::VerifyCa => Some(Verification::Chain),
+            SslMode::VerifyFull => Some(Verification::ChainAndName),
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verification {
+    None,
+    Chain,
+    ChainAndName,
+}
+
+/// The connection half that [`DbUrl::connect_unspawned`] hands back: a future that drives the
+/// socket and must be polled (usually spawned) for the client to make progress.
+pub type PgConnection =
+    tokio_postgres::Connection<Socket, <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream>;
+
+/// tokio-postgres asks for a TLS connector before it knows whether TLS will be used, and for
+/// unix sockets it passes an empty host name, which rustls rejects as a server name. It never
+/// starts TLS without a host name (it fails with "no hostname provided" first), so a stand-in
+/// name is never checked against a certificate.
+#[derive(Clone)]
+struct Tls(MakeRustlsConnect);
+
+impl MakeTlsConnect<Socket> for Tls {
+    type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
+    type TlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
+    type Error = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Error;
+
+    fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, Self::Error> {
+        let hostname = if hostname.is_empty() {
+            "localhost"
+        } else {
+            hostname
+        };
+        MakeTlsConnect::<Socket>::make_tls_connect(&mut self.0, hostname)
+    }
+}
+
+/// A parsed database URL for one side, safe to print: `Display` and `Debug` show the password
+/// as `***`.
 #[derive(Clone)]
 pub struct DbUrl {
     role: Role,
+    /// Everything tokio-postgres understands, with bite-sync's defaults applied.
     config: tokio_postgres::Config,
-}
-
-/// Connecting failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    /// Bad URL.
-    #[error("invalid {role} URL")]
-    Parse {
-        /// Which side.
-        role: Role,
-        /// Cause.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    /// Could not connect.
-    #[error("could not connect to the {role} at {target}")]
-    Connect {
-        /// Which side.
-        role: Role,
-        /// host:port/db
-        target: String,
-        /// Cause.
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-impl ConnectError {
-    /// Worth retrying.
-    pub fn is_transient(&self) -> bool {
-        matches!(self, ConnectError::Connect { .. })
-    }
+    ssl_mode: SslMode,
+    ca_file: Option<PathBuf>,
+    /// The URL chose the roots (`sslrootcert`), so the config file's `ca_file` must not override.
+    roots_from_url: bool,
+    /// The input as written, password replaced by `***`.
+    redacted: String,
 }
 
 impl DbUrl {
-    /// Parses a URL.
+    /// Parses a postgres:// or postgresql:// URL (and libpq "key=value" connection strings).
+    ///
+    /// Extracts and removes `sslmode` (disable, allow (treated as prefer), prefer, require,
+    /// verify-ca, verify-full; default prefer as libpq) and `sslrootcert` (a CA file path, or
+    /// `system` for the system's roots, which implies verify-full as in libpq) before handing the
+    /// rest to `tokio_postgres::Config` (which does not know verify-ca/verify-full). Fills in what
+    /// libpq would default: the user from the environment, the database from the user, the local
+    /// socket directory as host, port 5432.
     pub fn parse(role: Role, url: &str) -> Result<DbUrl, ConnectError> {
-        let config = url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|source| ConnectError::Parse { role, source })?;
-        Ok(DbUrl { role, config })
+        let invalid = |problem| ConnectError::InvalidUrl { role, problem };
+        let parsed = parse_text(url.trim()).map_err(invalid)?;
+
+        let mut ssl_mode_value = None;
+        let mut root_cert = None;
+        let mut params = Vec::with_capacity(parsed.params.len());
+        for (key, value) in parsed.params {
+            match key.as_str() {
+                "sslmode" => ssl_mode_value = Some(value),
+                "sslrootcert" => root_cert = Some(value),
+                _ => params.push((key, value)),
+            }
+        }
+
+        let system_roots = root_cert.as_deref() == Some("system");
+        let ssl_mode = match ssl_mode_value {
+            Some(value) => match SslMode::from_param(&value) {
+                Some(mode) => mode,
+                None => return Err(ConnectError::InvalidSslMode { role, value }),
+            },
+            None if system_roots => SslMode::VerifyFull,
+            None => SslMode::Prefer,
+        };
+        if system_roots && ssl_mode != SslMode::VerifyFull {
+            // libpq refuses this too: asking for the public roots only makes sense with a name check.
+            return Err(ConnectError::WeakSslModeWithSystemRoots { role, ssl_mode });
+        }
+        let ca_file = match root_cert.as_deref() {
+            Some("system") | Some("") | None => None,
+            Some(path) => Some(PathBuf::from(path)),
+        };
+
+        let mut conninfo = String::new();
+        for (key, value) in &params {
+            // Keys are checked to be [A-Za-z0-9_] and values quoted, so tokio-postgres's parser
+            // can only object to a setting's name or meaning, never echo a value.
+            let _ = write!(conninfo, "{key}='{}' ", escape_conninfo(value));
+        }
+        let mut config: tokio_postgres::Config = conninfo
+            .parse()
+            .map_err(|source| ConnectError::UnsupportedSetting { role, source })?;
+
+        let user = match config.get_user() {
+            Some(user) if !user.is_empty() => user.to_owned(),
+            _ => {
+                let user = process_user().ok_or_else(|| invalid(UrlProblem::NoUser))?;
+                config.user(&user);
+                user
+            }
+        };
+        if config.get_dbname().is_none_or(str::is_empty) {
+            config.dbname(user);
+        }
+        if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
+            config.host(default_socket_dir());
+        }
+        let given = |name: &str| params.iter().any(|(key, _)| key == name);
+        if !given("connect_timeout") {
+            config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        if !given("keepalives_idle") {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if !given("application_name") {
+            config.application_name(APPLICATION_NAME);
+        }
+
+        Ok(DbUrl {
+            role,
+            config,
+            ssl_mode,
+            ca_file,
+            roots_from_url: root_cert.is_some(),
+            redacted: parsed.redacted,
+        })
     }
-    /// Which side.
+
+    /// Which side this URL is for.
     pub fn role(&self) -> Role {
         self.role
     }
-    /// First host.
+
+    /// The first host: a name, an IP address, or the unix socket directory.
     pub fn host(&self) -> String {
         match self.config.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
+            Some(Host::Tcp(host)) => host.clone(),
+            Some(Host::Unix(dir)) => dir.display().to_string(),
+            None => self
+                .config
+                .get_hostaddrs()
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         }
     }
-    /// First port.
+
+    /// The port of the first host.
     pub fn port(&self) -> u16 {
-        self.config.get_ports().first().copied().unwrap_or(5432)
-    }
-    /// Database name.
-    pub fn dbname(&self) -> String {
         self.config
-            .get_dbname()
-            .map(str::to_string)
-            .unwrap_or_else(|| self.user())
+            .get_ports()
+            .first()
+            .copied()
+            .unwrap_or(DEFAULT_PORT)
     }
-    /// User name.
+
+    /// The database name; defaults as libpq: the user name.
+    pub fn dbname(&self) -> String {
+        self.config.get_dbname().unwrap_or_default().to_owned()
+    }
+
+    /// The user name; defaults as libpq: the name of the user running bite-sync.
     pub fn user(&self) -> String {
-        self.config.get_user().unwrap_or("postgres").to_string()
+        self.config.get_user().unwrap_or_default().to_owned()
     }
-    /// CA file.
-    pub fn with_ca_file(self, _path: std::path::PathBuf) -> DbUrl {
+
+    /// The `sslmode` in effect.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+
+    /// The CA file that verification will trust, if any.
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
+    }
+
+    /// Uses this CA file unless the URL named one with sslrootcert.
+    pub fn with_ca_file(mut self, path: PathBuf) -> DbUrl {
+        if !self.roots_from_url {
+            self.ca_file = Some(path);
+        }
         self
     }
-    /// host:port/db
+
+    /// "host:port/dbname" – safe to print.
     pub fn target(&self) -> String {
-        format!("{}:{}/{}", self.host(), self.port(), self.dbname())
+        format!("{}/{}", self.host_port(), self.dbname())
     }
-    /// Connects.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnectError> {
-        let (client, conn) =
-            self.config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| ConnectError::Connect {
-                    role: self.role,
-                    target: self.target(),
-                    source,
-                })?;
+
+    fn host_port(&self) -> String {
+        let host = self.host();
+        if host.contains(':') && !host.starts_with('/') {
+            format!("[{host}]:{}", self.port())
+        } else {
+            format!("{host}:{}", self.port())
+        }
+    }
+
+    /// Where the connection goes, as users know it: host:port, or the socket file.
+    fn endpoint(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(Host::Unix(dir)) => format!("{}/.s.PGSQL.{}", dir.display(), self.port()),
+            _ => self.host_port(),
+        }
+    }
+
+    /// The server offers no TLS on unix sockets, and libpq ignores `sslmode` there.
+    fn only_unix_sockets(&self) -> bool {
+        self.config.get_hostaddrs().is_empty()
+            && self
+                .config
+                .get_hosts()
+                .iter()
+                .all(|host| matches!(host, Host::Unix(_)))
+    }
+
+    fn verification(&self) -> Option<Verification> {
+        if self.only_unix_sockets() {
+            None
+        } else {
+            self.ssl_mode.verification(self.ca_file.is_some())
+        }
+    }
+
+    /// Connects: TLS per sslmode, TCP keepalives (keepalives_idle 60 s), connect_timeout 10 s
+    /// unless the URL set one, application_name "bite-sync" unless set. Spawns the connection task
+    /// (logging its error at debug level) and returns the client.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let (client, connection) = self.connect_unspawned().await?;
+        let role = self.role;
+        let target = self.target();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection closed");
+            // The client sees the same failure on its next call and reports it with context;
+            // this is only a breadcrumb.
+            if let Err(error) = connection.await {
+                tracing::debug!(%role, %target, %error, "database connection ended with an error");
             }
         });
         Ok(client)
     }
+
+    /// Same as [`DbUrl::connect`], but returns the connection future instead of spawning it, for
+    /// callers that must drive it themselves (replication).
+    pub async fn connect_unspawned(&self) -> Result<(Client, PgConnection), ConnectError> {
+        let verification = self.verification();
+        let mut config = self.config.clone();
+        config.ssl_mode(match verification {
+            None => tokio_postgres::config::SslMode::Disable,
+            Some(_) if self.ssl_mode == SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            Some(_) => tokio_postgres::config::SslMode::Require,
+        });
+        let tls = self
+            .tls_connector(verification.unwrap_or(Verification::None))
+            .await?;
+        tracing::debug!(role = %self.role, target = %self.target(), ssl_mode = %self.ssl_mode, "connecting");
+
+        match self.attempt(&config, tls.clone()).await {
+            // libpq's `prefer` falls back to plain when the TLS handshake fails, not only when
+            // the server declines TLS (which tokio-postgres already handles).
+            Err(error) if self.ssl_mode == SslMode::Prefer && error.is_tls_failure() => {
+                tracing::debug!(role = %self.role, target = %self.target(), %error, "TLS failed with sslmode=prefer, retrying without TLS");
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                self.attempt(&config, tls).await
+            }
+            result => result,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        config: &tokio_postgres::Config,
+        tls: Tls,
+    ) -> Result<(Client, PgConnection), ConnectError> {
+        let connecting = config.connect(tls);
+        // tokio-postgres's connect_timeout only bounds the TCP connect; libpq's bounds the whole
+        // attempt per host, which is what protects against a server that accepts and then stalls
+        // (DNS, TLS handshake, authentication).
+        let result = match config.get_connect_timeout() {
+            Some(per_host) => {
+                let hosts = config
+                    .get_hosts()
+                    .len()
+                    .max(config.get_hostaddrs().len())
+                    .max(1);
+                let budget = per_host.saturating_mul(u32::try_from(hosts).unwrap_or(u32::MAX));
+                match tokio::time::timeout(budget, connecting).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        return Err(
+                            self.connect_error(ConnectFailure::TimedOut { after: budget }, None)
+                        );
+                    }
+                }
+            }
+            None => connecting.await,
+        };
+        result.map_err(|source| self.connect_error(self.classify(&source), Some(source)))
+    }
+
+    fn connect_error(
+        &self,
+        failure: ConnectFailure,
+        source: Option<tokio_postgres::Error>,
+    ) -> ConnectError {
+        ConnectError::Connect {
+            role: self.role,
+            endpoint: self.endpoint(),
+            dbname: self.dbname(),
+            user: self.user(),
+            failure,
+            source,
+        }
+    }
+
+    async fn tls_connector(&self, verification: Verification) -> Result<Tls, ConnectError> {
+        let role = self.role;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match verification {
+            Verification::None => Arc::new(NoCertificateCheck {
+                provider: provider.clone(),
+            }),
+            Verification::Chain => Arc::new(ChainOnly {
+                inner: self.webpki_verifier(&provider).await?,
+            }),
+            Verification::ChainAndName => self.webpki_verifier(&provider).await?,
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|source| ConnectError::TlsSetup {
+                role,
+                source: Box::new(source),
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(Tls(MakeRustlsConnect::new(config)))
+    }
+
+    async fn webpki_verifier(
+        &self,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Arc<WebPkiServerVerifier>, ConnectError> {
+        let roots = match &self.ca_file {
+            Some(path) => Arc::new(load_ca_file(self.role, path).await?),
+            None => system_roots(),
+        };
+        WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|source| ConnectError::TlsSetup {
+                role: self.role,
+                source: Box::new(source),
+            })
+    }
+
+    /// Turns tokio-postgres's error into what the user should hear. tokio-postgres keeps its
+    /// error kind private, so this reads the SQLSTATE, the io/rustls errors in the source chain
+    /// and, for the few failures that carry neither, the fixed texts tokio-postgres uses.
+    fn classify(&self, error: &tokio_postgres::Error) -> ConnectFailure {
+        let env_var = self.role.env_var();
+        if let Some(db) = error.as_db_error() {
+            let code = db.code();
+            return if *code == SqlState::INVALID_PASSWORD {
+                ConnectFailure::PasswordRejected { env_var }
+            } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+                ConnectFailure::AccessDenied { env_var }
+            } else if *code == SqlState::UNDEFINED_DATABASE {
+                ConnectFailure::NoSuchDatabase
+            } else if *code == SqlState::CANNOT_CONNECT_NOW {
+                ConnectFailure::StartingUp
+            } else if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
+                ConnectFailure::ShuttingDown
+            } else if *code == SqlState::TOO_MANY_CONNECTIONS {
+                ConnectFailure::TooManyConnections
+            } else {
+                ConnectFailure::Rejected
+            };
+        }
+
+        let mut cause = error.source();
+        while let Some(err) = cause {
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return self.tls_failure(tls);
+            }
+            if let Some(io) = err.downcast_ref::<io::Error>() {
+                // tokio-rustls wraps the rustls error in an io::Error, whose `source()` skips it.
+                if let Some(tls) = io
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                {
+                    return self.tls_failure(tls);
+                }
+                if let Some(failure) = io_failure(io, self.config.get_connect_timeout()) {
+                    return failure;
+                }
+            }
+            match err.to_string().as_str() {
+                "server does not support TLS" => {
+                    return ConnectFailure::TlsNotSupported {
+                        ssl_mode: self.ssl_mode,
+                    };
+                }
+                "password missing" => return ConnectFailure::PasswordMissing { env_var },
+                _ => {}
+            }
+            cause = err.source();
+        }
+
+        if error.is_closed() {
+            return ConnectFailure::Reset;
+        }
+        match error.to_string().as_str() {
+            "error performing TLS handshake" => ConnectFailure::TlsHandshake {
+                ssl_mode: self.ssl_mode,
+            },
+            "authentication error" => ConnectFailure::AuthenticationExchange { env_var },
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    fn tls_failure(&self, error: &rustls::Error) -> ConnectFailure {
+        let ssl_mode = self.ssl_mode;
+        let rustls::Error::InvalidCertificate(problem) = error else {
+            return ConnectFailure::TlsHandshake { ssl_mode };
+        };
+        match problem {
+            CertificateError::UnknownIssuer => ConnectFailure::CertificateUntrusted {
+                ssl_mode,
+                ca_file: self.ca_file.clone(),
+            },
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                ConnectFailure::CertificateWrongHost {
+                    ssl_mode,
+                    host: self.host(),
+                }
+            }
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                ConnectFailure::CertificateExpired { ssl_mode }
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                ConnectFailure::CertificateNotYetValid { ssl_mode }
+            }
+            _ => ConnectFailure::CertificateInvalid {
+                ssl_mode,
+                ca_file: self.ca_file.clone(),
+            },
+        }
+    }
+}
+
+fn io_failure(error: &io::Error, connect_timeout: Option<&Duration>) -> Option<ConnectFailure> {
+    use io::ErrorKind as K;
+    Some(match error.kind() {
+        K::ConnectionRefused => ConnectFailure::Refused,
+        K::TimedOut => ConnectFailure::TimedOut {
+            after: connect_timeout.copied().unwrap_or_default(),
+        },
+        K::ConnectionReset
+        | K::ConnectionAborted
+        | K::BrokenPipe
+        | K::UnexpectedEof
+        | K::NotConnected => ConnectFailure::Reset,
+        K::NetworkUnreachable | K::HostUnreachable | K::NetworkDown | K::AddrNotAvailable => {
+            ConnectFailure::Unreachable
+        }
+        // Only unix sockets fail this way: TCP has no files.
+        K::NotFound => ConnectFailure::NoSocket,
+        K::PermissionDenied => ConnectFailure::SocketPermission,
+        _ => {
+            // The resolver's errors have no stable kind; std and tokio-postgres give these texts.
+            let text = error.to_string();
+            if text.contains("failed to lookup address information")
+                || text.contains("could not resolve any addresses")
+            {
+                if text.to_ascii_lowercase().contains("temporary") {
+                    ConnectFailure::DnsTemporary
+                } else {
+                    ConnectFailure::UnknownHost
+                }
+            } else {
+                return None;
+            }
+        }
+    })
 }
 
 impl fmt::Display for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}:***@{}", self.user(), self.target())
+        f.write_str(&self.redacted)
     }
 }
 
 impl fmt::Debug for DbUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        f.debug_struct("DbUrl")
+            .field("role", &self.role)
+            .field("url", &self.redacted)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// Why a database URL could not be read. None of these repeat any part of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlProblem {
+    /// Nothing was given.
+    Empty,
+    /// Neither a postgres:// URL nor key=value settings.
+    NotAUrl,
+    /// A key=value setting or query parameter without `=`.
+    MissingEquals,
+    /// A key=value setting with nothing after `=`.
+    MissingValue,
+    /// A quoted value without its closing quote.
+    UnterminatedQuote,
+    /// A setting name with characters no setting has.
+    BadSettingName,
+    /// A `%` escape that is malformed or not UTF-8.
+    BadPercentEncoding,
+    /// A port that is not a number from 1 to 65535.
+    BadPort,
+    /// An `@` after the credentials, usually from a password with an unescaped `@`.
+    AtInHost,
+    /// An IPv6 address opened with `[` but not closed.
+    UnclosedBracket,
+    /// No user in the URL and no user name for this process.
+    NoUser,
+}
+
+impl fmt::Display for UrlProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UrlProblem::Empty => "it is empty",
+            UrlProblem::NotAUrl => {
+                "expected a postgres:// or postgresql:// URL, or key=value settings such as \
+                 host=db.example.com dbname=bite"
+            }
+            UrlProblem::MissingEquals => "a setting has no '=' (settings are written key=value)",
+            UrlProblem::MissingValue => {
+                "a setting has no value after '=' (write key='' for an empty value)"
+            }
+            UrlProblem::UnterminatedQuote => "a quoted value has no closing quote",
+            UrlProblem::BadSettingName => "a setting name may contain only letters, digits and '_'",
+            UrlProblem::BadPercentEncoding => {
+                "a %-escape is not two hex digits or does not decode to UTF-8 text"
+            }
+            UrlProblem::BadPort => {
+                "a port is not a number from 1 to 65535 (if the password contains '/', '?' or \
+                 '@', percent-encode them as %2F, %3F and %40)"
+            }
+            UrlProblem::AtInHost => {
+                "the host part contains '@': percent-encode '@' in the user name or password \
+                 as %40"
+            }
+            UrlProblem::UnclosedBracket => "an IPv6 address opened with '[' has no closing ']'",
+            UrlProblem::NoUser => {
+                "it names no user and this process's user name is unknown: add one, as in \
+                 postgres://USER@HOST/DBNAME"
+            }
+        })
+    }
+}
+
+/// What went wrong while connecting, as the user should hear it: each names the cause and what
+/// to do. The server's or the system's own words follow in the error's source chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Nothing listens on that port.
+    Refused,
+    /// No socket file in the unix socket directory.
+    NoSocket,
+    /// The socket file exists but this user may not use it.
+    SocketPermission,
+    /// No complete answer within the time limit.
+    TimedOut {
+        /// How long bite-sync waited.
+        after: Duration,
+    },
+    /// DNS says the host name does not exist.
+    UnknownHost,
+    /// DNS could not answer right now.
+    DnsTemporary,
+    /// No route to the host.
+    Unreachable,
+    /// The server or something in between closed the connection during setup.
+    Reset,
+    /// SQLSTATE 28P01: wrong password (or no such user).
+    PasswordRejected {
+        /// Where the URL usually comes from.
+        env_var: &'static str,
+    },
+    /// The server wants a password and the URL has none.
+    PasswordMissing {
+        /// Where the URL usually comes from.
+        env_var: &'static str,
+    },
+    /// SQLSTATE 28000: pg_hba.conf or the role does not allow this login.
+    AccessDenied {
+        /// Where the URL usually comes from.
+        env_var: &'static str,
+    },
+    /// The SASL/SCRAM exchange failed on the client side.
+    AuthenticationExchange {
+        /// Where the URL usually comes from.
+        env_var: &'static str,
+    },
+    /// SQLSTATE 3D000.
+    NoSuchDatabase,
+    /// SQLSTATE 57P03: starting up or in recovery.
+    StartingUp,
+    /// SQLSTATE 57P01/57P02: shutting down.
+    ShuttingDown,
+    /// SQLSTATE 53300: max_connections reached.
+    TooManyConnections,
+    /// The server declined TLS, which the sslmode requires.
+    TlsNotSupported {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+    },
+    /// The certificate does not lead to a trusted root.
+    CertificateUntrusted {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+        /// The CA file that was trusted, if any.
+        ca_file: Option<PathBuf>,
+    },
+    /// The certificate does not name the host.
+    CertificateWrongHost {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+        /// The host name that was checked.
+        host: String,
+    },
+    /// The certificate has expired.
+    CertificateExpired {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+    },
+    /// The certificate is not valid yet.
+    CertificateNotYetValid {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+    },
+    /// The certificate was rejected for another reason.
+    CertificateInvalid {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+        /// The CA file that was trusted, if any.
+        ca_file: Option<PathBuf>,
+    },
+    /// The TLS handshake failed for a reason other than the certificate.
+    TlsHandshake {
+        /// The sslmode in effect.
+        ssl_mode: SslMode,
+    },
+    /// The server refused with another SQLSTATE.
+    Rejected,
+    /// Anything else.
+    Other,
+}
+
+const SKIP_VERIFICATION_HINT: &str = "or use sslmode=require to skip verification";
+
+impl fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectFailure::Refused => f.write_str(
+                "connection refused: is PostgreSQL running there and accepting TCP connections?",
+            ),
+            ConnectFailure::NoSocket => f.write_str(
+                "no PostgreSQL socket there: is the server running, and is this its socket \
+                 directory?",
+            ),
+            ConnectFailure::SocketPermission => f.write_str(
+                "permission denied on the socket: run bite-sync as a user allowed to use it",
+            ),
+            ConnectFailure::TimedOut { after } => write!(
+                f,
+                "timed out after {} s: check the host and port, and that no firewall blocks the \
+                 connection (connect_timeout=SECONDS in the URL changes the limit)",
+                after.as_secs_f32()
+            ),
+            ConnectFailure::UnknownHost => {
+                f.write_str("the host name could not be found: check the host in the URL")
+            }
+            ConnectFailure::DnsTemporary => f.write_str(
+                "the host name could not be looked up right now (temporary DNS failure): check \
+                 this machine's network connection",
+            ),
+            ConnectFailure::Unreachable => f.write_str(
+                "the network or host is unreachable: check this machine's network connection",
+            ),
+            ConnectFailure::Reset => f.write_str(
+                "the connection was closed before it was ready: check that the port belongs to \
+                 PostgreSQL, and look at the server's log",
+            ),
+            ConnectFailure::PasswordRejected { env_var } => write!(
+                f,
+                "password authentication failed: check the user and password in the URL \
+                 ({env_var} or the config file)"
+            ),
+            ConnectFailure::PasswordMissing { env_var } => write!(
+                f,
+                "the server asks for a password but the URL has none: add it as \
+                 postgres://USER:PASSWORD@HOST/DBNAME ({env_var} or the config file)"
+            ),
+            ConnectFailure::AccessDenied { env_var } => write!(
+                f,
+                "the server does not let this user in: check the user in the URL ({env_var} or \
+                 the config file) and the server's pg_hba.conf; if it only allows TLS \
+                 (hostssl), use sslmode=require"
+            ),
+            ConnectFailure::AuthenticationExchange { env_var } => write!(
+                f,
+                "authentication failed: check the password in the URL ({env_var} or the config \
+                 file) and the server's authentication method"
+            ),
+            ConnectFailure::NoSuchDatabase => f.write_str(
+                "the database does not exist: create it (createdb) or fix the database name in \
+                 the URL",
+            ),
+            ConnectFailure::StartingUp => {
+                f.write_str("the server is starting up: try again in a moment")
+            }
+            ConnectFailure::ShuttingDown => {
+                f.write_str("the server is shutting down: try again once it is back")
+            }
+            ConnectFailure::TooManyConnections => f.write_str(
+                "the server has no free connection slots: close idle clients or raise \
+                 max_connections",
+            ),
+            ConnectFailure::TlsNotSupported { ssl_mode } => write!(
+                f,
+                "the server does not support TLS, but sslmode={ssl_mode} requires it: turn on \
+                 ssl in the server's postgresql.conf, or use sslmode=prefer only on a network \
+                 you trust"
+            ),
+            ConnectFailure::CertificateUntrusted { ssl_mode, ca_file } => {
+                write!(
+                    f,
+                    "the server's TLS certificate was rejected (sslmode={ssl_mode}): "
+                )?;
+                match ca_file {
+                    Some(path) => write!(
+                        f,
+                        "it is not signed by the CA in {}: point sslrootcert=/path/ca.pem in the \
+                         URL (or ca_file in the config) at the CA that signed the server's \
+                         certificate, or use sslmode=require without a CA file to skip \
+                         verification",
+                        path.display()
+                    ),
+                    None => write!(
+                        f,
+                        "it is not signed by a CA this machine trusts: if the server uses its own \
+                         CA, add sslrootcert=/path/ca.pem to the URL or set ca_file in the \
+                         config, {SKIP_VERIFICATION_HINT}"
+                    ),
+                }
+            }
+            ConnectFailure::CertificateWrongHost { ssl_mode, host } => write!(
+                f,
+                "the server's TLS certificate was rejected (sslmode={ssl_mode}): it is not \
+                 issued for \"{host}\": connect using a host name the certificate lists, or use \
+                 sslmode=verify-ca to check only the CA"
+            ),
+            ConnectFailure::CertificateExpired { ssl_mode } => write!(
+                f,
+                "the server's TLS certificate was rejected (sslmode={ssl_mode}): it has expired \
+                 (or this machine's clock is wrong): the server needs a new certificate, \
+                 {SKIP_VERIFICATION_HINT}"
+            ),
+            ConnectFailure::CertificateNotYetValid { ssl_mode } => write!(
+                f,
+                "the server's TLS certificate was rejected (sslmode={ssl_mode}): it is not valid \
+                 yet: check this machine's clock"
+            ),
+            ConnectFailure::CertificateInvalid { ssl_mode, ca_file } => {
+                write!(
+                    f,
+                    "the server's TLS certificate was rejected (sslmode={ssl_mode}): "
+                )?;
+                match ca_file {
+                    Some(path) => write!(
+                        f,
+                        "it does not verify against the CA in {}: check sslrootcert in the URL \
+                         or ca_file in the config, {SKIP_VERIFICATION_HINT}",
+                        path.display()
+                    ),
+                    None => write!(
+                        f,
+                        "it does not verify: add sslrootcert=/path/ca.pem to the URL or set \
+                         ca_file in the config, {SKIP_VERIFICATION_HINT}"
+                    ),
+                }
+            }
+            ConnectFailure::TlsHandshake { ssl_mode } => write!(
+                f,
+                "the TLS handshake failed (sslmode={ssl_mode}): check that host and port \
+                 belong to a PostgreSQL server"
+            ),
+            ConnectFailure::Rejected => f.write_str("the server refused the connection"),
+            ConnectFailure::Other => f.write_str("the connection failed"),
+        }
+    }
+}
+
+impl ConnectFailure {
+    /// Whether waiting and trying again can succeed without anyone changing anything.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // The restaurant's uplink or the server going away for a while: the daemon should
+            // ride these out.
+            ConnectFailure::Refused
+            | ConnectFailure::NoSocket
+            | ConnectFailure::TimedOut { .. }
+            | ConnectFailure::DnsTemporary
+            | ConnectFailure::Unreachable
+            | ConnectFailure::Reset
+            | ConnectFailure::StartingUp
+            | ConnectFailure::ShuttingDown
+            | ConnectFailure::TooManyConnections => true,
+            // Someone has to fix a URL, a password, a database or a certificate; retrying would
+            // only hide that (and repeated bad passwords can trip fail2ban-style lockouts).
+            ConnectFailure::SocketPermission
+            | ConnectFailure::UnknownHost
+            | ConnectFailure::PasswordRejected { .. }
+            | ConnectFailure::PasswordMissing { .. }
+            | ConnectFailure::AccessDenied { .. }
+            | ConnectFailure::AuthenticationExchange { .. }
+            | ConnectFailure::NoSuchDatabase
+            | ConnectFailure::TlsNotSupported { .. }
+            | ConnectFailure::CertificateUntrusted { .. }
+            | ConnectFailure::CertificateWrongHost { .. }
+            | ConnectFailure::CertificateExpired { .. }
+            | ConnectFailure::CertificateNotYetValid { .. }
+            | ConnectFailure::CertificateInvalid { .. }
+            | ConnectFailure::TlsHandshake { .. }
+            | ConnectFailure::Rejected
+            | ConnectFailure::Other => false,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(
+            self,
+            ConnectFailure::TlsHandshake { .. }
+                | ConnectFailure::CertificateUntrusted { .. }
+                | ConnectFailure::CertificateWrongHost { .. }
+                | ConnectFailure::CertificateExpired { .. }
+                | ConnectFailure::CertificateNotYetValid { .. }
+                | ConnectFailure::CertificateInvalid { .. }
+        )
+    }
+}
+
+/// Why a database URL could not be used or a connection not be made. Messages name the role,
+/// host, port, database and user, never the password or the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL could not be read.
+    #[error("the {role} URL is not valid: {problem}")]
+    InvalidUrl {
+        /// Which side.
+        role: Role,
+        /// What is wrong.
+        problem: UrlProblem,
+    },
+    /// tokio-postgres rejected a setting (unknown name or bad value); its error names which.
+    #[error("the {role} URL has a setting bite-sync does not support or a value it cannot use")]
+    UnsupportedSetting {
+        /// Which side.
+        role: Role,
+        /// tokio-postgres's parse error, naming the setting.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// `sslmode` has a value libpq does not know.
+    #[error(
+        "invalid sslmode \"{value}\" in the {role} URL: use one of disable, allow, prefer, \
+         require, verify-ca, verify-full"
+    )]
+    InvalidSslMode {
+        /// Which side.
+        role: Role,
+        /// The value given.
+        value: String,
+    },
+    /// `sslrootcert=system` with a mode that does not check the host name.
+    #[error(
+        "sslrootcert=system in the {role} URL needs sslmode=verify-full, not sslmode={ssl_mode}: \
+         trusting public CAs without checking the host name proves nothing"
+    )]
+    WeakSslModeWithSystemRoots {
+        /// Which side.
+        role: Role,
+        /// The weaker mode given.
+        ssl_mode: SslMode,
+    },
+    /// The CA file could not be read.
+    #[error("could not read the CA file {} for the {role}: check sslrootcert in the URL or ca_file in the config", .path.display())]
+    CaFileRead {
+        /// Which side.
+        role: Role,
+        /// The CA file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The CA file has a malformed PEM block.
+    #[error("the CA file {} for the {role} is not valid PEM", .path.display())]
+    CaFileMalformed {
+        /// Which side.
+        role: Role,
+        /// The CA file.
+        path: PathBuf,
+        /// The PEM decoding error.
+        #[source]
+        source: io::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error(
+        "the CA file {} for the {role} holds no certificate: it should contain one or more \
+         -----BEGIN CERTIFICATE----- blocks", .path.display()
+    )]
+    CaFileEmpty {
+        /// Which side.
+        role: Role,
+        /// The CA file.
+        path: PathBuf,
+    },
+    /// A certificate in the CA file cannot serve as a trust root.
+    #[error("the CA file {} for the {role} holds a certificate that cannot be used as a trusted root", .path.display())]
+    CaFileInvalid {
+        /// Which side.
+        role: Role,
+        /// The CA file.
+        path: PathBuf,
+        /// rustls's reason.
+        #[source]
+        source: rustls::Error,
+    },
+    /// rustls refused the TLS configuration (no roots, or no protocol version in common with the
+    /// crypto provider).
+    #[error("could not set up TLS for the {role}")]
+    TlsSetup {
+        /// Which side.
+        role: Role,
+        /// rustls's reason.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Connecting failed.
+    #[error(
+        "could not connect to the {role} at {endpoint} (database \"{dbname}\", user \"{user}\"): {failure}"
+    )]
+    Connect {
+        /// Which side.
+        role: Role,
+        /// host:port, or the unix socket file.
+        endpoint: String,
+        /// The database.
+        dbname: String,
+        /// The user.
+        user: String,
+        /// What went wrong, with advice.
+        failure: ConnectFailure,
+        /// tokio-postgres's error; absent when bite-sync's own deadline expired.
+        #[source]
+        source: Option<tokio_postgres::Error>,
+    },
+}
+
+impl ConnectError {
+    /// Whether retrying later can succeed with nothing changed: connection refused, timeouts,
+    /// resets, temporary DNS failures, a server starting or shutting down. Bad URLs, wrong
+    /// passwords, missing databases and rejected certificates are not.
+    pub fn is_transient(&self) -> bool {
+        self.failure().is_some_and(ConnectFailure::is_transient)
+    }
+
+    /// What went wrong while connecting, if it got that far.
+    pub fn failure(&self) -> Option<&ConnectFailure> {
+        match self {
+            ConnectError::Connect { failure, .. } => Some(failure),
+            _ => None,
+        }
+    }
+
+    fn is_tls_failure(&self) -> bool {
+        self.failure().is_some_and(ConnectFailure::is_tls)
+    }
+}
+
+/// Accepts any certificate, as libpq's `prefer` and `require` do without a CA file. The
+/// handshake signatures are still checked, so the server must hold the key of the certificate it
+/// presents.
+#[derive(Debug)]
+struct NoCertificateCheck {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for NoCertificateCheck {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// libpq's `verify-ca`: the chain must lead to a trusted root, the host name may differ.
+#[derive(Debug)]
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            // WebPkiServerVerifier checks the chain (and revocation) before the name, so a name
+            // error means everything verify-ca cares about has already passed.
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Read on every connect rather than cached, so a rotated CA file takes effect on reconnect.
+async fn load_ca_file(role: Role, path: &Path) -> Result<RootCertStore, ConnectError> {
+    let pem = tokio::fs::read(path)
+        .await
+        .map_err(|source| ConnectError::CaFileRead {
+            role,
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|source| ConnectError::CaFileMalformed {
+            role,
+            path: path.to_owned(),
+            source,
+        })?;
+        roots
+            .add(cert)
+            .map_err(|source| ConnectError::CaFileInvalid {
+                role,
+                path: path.to_owned(),
+                source,
+            })?;
+    }
+    if roots.is_empty() {
+        return Err(ConnectError::CaFileEmpty {
+            role,
+            path: path.to_owned(),
+        });
+    }
+    Ok(roots)
+}
+
+/// The system's roots plus the bundled Mozilla roots, loaded once: reading the system store
+/// walks directories, and a daemon reconnects often.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            let native = rustls_native_certs::load_native_certs();
+            for error in &native.errors {
+                tracing::debug!(%error, "skipping part of the system certificate store");
+            }
+            let (added, ignored) = roots.add_parsable_certificates(native.certs);
+            tracing::debug!(added, ignored, "loaded system root certificates");
+            // Minimal containers often have no CA bundle; the bundled roots keep verify-full
+            // working against public CAs there.
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            Arc::new(roots)
+        })
+        .clone()
+}
+
+/// libpq's compiled-in default socket directory: Debian-family builds use /var/run/postgresql,
+/// upstream builds /tmp.
+fn default_socket_dir() -> &'static str {
+    if Path::new("/var/run/postgresql").is_dir() {
+        "/var/run/postgresql"
+    } else {
+        "/tmp"
+    }
+}
+
+fn process_user() -> Option<String> {
+    ["USER", "LOGNAME"]
+        .into_iter()
+        .filter_map(|name| std::env::var(name).ok())
+        .find(|user| !user.is_empty())
+}
+
+/// The settings of a URL or key=value string, in order, and the input as written with the
+/// password replaced by `***`.
+#[derive(Debug)]
+struct ParsedText {
+    params: Vec<(String, String)>,
+    redacted: String,
+}
+
+fn parse_text(text: &str) -> Result<ParsedText, UrlProblem> {
+    if text.is_empty() {
+        return Err(UrlProblem::Empty);
+    }
+    for scheme in SCHEMES {
+        if let Some(rest) = text.strip_prefix(scheme) {
+            return parse_url(scheme, rest);
+        }
+    }
+    if text.contains("://") {
+        return Err(UrlProblem::NotAUrl);
+    }
+    parse_key_value(text)
+}
+
+/// Splits a URL the way libpq does: `user:password@` ends at the first `@` before any `/` or
+/// `?`; hosts are comma-separated with optional ports and `[ipv6]`; then `/dbname` and
+/// `?key=value&...`. Query settings come after the URL's parts, so they override them.
+fn parse_url(scheme: &str, rest: &str) -> Result<ParsedText, UrlProblem> {
+    let mut params: Vec<(String, String)> = Vec::new();
+    let mut redacted = String::from(scheme);
+
+    let rest = match rest.find(['@', '/', '?']) {
+        Some(at) if rest.as_bytes()[at] == b'@' => {
+            let userinfo = &rest[..at];
+            let (user, password) = match userinfo.split_once(':') {
+                Some((user, password)) => (user, Some(password)),
+                None => (userinfo, None),
+            };
+            if !user.is_empty() {
+                params.push(("user".into(), percent_decode(user)?));
+            }
+            redacted.push_str(user);
+            if let Some(password) = password {
+                params.push(("password".into(), percent_decode(password)?));
+                redacted.push_str(":***");
+            }
+            redacted.push('@');
+            &rest[at + 1..]
+        }
+        _ => rest,
+    };
+
+    let host_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (hostspec, rest) = rest.split_at(host_end);
+    // A second '@' means an unescaped '@' in the credentials, and whatever follows the first one
+    // (part of the password) would be taken for a host name and shown in messages.
+    if hostspec.contains('@') {
+        return Err(UrlProblem::AtInHost);
+    }
+    redacted.push_str(hostspec);
+    if !hostspec.is_empty() {
+        let mut hosts = Vec::new();
+        let mut ports = Vec::new();
+        for chunk in hostspec.split(',') {
+            let (host, port) = match chunk.strip_prefix('[') {
+                Some(inner) => {
+                    let close = inner.find(']').ok_or(UrlProblem::UnclosedBracket)?;
+                    let after = &inner[close + 1..];
+                    let port = match after.strip_prefix(':') {
+                        Some(port) => Some(port),
+                        None if after.is_empty() => None,
+                        None => return Err(UrlProblem::BadPort),
+                    };
+                    (&inner[..close], port)
+                }
+                None => match chunk.split_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (chunk, None),
+                },
+            };
+            hosts.push(percent_decode(host)?);
+            ports.push(match port {
+                Some(port) => checked_port(percent_decode(port)?)?,
+                None => String::new(),
+            });
+        }
+        if hosts.iter().any(|host| !host.is_empty()) {
+            params.push(("host".into(), hosts.join(",")));
+        }
+        if ports.iter().any(|port| !port.is_empty()) {
+            params.push(("port".into(), ports.join(",")));
+        }
+    }
+
+    let rest = match rest.strip_prefix('/') {
+        Some(path) => {
+            let end = path.find('?').unwrap_or(path.len());
+            let dbname = &path[..end];
+            redacted.push('/');
+            redacted.push_str(dbname);
+            if !dbname.is_empty() {
+                params.push(("dbname".into(), percent_decode(dbname)?));
+            }
+            &path[end..]
+        }
+        None => rest,
+    };
+
+    if let Some(query) = rest.strip_prefix('?') {
+        let mut separator = '?';
+        for setting in query.split('&').filter(|setting| !setting.is_empty()) {
+            let (raw_key, raw_value) = setting.split_once('=').ok_or(UrlProblem::MissingEquals)?;
+            let key = checked_key(percent_decode(raw_key)?)?;
+            let value = percent_decode(raw_value)?;
+            redacted.push(separator);
+            separator = '&';
+            redacted.push_str(raw_key);
+            redacted.push('=');
+            redacted.push_str(if key == "password" { "***" } else { raw_value });
+            params.push((key, value));
+        }
+    }
+
+    Ok(ParsedText { params, redacted })
+}
+
+/// Reads libpq's `key = value` settings: values may be single-quoted, and a backslash escapes
+/// the next character in either form (the same rules tokio-postgres applies).
+fn parse_key_value(text: &str) -> Result<ParsedText, UrlProblem> {
+    let mut params = Vec::new();
+    let mut chars = text.chars().peekable();
+    let skip_whitespace = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_whitespace(&mut chars);
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|&c| !c.is_whitespace() && c != '=') {
+            key.push(c);
+        }
+        skip_whitespace(&mut chars);
+        if chars.next() != Some('=') {
+            // A lone word is most likely a host name or a mistyped URL, not a broken setting.
+            return Err(if params.is_empty() {
+                UrlProblem::NotAUrl
+            } else {
+                UrlProblem::MissingEquals
+            });
+        }
+        skip_whitespace(&mut chars);
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next() {
+                    None => return Err(UrlProblem::UnterminatedQuote),
+                    Some('\'') => break,
+                    Some('\\') => value.push(chars.next().ok_or(UrlProblem::UnterminatedQuote)?),
+                    Some(c) => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        value.push(escaped);
+                    }
+                } else {
+                    value.push(c);
+                }
+            }
+            if value.is_empty() {
+                return Err(UrlProblem::MissingValue);
+            }
+        }
+        params.push((checked_key(key)?, value));
+    }
+
+    let redacted = params
+        .iter()
+        .map(|(key, value)| {
+            if key == "password" {
+                format!("{key}=***")
+            } else if value.is_empty()
+                || value
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '\'' || c == '\\')
+            {
+                format!("{key}='{}'", escape_conninfo(value))
+            } else {
+                format!("{key}={value}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok(ParsedText { params, redacted })
+}
+
+fn checked_key(key: String) -> Result<String, UrlProblem> {
+    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(key)
+    } else {
+        Err(UrlProblem::BadSettingName)
+    }
+}
+
+fn checked_port(port: String) -> Result<String, UrlProblem> {
+    match port.parse::<u16>() {
+        _ if port.is_empty() => Ok(port),
+        Ok(number) if number != 0 => Ok(port),
+        _ => Err(UrlProblem::BadPort),
+    }
+}
+
+fn escape_conninfo(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('\'', "\\'")
+}
+
+fn percent_decode(text: &str) -> Result<String, UrlProblem> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let digit = |at: usize| {
+                bytes
+                    .get(at)
+                    .and_then(|&b| char::from(b).to_digit(16))
+                    .ok_or(UrlProblem::BadPercentEncoding)
+            };
+            // Both digits are below 16, so the byte cannot overflow.
+            out.push((digit(i + 1)? * 16 + digit(i + 2)?) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| UrlProblem::BadPercentEncoding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mirror(url: &str) -> DbUrl {
+        DbUrl::parse(Role::Mirror, url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    fn password(url: &DbUrl) -> Option<String> {
+        url.config
+            .get_password()
+            .map(|p| String::from_utf8(p.to_vec()).unwrap())
+    }
+
+    fn url_problem(url: &str) -> UrlProblem {
+        match DbUrl::parse(Role::Source, url) {
+            Err(ConnectError::InvalidUrl { problem, .. }) => problem,
+            other => panic!("{url}: expected an invalid-URL error, got {other:?}"),
+        }
+    }
+
+    /// The whole chain, as main.rs prints it with `{:#}`.
+    fn chain(error: &dyn std::error::Error) -> String {
+        let mut text = error.to_string();
+        let mut cause = error.source();
+        while let Some(err) = cause {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cause = err.source();
+        }
+        text
+    }
+
+    fn percent_encode(text: &str) -> String {
+        text.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn url_with_password_is_parsed_and_redacted() {
+        let url = mirror("postgres://app:s3cret@db.example.com:5432/bite?sslmode=require");
+        assert_eq!(url.role(), Role::Mirror);
+        assert_eq!(url.host(), "db.example.com");
+        assert_eq!(url.port(), 5432);
+        assert_eq!(url.dbname(), "bite");
+        assert_eq!(url.user(), "app");
+        assert_eq!(url.ssl_mode(), SslMode::Require);
+        assert_eq!(password(&url).as_deref(), Some("s3cret"));
+        assert_eq!(
+            url.to_string(),
+            "postgres://app:***@db.example.com:5432/bite?sslmode=require"
+        );
+        let debug = format!("{url:?}");
+        assert!(
+            debug.contains("postgres://app:***@db.example.com:5432/bite"),
+            "{debug}"
+        );
+        assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn url_without_password_is_shown_as_written() {
+        let url = mirror("postgresql://app@db.example.com/bite");
+        assert_eq!(password(&url), None);
+        assert_eq!(url.port(), 5432);
+        assert_eq!(url.ssl_mode(), SslMode::Prefer, "libpq's default");
+        assert_eq!(url.to_string(), "postgresql://app@db.example.com/bite");
+    }
+
+    #[test]
+    fn percent_encoded_parts_are_decoded() {
+        let url = mirror("postgres://app%2Bx:p%40ss%3Aw%2Fo%25rd@db.example.com:6543/my%20db");
+        assert_eq!(url.user(), "app+x");
+        assert_eq!(password(&url).as_deref(), Some("p@ss:w/o%rd"));
+        assert_eq!(url.dbname(), "my db");
+        assert_eq!(url.port(), 6543);
+        assert_eq!(
+            url.to_string(),
+            "postgres://app%2Bx:***@db.example.com:6543/my%20db"
+        );
+    }
+
+    #[test]
+    fn password_in_the_query_is_redacted() {
+        let url =
+            mirror("postgres://db.example.com/bite?user=app&password=hunter2&sslmode=verify-full");
+        assert_eq!(password(&url).as_deref(), Some("hunter2"));
+        assert_eq!(url.user(), "app");
+        assert_eq!(
+            url.to_string(),
+            "postgres://db.example.com/bite?user=app&password=***&sslmode=verify-full"
+        );
+    }
+
+    #[test]
+    fn every_sslmode_is_understood() {
+        for (value, mode) in [
+            ("disable", SslMode::Disable),
+            ("allow", SslMode::Prefer),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+        ] {
+            let url = mirror(&format!(
+                "postgres://app@db.example.com/bite?sslmode={value}"
+            ));
+            assert_eq!(url.ssl_mode(), mode, "{value}");
+            assert!(
+                url.to_string().ends_with(&format!("sslmode={value}")),
+                "{url}"
+            );
+            let url = mirror(&format!("host=db.example.com user=app sslmode={value}"));
+            assert_eq!(url.ssl_mode(), mode, "key=value {value}");
+        }
+    }
+
+    #[test]
+    fn tls_verification_follows_libpq() {
+        let url = |mode: &str| {
+            mirror(&format!(
+                "postgres://app@db.example.com/bite?sslmode={mode}"
+            ))
+        };
+        let ca = PathBuf::from("/etc/bite/ca.pem");
+        assert_eq!(url("disable").verification(), None);
+        assert_eq!(url("prefer").verification(), Some(Verification::None));
+        assert_eq!(url("require").verification(), Some(Verification::None));
+        assert_eq!(
+            url("require").with_ca_file(ca.clone()).verification(),
+            Some(Verification::Chain),
+            "libpq verifies the chain under require when a CA file is given"
+        );
+        assert_eq!(url("verify-ca").verification(), Some(Verification::Chain));
+        assert_eq!(
+            url("verify-full").verification(),
+            Some(Verification::ChainAndName)
+        );
+        let socket = mirror("postgres://app@%2Fvar%2Frun%2Fpostgresql/bite?sslmode=verify-full");
+        assert_eq!(socket.host(), "/var/run/postgresql");
+        assert_eq!(socket.verification(), None, "no TLS over unix sockets");
+    }
+
+    #[test]
+    fn unknown_sslmode_is_rejected_clearly() {
+        let error = DbUrl::parse(
+            Role::Mirror,
+            "postgres://app:pw123456@db.example.com/bite?sslmode=verify_full",
+        )
+        .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid sslmode \"verify_full\" in the mirror URL: use one of disable, allow, \
+             prefer, require, verify-ca, verify-full"
+        );
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn sslrootcert_is_taken_out_and_wins_over_the_config_file() {
+        let url = mirror(
+            "postgres://app@db.example.com/bite?sslmode=verify-ca&sslrootcert=/etc/bite/railway.pem",
+        );
+        assert_eq!(url.ca_file(), Some(Path::new("/etc/bite/railway.pem")));
+        assert_eq!(url.ssl_mode(), SslMode::VerifyCa);
+        let url = url.with_ca_file(PathBuf::from("/other/ca.pem"));
+        assert_eq!(url.ca_file(), Some(Path::new("/etc/bite/railway.pem")));
+        assert!(
+            url.to_string()
+                .contains("sslrootcert=/etc/bite/railway.pem"),
+            "{url}"
+        );
+
+        let url = mirror("postgres://app@db.example.com/bite?sslmode=verify-full")
+            .with_ca_file(PathBuf::from("/other/ca.pem"));
+        assert_eq!(url.ca_file(), Some(Path::new("/other/ca.pem")));
+    }
+
+    #[test]
+    fn sslrootcert_system_means_public_roots_and_verify_full() {
+        let url = mirror("postgres://app@db.example.com/bite?sslrootcert=system");
+        assert_eq!(url.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(url.ca_file(), None);
+        let url = url.with_ca_file(PathBuf::from("/other/ca.pem"));
+        assert_eq!(url.ca_file(), None, "the URL chose the system roots");
+        let error = DbUrl::parse(
+            Role::Mirror,
+            "postgres://app@db.example.com/bite?sslrootcert=system&sslmode=require",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, ConnectError::WeakSslModeWithSystemRoots { .. }),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn key_value_strings_are_parsed_and_redacted() {
+        let url = mirror(
+            r"host=db.example.com port=6543 user=app password='it\'s a secret' dbname = bite sslmode=verify-full application_name='my app'",
+        );
+        assert_eq!(url.host(), "db.example.com");
+        assert_eq!(url.port(), 6543);
+        assert_eq!(url.user(), "app");
+        assert_eq!(url.dbname(), "bite");
+        assert_eq!(url.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(password(&url).as_deref(), Some("it's a secret"));
+        assert_eq!(url.config.get_application_name(), Some("my app"));
+        assert_eq!(
+            url.to_string(),
+            "host=db.example.com port=6543 user=app password=*** dbname=bite sslmode=verify-full application_name='my app'"
+        );
+    }
+
+    #[test]
+    fn libpq_defaults_are_filled_in() {
+        let url = mirror("postgres://app@db.example.com");
+        assert_eq!(
+            url.dbname(),
+            "app",
+            "the database defaults to the user name"
+        );
+        assert_eq!(url.target(), "db.example.com:5432/app");
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&DEFAULT_CONNECT_TIMEOUT)
+        );
+        assert_eq!(url.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert!(url.config.get_keepalives());
+        assert_eq!(url.config.get_application_name(), Some("bite-sync"));
+
+        let url = mirror(
+            "postgres://app@db.example.com/bite?connect_timeout=3&application_name=pos&keepalives_idle=30",
+        );
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            Some(&Duration::from_secs(3))
+        );
+        assert_eq!(url.config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(url.config.get_application_name(), Some("pos"));
+
+        let url = mirror("postgres://app@db.example.com/bite?connect_timeout=0");
+        assert_eq!(
+            url.config.get_connect_timeout(),
+            None,
+            "0 means wait forever in libpq"
+        );
+    }
+
+    #[test]
+    fn target_names_host_port_and_database_only() {
+        assert_eq!(
+            mirror("postgres://app:pw@db.example.com:6543/bite").target(),
+            "db.example.com:6543/bite"
+        );
+        assert_eq!(
+            mirror("postgres://app@[::1]:5433/bite").target(),
+            "[::1]:5433/bite"
+        );
+        assert_eq!(mirror("postgres://app@[::1]/bite").host(), "::1");
+        let many = mirror("postgres://app@a.example.com:5433,b.example.com:5434/bite");
+        assert_eq!(many.target(), "a.example.com:5433/bite");
+        assert_eq!(many.config.get_ports(), &[5433, 5434]);
+        let socket = mirror("host=/tmp user=app dbname=bite port=5999");
+        assert_eq!(socket.target(), "/tmp:5999/bite");
+        assert_eq!(socket.endpoint(), "/tmp/.s.PGSQL.5999");
+    }
+
+    #[test]
+    fn malformed_urls_are_explained_without_echoing_them() {
+        let secret = "Sup3rS3cr3t";
+        for (url, problem) in [
+            ("", UrlProblem::Empty),
+            ("db.example.com", UrlProblem::NotAUrl),
+            (
+                "mysql://app:Sup3rS3cr3t@db.example.com/bite",
+                UrlProblem::NotAUrl,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t@db.example.com:54x2/bite",
+                UrlProblem::BadPort,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t@db.example.com:70000/bite",
+                UrlProblem::BadPort,
+            ),
+            (
+                "postgres://app:Sup3r/S3cr3t@db.example.com/bite",
+                UrlProblem::BadPort,
+            ),
+            (
+                "postgres://app:Sup3r@S3cr3t@db.example.com/bite",
+                UrlProblem::AtInHost,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t%zz@db.example.com/bite",
+                UrlProblem::BadPercentEncoding,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t%+1@db.example.com/bite",
+                UrlProblem::BadPercentEncoding,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t@[::1/bite",
+                UrlProblem::UnclosedBracket,
+            ),
+            (
+                "postgres://app:Sup3rS3cr3t@db.example.com/bite?Sup3rS3cr3t",
+                UrlProblem::MissingEquals,
+            ),
+            (
+                "postgres://app@db.example.com/bite?bad%20key=1",
+                UrlProblem::BadSettingName,
+            ),
+            (
+                "host=db.example.com password='Sup3rS3cr3t",
+                UrlProblem::UnterminatedQuote,
+            ),
+            ("host=db.example.com password=", UrlProblem::MissingValue),
+            ("host=db.example.com Sup3rS3cr3t", UrlProblem::MissingEquals),
+        ] {
+            assert_eq!(url_problem(url), problem, "{url}");
+            let error = DbUrl::parse(Role::Source, url).unwrap_err();
+            let text = chain(&error);
+            assert!(text.starts_with("the source URL is not valid: "), "{text}");
+            assert!(!text.contains(secret) && !text.contains("Sup3r"), "{text}");
+            assert!(!error.is_transient());
+        }
+    }
+
+    #[test]
+    fn settings_tokio_postgres_rejects_are_named_without_values() {
+        let error = DbUrl::parse(
+            Role::Mirror,
+            "postgres://app:Sup3rS3cr3t@db.example.com/bite?sslcert=/x.pem",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(error, ConnectError::UnsupportedSetting { .. }),
+            "{error:?}"
+        );
+        let text = chain(&error);
+        assert!(text.contains("sslcert"), "the setting is named: {text}");
+        assert!(!text.contains("Sup3rS3cr3t"), "{text}");
+
+        let error = DbUrl::parse(
+            Role::Mirror,
+            "postgres://app:Sup3rS3cr3t@db.example.com/bite?port=abc",
+        )
+        .unwrap_err();
+        let text = chain(&error);
+        assert!(
+            text.contains("port") && !text.contains("abc") && !text.contains("Sup3r"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn connect_errors_name_everything_but_the_password() {
+        let url = mirror("postgres://app:Sup3rS3cr3t@db.example.com:5432/bite?sslmode=require");
+        let error = url.connect_error(ConnectFailure::Refused, None);
+        assert_eq!(
+            error.to_string(),
+            "could not connect to the mirror at db.example.com:5432 (database \"bite\", user \
+             \"app\"): connection refused: is PostgreSQL running there and accepting TCP \
+             connections?"
+        );
+        assert!(error.is_transient());
+
+        let source_url = DbUrl::parse(Role::Source, "postgres://pos:x@127.0.0.1/shop").unwrap();
+        let error = source_url.connect_error(
+            ConnectFailure::PasswordRejected {
+                env_var: Role::Source.env_var(),
+            },
+            None,
+        );
+        assert!(error.to_string().contains("BITE_SOURCE_URL"), "{error}");
+        assert!(!error.is_transient());
+    }
+
+    #[test]
+    fn only_passing_conditions_are_transient() {
+        let ssl_mode = SslMode::VerifyFull;
+        for failure in [
+            ConnectFailure::Refused,
+            ConnectFailure::TimedOut {
+                after: Duration::from_secs(10),
+            },
+            ConnectFailure::Reset,
+            ConnectFailure::DnsTemporary,
+            ConnectFailure::Unreachable,
+            ConnectFailure::StartingUp,
+            ConnectFailure::ShuttingDown,
+            ConnectFailure::TooManyConnections,
+        ] {
+            assert!(failure.is_transient(), "{failure}");
+        }
+        for failure in [
+            ConnectFailure::UnknownHost,
+            ConnectFailure::PasswordRejected {
+                env_var: "BITE_MIRROR_URL",
+            },
+            ConnectFailure::AccessDenied {
+                env_var: "BITE_MIRROR_URL",
+            },
+            ConnectFailure::NoSuchDatabase,
+            ConnectFailure::TlsNotSupported { ssl_mode },
+            ConnectFailure::CertificateUntrusted {
+                ssl_mode,
+                ca_file: None,
+            },
+            ConnectFailure::CertificateWrongHost {
+                ssl_mode,
+                host: "x".into(),
+            },
+        ] {
+            assert!(!failure.is_transient(), "{failure}");
+        }
+    }
+
+    #[test]
+    fn resolver_errors_are_told_apart() {
+        let lookup = |text: &str| io_failure(&io::Error::other(text.to_owned()), None);
+        assert_eq!(
+            lookup("failed to lookup address information: Name or service not known"),
+            Some(ConnectFailure::UnknownHost)
+        );
+        assert_eq!(
+            lookup("failed to lookup address information: Temporary failure in name resolution"),
+            Some(ConnectFailure::DnsTemporary)
+        );
+        assert_eq!(lookup("something else"), None);
+        assert_eq!(
+            io_failure(&io::ErrorKind::ConnectionRefused.into(), None),
+            Some(ConnectFailure::Refused)
+        );
+    }
+
+    #[test]
+    fn roles_read_as_words() {
+        assert_eq!(Role::Source.to_string(), "source");
+        assert_eq!(Role::Mirror.to_string(), "mirror");
+        assert_eq!(SslMode::VerifyCa.to_string(), "verify-ca");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever the password, and however it is written, no printed form contains it.
+        #[test]
+        fn printed_forms_never_contain_the_password(
+            secret in "[ -~\u{e9}\u{1F600}]{6,24}",
+        ) {
+            // A password that is part of the fixed text around it would "leak" trivially.
+            let surroundings = "postgresql://app:***@db.example.com:5432/bite?sslmode=require\
+                                &password=***&user=app host= dbname= DbUrl { role: Mirror, \
+                                url: ssl_mode: Prefer, ca_file: None } could not connect to the \
+                                mirror (database \"bite\", user \"app\"): connection refused: is \
+                                PostgreSQL running there and accepting TCP connections?";
+            prop_assume!(!surroundings.contains(&secret));
+            let encoded = percent_encode(&secret);
+            let quoted = escape_conninfo(&secret);
+            let forms = [
+                format!("postgres://app:{encoded}@db.example.com:5432/bite?sslmode=require"),
+                format!("postgresql://db.example.com/bite?password={encoded}&user=app"),
+                format!("host=db.example.com user=app password='{quoted}' dbname=bite"),
+            ];
+            for form in forms {
+                let url = DbUrl::parse(Role::Mirror, &form).unwrap();
+                prop_assert_eq!(password(&url), Some(secret.clone()));
+                let shown = [
+                    url.to_string(),
+                    format!("{url:?}"),
+                    url.target(),
+                    url.connect_error(ConnectFailure::Refused, None).to_string(),
+                ];
+                for text in shown {
+                    prop_assert!(!text.contains(&secret), "{} shows the password in {}", form, text);
+                    prop_assert!(!text.contains(&encoded), "{} shows the password in {}", form, text);
+                    prop_assert!(!text.contains(&quoted), "{} shows the password in {}", form, text);
+                }
+            }
+        }
     }
 }
