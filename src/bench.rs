@@ -1,16 +1,416 @@
-//! `bite-sync bench` (being written).
+//! `bite-sync bench`: bite-sync against the old guide's `pg_dump | psql`, on the same
+//! throwaway clusters, in one run.
+//!
+//! - A: the old guide's refresh, `pg_dump --data-only -t customers -t orders | psql`, into
+//!   existing indexed mirror tables, truncated first;
+//!   B: `bite-sync sync --tables customers,orders` into the same tables.
+//! - C: the old guide's full copy, `pg_dump --clean --if-exists | psql`, into an empty database;
+//!   D: `bite-sync sync` of all four tables into an empty database.
+//!
+//! bite-sync runs as a child process (this same binary), so its wall time includes start-up and
+//! its peak RSS is measured by the kernel (`wait4`'s `ru_maxrss`). Every copy is checked against
+//! the source's row counts, so a fast wrong answer cannot pass.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-/// Bench failure.
-#[derive(Debug, thiserror::Error)]
-#[error("bench failed")]
-pub struct BenchError;
+use crate::cli::BenchArgs;
+use crate::demo::{self, DemoError};
+use crate::pg::connect::Role;
+use crate::sample::{self, SampleSize};
 
-/// Runs the bench.
-pub async fn run(
-    _args: &crate::cli::BenchArgs,
-    _cancel: CancellationToken,
+/// Why the benchmark stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Setting up clusters or databases failed.
+    #[error(transparent)]
+    Setup(#[from] DemoError),
+    /// Generating data failed.
+    #[error("failed to generate the sample data")]
+    Generate(#[source] tokio_postgres::Error),
+    /// A measured command failed.
+    #[error("{what} failed: {detail}")]
+    Step {
+        /// Which step.
+        what: String,
+        /// Its exit status and stderr tail.
+        detail: String,
+    },
+    /// Running a command failed.
+    #[error("failed to run {what}")]
+    Spawn {
+        /// Which command.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A copy came out wrong.
+    #[error("{what} left {table} with {got} rows, the source has {want}")]
+    Mismatch {
+        /// Which step.
+        what: String,
+        /// Which table.
+        table: String,
+        /// Rows on the mirror.
+        got: i64,
+        /// Rows on the source.
+        want: i64,
+    },
+    /// A query for checking failed.
+    #[error("failed to check {0}")]
+    Check(String, #[source] tokio_postgres::Error),
+    /// Ctrl-C.
+    #[error("cancelled")]
+    Cancelled,
+    /// A blocking task failed.
+    #[error("a background task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// One measured command.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Measured {
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Peak resident set size of the process in MiB (bite-sync runs only).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchReport {
+    /// Source database size in MiB.
+    pub source_mib: f64,
+    /// Rows per table on the source.
+    pub rows: Vec<(String, i64)>,
+    /// pg_dump --data-only -t customers -t orders | psql.
+    pub a_pg_dump_refresh: Measured,
+    /// bite-sync sync --tables customers,orders.
+    pub b_bite_sync_refresh: Measured,
+    /// pg_dump --clean --if-exists | psql.
+    pub c_pg_dump_full: Measured,
+    /// bite-sync sync (all tables, empty mirror).
+    pub d_bite_sync_full: Measured,
+    /// B/A (target ≤ 0.25).
+    pub b_over_a: f64,
+    /// D/C (target ≤ 0.6).
+    pub d_over_c: f64,
+    /// Highest bite-sync peak RSS in MiB (target ≤ 64).
+    pub peak_rss_mib: f64,
+}
+
+const TABLES: [&str; 4] = ["customers", "menu_items", "orders", "order_items"];
+
+/// Runs the benchmark and prints its results.
+pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
+    eprintln!("starting source and mirror clusters...");
+    let (source_cluster, mirror_cluster) = demo::start_pair().await?;
+    let result = tokio::select! {
+        r = bench(args, &source_cluster, &mirror_cluster) => r,
+        () = cancel.cancelled() => Err(BenchError::Cancelled),
+    };
+    tokio::task::spawn_blocking(move || {
+        let _ = source_cluster.stop();
+        let _ = mirror_cluster.stop();
+    })
+    .await?;
+    let report = result?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serializes")
+        );
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+async fn bench(
+    args: &BenchArgs,
+    source_cluster: &crate::pg::cluster::TempCluster,
+    mirror_cluster: &crate::pg::cluster::TempCluster,
+) -> Result<BenchReport, BenchError> {
+    let bin = source_cluster.bin_dir().to_path_buf();
+    let source_url = demo::create_database(source_cluster, "bite", Role::Source).await?;
+    let source = source_url.connect().await.map_err(DemoError::from)?;
+    let size = SampleSize {
+        customers: args.customers,
+        orders: args.orders,
+        items_per_order: SampleSize::BENCH.items_per_order,
+    };
+    eprintln!(
+        "generating {} customers, {} orders, {} order items...",
+        size.customers,
+        size.orders,
+        size.orders * u64::from(size.items_per_order)
+    );
+    sample::load(&source, size)
+        .await
+        .map_err(BenchError::Generate)?;
+    source
+        .batch_execute("VACUUM ANALYZE")
+        .await
+        .map_err(BenchError::Generate)?;
+    let source_mib: f64 = source
+        .query_one(
+            "SELECT pg_database_size(current_database())::float8 / 1048576",
+            &[],
+        )
+        .await
+        .map_err(|e| BenchError::Check("the source size".into(), e))?
+        .get(0);
+    let rows = count_rows(&source, &TABLES).await?;
+    let src = source_cluster.url("bite");
+
+    // A and B: refresh two tables in an existing, indexed mirror.
+    let refresh_url = demo::create_database(mirror_cluster, "refresh", Role::Mirror).await?;
+    let refresh = mirror_cluster.url("refresh");
+    shell(
+        "loading the schema for A",
+        &format!(
+            "{} --schema-only '{src}' | {} -q -X -v ON_ERROR_STOP=1 '{refresh}'",
+            tool(&bin, "pg_dump"),
+            tool(&bin, "psql")
+        ),
+    )?;
+    let refresh_client = refresh_url.connect().await.map_err(DemoError::from)?;
+    refresh_client
+        .batch_execute("TRUNCATE customers, orders CASCADE")
+        .await
+        .map_err(|e| BenchError::Check("the truncate before A".into(), e))?;
+    eprintln!("A: pg_dump --data-only -t customers -t orders | psql ...");
+    let a = shell(
+        "A (pg_dump --data-only | psql)",
+        &format!(
+            "{} --data-only -t customers -t orders '{src}' | {} -q -X -v ON_ERROR_STOP=1 '{refresh}'",
+            tool(&bin, "pg_dump"),
+            tool(&bin, "psql")
+        ),
+    )?;
+    check(&refresh_client, "A", &rows, &["customers", "orders"]).await?;
+    eprintln!("B: bite-sync sync --tables customers,orders ...");
+    let b = bite_sync(
+        "B (bite-sync sync --tables customers,orders)",
+        &src,
+        &refresh,
+        &["--tables", "customers,orders", "--init", "--jobs", &args.jobs.to_string()],
+    )?;
+    check(&refresh_client, "B", &rows, &["customers", "orders"]).await?;
+
+    // C and D: full copies into empty databases.
+    let full_c_url = demo::create_database(mirror_cluster, "full_c", Role::Mirror).await?;
+    let full_c = mirror_cluster.url("full_c");
+    eprintln!("C: pg_dump --clean --if-exists | psql ...");
+    let c = shell(
+        "C (pg_dump --clean --if-exists | psql)",
+        &format!(
+            "{} --clean --if-exists '{src}' | {} -q -X '{full_c}'",
+            tool(&bin, "pg_dump"),
+            tool(&bin, "psql")
+        ),
+    )?;
+    let full_c_client = full_c_url.connect().await.map_err(DemoError::from)?;
+    check(&full_c_client, "C", &rows, &TABLES).await?;
+    let full_d_url = demo::create_database(mirror_cluster, "full_d", Role::Mirror).await?;
+    let full_d = mirror_cluster.url("full_d");
+    eprintln!("D: bite-sync sync (all tables, empty mirror) ...");
+    let d = bite_sync(
+        "D (bite-sync sync)",
+        &src,
+        &full_d,
+        &["--init", "--jobs", &args.jobs.to_string()],
+    )?;
+    let full_d_client = full_d_url.connect().await.map_err(DemoError::from)?;
+    check(&full_d_client, "D", &rows, &TABLES).await?;
+
+    Ok(BenchReport {
+        source_mib,
+        rows,
+        b_over_a: b.seconds / a.seconds,
+        d_over_c: d.seconds / c.seconds,
+        peak_rss_mib: b
+            .peak_rss_mib
+            .unwrap_or(0.0)
+            .max(d.peak_rss_mib.unwrap_or(0.0)),
+        a_pg_dump_refresh: a,
+        b_bite_sync_refresh: b,
+        c_pg_dump_full: c,
+        d_bite_sync_full: d,
+    })
+}
+
+fn tool(bin: &Path, name: &str) -> String {
+    let local = bin.join(name);
+    if local.exists() {
+        format!("'{}'", local.display())
+    } else {
+        name.to_string()
+    }
+}
+
+/// Runs a shell pipeline (with pipefail) and times it.
+fn shell(what: &str, pipeline: &str) -> Result<Measured, BenchError> {
+    let started = Instant::now();
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; {pipeline}"))
+        .output()
+        .map_err(|source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !output.status.success() {
+        return Err(BenchError::Step {
+            what: what.into(),
+            detail: tail(&output.stderr),
+        });
+    }
+    Ok(Measured {
+        seconds,
+        peak_rss_mib: None,
+    })
+}
+
+/// Runs this binary's `sync` as a child and measures its wall time and peak RSS.
+fn bite_sync(what: &str, source: &str, mirror: &str, extra: &[&str]) -> Result<Measured, BenchError> {
+    let exe = std::env::current_exe().map_err(|source| BenchError::Spawn {
+        what: what.into(),
+        source,
+    })?;
+    let started = Instant::now();
+    let child = Command::new(exe)
+        .args(["-q", "sync", "--source", source, "--mirror", mirror])
+        .args(extra)
+        .env_remove("BITE_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+    let (status, max_rss_kib) = wait_with_rusage(child.id() as libc::pid_t);
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        if let Some(mut e) = child.stderr {
+            let _ = e.read_to_end(&mut buf);
+        }
+        buf
+    };
+    if status != 0 {
+        return Err(BenchError::Step {
+            what: what.into(),
+            detail: format!("exit status {status}: {}", tail(&stderr)),
+        });
+    }
+    Ok(Measured {
+        seconds,
+        peak_rss_mib: Some(max_rss_kib as f64 / 1024.0),
+    })
+}
+
+/// Waits for `pid` and returns (exit code, peak RSS in KiB) from the kernel's accounting.
+fn wait_with_rusage(pid: libc::pid_t) -> (i32, i64) {
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: pid is our direct child, status and usage point to live locals.
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if rc < 0 {
+        return (-1, 0);
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (code, usage.ru_maxrss)
+}
+
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+async fn count_rows(
+    client: &tokio_postgres::Client,
+    tables: &[&str],
+) -> Result<Vec<(String, i64)>, BenchError> {
+    let mut out = Vec::new();
+    for t in tables {
+        let n: i64 = client
+            .query_one(&format!("SELECT count(*) FROM public.{t}"), &[])
+            .await
+            .map_err(|e| BenchError::Check(format!("rows of {t}"), e))?
+            .get(0);
+        out.push((t.to_string(), n));
+    }
+    Ok(out)
+}
+
+async fn check(
+    client: &tokio_postgres::Client,
+    what: &str,
+    source_rows: &[(String, i64)],
+    tables: &[&str],
 ) -> Result<(), BenchError> {
-    Err(BenchError)
+    let got = count_rows(client, tables).await?;
+    for (table, n) in got {
+        let want = source_rows
+            .iter()
+            .find(|(t, _)| *t == table)
+            .map_or(0, |(_, n)| *n);
+        if n != want {
+            return Err(BenchError::Mismatch {
+                what: what.into(),
+                table,
+                got: n,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The human-readable result table.
+pub fn render(r: &BenchReport) -> String {
+    let ok = |good: bool| if good { "ok" } else { "MISSED" };
+    let rows = r
+        .rows
+        .iter()
+        .map(|(t, n)| format!("{t} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "source: {:.0} MiB ({rows})\n\
+         A  pg_dump --data-only -t customers -t orders | psql   {:>7.2} s\n\
+         B  bite-sync sync --tables customers,orders            {:>7.2} s   peak RSS {:.1} MiB\n\
+         C  pg_dump --clean --if-exists | psql                  {:>7.2} s\n\
+         D  bite-sync sync (all tables, empty mirror)           {:>7.2} s   peak RSS {:.1} MiB\n\
+         B/A = {:.3}  (target <= 0.25: {})\n\
+         D/C = {:.3}  (target <= 0.60: {})\n\
+         peak RSS = {:.1} MiB  (target <= 64: {})\n",
+        r.source_mib,
+        r.a_pg_dump_refresh.seconds,
+        r.b_bite_sync_refresh.seconds,
+        r.b_bite_sync_refresh.peak_rss_mib.unwrap_or(0.0),
+        r.c_pg_dump_full.seconds,
+        r.d_bite_sync_full.seconds,
+        r.d_bite_sync_full.peak_rss_mib.unwrap_or(0.0),
+        r.b_over_a,
+        ok(r.b_over_a <= 0.25),
+        r.d_over_c,
+        ok(r.d_over_c <= 0.6),
+        r.peak_rss_mib,
+        ok(r.peak_rss_mib <= 64.0),
+    )
 }

@@ -28,12 +28,14 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod swap;
+pub mod tasks;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
+use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +47,7 @@ use self::catalog::{SourceCatalog, TableDef, TypeDef};
 use self::copy::{CopyFormat, CopyStats};
 pub use self::plan::{Mode, PlanError, TableAction};
 use self::swap::SwapTable;
+use self::tasks::{Next, Task, Tasks};
 
 /// Everything a sync run needs to know.
 #[derive(Debug, Clone)]
@@ -530,6 +533,19 @@ impl PlannedTable {
     }
 }
 
+/// A foreign key between two tables of the run, added on the staged tables.
+#[derive(Debug, Clone)]
+struct StagedKey {
+    /// Index of the referencing table in the plan.
+    table: usize,
+    /// Its name.
+    table_name: QualifiedName,
+    /// Index of the referenced table, when it is staged too (the key waits for it).
+    parent: Option<usize>,
+    /// `ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...` on the staged names.
+    statement: String,
+}
+
 #[derive(Debug, Clone)]
 struct Planned {
     mode: Mode,
@@ -537,8 +553,8 @@ struct Planned {
     tables: Vec<PlannedTable>,
     staging_schemas: Vec<String>,
     prepare: Vec<String>,
-    /// Foreign keys to add after loading: (table index, statement).
-    foreign_keys: Vec<(usize, String)>,
+    /// Foreign keys among the run's tables, added once their tables are built.
+    foreign_keys: Vec<StagedKey>,
     /// Foreign keys to mirror tables outside the run, added by the swap.
     outside_keys: Vec<swap::OutsideKey>,
     warnings: Vec<String>,
@@ -600,8 +616,8 @@ impl Planned {
         out.extend(
             self.foreign_keys
                 .iter()
-                .filter(|(owner, _)| *owner == i)
-                .map(|(_, s)| s.clone()),
+                .filter(|k| k.table == i)
+                .map(|k| k.statement.clone()),
         );
         out.extend(
             self.outside_keys
@@ -675,7 +691,12 @@ fn plan_run(
             match parent {
                 Some(p) => {
                     let referenced_at = p.staged.as_ref().unwrap_or(&p.def.name);
-                    foreign_keys.push((i, ddl::add_foreign_key(at, fk, referenced_at)));
+                    foreign_keys.push(StagedKey {
+                        table: i,
+                        table_name: t.def.name.clone(),
+                        parent: tables.iter().position(|p| p.def.name == fk.referenced && p.staged.is_some()),
+                        statement: ddl::add_foreign_key(at, fk, referenced_at),
+                    });
                 }
                 // The parent is already on the mirror: keep the key, pointing at it. It is
                 // added NOT VALID in the swap and validated after, as the parent's rows are
@@ -883,19 +904,6 @@ async fn execute(
     observer.phase("copying");
     build_tables(opts, observer, planned, snapshot).await?;
 
-    if !planned.foreign_keys.is_empty() {
-        observer.phase("adding foreign keys");
-        for (i, statement) in &planned.foreign_keys {
-            mirror.batch_execute(statement).await.map_err(pg(
-                Side::Mirror,
-                format!(
-                    "failed to add a foreign key to {}",
-                    planned.tables[*i].def.name
-                ),
-            ))?;
-        }
-    }
-
     if opts.mode != Mode::SchemaOnly {
         for seq in &source_catalog.sequences {
             mirror
@@ -993,57 +1001,98 @@ fn finish_statements(planned: &Planned, run_id: i64, started: Instant) -> Vec<St
     out
 }
 
-/// Builds every staged table with up to `opts.jobs` workers, biggest tables first.
+/// Builds every staged table and adds foreign keys among them, with up to `opts.jobs`
+/// workers, each holding one connection to each database (see [`tasks`] for the order).
 async fn build_tables(
     opts: &SyncOptions,
     observer: &Arc<dyn Observer>,
     planned: &mut Planned,
     snapshot: &str,
 ) -> Result<(), SyncError> {
-    let mut queue: Vec<usize> = (0..planned.tables.len())
+    let builds: Vec<(usize, i64)> = (0..planned.tables.len())
         .filter(|&i| planned.tables[i].staged.is_some())
+        .map(|i| (i, planned.tables[i].def.estimated_bytes))
         .collect();
-    queue.sort_by_key(|&i| std::cmp::Reverse(planned.tables[i].def.estimated_bytes));
-    let queue = Arc::new(Mutex::new(queue.into_iter().collect::<VecDeque<_>>()));
-    let tables: Arc<Vec<PlannedTable>> = Arc::new(planned.tables.clone());
-    let workers = opts.jobs.max(1).min(tables.len().max(1));
+    let mut waits: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
+    for key in &planned.foreign_keys {
+        let entry = waits.entry(key.table).or_default();
+        if let Some(parent) = key.parent {
+            entry.insert(parent);
+        }
+    }
+    let state = Arc::new(Mutex::new(Tasks::new(&builds, waits.into_iter().collect())));
+    let wake = Arc::new(Notify::new());
+    let shared = Arc::new((planned.tables.clone(), planned.foreign_keys.clone()));
+    let workers = opts.jobs.max(1).min(builds.len().max(1));
     let mut handles = Vec::with_capacity(workers);
     for worker in 0..workers {
-        let queue = Arc::clone(&queue);
-        let tables = Arc::clone(&tables);
+        let state = Arc::clone(&state);
+        let wake = Arc::clone(&wake);
+        let shared = Arc::clone(&shared);
         let observer = Arc::clone(observer);
         let opts = opts.clone();
         let snapshot = snapshot.to_string();
         handles.push(tokio::spawn(async move {
-            let mut done = Vec::new();
+            let (tables, keys) = &*shared;
+            let mut built = Vec::new();
             let mut connections: Option<(Client, Client)> = None;
             loop {
-                let Some(i) = queue.lock().expect("queue lock").pop_front() else {
-                    break;
+                let next = state.lock().expect("task lock").next();
+                let task = match next {
+                    Next::Done => break,
+                    Next::Wait => {
+                        // Woken when any task ends; the timeout covers a wake-up that came
+                        // between asking and waiting.
+                        let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
+                        continue;
+                    }
+                    Next::Run(task) => task,
                 };
-                if connections.is_none() {
-                    connections = Some(worker_connections(&opts, &snapshot).await?);
+                let result = async {
+                    if connections.is_none() {
+                        connections = Some(worker_connections(&opts, &snapshot).await?);
+                    }
+                    let (source, mirror) = connections.as_mut().expect("just connected");
+                    match task {
+                        Task::Build(i) => {
+                            tracing::debug!(worker, table = %tables[i].def.name, "building");
+                            let done = build_one(&opts, &observer, source, mirror, &tables[i]).await?;
+                            built.push((i, done));
+                        }
+                        Task::ForeignKeys(i) => {
+                            tracing::debug!(worker, table = %tables[i].def.name, "adding foreign keys");
+                            add_foreign_keys(mirror, &tables[i], keys).await?;
+                        }
+                    }
+                    Ok::<_, SyncError>(())
                 }
-                let (source, mirror) = connections.as_mut().expect("just connected");
-                tracing::debug!(worker, table = %tables[i].def.name, "building");
-                let built = build_one(&opts, &observer, source, mirror, &tables[i]).await?;
-                done.push((i, built));
+                .await;
+                let mut state = state.lock().expect("task lock");
+                match result {
+                    Ok(()) => state.finished(task),
+                    Err(e) => {
+                        state.stop();
+                        drop(state);
+                        wake.notify_waiters();
+                        return Err(e);
+                    }
+                }
+                drop(state);
+                wake.notify_waiters();
             }
-            Ok::<_, SyncError>(done)
+            Ok::<_, SyncError>(built)
         }));
     }
     let mut first_error = None;
     for handle in handles {
         match handle.await {
-            Ok(Ok(done)) => {
-                for (i, (stats, duration)) in done {
+            Ok(Ok(built)) => {
+                for (i, (stats, duration)) in built {
                     planned.tables[i].stats = stats;
                     planned.tables[i].duration = duration;
                 }
             }
             Ok(Err(e)) => {
-                // Stop the other workers: their work would be thrown away.
-                queue.lock().expect("queue lock").clear();
                 first_error.get_or_insert(e);
             }
             Err(join) => std::panic::resume_unwind(join.into_panic()),
@@ -1052,6 +1101,39 @@ async fn build_tables(
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Adds (and so validates) the foreign keys of one staged table, in one transaction. Two
+/// tables' keys can lock a shared referenced table in different orders; PostgreSQL then
+/// aborts one of them as a deadlock, and it is simply tried again.
+async fn add_foreign_keys(
+    mirror: &mut Client,
+    table: &PlannedTable,
+    keys: &[StagedKey],
+) -> Result<(), SyncError> {
+    let name = &table.def.name;
+    let mut attempt = 1;
+    loop {
+        let result = async {
+            let tx = mirror.transaction().await?;
+            for key in keys.iter().filter(|k| k.table_name == *name) {
+                tx.batch_execute(&key.statement).await?;
+            }
+            tx.commit().await
+        }
+        .await;
+        match result {
+            Err(e) if attempt < 3 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) => {
+                attempt += 1;
+            }
+            other => {
+                return other.map_err(pg(
+                    Side::Mirror,
+                    format!("failed to add the foreign keys of {name}"),
+                ));
+            }
+        }
     }
 }
 
@@ -1069,7 +1151,8 @@ async fn worker_connections(
         .map_err(pg(Side::Source, "failed to join the source snapshot"))?;
     mirror
         .batch_execute(&format!(
-            "SET search_path = ''; SET synchronous_commit = off; SET maintenance_work_mem = {}",
+            "SET search_path = ''; SET synchronous_commit = off; SET maintenance_work_mem = {0}; \
+             SET work_mem = {0}",
             literal(&opts.maintenance_work_mem)
         ))
         .await
@@ -1127,6 +1210,13 @@ async fn build_one(
             Side::Mirror,
             format!("failed to build keys and indexes of {name}"),
         ))?;
+    }
+    // Statistics now, so the planner knows the new table from its first query on the mirror
+    // (and so the foreign-key checks that follow get good plans).
+    if table.copies_data(opts.mode) {
+        tx.batch_execute(&format!("ANALYZE {}", at.quoted()))
+            .await
+            .map_err(pg(Side::Mirror, format!("failed to analyze {name}")))?;
     }
     tx.commit()
         .await
