@@ -437,7 +437,8 @@ impl Drop for TempCluster {
     }
 }
 
-/// Finds the server binaries: env PG_BIN_DIR, else the highest /usr/lib/postgresql/<N>/bin containing initdb, pg_ctl and postgres, else `pg_config --bindir` if it has them.
+/// Finds the server binaries: env PG_BIN_DIR, else the highest /usr/lib/postgresql/<N>/bin
+/// containing initdb, pg_ctl and postgres, else `pg_config --bindir` if it has them.
 pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
     locate_bin_dir(
         std::env::var_os("PG_BIN_DIR"),

@@ -33,7 +33,8 @@ pub struct Clusters {
 /// retrying the startup.
 static CLUSTERS: OnceLock<Result<Clusters, String>> = OnceLock::new();
 
-/// Source (logical) + mirror clusters, started once per test binary (std::sync::OnceLock), stopped by the watchdog when the process exits.
+/// Source (logical) + mirror clusters, started once per test binary (std::sync::OnceLock),
+/// stopped by the watchdog when the process exits.
 pub fn clusters() -> &'static Clusters {
     match CLUSTERS.get_or_init(start_clusters) {
         Ok(clusters) => clusters,
@@ -78,7 +79,8 @@ pub struct TestDbs {
 
 static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Creates a fresh, uniquely named database on both clusters (name from the test name + counter + pid, lowercase, ≤ 63 bytes).
+/// Creates a fresh, uniquely named database on both clusters (name from the test name +
+/// counter + pid, lowercase, ≤ 63 bytes).
 pub async fn test_dbs(test_name: &str) -> TestDbs {
     // Starting the clusters blocks for seconds; keep that off the test's runtime thread.
     let clusters = match tokio::task::spawn_blocking(clusters).await {
@@ -130,7 +132,8 @@ fn db_name(test_name: &str, counter: u32, pid: u32) -> String {
     format!("{stem}{suffix}")
 }
 
-/// Plain (NoTls) tokio-postgres connection; spawns the connection task; panics with the URL on failure.
+/// Plain (NoTls) tokio-postgres connection; spawns the connection task; panics with the URL
+/// on failure.
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         Ok(pair) => pair,
@@ -143,7 +146,8 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Bounded poll: calls `check` every 50 ms until it returns Some(T) or `timeout` passes; panics with "timed out after {timeout:?} waiting for {what}".
+/// Bounded poll: calls `check` every 50 ms until it returns Some(T) or `timeout` passes;
+/// panics with "timed out after {timeout:?} waiting for {what}".
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -162,7 +166,9 @@ where
     }
 }
 
-/// `std::process::Command` for the built binary (env!("CARGO_BIN_EXE_bite-sync")) with BITE_* env vars removed and the cwd set to a fresh temp dir, so no developer config leaks into tests.
+/// `std::process::Command` for the built binary (env!("CARGO_BIN_EXE_bite-sync")) with BITE_*
+/// env vars removed and the cwd set to a fresh temp dir, so no developer config leaks into
+/// tests. The dir is [`Command::get_current_dir`], for tests that put files there.
 pub fn bite_sync() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bite-sync"));
     for (key, _) in std::env::vars_os() {
@@ -234,4 +240,39 @@ fn db_names_are_unique_lowercase_and_fit_postgres() {
     assert!(long.len() <= 63, "{long}");
     assert!(long.ends_with("_4294967295_4194304"), "{long}");
     assert_eq!(db_name("sync::Copy-Rows", 3, 42), "sync__copy_rows_3_42");
+}
+
+#[tokio::test]
+#[should_panic(expected = "timed out after 100ms waiting for a value that never comes")]
+async fn wait_for_gives_up_and_says_what_it_waited_for() {
+    wait_for(
+        "a value that never comes",
+        Duration::from_millis(100),
+        || async { None::<()> },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wait_for_returns_the_first_value() {
+    let mut calls = 0;
+    let value = wait_for("the third call", Duration::from_secs(5), || {
+        calls += 1;
+        let n = calls;
+        async move { (n == 3).then_some(n) }
+    })
+    .await;
+    assert_eq!(value, 3);
+}
+
+#[test]
+fn bite_sync_runs_in_a_fresh_empty_dir() {
+    let (a, b) = (bite_sync(), bite_sync());
+    let (dir_a, dir_b) = (a.get_current_dir().unwrap(), b.get_current_dir().unwrap());
+    assert_ne!(dir_a, dir_b);
+    for dir in [dir_a, dir_b] {
+        let entries = std::fs::read_dir(dir).unwrap().count();
+        assert_eq!(entries, 0, "{} is not empty", dir.display());
+    }
+    assert!(Path::new(a.get_program()).is_file());
 }
