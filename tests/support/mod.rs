@@ -1,0 +1,278 @@
+//! The shared integration-test harness, included by every test file with `mod support;`.
+//!
+//! Each test file is its own binary whose tests run as threads of one process. Invariants:
+//! - One source (logical) and one mirror cluster per test binary, started on first use and
+//!   never by a test that does not ask for them; they are statics, whose destructors never
+//!   run, so the clusters' watchdogs stop them once the process exits.
+//! - Every test gets databases of its own ([`test_dbs`]), so tests never see each other's
+//!   tables and can run in parallel.
+//! - Every wait is bounded ([`wait_for`]) and says what it waited for when it gives up.
+//! - The `bite-sync` binary runs without the developer's `BITE_*` variables and in an empty
+//!   working dir ([`bite_sync`]), so no local config leaks into a test.
+
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
+
+/// The source and mirror clusters shared by the tests of one binary.
+pub struct Clusters {
+    /// The "local" database: `wal_level=logical`.
+    pub source: TempCluster,
+    /// The "cloud" database.
+    pub mirror: TempCluster,
+}
+
+/// A start failure is kept as text, so every test reports it at once instead of each one
+/// retrying the startup.
+static CLUSTERS: OnceLock<Result<Clusters, String>> = OnceLock::new();
+
+/// Source (logical) + mirror clusters, started once per test binary (std::sync::OnceLock),
+/// stopped by the watchdog when the process exits.
+pub fn clusters() -> &'static Clusters {
+    match CLUSTERS.get_or_init(start_clusters) {
+        Ok(clusters) => clusters,
+        Err(message) => panic!("{message}"),
+    }
+}
+
+fn start_clusters() -> Result<Clusters, String> {
+    let source = ClusterOptions {
+        name: "source".to_owned(),
+        logical: true,
+        settings: Vec::new(),
+    };
+    let mirror = ClusterOptions {
+        name: "mirror".to_owned(),
+        ..ClusterOptions::default()
+    };
+    // initdb is the slow part; running both at once halves the first test's wait.
+    let (source, mirror) = std::thread::scope(|s| {
+        let source = s.spawn(|| TempCluster::start(&source));
+        let mirror = s.spawn(|| TempCluster::start(&mirror));
+        (source.join(), mirror.join())
+    });
+    let source = source.map_err(|_| "starting the source cluster panicked".to_owned())?;
+    let mirror = mirror.map_err(|_| "starting the mirror cluster panicked".to_owned())?;
+    match (source, mirror) {
+        (Ok(source), Ok(mirror)) => Ok(Clusters { source, mirror }),
+        (Err(e), _) => Err(format!("could not start the source cluster: {e}")),
+        (_, Err(e)) => Err(format!("could not start the mirror cluster: {e}")),
+    }
+}
+
+/// A database of one test's own, with the same name on both clusters.
+pub struct TestDbs {
+    /// The database name (unquoted) on both clusters.
+    pub name: String,
+    /// URL of the database on the source cluster.
+    pub source_url: String,
+    /// URL of the database on the mirror cluster.
+    pub mirror_url: String,
+}
+
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Creates a fresh, uniquely named database on both clusters (name from the test name +
+/// counter + pid, lowercase, ≤ 63 bytes).
+pub async fn test_dbs(test_name: &str) -> TestDbs {
+    // Starting the clusters blocks for seconds; keep that off the test's runtime thread.
+    let clusters = match tokio::task::spawn_blocking(clusters).await {
+        Ok(clusters) => clusters,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    let name = db_name(
+        test_name,
+        DB_COUNTER.fetch_add(1, Ordering::Relaxed),
+        std::process::id(),
+    );
+    // Connecting to "postgres", never template1: CREATE DATABASE copies template1 and
+    // refuses while anyone is connected to it, which would break concurrent tests.
+    tokio::join!(
+        create_db(&clusters.source, &name),
+        create_db(&clusters.mirror, &name)
+    );
+    TestDbs {
+        source_url: clusters.source.url(&name),
+        mirror_url: clusters.mirror.url(&name),
+        name,
+    }
+}
+
+async fn create_db(cluster: &TempCluster, name: &str) {
+    let admin_url = cluster.url("postgres");
+    let client = connect(&admin_url).await;
+    let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    if let Err(e) = client.batch_execute(&sql).await {
+        panic!("could not create database {name} via {admin_url}: {e}");
+    }
+}
+
+/// `{test}_{counter}_{pid}`: lowercase, `[a-z0-9_]` only, cut to PostgreSQL's 63-byte limit
+/// on the test part so the unique suffix always survives.
+fn db_name(test_name: &str, counter: u32, pid: u32) -> String {
+    let suffix = format!("_{counter}_{pid}");
+    let stem: String = test_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(63 - suffix.len())
+        .collect();
+    format!("{stem}{suffix}")
+}
+
+/// Plain (NoTls) tokio-postgres connection; spawns the connection task; panics with the URL
+/// on failure.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+        Ok(pair) => pair,
+        Err(e) => panic!("could not connect to {url}: {e}"),
+    };
+    // Connection errors also surface on the client's next call, where the test sees them.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// Bounded poll: calls `check` every 50 ms until it returns Some(T) or `timeout` passes;
+/// panics with "timed out after {timeout:?} waiting for {what}".
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    // tokio's clock, so a test that pauses time still times out.
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `std::process::Command` for the built binary (env!("CARGO_BIN_EXE_bite-sync")) with BITE_*
+/// env vars removed and the cwd set to a fresh temp dir, so no developer config leaks into
+/// tests. The dir is [`Command::get_current_dir`], for tests that put files there.
+pub fn bite_sync() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bite-sync"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BITE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.current_dir(fresh_work_dir());
+    cmd
+}
+
+static WORK_DIR_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A new empty dir under this process's scratch dir (see [`scratch_dir`]).
+fn fresh_work_dir() -> PathBuf {
+    let n = WORK_DIR_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = scratch_dir().join(format!("cwd-{n}"));
+    if let Err(e) = std::fs::create_dir(&dir) {
+        panic!("could not create {}: {e}", dir.display());
+    }
+    dir
+}
+
+/// One temp dir per test process for working dirs. Like the clusters it is a static, so a
+/// reaper shell removes it once the process is gone.
+fn scratch_dir() -> &'static Path {
+    static SCRATCH: OnceLock<PathBuf> = OnceLock::new();
+    SCRATCH.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("bite-sync-tests-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("could not create a temp dir for tests: {e}"))
+            .keep();
+        spawn_reaper(&dir);
+        dir
+    })
+}
+
+fn spawn_reaper(dir: &Path) {
+    use std::os::unix::process::CommandExt;
+    // The same zombie check as the cluster watchdog: an unreaped owner still answers kill -0.
+    const SCRIPT: &str = r#"
+while kill -0 "$1" 2>/dev/null; do
+  case "$(cat "/proc/$1/stat" 2>/dev/null)" in *") Z "*) break ;; esac
+  sleep 1
+done
+rm -rf "$2"
+"#;
+    let spawned = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg("bite-sync-test-reaper")
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .process_group(0)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        panic!("could not start the reaper for {}: {e}", dir.display());
+    }
+}
+
+#[test]
+fn db_names_are_unique_lowercase_and_fit_postgres() {
+    let long = db_name(&"Sync::Tests::X".repeat(20), 4_294_967_295, 4_194_304);
+    assert!(long.len() <= 63, "{long}");
+    assert!(long.ends_with("_4294967295_4194304"), "{long}");
+    assert_eq!(db_name("sync::Copy-Rows", 3, 42), "sync__copy_rows_3_42");
+}
+
+#[tokio::test]
+#[should_panic(expected = "timed out after 100ms waiting for a value that never comes")]
+async fn wait_for_gives_up_and_says_what_it_waited_for() {
+    wait_for(
+        "a value that never comes",
+        Duration::from_millis(100),
+        || async { None::<()> },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn wait_for_returns_the_first_value() {
+    let mut calls = 0;
+    let value = wait_for("the third call", Duration::from_secs(5), || {
+        calls += 1;
+        let n = calls;
+        async move { (n == 3).then_some(n) }
+    })
+    .await;
+    assert_eq!(value, 3);
+}
+
+#[test]
+fn bite_sync_runs_in_a_fresh_empty_dir() {
+    let (a, b) = (bite_sync(), bite_sync());
+    let (dir_a, dir_b) = (a.get_current_dir().unwrap(), b.get_current_dir().unwrap());
+    assert_ne!(dir_a, dir_b);
+    for dir in [dir_a, dir_b] {
+        let entries = std::fs::read_dir(dir).unwrap().count();
+        assert_eq!(entries, 0, "{} is not empty", dir.display());
+    }
+    assert!(Path::new(a.get_program()).is_file());
+}
