@@ -27,7 +27,7 @@ use crate::sample::{self, SampleSize};
 pub enum BenchError {
     /// Setting up clusters or databases failed.
     #[error(transparent)]
-    Setup(#[from] DemoError),
+    Setup(#[from] Box<DemoError>),
     /// Generating data failed.
     #[error("failed to generate the sample data")]
     Generate(#[source] tokio_postgres::Error),
@@ -108,7 +108,7 @@ const TABLES: [&str; 4] = ["customers", "menu_items", "orders", "order_items"];
 /// Runs the benchmark and prints its results.
 pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
     eprintln!("starting source and mirror clusters...");
-    let (source_cluster, mirror_cluster) = demo::start_pair().await?;
+    let (source_cluster, mirror_cluster) = demo::start_pair().await.map_err(Box::new)?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster) => r,
         () = cancel.cancelled() => Err(BenchError::Cancelled),
@@ -136,8 +136,13 @@ async fn bench(
     mirror_cluster: &crate::pg::cluster::TempCluster,
 ) -> Result<BenchReport, BenchError> {
     let bin = source_cluster.bin_dir().to_path_buf();
-    let source_url = demo::create_database(source_cluster, "bite", Role::Source).await?;
-    let source = source_url.connect().await.map_err(DemoError::from)?;
+    let source_url = demo::create_database(source_cluster, "bite", Role::Source)
+        .await
+        .map_err(Box::new)?;
+    let source = source_url
+        .connect()
+        .await
+        .map_err(|e| Box::new(DemoError::from(e)))?;
     let size = SampleSize {
         customers: args.customers,
         orders: args.orders,
@@ -168,7 +173,9 @@ async fn bench(
     let src = source_cluster.url("bite");
 
     // A and B: refresh two tables in an existing, indexed mirror.
-    let refresh_url = demo::create_database(mirror_cluster, "refresh", Role::Mirror).await?;
+    let refresh_url = demo::create_database(mirror_cluster, "refresh", Role::Mirror)
+        .await
+        .map_err(Box::new)?;
     let refresh = mirror_cluster.url("refresh");
     shell(
         "loading the schema for A",
@@ -178,7 +185,10 @@ async fn bench(
             tool(&bin, "psql")
         ),
     )?;
-    let refresh_client = refresh_url.connect().await.map_err(DemoError::from)?;
+    let refresh_client = refresh_url
+        .connect()
+        .await
+        .map_err(|e| Box::new(DemoError::from(e)))?;
     refresh_client
         .batch_execute("TRUNCATE customers, orders CASCADE")
         .await
@@ -198,12 +208,20 @@ async fn bench(
         "B (bite-sync sync --tables customers,orders)",
         &src,
         &refresh,
-        &["--tables", "customers,orders", "--init", "--jobs", &args.jobs.to_string()],
+        &[
+            "--tables",
+            "customers,orders",
+            "--init",
+            "--jobs",
+            &args.jobs.to_string(),
+        ],
     )?;
     check(&refresh_client, "B", &rows, &["customers", "orders"]).await?;
 
     // C and D: full copies into empty databases.
-    let full_c_url = demo::create_database(mirror_cluster, "full_c", Role::Mirror).await?;
+    let full_c_url = demo::create_database(mirror_cluster, "full_c", Role::Mirror)
+        .await
+        .map_err(Box::new)?;
     let full_c = mirror_cluster.url("full_c");
     eprintln!("C: pg_dump --clean --if-exists | psql ...");
     let c = shell(
@@ -214,9 +232,14 @@ async fn bench(
             tool(&bin, "psql")
         ),
     )?;
-    let full_c_client = full_c_url.connect().await.map_err(DemoError::from)?;
+    let full_c_client = full_c_url
+        .connect()
+        .await
+        .map_err(|e| Box::new(DemoError::from(e)))?;
     check(&full_c_client, "C", &rows, &TABLES).await?;
-    let full_d_url = demo::create_database(mirror_cluster, "full_d", Role::Mirror).await?;
+    let full_d_url = demo::create_database(mirror_cluster, "full_d", Role::Mirror)
+        .await
+        .map_err(Box::new)?;
     let full_d = mirror_cluster.url("full_d");
     eprintln!("D: bite-sync sync (all tables, empty mirror) ...");
     let d = bite_sync(
@@ -225,7 +248,10 @@ async fn bench(
         &full_d,
         &["--init", "--jobs", &args.jobs.to_string()],
     )?;
-    let full_d_client = full_d_url.connect().await.map_err(DemoError::from)?;
+    let full_d_client = full_d_url
+        .connect()
+        .await
+        .map_err(|e| Box::new(DemoError::from(e)))?;
     check(&full_d_client, "D", &rows, &TABLES).await?;
 
     Ok(BenchReport {
@@ -278,7 +304,12 @@ fn shell(what: &str, pipeline: &str) -> Result<Measured, BenchError> {
 }
 
 /// Runs this binary's `sync` as a child and measures its wall time and peak RSS.
-fn bite_sync(what: &str, source: &str, mirror: &str, extra: &[&str]) -> Result<Measured, BenchError> {
+fn bite_sync(
+    what: &str,
+    source: &str,
+    mirror: &str,
+    extra: &[&str],
+) -> Result<Measured, BenchError> {
     let exe = std::env::current_exe().map_err(|source| BenchError::Spawn {
         what: what.into(),
         source,

@@ -134,12 +134,12 @@ async fn demo(
     println!("\n$ bite-sync sync --init   # every table, first sync into a fresh mirror");
     let mut opts = SyncOptions::new(source_url.clone(), mirror_url.clone());
     opts.init = true;
-    let observer: Arc<dyn sync::Observer> =
-        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            Arc::new(sync::progress::TerminalProgress::new())
-        } else {
-            Arc::new(sync::Quiet)
-        };
+    let observer: Arc<dyn sync::Observer> = if std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
+        Arc::new(sync::progress::TerminalProgress::new())
+    } else {
+        Arc::new(sync::Quiet)
+    };
     let report = sync::sync(&opts, Arc::clone(&observer), cancel.clone()).await?;
     drop(observer);
     print!("{}", sync::report::render(&report));
@@ -175,7 +175,7 @@ async fn demo(
     let source_plain = source_cluster.url(DATABASE);
     let mirror_plain = mirror_cluster.url(DATABASE);
     println!(
-        "\nLook around (the clusters run until you press Ctrl-C):\n  \
+        "\nLook around:\n  \
          psql '{source_plain}'   # the source (local database)\n  \
          psql '{mirror_plain}'   # the mirror\n  \
          psql '{mirror_plain}' -c 'SELECT id, mode, outcome, rows_copied, duration_ms FROM bite_sync.sync_runs'\n\n\

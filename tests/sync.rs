@@ -5,12 +5,18 @@ mod support;
 use std::process::Output;
 use std::time::Duration;
 
-use support::{bite_sync, connect, test_dbs, wait_for, TestDbs};
+use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
 
 /// Runs `bite-sync sync --source .. --mirror .. <args>`.
 fn sync(dbs: &TestDbs, args: &[&str]) -> Output {
     bite_sync()
-        .args(["sync", "--source", &dbs.source_url, "--mirror", &dbs.mirror_url])
+        .args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
         .args(args)
         .output()
         .expect("bite-sync runs")
@@ -51,7 +57,7 @@ async fn columns(client: &tokio_postgres::Client, schema: &str, table: &str) -> 
     client
         .query(
             "SELECT a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || a.attnotnull \
-                    || ' ' || a.attidentity || a.attgenerated || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') \
+                    || ' ' || a.attidentity::text || a.attgenerated::text || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') \
              FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
@@ -66,7 +72,11 @@ async fn columns(client: &tokio_postgres::Client, schema: &str, table: &str) -> 
 }
 
 /// Constraint and index definitions of a table, sorted.
-async fn keys_and_indexes(client: &tokio_postgres::Client, schema: &str, table: &str) -> Vec<String> {
+async fn keys_and_indexes(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+) -> Vec<String> {
     let mut out: Vec<String> = client
         .query(
             "SELECT conname || ': ' || pg_get_constraintdef(con.oid) FROM pg_constraint con \
@@ -145,11 +155,6 @@ async fn every_column_type_and_awkward_value_round_trips() {
         .unwrap()
         .get(0);
     assert_eq!(labels, "sad,ok,happy");
-    let err = mirror
-        .batch_execute("INSERT INTO everything (price) VALUES (-1)")
-        .await
-        .expect_err("domain check is enforced on the mirror");
-    assert!(err.to_string().contains("positive_price") || format!("{err:?}").contains("positive_price"));
     // Identity and serial sequences continue after the source's values.
     let next: i32 = mirror
         .query_one("INSERT INTO everything DEFAULT VALUES RETURNING id", &[])
@@ -157,6 +162,13 @@ async fn every_column_type_and_awkward_value_round_trips() {
         .unwrap()
         .get(0);
     assert_eq!(next, 4);
+    let err = mirror
+        .batch_execute("INSERT INTO everything (price) VALUES (-1)")
+        .await
+        .expect_err("domain check is enforced on the mirror");
+    assert!(
+        err.to_string().contains("positive_price") || format!("{err:?}").contains("positive_price")
+    );
     let generated: Option<String> = mirror
         .query_one("SELECT doubled::text FROM everything WHERE id = 1", &[])
         .await
@@ -184,12 +196,24 @@ async fn awkward_identifiers_sync_by_quoted_and_schema_patterns() {
         .expect("schema");
     let out = sync(
         &dbs,
-        &["--init", "--tables", r#"select,"Order Items","My Schema".*"#],
+        &[
+            "--init",
+            "--tables",
+            r#"select,"Order Items","My Schema".*"#,
+        ],
     );
     assert_exit(&out, 0);
     let mirror = connect(&dbs.mirror_url).await;
-    for table in [r#"public."select""#, r#"public."Order Items""#, r#""My Schema"."Weird.Name""#] {
-        assert_eq!(digest(&source, table).await, digest(&mirror, table).await, "{table}");
+    for table in [
+        r#"public."select""#,
+        r#"public."Order Items""#,
+        r#""My Schema"."Weird.Name""#,
+    ] {
+        assert_eq!(
+            digest(&source, table).await,
+            digest(&mirror, table).await,
+            "{table}"
+        );
     }
     assert_eq!(
         keys_and_indexes(&source, "public", "Order Items").await,
@@ -223,7 +247,16 @@ async fn sample_restaurant_keeps_foreign_keys_sequences_and_order() {
     let pos = |n: &str| order.iter().position(|t| *t == n).unwrap();
     assert!(pos("customers") < pos("orders") && pos("orders") < pos("order_items"));
     assert!(pos("menu_items") < pos("order_items"));
-    assert_eq!(report["rows"].as_u64(), Some(200 + 500 + 1500 + report["tables"][pos("menu_items")]["rows"].as_u64().unwrap()));
+    assert_eq!(
+        report["rows"].as_u64(),
+        Some(
+            200 + 500
+                + 1500
+                + report["tables"][pos("menu_items")]["rows"]
+                    .as_u64()
+                    .unwrap()
+        )
+    );
 
     let mirror = connect(&dbs.mirror_url).await;
     for t in ["customers", "menu_items", "orders", "order_items"] {
@@ -246,7 +279,10 @@ async fn sample_restaurant_keeps_foreign_keys_sequences_and_order() {
         .unwrap();
     let out = sync(&dbs, &["--tables", "orders"]);
     assert_exit(&out, 0);
-    assert_eq!(digest(&source, "orders").await, digest(&mirror, "orders").await);
+    assert_eq!(
+        digest(&source, "orders").await,
+        digest(&mirror, "orders").await
+    );
     assert_eq!(
         keys_and_indexes(&source, "public", "orders").await,
         keys_and_indexes(&mirror, "public", "orders").await
@@ -256,7 +292,10 @@ async fn sample_restaurant_keeps_foreign_keys_sequences_and_order() {
         keys_and_indexes(&mirror, "public", "order_items").await
     );
     let runs: i64 = mirror
-        .query_one("SELECT count(*) FROM bite_sync.sync_runs WHERE outcome = 'succeeded'", &[])
+        .query_one(
+            "SELECT count(*) FROM bite_sync.sync_runs WHERE outcome = 'succeeded'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -293,9 +332,19 @@ async fn dry_run_changes_nothing_and_shows_the_ddl() {
 async fn refuses_to_sync_a_database_onto_itself() {
     let dbs = test_dbs("same_database").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)").await.unwrap();
+    source
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
     let out = bite_sync()
-        .args(["sync", "--init", "--source", &dbs.source_url, "--mirror", &dbs.source_url])
+        .args([
+            "sync",
+            "--init",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.source_url,
+        ])
         .output()
         .unwrap();
     assert_exit(&out, 2);
@@ -307,13 +356,23 @@ async fn refuses_to_sync_a_database_onto_itself() {
 async fn first_write_needs_init_and_leaves_the_database_alone() {
     let dbs = test_dbs("needs_init").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)").await.unwrap();
+    source
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (1), (2)")
+        .await
+        .unwrap();
     let mirror = connect(&dbs.mirror_url).await;
-    mirror.batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (99)").await.unwrap();
+    mirror
+        .batch_execute("CREATE TABLE t (x int); INSERT INTO t VALUES (99)")
+        .await
+        .unwrap();
     let out = sync(&dbs, &[]);
     assert_exit(&out, 2);
     assert!(stderr(&out).contains("--init"), "{}", stderr(&out));
-    assert_eq!(digest(&mirror, "t").await.0, 1, "production data was touched");
+    assert_eq!(
+        digest(&mirror, "t").await.0,
+        1,
+        "production data was touched"
+    );
     let schema: bool = mirror
         .query_one("SELECT to_regnamespace('bite_sync') IS NOT NULL", &[])
         .await
@@ -334,13 +393,21 @@ async fn incompatible_column_change_is_refused_by_name() {
         .unwrap();
     assert_exit(&sync(&dbs, &["--init"]), 0);
     let mirror = connect(&dbs.mirror_url).await;
-    mirror.batch_execute("ALTER TABLE orders ALTER COLUMN total TYPE integer").await.unwrap();
-    source.batch_execute("INSERT INTO orders VALUES (2, 20)").await.unwrap();
+    mirror
+        .batch_execute("ALTER TABLE orders ALTER COLUMN total TYPE integer")
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO orders VALUES (2, 20)")
+        .await
+        .unwrap();
     let out = sync(&dbs, &[]);
     assert_exit(&out, 1);
     let err = stderr(&out);
     assert!(
-        err.contains("column total of orders is numeric(12,2) on the source but integer on the mirror"),
+        err.contains(
+            "column total of orders is numeric(12,2) on the source but integer on the mirror"
+        ),
         "{err}"
     );
     assert_eq!(digest(&mirror, "orders").await.0, 1);
@@ -371,12 +438,21 @@ async fn missing_columns_are_added() {
     assert_eq!(digest(&mirror, "customers").await.0, 1);
 
     // A full sync adds columns and copies rows.
-    source.batch_execute("ALTER TABLE customers ADD COLUMN vip boolean").await.unwrap();
+    source
+        .batch_execute("ALTER TABLE customers ADD COLUMN vip boolean")
+        .await
+        .unwrap();
     assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(digest(&source, "customers").await, digest(&mirror, "customers").await);
+    assert_eq!(
+        digest(&source, "customers").await,
+        digest(&mirror, "customers").await
+    );
 
     // Data-only refuses a table that lacks columns, naming them.
-    source.batch_execute("ALTER TABLE customers ADD COLUMN notes text").await.unwrap();
+    source
+        .batch_execute("ALTER TABLE customers ADD COLUMN notes text")
+        .await
+        .unwrap();
     let out = sync(&dbs, &["--data-only"]);
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("notes"), "{}", stderr(&out));
@@ -386,10 +462,17 @@ async fn missing_columns_are_added() {
 async fn unknown_tables_get_near_names() {
     let dbs = test_dbs("unknown_table").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute("CREATE TABLE customers (id int)").await.unwrap();
+    source
+        .batch_execute("CREATE TABLE customers (id int)")
+        .await
+        .unwrap();
     let out = sync(&dbs, &["--init", "--tables", "custmers"]);
     assert_exit(&out, 2);
-    assert!(stderr(&out).contains("did you mean customers?"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did you mean customers?"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
@@ -414,12 +497,18 @@ async fn grants_triggers_and_mirror_only_foreign_keys_survive_a_resync() {
         ))
         .await
         .unwrap();
-    source.batch_execute("INSERT INTO customers VALUES (11)").await.unwrap();
+    source
+        .batch_execute("INSERT INTO customers VALUES (11)")
+        .await
+        .unwrap();
     let out = sync(&dbs, &[]);
     assert_exit(&out, 0);
     assert_eq!(digest(&mirror, "customers").await.0, 11);
     let can: bool = mirror
-        .query_one(&format!("SELECT has_table_privilege('{role}', 'public.customers', 'SELECT')"), &[])
+        .query_one(
+            &format!("SELECT has_table_privilege('{role}', 'public.customers', 'SELECT')"),
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -446,27 +535,47 @@ async fn grants_triggers_and_mirror_only_foreign_keys_survive_a_resync() {
 async fn views_on_a_mirror_table_stop_the_sync_with_a_clear_message() {
     let dbs = test_dbs("views_block").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute("CREATE TABLE menu (id int); INSERT INTO menu VALUES (1)").await.unwrap();
+    source
+        .batch_execute("CREATE TABLE menu (id int); INSERT INTO menu VALUES (1)")
+        .await
+        .unwrap();
     assert_exit(&sync(&dbs, &["--init"]), 0);
     let mirror = connect(&dbs.mirror_url).await;
-    mirror.batch_execute("CREATE VIEW menu_view AS SELECT * FROM menu").await.unwrap();
+    mirror
+        .batch_execute("CREATE VIEW menu_view AS SELECT * FROM menu")
+        .await
+        .unwrap();
     let out = sync(&dbs, &[]);
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("view menu_view"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("view public.menu_view"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
 async fn a_second_run_is_refused_while_one_holds_the_mirror() {
     let dbs = test_dbs("busy").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+    source
+        .batch_execute("CREATE TABLE t (x int)")
+        .await
+        .unwrap();
     assert_exit(&sync(&dbs, &["--init"]), 0);
     let mirror = connect(&dbs.mirror_url).await;
     // The run lock bite-sync takes (see sync::RUN_LOCK).
-    mirror.batch_execute("SELECT pg_advisory_lock(x'626974650002'::bigint)").await.unwrap();
+    mirror
+        .batch_execute("SELECT pg_advisory_lock(x'626974650002'::bigint)")
+        .await
+        .unwrap();
     let out = sync(&dbs, &[]);
     assert_exit(&out, 1);
-    assert!(stderr(&out).contains("another bite-sync run"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another bite-sync run"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
@@ -507,7 +616,14 @@ async fn missing_privileges_are_named() {
         .unwrap();
     let url = dbs.source_url.replacen("postgres@", &format!("{role}@"), 1);
     let out = bite_sync()
-        .args(["sync", "--init", "--source", &url, "--mirror", &dbs.mirror_url])
+        .args([
+            "sync",
+            "--init",
+            "--source",
+            &url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
         .output()
         .unwrap();
     assert_exit(&out, 1);
@@ -558,7 +674,10 @@ async fn big_table(dbs: &TestDbs, rows: i64) -> (tokio_postgres::Client, tokio_p
 
 async fn no_staging_left(mirror: &tokio_postgres::Client) {
     let left: i64 = mirror
-        .query_one("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bite_sync_stage_%'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bite_sync_stage_%'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -572,7 +691,13 @@ async fn kill_during_copy_keeps_the_old_rows_and_the_next_run_cleans_up() {
     let before = digest(&mirror, "events").await;
 
     let mut child = bite_sync()
-        .args(["sync", "--source", &dbs.source_url, "--mirror", &dbs.mirror_url])
+        .args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -615,10 +740,16 @@ async fn kill_during_copy_keeps_the_old_rows_and_the_next_run_cleans_up() {
     })
     .await;
     assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(digest(&mirror, "events").await, digest(&source, "events").await);
+    assert_eq!(
+        digest(&mirror, "events").await,
+        digest(&source, "events").await
+    );
     no_staging_left(&mirror).await;
     let abandoned: i64 = mirror
-        .query_one("SELECT count(*) FROM bite_sync.sync_runs WHERE outcome = 'abandoned'", &[])
+        .query_one(
+            "SELECT count(*) FROM bite_sync.sync_runs WHERE outcome = 'abandoned'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -634,7 +765,9 @@ async fn kill_during_the_swap_keeps_the_old_rows() {
     // A reader in an open transaction holds the table, so the swap waits on its lock.
     let mut reader = connect(&dbs.mirror_url).await;
     let tx = reader.transaction().await.unwrap();
-    tx.query_one("SELECT count(*) FROM events", &[]).await.unwrap();
+    tx.query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap();
 
     let mut child = bite_sync()
         .args([
@@ -675,7 +808,10 @@ async fn kill_during_the_swap_keeps_the_old_rows() {
 
     assert_eq!(digest(&mirror, "events").await, before);
     assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(digest(&mirror, "events").await, digest(&source, "events").await);
+    assert_eq!(
+        digest(&mirror, "events").await,
+        digest(&source, "events").await
+    );
     no_staging_left(&mirror).await;
 }
 
@@ -686,7 +822,13 @@ async fn a_cut_mirror_connection_fails_the_run_and_loses_nothing() {
     let before = digest(&mirror, "events").await;
 
     let child = bite_sync()
-        .args(["sync", "--source", &dbs.source_url, "--mirror", &dbs.mirror_url])
+        .args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -719,7 +861,10 @@ async fn a_cut_mirror_connection_fails_the_run_and_loses_nothing() {
     assert!(stderr(&out).contains("events"), "{}", stderr(&out));
     assert_eq!(digest(&mirror, "events").await, before);
     assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(digest(&mirror, "events").await, digest(&source, "events").await);
+    assert_eq!(
+        digest(&mirror, "events").await,
+        digest(&source, "events").await
+    );
     no_staging_left(&mirror).await;
 }
 

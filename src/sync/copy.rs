@@ -53,6 +53,18 @@ impl CopyFormat {
     }
 }
 
+/// A copy failed on one side. A source failure mid-stream drops the mirror's COPY, which
+/// tokio-postgres ends with CopyFail, so a partial stream is never committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Reading from the source failed.
+    #[error("reading from the source failed")]
+    Source(#[source] tokio_postgres::Error),
+    /// Writing into the mirror failed.
+    #[error("writing into the mirror failed")]
+    Mirror(#[source] tokio_postgres::Error),
+}
+
 /// What a copy moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CopyStats {
@@ -72,7 +84,7 @@ pub async fn copy_table(
     to: &QualifiedName,
     format: CopyFormat,
     mut progress: impl FnMut(CopyStats),
-) -> Result<CopyStats, tokio_postgres::Error> {
+) -> Result<CopyStats, CopyError> {
     let columns = table
         .columns
         .iter()
@@ -86,31 +98,37 @@ pub async fn copy_table(
             "COPY {} ({columns}) TO STDOUT ({option})",
             table.name.quoted()
         ))
-        .await?;
+        .await
+        .map_err(CopyError::Source)?;
     let sink = mirror
         .copy_in(&format!(
             "COPY {} ({columns}) FROM STDIN ({option}, FREEZE)",
             to.quoted()
         ))
-        .await?;
+        .await
+        .map_err(CopyError::Mirror)?;
     pin_mut!(out);
     pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(CHUNK_BYTES + (64 << 10));
     let mut stats = CopyStats::default();
     while let Some(message) = out.next().await {
-        let message = message?;
+        let message = message.map_err(CopyError::Source)?;
         stats.rows += 1;
         stats.bytes += message.len() as u64;
         buf.extend_from_slice(&message);
         if buf.len() >= CHUNK_BYTES {
-            sink.send(buf.split().freeze()).await?;
+            sink.send(buf.split().freeze())
+                .await
+                .map_err(CopyError::Mirror)?;
             progress(stats);
         }
     }
     if !buf.is_empty() {
-        sink.send(buf.split().freeze()).await?;
+        sink.send(buf.split().freeze())
+            .await
+            .map_err(CopyError::Mirror)?;
     }
-    stats.rows = sink.as_mut().finish().await?;
+    stats.rows = sink.as_mut().finish().await.map_err(CopyError::Mirror)?;
     progress(stats);
     Ok(stats)
 }

@@ -34,8 +34,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Client;
 use tokio::sync::Notify;
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
@@ -809,7 +809,7 @@ async fn check_dependents(
         };
         let rows = mirror
             .query(
-                "SELECT DISTINCT pg_catalog.pg_describe_object(d.classid, d.objid, 0) \
+                "SELECT DISTINCT pg_catalog.pg_describe_object('pg_catalog.pg_class'::regclass, rw.ev_class, 0) \
                  FROM pg_catalog.pg_depend d \
                  JOIN pg_catalog.pg_rewrite rw ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND rw.oid = d.objid \
                  WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = $1 \
@@ -1037,7 +1037,7 @@ async fn build_tables(
             let mut built = Vec::new();
             let mut connections: Option<(Client, Client)> = None;
             loop {
-                let next = state.lock().expect("task lock").next();
+                let next = state.lock().expect("task lock").next_task();
                 let task = match next {
                     Next::Done => break,
                     Next::Wait => {
@@ -1190,7 +1190,16 @@ async fn build_one(
             observer.table_progress(name, s)
         })
         .await
-        .map_err(pg(Side::Mirror, format!("failed to copy {name}")))?;
+        .map_err(|e| match e {
+            copy::CopyError::Source(e) => pg(
+                Side::Source,
+                format!("failed to copy {name}: reading the source failed"),
+            )(e),
+            copy::CopyError::Mirror(e) => pg(
+                Side::Mirror,
+                format!("failed to copy {name}: writing the mirror failed"),
+            )(e),
+        })?;
     }
     for column in &table.def.columns {
         if let Some(identity) = &column.identity {

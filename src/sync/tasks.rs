@@ -3,7 +3,7 @@
 //! A run has two kinds of task: building a staged table (create, copy, keys, indexes) and
 //! adding a table's foreign keys to other staged tables (which validates them, scanning the
 //! table). A foreign-key task can start once its table and every staged table it references
-//! are built. Workers ask [`Tasks::next`] for work; ready foreign-key tasks go first (they are
+//! are built. Workers ask [`Tasks::next_task`] for work; ready foreign-key tasks go first (they are
 //! the tail of the run), then builds, biggest table first, so the longest copy starts early.
 //!
 //! Pure bookkeeping, no I/O: the workers in [`super`] do the work.
@@ -58,9 +58,13 @@ impl Tasks {
     }
 
     /// The next task for an idle worker.
-    pub fn next(&mut self) -> Next {
+    pub fn next_task(&mut self) -> Next {
         if self.stopped {
-            return if self.running == 0 { Next::Done } else { Next::Wait };
+            return if self.running == 0 {
+                Next::Done
+            } else {
+                Next::Wait
+            };
         }
         let ready = self.keys.iter().position(|(table, waits)| {
             self.built.contains(table) && waits.iter().all(|w| self.built.contains(w))
@@ -108,7 +112,7 @@ mod tests {
     fn run_all(tasks: &mut Tasks) -> Vec<Task> {
         let mut order = Vec::new();
         loop {
-            match tasks.next() {
+            match tasks.next_task() {
                 Next::Run(t) => {
                     order.push(t);
                     tasks.finished(t);
@@ -124,10 +128,7 @@ mod tests {
         // 0 customers (small), 1 orders -> 0, 2 order_items (biggest) -> 1, 3
         let mut tasks = Tasks::new(
             &[(0, 10), (1, 100), (2, 300), (3, 1)],
-            vec![
-                (1, BTreeSet::from([0])),
-                (2, BTreeSet::from([1, 3])),
-            ],
+            vec![(1, BTreeSet::from([0])), (2, BTreeSet::from([1, 3]))],
         );
         let order = run_all(&mut tasks);
         assert_eq!(
@@ -146,20 +147,20 @@ mod tests {
     #[test]
     fn workers_wait_while_dependencies_run_and_stop_on_failure() {
         let mut tasks = Tasks::new(&[(0, 1)], vec![(0, BTreeSet::from([0]))]);
-        let first = tasks.next();
+        let first = tasks.next_task();
         assert_eq!(first, Next::Run(Task::Build(0)));
-        assert_eq!(tasks.next(), Next::Wait);
+        assert_eq!(tasks.next_task(), Next::Wait);
         tasks.finished(Task::Build(0));
-        assert_eq!(tasks.next(), Next::Run(Task::ForeignKeys(0)));
+        assert_eq!(tasks.next_task(), Next::Run(Task::ForeignKeys(0)));
         tasks.finished(Task::ForeignKeys(0));
-        assert_eq!(tasks.next(), Next::Done);
+        assert_eq!(tasks.next_task(), Next::Done);
 
         let mut failing = Tasks::new(&[(0, 1), (1, 1)], vec![]);
-        assert!(matches!(failing.next(), Next::Run(_)));
-        assert!(matches!(failing.next(), Next::Run(_)));
+        assert!(matches!(failing.next_task(), Next::Run(_)));
+        assert!(matches!(failing.next_task(), Next::Run(_)));
         failing.stop();
-        assert_eq!(failing.next(), Next::Wait);
+        assert_eq!(failing.next_task(), Next::Wait);
         failing.finished(Task::Build(1));
-        assert_eq!(failing.next(), Next::Done);
+        assert_eq!(failing.next_task(), Next::Done);
     }
 }
