@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::BenchArgs;
 use crate::demo::{self, DemoError};
-use crate::pg::connect::Role;
+use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
 /// Why the benchmark stopped.
@@ -71,13 +71,15 @@ pub enum BenchError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// One measured command.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+/// One measured step: a single run, or the median of several.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Measured {
-    /// Wall time in seconds.
+    /// Wall time in seconds (the median over rounds).
     pub seconds: f64,
-    /// Peak resident set size of the process in MiB (bite-sync runs only).
+    /// Peak resident set size of the process in MiB (bite-sync runs only; the highest round).
     pub peak_rss_mib: Option<f64>,
+    /// Every round's time, sorted.
+    pub all_seconds: Vec<f64>,
 }
 
 /// The benchmark's results.
@@ -87,6 +89,8 @@ pub struct BenchReport {
     pub source_mib: f64,
     /// Rows per table on the source.
     pub rows: Vec<(String, i64)>,
+    /// Rounds measured.
+    pub rounds: u16,
     /// pg_dump --data-only -t customers -t orders | psql.
     pub a_pg_dump_refresh: Measured,
     /// bite-sync sync --tables customers,orders.
@@ -108,7 +112,11 @@ const TABLES: [&str; 4] = ["customers", "menu_items", "orders", "order_items"];
 /// Runs the benchmark and prints its results.
 pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
     eprintln!("starting source and mirror clusters...");
-    let (source_cluster, mirror_cluster) = demo::start_pair().await.map_err(Box::new)?;
+    // Durable like a real mirror: the throwaway default fsync=off would flatter the baseline's
+    // many small commits and hide the cost of writing 400 MB for real.
+    let (source_cluster, mirror_cluster) = demo::start_pair(&[("fsync", "on")])
+        .await
+        .map_err(Box::new)?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster) => r,
         () = cancel.cancelled() => Err(BenchError::Cancelled),
@@ -171,8 +179,13 @@ async fn bench(
         .get(0);
     let rows = count_rows(&source, &TABLES).await?;
     let src = source_cluster.url("bite");
+    let clusters = [
+        source_cluster.url("postgres"),
+        mirror_cluster.url("postgres"),
+    ];
+    let jobs = args.jobs.to_string();
 
-    // A and B: refresh two tables in an existing, indexed mirror.
+    // A and B refresh two tables of an existing, indexed mirror database.
     let refresh_url = demo::create_database(mirror_cluster, "refresh", Role::Mirror)
         .await
         .map_err(Box::new)?;
@@ -189,74 +202,100 @@ async fn bench(
         .connect()
         .await
         .map_err(|e| Box::new(DemoError::from(e)))?;
-    refresh_client
-        .batch_execute("TRUNCATE customers, orders CASCADE")
-        .await
-        .map_err(|e| BenchError::Check("the truncate before A".into(), e))?;
-    eprintln!("A: pg_dump --data-only -t customers -t orders | psql ...");
-    let a = shell(
-        "A (pg_dump --data-only | psql)",
-        &format!(
-            "{} --data-only -t customers -t orders '{src}' | {} -q -X -v ON_ERROR_STOP=1 '{refresh}'",
-            tool(&bin, "pg_dump"),
-            tool(&bin, "psql")
-        ),
-    )?;
-    check(&refresh_client, "A", &rows, &["customers", "orders"]).await?;
-    eprintln!("B: bite-sync sync --tables customers,orders ...");
-    let b = bite_sync(
-        "B (bite-sync sync --tables customers,orders)",
-        &src,
-        &refresh,
-        &[
-            "--tables",
-            "customers,orders",
-            "--init",
-            "--jobs",
-            &args.jobs.to_string(),
-        ],
-    )?;
-    check(&refresh_client, "B", &rows, &["customers", "orders"]).await?;
-
-    // C and D: full copies into empty databases.
-    let full_c_url = demo::create_database(mirror_cluster, "full_c", Role::Mirror)
-        .await
-        .map_err(Box::new)?;
-    let full_c = mirror_cluster.url("full_c");
-    eprintln!("C: pg_dump --clean --if-exists | psql ...");
-    let c = shell(
-        "C (pg_dump --clean --if-exists | psql)",
-        &format!(
-            "{} --clean --if-exists '{src}' | {} -q -X '{full_c}'",
-            tool(&bin, "pg_dump"),
-            tool(&bin, "psql")
-        ),
-    )?;
-    let full_c_client = full_c_url
+    let admin = DbUrl::parse(Role::Mirror, &clusters[1])
+        .map_err(|e| Box::new(DemoError::from(e)))?
         .connect()
         .await
         .map_err(|e| Box::new(DemoError::from(e)))?;
-    check(&full_c_client, "C", &rows, &TABLES).await?;
-    let full_d_url = demo::create_database(mirror_cluster, "full_d", Role::Mirror)
-        .await
-        .map_err(Box::new)?;
-    let full_d = mirror_cluster.url("full_d");
-    eprintln!("D: bite-sync sync (all tables, empty mirror) ...");
-    let d = bite_sync(
-        "D (bite-sync sync)",
-        &src,
-        &full_d,
-        &["--init", "--jobs", &args.jobs.to_string()],
-    )?;
-    let full_d_client = full_d_url
-        .connect()
-        .await
-        .map_err(|e| Box::new(DemoError::from(e)))?;
-    check(&full_d_client, "D", &rows, &TABLES).await?;
 
+    let mut samples: [Vec<Measured>; 4] = Default::default();
+    for round in 1..=args.rounds {
+        eprintln!("round {round} of {}", args.rounds);
+        refresh_client
+            .batch_execute("TRUNCATE customers, orders CASCADE")
+            .await
+            .map_err(|e| BenchError::Check("the truncate before A".into(), e))?;
+        checkpoint(&clusters).await?;
+        eprintln!("  A: pg_dump --data-only -t customers -t orders | psql");
+        let a = shell(
+            "A (pg_dump --data-only | psql)",
+            &format!(
+                "{} --data-only -t customers -t orders '{src}' | {} -q -X -v ON_ERROR_STOP=1 '{refresh}'",
+                tool(&bin, "pg_dump"),
+                tool(&bin, "psql")
+            ),
+        )?;
+        check(&refresh_client, "A", &rows, &["customers", "orders"]).await?;
+        checkpoint(&clusters).await?;
+        eprintln!("  B: bite-sync sync --tables customers,orders");
+        let b = bite_sync(
+            "B (bite-sync sync --tables customers,orders)",
+            &src,
+            &refresh,
+            &["--tables", "customers,orders", "--init", "--jobs", &jobs],
+        )?;
+        check(&refresh_client, "B", &rows, &["customers", "orders"]).await?;
+
+        // C and D copy everything into empty databases.
+        let c_name = format!("full_c_{round}");
+        let c_url = demo::create_database(mirror_cluster, &c_name, Role::Mirror)
+            .await
+            .map_err(Box::new)?;
+        let full_c = mirror_cluster.url(&c_name);
+        checkpoint(&clusters).await?;
+        eprintln!("  C: pg_dump --clean --if-exists | psql");
+        let c = shell(
+            "C (pg_dump --clean --if-exists | psql)",
+            &format!(
+                "{} --clean --if-exists '{src}' | {} -q -X '{full_c}'",
+                tool(&bin, "pg_dump"),
+                tool(&bin, "psql")
+            ),
+        )?;
+        let c_client = c_url
+            .connect()
+            .await
+            .map_err(|e| Box::new(DemoError::from(e)))?;
+        check(&c_client, "C", &rows, &TABLES).await?;
+        drop(c_client);
+
+        let d_name = format!("full_d_{round}");
+        let d_url = demo::create_database(mirror_cluster, &d_name, Role::Mirror)
+            .await
+            .map_err(Box::new)?;
+        let full_d = mirror_cluster.url(&d_name);
+        checkpoint(&clusters).await?;
+        eprintln!("  D: bite-sync sync (all tables, empty mirror)");
+        let d = bite_sync(
+            "D (bite-sync sync)",
+            &src,
+            &full_d,
+            &["--init", "--jobs", &jobs],
+        )?;
+        let d_client = d_url
+            .connect()
+            .await
+            .map_err(|e| Box::new(DemoError::from(e)))?;
+        check(&d_client, "D", &rows, &TABLES).await?;
+        drop(d_client);
+
+        // Keep the mirror's disk and cache at one copy per kind.
+        for db in [&c_name, &d_name] {
+            admin
+                .batch_execute(&format!("DROP DATABASE {}", crate::pg::ident::quote(db)))
+                .await
+                .map_err(|e| BenchError::Check(format!("dropping {db}"), e))?;
+        }
+        for (all, m) in samples.iter_mut().zip([a, b, c, d]) {
+            all.push(m);
+        }
+    }
+
+    let [a, b, c, d] = samples.map(|s| median(&s));
     Ok(BenchReport {
         source_mib,
         rows,
+        rounds: args.rounds,
         b_over_a: b.seconds / a.seconds,
         d_over_c: d.seconds / c.seconds,
         peak_rss_mib: b
@@ -268,6 +307,43 @@ async fn bench(
         c_pg_dump_full: c,
         d_bite_sync_full: d,
     })
+}
+
+/// The median time of a step's rounds, with the highest peak RSS of any round.
+fn median(samples: &[Measured]) -> Measured {
+    let mut times: Vec<f64> = samples.iter().map(|m| m.seconds).collect();
+    times.sort_by(f64::total_cmp);
+    let seconds = if times.len() % 2 == 1 {
+        times[times.len() / 2]
+    } else {
+        (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
+    };
+    let peak_rss_mib = samples
+        .iter()
+        .filter_map(|m| m.peak_rss_mib)
+        .max_by(f64::total_cmp);
+    Measured {
+        seconds,
+        peak_rss_mib,
+        all_seconds: times,
+    }
+}
+
+/// Flushes both clusters before a measured step, so no step pays for the previous one's
+/// dirty buffers (a checkpoint triggered by 1 GB of WAL costs seconds of I/O).
+async fn checkpoint(admin_urls: &[String]) -> Result<(), BenchError> {
+    for url in admin_urls {
+        let client = DbUrl::parse(Role::Mirror, url)
+            .map_err(|e| Box::new(DemoError::from(e)))?
+            .connect()
+            .await
+            .map_err(|e| Box::new(DemoError::from(e)))?;
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .map_err(|e| BenchError::Check("a checkpoint".into(), e))?;
+    }
+    Ok(())
 }
 
 fn tool(bin: &Path, name: &str) -> String {
@@ -300,6 +376,7 @@ fn shell(what: &str, pipeline: &str) -> Result<Measured, BenchError> {
     Ok(Measured {
         seconds,
         peak_rss_mib: None,
+        all_seconds: vec![seconds],
     })
 }
 
@@ -345,6 +422,7 @@ fn bite_sync(
     Ok(Measured {
         seconds,
         peak_rss_mib: Some(max_rss_kib as f64 / 1024.0),
+        all_seconds: vec![seconds],
     })
 }
 
@@ -421,21 +499,33 @@ pub fn render(r: &BenchReport) -> String {
         .map(|(t, n)| format!("{t} {n}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let all = |m: &Measured| {
+        m.all_seconds
+            .iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     format!(
-        "source: {:.0} MiB ({rows})\n\
-         A  pg_dump --data-only -t customers -t orders | psql   {:>7.2} s\n\
-         B  bite-sync sync --tables customers,orders            {:>7.2} s   peak RSS {:.1} MiB\n\
-         C  pg_dump --clean --if-exists | psql                  {:>7.2} s\n\
-         D  bite-sync sync (all tables, empty mirror)           {:>7.2} s   peak RSS {:.1} MiB\n\
+        "source: {:.0} MiB ({rows}); median of {} round(s), all rounds in brackets\n\
+         A  pg_dump --data-only -t customers -t orders | psql   {:>7.2} s  [{}]\n\
+         B  bite-sync sync --tables customers,orders            {:>7.2} s  [{}]  peak RSS {:.1} MiB\n\
+         C  pg_dump --clean --if-exists | psql                  {:>7.2} s  [{}]\n\
+         D  bite-sync sync (all tables, empty mirror)           {:>7.2} s  [{}]  peak RSS {:.1} MiB\n\
          B/A = {:.3}  (target <= 0.25: {})\n\
          D/C = {:.3}  (target <= 0.60: {})\n\
          peak RSS = {:.1} MiB  (target <= 64: {})\n",
         r.source_mib,
+        r.rounds,
         r.a_pg_dump_refresh.seconds,
+        all(&r.a_pg_dump_refresh),
         r.b_bite_sync_refresh.seconds,
+        all(&r.b_bite_sync_refresh),
         r.b_bite_sync_refresh.peak_rss_mib.unwrap_or(0.0),
         r.c_pg_dump_full.seconds,
+        all(&r.c_pg_dump_full),
         r.d_bite_sync_full.seconds,
+        all(&r.d_bite_sync_full),
         r.d_bite_sync_full.peak_rss_mib.unwrap_or(0.0),
         r.b_over_a,
         ok(r.b_over_a <= 0.25),

@@ -169,6 +169,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     pub jobs: u16,
 
+    /// Rounds of A, B, C and D; each time printed is the median of its rounds
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: u16,
+
     /// Print the results as JSON
     #[arg(long)]
     pub json: bool,

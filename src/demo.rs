@@ -49,22 +49,24 @@ fn setup(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DemoErr
     move |source| DemoError::Setup { context, source }
 }
 
-/// Starts a source (logical) and a mirror cluster; blocking, so run it off the runtime.
-pub async fn start_pair() -> Result<(TempCluster, TempCluster), DemoError> {
-    let source = tokio::task::spawn_blocking(|| {
-        TempCluster::start(&ClusterOptions {
-            name: "source".into(),
-            logical: true,
-            settings: Vec::new(),
-        })
-    });
-    let mirror = tokio::task::spawn_blocking(|| {
-        TempCluster::start(&ClusterOptions {
-            name: "mirror".into(),
-            logical: false,
-            settings: Vec::new(),
-        })
-    });
+/// Starts a source (logical) and a mirror cluster, both with `settings` on top of the
+/// throwaway defaults; blocking work, run off the runtime.
+pub async fn start_pair(
+    settings: &[(&str, &str)],
+) -> Result<(TempCluster, TempCluster), DemoError> {
+    let settings: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let start = |name: &str, logical: bool| {
+        let opts = ClusterOptions {
+            name: name.into(),
+            logical,
+            settings: settings.clone(),
+        };
+        tokio::task::spawn_blocking(move || TempCluster::start(&opts))
+    };
+    let (source, mirror) = (start("source", true), start("mirror", false));
     let (source, mirror) = (source.await??, mirror.await??);
     Ok((source, mirror))
 }
@@ -91,7 +93,7 @@ pub async fn create_database(
 /// Runs the demo until Ctrl-C (or right through with `--no-wait`).
 pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> Result<(), DemoError> {
     println!("Starting two throwaway PostgreSQL clusters (source and mirror)...");
-    let (source_cluster, mirror_cluster) = start_pair().await?;
+    let (source_cluster, mirror_cluster) = start_pair(&[]).await?;
     let result = demo(args, &cancel, &source_cluster, &mirror_cluster).await;
     println!("\nStopping the demo clusters and removing their files...");
     let stopped = tokio::task::spawn_blocking(move || {

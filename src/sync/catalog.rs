@@ -112,6 +112,13 @@ pub struct ConstraintDef {
     pub kind: char,
     /// `pg_get_constraintdef` text, e.g. `PRIMARY KEY (id)`, `CHECK ((price >= (0)::numeric))`.
     pub definition: String,
+    /// For primary keys and unique constraints, the backing index's `USING ...` clause, so the
+    /// index can be built on its own (in parallel with others) and attached afterwards.
+    pub index_using: Option<String>,
+    /// `DEFERRABLE`.
+    pub deferrable: bool,
+    /// `INITIALLY DEFERRED`.
+    pub initially_deferred: bool,
 }
 
 /// A foreign key.
@@ -386,8 +393,12 @@ async fn read_constraints(
                           JOIN pg_catalog.pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.num \
                           ORDER BY k.ord)::text[], \
                     con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, \
-                    con.condeferrable, con.condeferred \
+                    con.condeferrable, con.condeferred, \
+                    CASE WHEN con.contype IN ('p', 'u') THEN pg_catalog.pg_get_indexdef(con.conindid) END, \
+                    pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(cc.relname) \
              FROM pg_catalog.pg_constraint con \
+             JOIN pg_catalog.pg_class cc ON cc.oid = con.conrelid \
+             JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
              LEFT JOIN pg_catalog.pg_class fc ON fc.oid = con.confrelid \
              LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = fc.relnamespace \
              WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'c', 'x', 'f') \
@@ -416,10 +427,15 @@ async fn read_constraints(
                 initially_deferred: r.get(12),
             });
         } else {
+            let index_def: Option<String> = r.get(13);
+            let qualified_table: String = r.get(14);
             table.constraints.push(ConstraintDef {
                 name,
                 kind,
                 definition: r.get(3),
+                index_using: index_def.and_then(|d| using_clause(&d, &qualified_table)),
+                deferrable: r.get(11),
+                initially_deferred: r.get(12),
             });
         }
     }
@@ -455,22 +471,33 @@ async fn read_indexes(
         };
         let definition: String = r.get(3);
         let qualified_table: String = r.get(4);
-        let using = definition
-            .find(&format!(" ON {qualified_table} "))
-            .or_else(|| definition.find(&format!(" ON ONLY {qualified_table} ")))
-            .map(|at| {
-                let rest = &definition[at..];
-                let skip = rest.find(" USING ").unwrap_or(rest.len());
-                rest[skip..].to_string()
-            })
-            .unwrap_or_default();
+        let name: String = r.get(1);
+        let Some(using) = using_clause(&definition, &qualified_table) else {
+            tracing::warn!(index = name, table = %table.name, "cannot read the index definition; it is not copied");
+            continue;
+        };
         table.indexes.push(IndexDef {
-            name: r.get(1),
+            name,
             using,
             unique: r.get(2),
         });
     }
     Ok(())
+}
+
+/// The part of a `pg_get_indexdef` text after the table name: ` USING btree (id)`. The text
+/// is `CREATE [UNIQUE] INDEX <name> ON [ONLY] <qualified table> USING ...`, and the qualified
+/// table name is given exactly as PostgreSQL quotes it, so it can be found without parsing.
+pub fn using_clause(definition: &str, qualified_table: &str) -> Option<String> {
+    let at = definition
+        .find(&format!(" ON {qualified_table} USING "))
+        .map(|at| at + " ON ".len() + qualified_table.len())
+        .or_else(|| {
+            definition
+                .find(&format!(" ON ONLY {qualified_table} USING "))
+                .map(|at| at + " ON ONLY ".len() + qualified_table.len())
+        })?;
+    Some(definition[at..].to_string())
 }
 
 async fn read_sequence(
@@ -674,4 +701,29 @@ async fn read_type(client: &Client, oid: u32) -> Result<Option<TypeDef>, tokio_p
 
 fn first_char(s: String) -> char {
     s.chars().next().unwrap_or(' ')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn using_clause_is_found_after_the_exact_table_name() {
+        assert_eq!(
+            using_clause(
+                "CREATE UNIQUE INDEX \"a ON b\" ON public.\"Order Items\" USING btree (id) INCLUDE (x)",
+                "public.\"Order Items\""
+            )
+            .as_deref(),
+            Some(" USING btree (id) INCLUDE (x)")
+        );
+        assert_eq!(
+            using_clause("CREATE INDEX i ON ONLY s.t USING btree (a)", "s.t").as_deref(),
+            Some(" USING btree (a)")
+        );
+        assert_eq!(
+            using_clause("CREATE INDEX i ON s.other USING btree (a)", "s.t"),
+            None
+        );
+    }
 }

@@ -164,7 +164,8 @@ pub fn create_table(def: &TableDef, at: &QualifiedName) -> String {
     )
 }
 
-/// Primary key, unique and exclusion constraints (each builds its index).
+/// Primary key, unique and exclusion constraints, built whole (the constraint builds its own
+/// index).
 pub fn add_key(at: &QualifiedName, constraint: &ConstraintDef) -> String {
     format!(
         "ALTER TABLE {} ADD CONSTRAINT {} {}",
@@ -172,6 +173,46 @@ pub fn add_key(at: &QualifiedName, constraint: &ConstraintDef) -> String {
         quote(&constraint.name),
         constraint.definition
     )
+}
+
+/// The unique index behind a primary key or unique constraint, built on its own so several
+/// indexes of one table can be built at once; [`attach_key`] turns it into the constraint.
+/// `None` for constraints that must be built whole (exclusion, checks).
+pub fn key_index(at: &QualifiedName, constraint: &ConstraintDef) -> Option<String> {
+    let using = constraint.index_using.as_ref()?;
+    matches!(constraint.kind, 'p' | 'u').then(|| {
+        format!(
+            "CREATE UNIQUE INDEX {} ON {}{using}",
+            quote(&constraint.name),
+            at.quoted()
+        )
+    })
+}
+
+/// Makes a primary key or unique constraint of the index [`key_index`] built (a catalog
+/// change, no scan), or builds the constraint whole when it has no separate index.
+pub fn attach_key(at: &QualifiedName, constraint: &ConstraintDef) -> String {
+    if key_index(at, constraint).is_none() {
+        return add_key(at, constraint);
+    }
+    let mut sql = format!(
+        "ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}",
+        at.quoted(),
+        quote(&constraint.name),
+        if constraint.kind == 'p' {
+            "PRIMARY KEY"
+        } else {
+            "UNIQUE"
+        },
+        quote(&constraint.name)
+    );
+    if constraint.deferrable {
+        sql.push_str(" DEFERRABLE");
+        if constraint.initially_deferred {
+            sql.push_str(" INITIALLY DEFERRED");
+        }
+    }
+    sql
 }
 
 /// A plain index.
@@ -335,11 +376,17 @@ mod tests {
                     name: "total_check".into(),
                     kind: 'c',
                     definition: "CHECK ((total >= (0)::numeric)) NOT VALID".into(),
+                    index_using: None,
+                    deferrable: false,
+                    initially_deferred: false,
                 },
                 ConstraintDef {
                     name: "Order Items_pkey".into(),
                     kind: 'p',
                     definition: "PRIMARY KEY (id)".into(),
+                    index_using: Some(" USING btree (id)".into()),
+                    deferrable: false,
+                    initially_deferred: false,
                 },
             ],
             foreign_keys: vec![],
@@ -361,6 +408,32 @@ mod tests {
             add_key(&at, &def.constraints[1]),
             "ALTER TABLE \"bite_sync_stage_7_0\".\"Order Items\" ADD CONSTRAINT \"Order Items_pkey\" PRIMARY KEY (id)"
         );
+        assert_eq!(
+            key_index(&at, &def.constraints[1]).unwrap(),
+            "CREATE UNIQUE INDEX \"Order Items_pkey\" ON \"bite_sync_stage_7_0\".\"Order Items\" USING btree (id)"
+        );
+        assert_eq!(
+            attach_key(&at, &def.constraints[1]),
+            "ALTER TABLE \"bite_sync_stage_7_0\".\"Order Items\" ADD CONSTRAINT \"Order Items_pkey\" PRIMARY KEY USING INDEX \"Order Items_pkey\""
+        );
+        let deferred = ConstraintDef {
+            kind: 'u',
+            deferrable: true,
+            initially_deferred: true,
+            ..def.constraints[1].clone()
+        };
+        assert!(
+            attach_key(&at, &deferred)
+                .ends_with("UNIQUE USING INDEX \"Order Items_pkey\" DEFERRABLE INITIALLY DEFERRED")
+        );
+        let exclusion = ConstraintDef {
+            kind: 'x',
+            definition: "EXCLUDE USING gist (r WITH &&)".into(),
+            index_using: None,
+            ..def.constraints[1].clone()
+        };
+        assert_eq!(key_index(&at, &exclusion), None);
+        assert!(attach_key(&at, &exclusion).ends_with("EXCLUDE USING gist (r WITH &&)"));
     }
 
     #[test]

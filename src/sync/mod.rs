@@ -21,6 +21,7 @@
 //! Killed at any point before the swap commits, a run leaves the mirror's tables untouched;
 //! the next run removes its staging schemas.
 
+mod build;
 pub mod catalog;
 pub mod copy;
 pub mod ddl;
@@ -30,11 +31,10 @@ pub mod report;
 pub mod swap;
 pub mod tasks;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
@@ -47,7 +47,6 @@ use self::catalog::{SourceCatalog, TableDef, TypeDef};
 use self::copy::{CopyFormat, CopyStats};
 pub use self::plan::{Mode, PlanError, TableAction};
 use self::swap::SwapTable;
-use self::tasks::{Next, Task, Tasks};
 
 /// Everything a sync run needs to know.
 #[derive(Debug, Clone)]
@@ -540,6 +539,10 @@ struct StagedKey {
     table: usize,
     /// Its name.
     table_name: QualifiedName,
+    /// Where it is staged.
+    at: QualifiedName,
+    /// The referencing columns.
+    columns: Vec<String>,
     /// Index of the referenced table, when it is staged too (the key waits for it).
     parent: Option<usize>,
     /// `ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...` on the staged names.
@@ -604,7 +607,8 @@ impl Planned {
         match (&t.staged, &t.action) {
             (Some(at), _) => {
                 out.push(ddl::create_table(&t.def, at));
-                out.extend(build_statements(&t.def, at));
+                out.extend(build::index_statements(&t.def, at));
+                out.extend(build::key_statements(&t.def, at));
             }
             (None, TableAction::AddColumns { columns }) => {
                 for c in t.def.columns.iter().filter(|c| columns.contains(&c.name)) {
@@ -627,16 +631,6 @@ impl Planned {
         );
         out
     }
-}
-
-/// Keys and indexes, built after the data is in.
-fn build_statements(def: &TableDef, at: &QualifiedName) -> Vec<String> {
-    def.constraints
-        .iter()
-        .filter(|c| c.kind != 'c')
-        .map(|c| ddl::add_key(at, c))
-        .chain(def.indexes.iter().map(|i| ddl::create_index(at, i)))
-        .collect()
 }
 
 /// Plans a run; `tag` makes the staging schema names unique to it.
@@ -694,6 +688,8 @@ fn plan_run(
                     foreign_keys.push(StagedKey {
                         table: i,
                         table_name: t.def.name.clone(),
+                        at: at.clone(),
+                        columns: fk.columns.clone(),
                         parent: tables.iter().position(|p| p.def.name == fk.referenced && p.staged.is_some()),
                         statement: ddl::add_foreign_key(at, fk, referenced_at),
                     });
@@ -902,7 +898,7 @@ async fn execute(
     }
 
     observer.phase("copying");
-    build_tables(opts, observer, planned, snapshot).await?;
+    build::build_tables(opts, observer, planned, snapshot).await?;
 
     if opts.mode != Mode::SchemaOnly {
         for seq in &source_catalog.sequences {
@@ -999,237 +995,4 @@ fn finish_statements(planned: &Planned, run_id: i64, started: Instant) -> Vec<St
         ));
     }
     out
-}
-
-/// Builds every staged table and adds foreign keys among them, with up to `opts.jobs`
-/// workers, each holding one connection to each database (see [`tasks`] for the order).
-async fn build_tables(
-    opts: &SyncOptions,
-    observer: &Arc<dyn Observer>,
-    planned: &mut Planned,
-    snapshot: &str,
-) -> Result<(), SyncError> {
-    let builds: Vec<(usize, i64)> = (0..planned.tables.len())
-        .filter(|&i| planned.tables[i].staged.is_some())
-        .map(|i| (i, planned.tables[i].def.estimated_bytes))
-        .collect();
-    let mut waits: BTreeMap<usize, BTreeSet<usize>> = BTreeMap::new();
-    for key in &planned.foreign_keys {
-        let entry = waits.entry(key.table).or_default();
-        if let Some(parent) = key.parent {
-            entry.insert(parent);
-        }
-    }
-    let state = Arc::new(Mutex::new(Tasks::new(&builds, waits.into_iter().collect())));
-    let wake = Arc::new(Notify::new());
-    let shared = Arc::new((planned.tables.clone(), planned.foreign_keys.clone()));
-    let workers = opts.jobs.max(1).min(builds.len().max(1));
-    let mut handles = Vec::with_capacity(workers);
-    for worker in 0..workers {
-        let state = Arc::clone(&state);
-        let wake = Arc::clone(&wake);
-        let shared = Arc::clone(&shared);
-        let observer = Arc::clone(observer);
-        let opts = opts.clone();
-        let snapshot = snapshot.to_string();
-        handles.push(tokio::spawn(async move {
-            let (tables, keys) = &*shared;
-            let mut built = Vec::new();
-            let mut connections: Option<(Client, Client)> = None;
-            loop {
-                let next = state.lock().expect("task lock").next_task();
-                let task = match next {
-                    Next::Done => break,
-                    Next::Wait => {
-                        // Woken when any task ends; the timeout covers a wake-up that came
-                        // between asking and waiting.
-                        let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
-                        continue;
-                    }
-                    Next::Run(task) => task,
-                };
-                let result = async {
-                    if connections.is_none() {
-                        connections = Some(worker_connections(&opts, &snapshot).await?);
-                    }
-                    let (source, mirror) = connections.as_mut().expect("just connected");
-                    match task {
-                        Task::Build(i) => {
-                            tracing::debug!(worker, table = %tables[i].def.name, "building");
-                            let done = build_one(&opts, &observer, source, mirror, &tables[i]).await?;
-                            built.push((i, done));
-                        }
-                        Task::ForeignKeys(i) => {
-                            tracing::debug!(worker, table = %tables[i].def.name, "adding foreign keys");
-                            add_foreign_keys(mirror, &tables[i], keys).await?;
-                        }
-                    }
-                    Ok::<_, SyncError>(())
-                }
-                .await;
-                let mut state = state.lock().expect("task lock");
-                match result {
-                    Ok(()) => state.finished(task),
-                    Err(e) => {
-                        state.stop();
-                        drop(state);
-                        wake.notify_waiters();
-                        return Err(e);
-                    }
-                }
-                drop(state);
-                wake.notify_waiters();
-            }
-            Ok::<_, SyncError>(built)
-        }));
-    }
-    let mut first_error = None;
-    for handle in handles {
-        match handle.await {
-            Ok(Ok(built)) => {
-                for (i, (stats, duration)) in built {
-                    planned.tables[i].stats = stats;
-                    planned.tables[i].duration = duration;
-                }
-            }
-            Ok(Err(e)) => {
-                first_error.get_or_insert(e);
-            }
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// Adds (and so validates) the foreign keys of one staged table, in one transaction. Two
-/// tables' keys can lock a shared referenced table in different orders; PostgreSQL then
-/// aborts one of them as a deadlock, and it is simply tried again.
-async fn add_foreign_keys(
-    mirror: &mut Client,
-    table: &PlannedTable,
-    keys: &[StagedKey],
-) -> Result<(), SyncError> {
-    let name = &table.def.name;
-    let mut attempt = 1;
-    loop {
-        let result = async {
-            let tx = mirror.transaction().await?;
-            for key in keys.iter().filter(|k| k.table_name == *name) {
-                tx.batch_execute(&key.statement).await?;
-            }
-            tx.commit().await
-        }
-        .await;
-        match result {
-            Err(e) if attempt < 3 && e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED) => {
-                attempt += 1;
-            }
-            other => {
-                return other.map_err(pg(
-                    Side::Mirror,
-                    format!("failed to add the foreign keys of {name}"),
-                ));
-            }
-        }
-    }
-}
-
-async fn worker_connections(
-    opts: &SyncOptions,
-    snapshot: &str,
-) -> Result<(Client, Client), SyncError> {
-    let (source, mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
-    source
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            literal(snapshot)
-        ))
-        .await
-        .map_err(pg(Side::Source, "failed to join the source snapshot"))?;
-    mirror
-        .batch_execute(&format!(
-            "SET search_path = ''; SET synchronous_commit = off; SET maintenance_work_mem = {0}; \
-             SET work_mem = {0}",
-            literal(&opts.maintenance_work_mem)
-        ))
-        .await
-        .map_err(pg(Side::Mirror, "failed to set up a mirror session"))?;
-    Ok((source, mirror))
-}
-
-/// Builds one staged table in one mirror transaction: create, copy, identity sequences, keys,
-/// indexes. Staged tables are committed with `synchronous_commit = off`: the swap's commit
-/// is synchronous and flushes the WAL before it, so nothing is exposed that could be lost.
-async fn build_one(
-    opts: &SyncOptions,
-    observer: &Arc<dyn Observer>,
-    source: &Client,
-    mirror: &mut Client,
-    table: &PlannedTable,
-) -> Result<(CopyStats, Duration), SyncError> {
-    let started = Instant::now();
-    let at = table.staged.as_ref().expect("only staged tables are built");
-    let name = &table.def.name;
-    observer.table_started(name, table.def.estimated_rows as u64);
-    let tx = mirror
-        .transaction()
-        .await
-        .map_err(pg(Side::Mirror, format!("failed to start building {name}")))?;
-    tx.batch_execute(&ddl::create_table(&table.def, at))
-        .await
-        .map_err(pg(
-            Side::Mirror,
-            format!("failed to create {name} on the mirror"),
-        ))?;
-    let mut stats = CopyStats::default();
-    if table.copies_data(opts.mode) {
-        stats = copy::copy_table(source, &tx, &table.def, at, table.format, |s| {
-            observer.table_progress(name, s)
-        })
-        .await
-        .map_err(|e| match e {
-            copy::CopyError::Source(e) => pg(
-                Side::Source,
-                format!("failed to copy {name}: reading the source failed"),
-            )(e),
-            copy::CopyError::Mirror(e) => pg(
-                Side::Mirror,
-                format!("failed to copy {name}: writing the mirror failed"),
-            )(e),
-        })?;
-    }
-    for column in &table.def.columns {
-        if let Some(identity) = &column.identity {
-            let seq = QualifiedName::new(at.schema.clone(), identity.sequence.name.name.clone());
-            if opts.mode != Mode::SchemaOnly {
-                tx.batch_execute(&ddl::set_sequence(&seq, &identity.sequence))
-                    .await
-                    .map_err(pg(
-                        Side::Mirror,
-                        format!("failed to set the identity of {name}"),
-                    ))?;
-            }
-        }
-    }
-    for statement in build_statements(&table.def, at) {
-        tx.batch_execute(&statement).await.map_err(pg(
-            Side::Mirror,
-            format!("failed to build keys and indexes of {name}"),
-        ))?;
-    }
-    // Statistics now, so the planner knows the new table from its first query on the mirror
-    // (and so the foreign-key checks that follow get good plans).
-    if table.copies_data(opts.mode) {
-        tx.batch_execute(&format!("ANALYZE {}", at.quoted()))
-            .await
-            .map_err(pg(Side::Mirror, format!("failed to analyze {name}")))?;
-    }
-    tx.commit()
-        .await
-        .map_err(pg(Side::Mirror, format!("failed to commit {name}")))?;
-    observer.table_finished(name, stats);
-    Ok((stats, started.elapsed()))
 }
