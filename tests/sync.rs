@@ -915,3 +915,57 @@ async fn readers_never_see_an_empty_or_partial_table() {
     assert_eq!(seen.first(), Some(&old_count));
     assert_eq!(seen.last(), Some(&new_count));
 }
+
+#[tokio::test]
+async fn ctrl_c_during_the_copy_exits_130_and_keeps_the_old_rows() {
+    let dbs = test_dbs("ctrl_c").await;
+    let (source, mirror) = big_table(&dbs, 400_000).await;
+    let before = digest(&mirror, "events").await;
+
+    let child = bite_sync()
+        .args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let observer = connect(&dbs.mirror_url).await;
+    let db = dbs.name.clone();
+    wait_for("the mirror to receive COPY data", Duration::from_secs(60), || {
+        let observer = &observer;
+        let db = db.clone();
+        async move {
+            observer
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_progress_copy WHERE datname = $1 AND command = 'COPY FROM' AND tuples_processed > 0",
+                    &[&db],
+                )
+                .await
+                .unwrap()
+                .map(|_| ())
+        }
+    })
+    .await;
+    // SAFETY: signalling our own child process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_exit(&out, 130);
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert_eq!(digest(&mirror, "events").await, before);
+    assert_exit(&sync(&dbs, &[]), 0);
+    assert_eq!(
+        digest(&mirror, "events").await,
+        digest(&source, "events").await
+    );
+    no_staging_left(&mirror).await;
+}

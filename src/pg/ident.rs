@@ -317,3 +317,38 @@ mod tests {
         assert_eq!(QualifiedName::new("s", "t").quoted(), "\"s\".\"t\"");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any name, quoted, parses back to itself: what `quote` writes, the parser reads.
+        #[test]
+        fn quoted_names_round_trip(schema in "[^\u{0}]{1,20}", name in "[^\u{0}]{1,20}") {
+            let text = format!("{}.{}", quote(&schema), quote(&name));
+            prop_assert_eq!(
+                parse_pattern(&text).unwrap(),
+                TablePattern::Table { schema: Some(schema), name }
+            );
+        }
+
+        /// The parsers return errors, never panic, whatever they are given.
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,40}") {
+            let _ = parse_pattern(&text);
+            let _ = parse_pattern_list(&text);
+        }
+
+        /// A quoted identifier is one token for PostgreSQL: it starts and ends with a quote
+        /// and every quote inside is doubled.
+        #[test]
+        fn quoting_escapes_every_quote(name in "\\PC{0,30}") {
+            let q = quote(&name);
+            let inner = &q[1..q.len() - 1];
+            prop_assert!(q.starts_with('"') && q.ends_with('"'));
+            prop_assert_eq!(inner.replace("\"\"", ""), name.replace('"', ""));
+        }
+    }
+}

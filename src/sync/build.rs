@@ -210,6 +210,7 @@ pub(super) async fn build_tables(
                         entry.1 += started.elapsed();
                         if let Some(stats) = stats {
                             entry.0 = stats;
+                            observer.table_loaded(&table.def.name, stats);
                         }
                         if matches!(work, Work::Keys(_)) {
                             observer.table_finished(&table.def.name, entry.0);

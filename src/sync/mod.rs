@@ -151,6 +151,8 @@ pub trait Observer: Send + Sync {
     fn table_started(&self, _table: &QualifiedName, _estimated_rows: u64) {}
     /// Rows are flowing.
     fn table_progress(&self, _table: &QualifiedName, _stats: CopyStats) {}
+    /// A table's rows are in; its indexes and keys come next.
+    fn table_loaded(&self, _table: &QualifiedName, _stats: CopyStats) {}
     /// A table is built (indexes included).
     fn table_finished(&self, _table: &QualifiedName, _stats: CopyStats) {}
 }
@@ -897,7 +899,7 @@ async fn execute(
         ))?;
     }
 
-    observer.phase("copying");
+    observer.phase("copying rows and building indexes");
     build::build_tables(opts, observer, planned, snapshot).await?;
 
     if opts.mode != Mode::SchemaOnly {

@@ -83,6 +83,17 @@ impl Observer for TerminalProgress {
         }
     }
 
+    fn table_loaded(&self, table: &QualifiedName, stats: CopyStats) {
+        if let Some(bar) = self.bars.lock().expect("progress lock").get(table) {
+            bar.set_length(stats.rows.max(1));
+            bar.set_position(stats.rows.max(1));
+            bar.set_message(format!(
+                "{} copied; building indexes",
+                HumanBytes(stats.bytes)
+            ));
+        }
+    }
+
     fn table_finished(&self, table: &QualifiedName, stats: CopyStats) {
         if let Some(bar) = self.bars.lock().expect("progress lock").get(table) {
             bar.set_length(stats.rows.max(1));
