@@ -114,9 +114,12 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
     eprintln!("starting source and mirror clusters...");
     // Durable like a real mirror: the throwaway default fsync=off would flatter the baseline's
     // many small commits and hide the cost of writing 400 MB for real.
-    let (source_cluster, mirror_cluster) = demo::start_pair(&[("fsync", "on")])
-        .await
-        .map_err(Box::new)?;
+    // No autovacuum: analyzing the previous step's tables in the background would land in
+    // whichever step runs next (both methods leave ANALYZE to autovacuum alike).
+    let (source_cluster, mirror_cluster) =
+        demo::start_pair(&[("fsync", "on"), ("autovacuum", "off")])
+            .await
+            .map_err(Box::new)?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster) => r,
         () = cancel.cancelled() => Err(BenchError::Cancelled),
@@ -147,10 +150,7 @@ async fn bench(
     let source_url = demo::create_database(source_cluster, "bite", Role::Source)
         .await
         .map_err(Box::new)?;
-    let source = source_url
-        .connect()
-        .await
-        .map_err(|e| Box::new(DemoError::from(e)))?;
+    let source = connect(&source_url).await?;
     let size = SampleSize {
         customers: args.customers,
         orders: args.orders,
@@ -198,15 +198,8 @@ async fn bench(
             tool(&bin, "psql")
         ),
     )?;
-    let refresh_client = refresh_url
-        .connect()
-        .await
-        .map_err(|e| Box::new(DemoError::from(e)))?;
-    let admin = DbUrl::parse(Role::Mirror, &clusters[1])
-        .map_err(|e| Box::new(DemoError::from(e)))?
-        .connect()
-        .await
-        .map_err(|e| Box::new(DemoError::from(e)))?;
+    let refresh_client = connect(&refresh_url).await?;
+    let admin = connect_url(&clusters[1]).await?;
 
     let mut samples: [Vec<Measured>; 4] = Default::default();
     for round in 1..=args.rounds {
@@ -252,10 +245,7 @@ async fn bench(
                 tool(&bin, "psql")
             ),
         )?;
-        let c_client = c_url
-            .connect()
-            .await
-            .map_err(|e| Box::new(DemoError::from(e)))?;
+        let c_client = connect(&c_url).await?;
         check(&c_client, "C", &rows, &TABLES).await?;
         drop(c_client);
 
@@ -272,10 +262,7 @@ async fn bench(
             &full_d,
             &["--init", "--jobs", &jobs],
         )?;
-        let d_client = d_url
-            .connect()
-            .await
-            .map_err(|e| Box::new(DemoError::from(e)))?;
+        let d_client = connect(&d_url).await?;
         check(&d_client, "D", &rows, &TABLES).await?;
         drop(d_client);
 
@@ -329,16 +316,24 @@ fn median(samples: &[Measured]) -> Measured {
     }
 }
 
+async fn connect(url: &DbUrl) -> Result<tokio_postgres::Client, BenchError> {
+    url.connect()
+        .await
+        .map_err(|e| BenchError::Setup(Box::new(DemoError::from(e))))
+}
+
+async fn connect_url(url: &str) -> Result<tokio_postgres::Client, BenchError> {
+    let url = DbUrl::parse(Role::Mirror, url)
+        .map_err(|e| BenchError::Setup(Box::new(DemoError::from(e))))?;
+    connect(&url).await
+}
+
 /// Flushes both clusters before a measured step, so no step pays for the previous one's
 /// dirty buffers (a checkpoint triggered by 1 GB of WAL costs seconds of I/O).
 async fn checkpoint(admin_urls: &[String]) -> Result<(), BenchError> {
     for url in admin_urls {
-        let client = DbUrl::parse(Role::Mirror, url)
-            .map_err(|e| Box::new(DemoError::from(e)))?
-            .connect()
-            .await
-            .map_err(|e| Box::new(DemoError::from(e)))?;
-        client
+        connect_url(url)
+            .await?
             .batch_execute("CHECKPOINT")
             .await
             .map_err(|e| BenchError::Check("a checkpoint".into(), e))?;

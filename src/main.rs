@@ -15,6 +15,14 @@ use bite_sync::pg::ident::parse_pattern_list;
 use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`bite-sync sync --json | head`) instead of panicking on the failed write. A sync is
+    // atomic, so dying mid-run this way leaves the mirror as it was.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let cwd = std::env::current_dir().unwrap_or_default();
     let overrides = match overrides(&cli) {
@@ -92,6 +100,7 @@ fn init_tracing(cli: &Cli, config: &Config) {
         .unwrap_or(LogFormat::Text);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

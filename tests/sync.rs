@@ -672,6 +672,45 @@ async fn big_table(dbs: &TestDbs, rows: i64) -> (tokio_postgres::Client, tokio_p
     (source, mirror)
 }
 
+/// Waits until a COPY into the mirror database of `dbs` has received rows; returns its
+/// backend's pid.
+async fn copy_in_progress(dbs: &TestDbs) -> i32 {
+    let observer = connect(&dbs.mirror_url).await;
+    let db = dbs.name.clone();
+    wait_for("a COPY into the mirror to receive rows", Duration::from_secs(60), || {
+        let observer = &observer;
+        let db = db.clone();
+        async move {
+            observer
+                .query_opt(
+                    "SELECT pid FROM pg_stat_progress_copy WHERE datname = $1 AND command = 'COPY FROM' AND tuples_processed > 0",
+                    &[&db],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0))
+        }
+    })
+    .await
+}
+
+/// Starts `bite-sync sync` on `dbs` in the background.
+fn spawn_sync(dbs: &TestDbs, args: &[&str]) -> std::process::Child {
+    bite_sync()
+        .args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bite-sync starts")
+}
+
 async fn no_staging_left(mirror: &tokio_postgres::Client) {
     let left: i64 = mirror
         .query_one(
@@ -690,35 +729,10 @@ async fn kill_during_copy_keeps_the_old_rows_and_the_next_run_cleans_up() {
     let (source, mirror) = big_table(&dbs, 400_000).await;
     let before = digest(&mirror, "events").await;
 
-    let mut child = bite_sync()
-        .args([
-            "sync",
-            "--source",
-            &dbs.source_url,
-            "--mirror",
-            &dbs.mirror_url,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&dbs, &[]);
+    copy_in_progress(&dbs).await;
     let observer = connect(&dbs.mirror_url).await;
     let db = dbs.name.clone();
-    wait_for("the mirror to receive COPY data", Duration::from_secs(60), || {
-        let observer = &observer;
-        let db = db.clone();
-        async move {
-            let row = observer
-                .query_opt(
-                    "SELECT tuples_processed FROM pg_stat_progress_copy WHERE datname = $1 AND command = 'COPY FROM'",
-                    &[&db],
-                )
-                .await
-                .unwrap();
-            row.and_then(|r| (r.get::<_, i64>(0) > 0).then_some(()))
-        }
-    })
-    .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -769,20 +783,7 @@ async fn kill_during_the_swap_keeps_the_old_rows() {
         .await
         .unwrap();
 
-    let mut child = bite_sync()
-        .args([
-            "sync",
-            "--lock-timeout",
-            "120s",
-            "--source",
-            &dbs.source_url,
-            "--mirror",
-            &dbs.mirror_url,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sync(&dbs, &["--lock-timeout", "120s"]);
     let observer = connect(&dbs.mirror_url).await;
     let db = dbs.name.clone();
     wait_for("the swap to wait for the reader's lock", Duration::from_secs(60), || {
@@ -821,35 +822,9 @@ async fn a_cut_mirror_connection_fails_the_run_and_loses_nothing() {
     let (source, mirror) = big_table(&dbs, 400_000).await;
     let before = digest(&mirror, "events").await;
 
-    let child = bite_sync()
-        .args([
-            "sync",
-            "--source",
-            &dbs.source_url,
-            "--mirror",
-            &dbs.mirror_url,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_sync(&dbs, &[]);
+    let pid = copy_in_progress(&dbs).await;
     let observer = connect(&dbs.mirror_url).await;
-    let db = dbs.name.clone();
-    let pid: i32 = wait_for("a COPY on the mirror", Duration::from_secs(60), || {
-        let observer = &observer;
-        let db = db.clone();
-        async move {
-            observer
-                .query_opt(
-                    "SELECT pid FROM pg_stat_progress_copy WHERE datname = $1 AND command = 'COPY FROM' AND tuples_processed > 0",
-                    &[&db],
-                )
-                .await
-                .unwrap()
-                .map(|r| r.get(0))
-        }
-    })
-    .await;
     observer
         .query_one("SELECT pg_terminate_backend($1)", &[&pid])
         .await
@@ -922,35 +897,8 @@ async fn ctrl_c_during_the_copy_exits_130_and_keeps_the_old_rows() {
     let (source, mirror) = big_table(&dbs, 400_000).await;
     let before = digest(&mirror, "events").await;
 
-    let child = bite_sync()
-        .args([
-            "sync",
-            "--source",
-            &dbs.source_url,
-            "--mirror",
-            &dbs.mirror_url,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let observer = connect(&dbs.mirror_url).await;
-    let db = dbs.name.clone();
-    wait_for("the mirror to receive COPY data", Duration::from_secs(60), || {
-        let observer = &observer;
-        let db = db.clone();
-        async move {
-            observer
-                .query_opt(
-                    "SELECT 1 FROM pg_stat_progress_copy WHERE datname = $1 AND command = 'COPY FROM' AND tuples_processed > 0",
-                    &[&db],
-                )
-                .await
-                .unwrap()
-                .map(|_| ())
-        }
-    })
-    .await;
+    let child = spawn_sync(&dbs, &[]);
+    copy_in_progress(&dbs).await;
     // SAFETY: signalling our own child process.
     assert_eq!(
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
