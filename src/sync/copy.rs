@@ -18,7 +18,7 @@ use crate::pg::ident::{QualifiedName, quote};
 use super::catalog::{FIRST_USER_OID, TableDef};
 
 /// Rows are forwarded in chunks of about this many bytes.
-pub const CHUNK_BYTES: usize = 1 << 20;
+pub const CHUNK_BYTES: usize = 256 << 10;
 
 /// COPY wire format for one table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
