@@ -278,9 +278,9 @@ pub fn resolve(
                 "{}: expected a size like \"256MB\" or \"1GB\", got {m:?}",
                 where_("sync.maintenance_work_mem")
             ));
-            "256MB".into()
+            "128MB".into()
         }
-        None => "256MB".into(),
+        None => "128MB".into(),
     };
     let log_format = match raw.log.format.as_deref() {
         None => None,

@@ -88,7 +88,7 @@ impl SyncOptions {
             dry_run: false,
             init: false,
             lock_timeout: Duration::from_secs(10),
-            maintenance_work_mem: "256MB".into(),
+            maintenance_work_mem: "128MB".into(),
             snapshot: None,
         }
     }
