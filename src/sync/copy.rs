@@ -5,9 +5,10 @@
 //! chunks of [`CHUNK_BYTES`] and each chunk is forwarded whole, so memory per table stays at
 //! about one chunk plus the drivers' buffers, and nothing touches the disk.
 //!
-//! Binary COPY is used unless a column's binary form embeds a type OID that differs between
-//! clusters (arrays of user-defined types: the array header names the element type's OID);
-//! those tables use text COPY, which PostgreSQL parses by name.
+//! The format is chosen per table ([`CopyFormat::for_table`]): text where a column's binary
+//! form would embed a type OID that differs between clusters (arrays of user-defined types),
+//! or where text is simply smaller and as cheap (tables of integers, numerics and text);
+//! binary everywhere else, which spares the costly text forms of timestamps and friends.
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt, pin_mut};
@@ -16,6 +17,10 @@ use tokio_postgres::{Client, Transaction};
 use crate::pg::ident::{QualifiedName, quote};
 
 use super::catalog::{FIRST_USER_OID, TableDef};
+
+/// Built-in types whose text form is short and cheap to produce and parse: bool, name, int8,
+/// int2, int4, text, oid, bpchar, varchar, numeric.
+const TEXT_FRIENDLY: [u32; 10] = [16, 19, 20, 21, 23, 25, 26, 1042, 1043, 1700];
 
 /// Rows are forwarded in chunks of about this many bytes.
 pub const CHUNK_BYTES: usize = 256 << 10;
@@ -31,14 +36,20 @@ pub enum CopyFormat {
 }
 
 impl CopyFormat {
-    /// The format that moves `table` correctly between two clusters.
+    /// The format that moves `table` correctly between two clusters, and fastest.
+    ///
+    /// Correctness first: arrays of user-defined types must travel as text. Then speed:
+    /// binary saves the costly text forms of timestamps, floats, uuids, bytea and arrays, but
+    /// frames every value with a 4-byte length and sends integers at full width, so a table of
+    /// integers, numerics and short text is about a third of the bytes in text form and no
+    /// dearer to parse (the sample's order_items: 57 MB as text, 159 MB in binary; source plus
+    /// mirror CPU 2.4 s against 2.5 s).
     pub fn for_table(table: &TableDef) -> CopyFormat {
-        let embeds_user_oid = table
-            .columns
-            .iter()
-            .filter(|c| c.is_copied())
-            .any(|c| c.element_type_oid >= FIRST_USER_OID);
-        if embeds_user_oid {
+        let copied = || table.columns.iter().filter(|c| c.is_copied());
+        if copied().any(|c| c.element_type_oid >= FIRST_USER_OID) {
+            return CopyFormat::Text;
+        }
+        if copied().all(|c| TEXT_FRIENDLY.contains(&c.type_oid)) {
             CopyFormat::Text
         } else {
             CopyFormat::Binary
@@ -142,7 +153,7 @@ mod tests {
         ColumnDef {
             name: name.into(),
             type_sql: "x".into(),
-            type_oid: 0,
+            type_oid: 1184, // timestamptz
             element_type_oid,
             not_null: false,
             default: None,
@@ -166,6 +177,33 @@ mod tests {
     }
 
     #[test]
+    fn narrow_integer_tables_go_as_text_and_timestamps_as_binary() {
+        let typed = |oid: u32| ColumnDef {
+            type_oid: oid,
+            ..column("c", 0, false)
+        };
+        // order_items: bigint, int, int, int, numeric.
+        let items = table(vec![
+            typed(20),
+            typed(23),
+            typed(23),
+            typed(23),
+            typed(1700),
+        ]);
+        assert_eq!(CopyFormat::for_table(&items), CopyFormat::Text);
+        // orders: ... plus a timestamptz.
+        let orders = table(vec![typed(20), typed(1700), typed(1184)]);
+        assert_eq!(CopyFormat::for_table(&orders), CopyFormat::Binary);
+        // A generated timestamptz column is not copied, so it does not count.
+        let mut generated = typed(1184);
+        generated.generated = Some("now()".into());
+        assert_eq!(
+            CopyFormat::for_table(&table(vec![typed(20), generated])),
+            CopyFormat::Text
+        );
+    }
+
+    #[test]
     fn arrays_of_user_types_force_text_format() {
         // text[] has a built-in element type: binary is safe.
         assert_eq!(
@@ -179,7 +217,10 @@ mod tests {
         );
         // ... unless the column is generated and therefore not copied.
         assert_eq!(
-            CopyFormat::for_table(&table(vec![column("history", 16390, true)])),
+            CopyFormat::for_table(&table(vec![
+                column("history", 16390, true),
+                column("at", 0, false)
+            ])),
             CopyFormat::Binary
         );
     }
