@@ -958,3 +958,39 @@ async fn ctrl_c_during_the_copy_exits_130_and_keeps_the_old_rows() {
     );
     no_staging_left(&mirror).await;
 }
+
+#[tokio::test]
+async fn not_valid_constraints_stay_not_valid_and_old_rows_still_copy() {
+    let dbs = test_dbs("not_valid").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE customers (id int PRIMARY KEY); \
+             CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric); \
+             INSERT INTO customers VALUES (1); \
+             INSERT INTO orders VALUES (1, 1, 10), (2, 99, -5); \
+             ALTER TABLE orders ADD CONSTRAINT total_positive CHECK (total >= 0) NOT VALID; \
+             ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) \
+                 REFERENCES customers (id) NOT VALID;",
+        )
+        .await
+        .unwrap();
+    let out = sync(&dbs, &["--init"]);
+    assert_exit(&out, 0);
+    let mirror = connect(&dbs.mirror_url).await;
+    assert_eq!(
+        digest(&source, "orders").await,
+        digest(&mirror, "orders").await
+    );
+    assert_eq!(
+        keys_and_indexes(&source, "public", "orders").await,
+        keys_and_indexes(&mirror, "public", "orders").await
+    );
+    // Still enforced for new rows.
+    assert!(
+        mirror
+            .batch_execute("INSERT INTO orders VALUES (3, 1, -1)")
+            .await
+            .is_err()
+    );
+}

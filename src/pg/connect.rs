@@ -1346,8 +1346,20 @@ fn parse_text(text: &str) -> Result<ParsedText, UrlProblem> {
             return parse_url(scheme, rest);
         }
     }
-    if text.contains("://") {
-        return Err(UrlProblem::NotAUrl);
+    // Some other scheme (`mysql://...`): a URL, but not ours. Only a scheme at the very
+    // start counts; `://` inside a quoted key=value password is just text.
+    if let Some(at) = text.find("://") {
+        let scheme = &text[..at];
+        let is_scheme = scheme
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if is_scheme {
+            return Err(UrlProblem::NotAUrl);
+        }
     }
     parse_key_value(text)
 }

@@ -64,7 +64,7 @@ pub(super) fn index_statements(def: &TableDef, at: &QualifiedName) -> Vec<String
 pub(super) fn key_statements(def: &TableDef, at: &QualifiedName) -> Vec<String> {
     def.constraints
         .iter()
-        .filter(|c| c.kind != 'c')
+        .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
         .map(|c| ddl::attach_key(at, c))
         .collect()
 }

@@ -142,6 +142,8 @@ pub struct ForeignKeyDef {
     pub deferrable: bool,
     /// `INITIALLY DEFERRED`.
     pub initially_deferred: bool,
+    /// Validated; `false` for a key added `NOT VALID` on the source, whose old rows may break it.
+    pub validated: bool,
 }
 
 /// A plain index (one that does not back a constraint).
@@ -395,7 +397,8 @@ async fn read_constraints(
                     con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, \
                     con.condeferrable, con.condeferred, \
                     CASE WHEN con.contype IN ('p', 'u') THEN pg_catalog.pg_get_indexdef(con.conindid) END, \
-                    pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(cc.relname) \
+                    pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(cc.relname), \
+                    con.convalidated \
              FROM pg_catalog.pg_constraint con \
              JOIN pg_catalog.pg_class cc ON cc.oid = con.conrelid \
              JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
@@ -425,6 +428,7 @@ async fn read_constraints(
                 match_full: first_char(r.get(10)) == 'f',
                 deferrable: r.get(11),
                 initially_deferred: r.get(12),
+                validated: r.get(15),
             });
         } else {
             let index_def: Option<String> = r.get(13);

@@ -153,9 +153,12 @@ pub fn column_sql(column: &ColumnDef) -> String {
 /// Keys, indexes and foreign keys come later, after the data is in.
 pub fn create_table(def: &TableDef, at: &QualifiedName) -> String {
     let mut parts: Vec<String> = def.columns.iter().map(column_sql).collect();
-    for c in def.constraints.iter().filter(|c| c.kind == 'c') {
-        let definition = c.definition.trim_end_matches(" NOT VALID");
-        parts.push(format!("CONSTRAINT {} {definition}", quote(&c.name)));
+    for c in def
+        .constraints
+        .iter()
+        .filter(|c| c.kind == 'c' && !is_not_valid(c))
+    {
+        parts.push(format!("CONSTRAINT {} {}", quote(&c.name), c.definition));
     }
     format!(
         "CREATE TABLE {} (\n    {}\n)",
@@ -164,8 +167,15 @@ pub fn create_table(def: &TableDef, at: &QualifiedName) -> String {
     )
 }
 
+/// A check constraint the source holds `NOT VALID`: old rows may break it, so it cannot be
+/// part of `CREATE TABLE` (COPY would reject them); it is added `NOT VALID` after the load,
+/// like on the source.
+pub fn is_not_valid(constraint: &ConstraintDef) -> bool {
+    constraint.kind == 'c' && constraint.definition.ends_with(" NOT VALID")
+}
+
 /// Primary key, unique and exclusion constraints, built whole (the constraint builds its own
-/// index).
+/// index); also `NOT VALID` checks, whose definition says so.
 pub fn add_key(at: &QualifiedName, constraint: &ConstraintDef) -> String {
     format!(
         "ALTER TABLE {} ADD CONSTRAINT {} {}",
@@ -264,6 +274,9 @@ pub fn add_foreign_key(
         if fk.initially_deferred {
             sql.push_str(" INITIALLY DEFERRED");
         }
+    }
+    if !fk.validated {
+        sql.push_str(" NOT VALID");
     }
     sql
 }
@@ -401,8 +414,7 @@ mod tests {
              \"id\" bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME \"Order Items_id_seq\" INCREMENT BY 1 MINVALUE 1 MAXVALUE 9223372036854775807 START WITH 1 CACHE 1 NO CYCLE) NOT NULL,\n    \
              \"total\" numeric(12,2) DEFAULT 0,\n    \
              \"doubled\" numeric GENERATED ALWAYS AS ((total * (2)::numeric)) STORED,\n    \
-             \"select\" text COLLATE pg_catalog.\"C\",\n    \
-             CONSTRAINT \"total_check\" CHECK ((total >= (0)::numeric))\n)"
+             \"select\" text COLLATE pg_catalog.\"C\"\n)"
         );
         assert_eq!(
             add_key(&at, &def.constraints[1]),
@@ -448,6 +460,7 @@ mod tests {
             match_full: true,
             deferrable: true,
             initially_deferred: true,
+            validated: true,
         };
         let at = QualifiedName::new("s", "items");
         assert_eq!(

@@ -474,6 +474,7 @@ mod tests {
                     match_full: false,
                     deferrable: false,
                     initially_deferred: false,
+                    validated: true,
                 })
                 .collect(),
             indexes: vec![],
