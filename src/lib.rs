@@ -22,3 +22,20 @@ pub mod demo;
 pub mod pg;
 pub mod sample;
 pub mod sync;
+
+/// An error and its causes on one line, `outer: inner: root`, as the CLI prints them and the
+/// bookkeeping stores them. A cause whose text the message already ends with is not repeated
+/// (`#[error(transparent)]`-style wrappers).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -180,7 +180,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
                 SyncError::Cancelled => 130,
                 ref other => other.exit_code() as u8,
             };
-            let message = chain(&e);
+            let message = bite_sync::error_chain(&e);
             eprintln!("error: {message}");
             if args.json {
                 println!(
@@ -197,23 +197,8 @@ fn report<E: std::error::Error>(result: std::result::Result<(), E>) -> u8 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", bite_sync::error_chain(&e));
             1
         }
     }
-}
-
-/// `outer: inner: root`, each cause once.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
 }

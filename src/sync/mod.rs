@@ -850,7 +850,7 @@ async fn record_start(
 }
 
 async fn record_failure(mirror: &Client, run_id: i64, error: &SyncError) {
-    let message = error_chain(error);
+    let message = crate::error_chain(error);
     let result = mirror
         .execute(
             "UPDATE bite_sync.sync_runs SET outcome = 'failed', finished_at = now(), error = $2, \
@@ -862,17 +862,6 @@ async fn record_failure(mirror: &Client, run_id: i64, error: &SyncError) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "could not record the failed run (the next run marks it abandoned)");
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
 }
 
 #[allow(clippy::too_many_arguments)]
