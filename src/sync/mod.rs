@@ -876,16 +876,26 @@ async fn execute(
     started: Instant,
 ) -> Result<(), SyncError> {
     observer.phase("preparing the mirror");
-    for statement in planned.prepare.iter().cloned().chain(
-        planned
-            .staging_schemas
-            .iter()
-            .map(|s| format!("CREATE SCHEMA {}", quote(s))),
-    ) {
-        mirror.batch_execute(&statement).await.map_err(pg(
-            Side::Mirror,
-            format!("failed to prepare the mirror: {statement}"),
-        ))?;
+    {
+        // One transaction: fewer commits, and a failure leaves nothing half-prepared.
+        let tx = mirror
+            .transaction()
+            .await
+            .map_err(pg(Side::Mirror, "failed to prepare the mirror"))?;
+        for statement in planned.prepare.iter().cloned().chain(
+            planned
+                .staging_schemas
+                .iter()
+                .map(|s| format!("CREATE SCHEMA {}", quote(s))),
+        ) {
+            tx.batch_execute(&statement).await.map_err(pg(
+                Side::Mirror,
+                format!("failed to prepare the mirror: {statement}"),
+            ))?;
+        }
+        tx.commit()
+            .await
+            .map_err(pg(Side::Mirror, "failed to prepare the mirror"))?;
     }
 
     observer.phase("copying rows and building indexes");
