@@ -38,6 +38,15 @@ fn assert_exit(o: &Output, code: i32) {
     );
 }
 
+/// Creates tables on the source with `sql`, runs a first sync (`--init`), and returns clients
+/// for both databases.
+async fn synced(dbs: &TestDbs, sql: &str) -> (tokio_postgres::Client, tokio_postgres::Client) {
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(sql).await.expect("source set-up");
+    assert_exit(&sync(dbs, &["--init"]), 0);
+    (source, connect(&dbs.mirror_url).await)
+}
+
 /// An order-independent digest of a table's full contents, as PostgreSQL renders them.
 async fn digest(client: &tokio_postgres::Client, table: &str) -> (i64, String) {
     let row = client
@@ -427,13 +436,7 @@ async fn first_write_needs_init_and_leaves_the_database_alone() {
 #[tokio::test]
 async fn incompatible_column_change_is_refused_by_name() {
     let dbs = test_dbs("incompatible").await;
-    let source = connect(&dbs.source_url).await;
-    source
-        .batch_execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric(12,2)); INSERT INTO orders VALUES (1, 10)")
-        .await
-        .unwrap();
-    assert_exit(&sync(&dbs, &["--init"]), 0);
-    let mirror = connect(&dbs.mirror_url).await;
+    let (source, mirror) = synced(&dbs, "CREATE TABLE orders (id int PRIMARY KEY, total numeric(12,2)); INSERT INTO orders VALUES (1, 10)").await;
     mirror
         .batch_execute("ALTER TABLE orders ALTER COLUMN total TYPE integer")
         .await
@@ -457,13 +460,7 @@ async fn incompatible_column_change_is_refused_by_name() {
 #[tokio::test]
 async fn missing_columns_are_added() {
     let dbs = test_dbs("add_columns").await;
-    let source = connect(&dbs.source_url).await;
-    source
-        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY, name text); INSERT INTO customers VALUES (1, 'a')")
-        .await
-        .unwrap();
-    assert_exit(&sync(&dbs, &["--init"]), 0);
-    let mirror = connect(&dbs.mirror_url).await;
+    let (source, mirror) = synced(&dbs, "CREATE TABLE customers (id int PRIMARY KEY, name text); INSERT INTO customers VALUES (1, 'a')").await;
 
     // Schema-only: the column is added in place and the mirror's rows stay.
     source
@@ -519,13 +516,7 @@ async fn unknown_tables_get_near_names() {
 #[tokio::test]
 async fn grants_triggers_and_mirror_only_foreign_keys_survive_a_resync() {
     let dbs = test_dbs("grants_survive").await;
-    let source = connect(&dbs.source_url).await;
-    source
-        .batch_execute("CREATE TABLE customers (id int PRIMARY KEY); INSERT INTO customers SELECT generate_series(1, 10)")
-        .await
-        .unwrap();
-    assert_exit(&sync(&dbs, &["--init"]), 0);
-    let mirror = connect(&dbs.mirror_url).await;
+    let (source, mirror) = synced(&dbs, "CREATE TABLE customers (id int PRIMARY KEY); INSERT INTO customers SELECT generate_series(1, 10)").await;
     let role = format!("reader_{}", dbs.name);
     mirror
         .batch_execute(&format!(
@@ -575,13 +566,11 @@ async fn grants_triggers_and_mirror_only_foreign_keys_survive_a_resync() {
 #[tokio::test]
 async fn views_on_a_mirror_table_stop_the_sync_with_a_clear_message() {
     let dbs = test_dbs("views_block").await;
-    let source = connect(&dbs.source_url).await;
-    source
-        .batch_execute("CREATE TABLE menu (id int); INSERT INTO menu VALUES (1)")
-        .await
-        .unwrap();
-    assert_exit(&sync(&dbs, &["--init"]), 0);
-    let mirror = connect(&dbs.mirror_url).await;
+    let (_source, mirror) = synced(
+        &dbs,
+        "CREATE TABLE menu (id int); INSERT INTO menu VALUES (1)",
+    )
+    .await;
     mirror
         .batch_execute("CREATE VIEW menu_view AS SELECT * FROM menu")
         .await
@@ -598,13 +587,7 @@ async fn views_on_a_mirror_table_stop_the_sync_with_a_clear_message() {
 #[tokio::test]
 async fn a_second_run_is_refused_while_one_holds_the_mirror() {
     let dbs = test_dbs("busy").await;
-    let source = connect(&dbs.source_url).await;
-    source
-        .batch_execute("CREATE TABLE t (x int)")
-        .await
-        .unwrap();
-    assert_exit(&sync(&dbs, &["--init"]), 0);
-    let mirror = connect(&dbs.mirror_url).await;
+    let (_source, mirror) = synced(&dbs, "CREATE TABLE t (x int)").await;
     // The run lock bite-sync takes (see sync::RUN_LOCK).
     mirror
         .batch_execute("SELECT pg_advisory_lock(x'626974650002'::bigint)")
