@@ -735,6 +735,23 @@ fn spawn_sync(dbs: &TestDbs, args: &[&str]) -> std::process::Child {
         .expect("bite-sync starts")
 }
 
+/// After an interrupted run: the mirror still holds `before`, the next run succeeds and
+/// copies the source, and no staging schema is left.
+async fn assert_interrupted_run_left_no_trace(
+    dbs: &TestDbs,
+    source: &tokio_postgres::Client,
+    mirror: &tokio_postgres::Client,
+    before: (i64, String),
+) {
+    assert_eq!(digest(mirror, "events").await, before, "old rows changed");
+    assert_exit(&sync(dbs, &[]), 0);
+    assert_eq!(
+        digest(mirror, "events").await,
+        digest(source, "events").await
+    );
+    no_staging_left(mirror).await;
+}
+
 async fn no_staging_left(mirror: &tokio_postgres::Client) {
     let left: i64 = mirror
         .query_one(
@@ -831,13 +848,7 @@ async fn kill_during_the_swap_keeps_the_old_rows() {
     child.wait().unwrap();
     tx.commit().await.unwrap();
 
-    assert_eq!(digest(&mirror, "events").await, before);
-    assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(
-        digest(&mirror, "events").await,
-        digest(&source, "events").await
-    );
-    no_staging_left(&mirror).await;
+    assert_interrupted_run_left_no_trace(&dbs, &source, &mirror, before).await;
 }
 
 #[tokio::test]
@@ -858,13 +869,7 @@ async fn a_cut_mirror_connection_fails_the_run_and_loses_nothing() {
         .unwrap();
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("events"), "{}", stderr(&out));
-    assert_eq!(digest(&mirror, "events").await, before);
-    assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(
-        digest(&mirror, "events").await,
-        digest(&source, "events").await
-    );
-    no_staging_left(&mirror).await;
+    assert_interrupted_run_left_no_trace(&dbs, &source, &mirror, before).await;
 }
 
 #[tokio::test]
@@ -933,13 +938,7 @@ async fn ctrl_c_during_the_copy_exits_130_and_keeps_the_old_rows() {
         .unwrap();
     assert_exit(&out, 130);
     assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
-    assert_eq!(digest(&mirror, "events").await, before);
-    assert_exit(&sync(&dbs, &[]), 0);
-    assert_eq!(
-        digest(&mirror, "events").await,
-        digest(&source, "events").await
-    );
-    no_staging_left(&mirror).await;
+    assert_interrupted_run_left_no_trace(&dbs, &source, &mirror, before).await;
 }
 
 #[tokio::test]
