@@ -30,7 +30,8 @@ use super::catalog::TableDef;
 use super::copy::{self, CopyError, CopyStats};
 use super::tasks::{Next, Node, Tasks};
 use super::{
-    Mode, Observer, Planned, PlannedTable, Side, StagedKey, SyncError, SyncOptions, ddl, pg,
+    Mode, Observer, Planned, PlannedTable, Side, StagedKey, SyncError, SyncOptions, ddl,
+    join_snapshot, pg,
 };
 
 /// One task's work; tables are named by their index in the plan.
@@ -195,7 +196,9 @@ pub(super) async fn build_tables(
                         Work::Keys(_) => {
                             attach_keys(mirror, table).await?;
                         }
-                        Work::ForeignKeys(_) => add_foreign_keys(mirror, table, keys).await?,
+                        Work::ForeignKeys(i) => {
+                            add_foreign_keys(mirror, *i, table, keys).await?
+                        }
                     }
                     Ok::<_, SyncError>(stats)
                 }
@@ -255,13 +258,7 @@ async fn worker_connections(
     snapshot: &str,
 ) -> Result<(Client, Client), SyncError> {
     let (source, mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
-    source
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            literal(snapshot)
-        ))
-        .await
-        .map_err(pg(Side::Source, "failed to join the source snapshot"))?;
+    join_snapshot(&source, snapshot).await?;
     mirror
         .batch_execute(&format!(
             "SET search_path = ''; SET synchronous_commit = off; SET maintenance_work_mem = {0}; \
@@ -373,17 +370,19 @@ const LEADING_INDEX: &str = "\
 
 async fn add_foreign_keys(
     mirror: &mut Client,
+    index: usize,
     table: &PlannedTable,
     keys: &[StagedKey],
 ) -> Result<(), SyncError> {
     let name = &table.def.name;
+    let at = table.staged.as_ref().expect("only staged tables get keys");
     let mut attempt = 1;
     loop {
         let result = async {
             let tx = mirror.transaction().await?;
-            for key in keys.iter().filter(|k| k.table_name == *name) {
+            for key in keys.iter().filter(|k| k.table == index) {
                 let indexed: bool = tx
-                    .query_one(LEADING_INDEX, &[&key.at.schema, &key.at.name, &key.columns])
+                    .query_one(LEADING_INDEX, &[&at.schema, &at.name, &key.columns])
                     .await?
                     .get(0);
                 tx.batch_execute(&format!(

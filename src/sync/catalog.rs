@@ -228,7 +228,7 @@ pub struct TableEntry {
 /// Schemas that never hold user tables to sync.
 const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'bite_sync', 'pg_toast') \
      AND n.nspname NOT LIKE 'pg_temp_%' AND n.nspname NOT LIKE 'pg_toast_temp_%' \
-     AND n.nspname NOT LIKE 'bite_sync_stage_%'";
+     AND NOT starts_with(n.nspname, 'bite_sync_stage_')";
 
 /// Lists every user table of the database.
 pub async fn list_tables(client: &Client) -> Result<Vec<TableEntry>, tokio_postgres::Error> {

@@ -43,7 +43,7 @@ use crate::bookkeeping::{self, BookkeepingError};
 use crate::pg::connect::{ConnectError, DbUrl};
 use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
 
-use self::catalog::{SourceCatalog, TableDef, TypeDef};
+use self::catalog::{ForeignKeyDef, SourceCatalog, TableDef, TypeDef};
 use self::copy::{CopyFormat, CopyStats};
 pub use self::plan::{Mode, PlanError, TableAction};
 use self::swap::SwapTable;
@@ -416,10 +416,7 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
     }
     .await;
     match result {
-        Ok(planned) => {
-            drop(source);
-            Ok(planned.report(Some(run_id), !initialized, started))
-        }
+        Ok(planned) => Ok(planned.report(Some(run_id), !initialized, started)),
         Err(e) => {
             record_failure(&mirror, run_id, &e).await;
             Err(e)
@@ -460,8 +457,8 @@ async fn database_identity(client: &Client, side: Side) -> Result<String, SyncEr
 async fn cleanup_leftovers(mirror: &Client) -> Result<(), SyncError> {
     let rows = mirror
         .query(
-            "SELECT nspname FROM pg_catalog.pg_namespace WHERE nspname LIKE $1",
-            &[&format!("{STAGING_PREFIX}%")],
+            "SELECT nspname FROM pg_catalog.pg_namespace WHERE starts_with(nspname, $1)",
+            &[&STAGING_PREFIX],
         )
         .await
         .map_err(pg(
@@ -493,13 +490,7 @@ async fn begin_snapshot(source: &Client, given: Option<&str>) -> Result<String, 
     let context = "failed to start the snapshot transaction on the source";
     match given {
         Some(name) => {
-            source
-                .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                    literal(name)
-                ))
-                .await
-                .map_err(pg(Side::Source, context))?;
+            join_snapshot(source, name).await?;
             Ok(name.to_string())
         }
         None => {
@@ -514,6 +505,17 @@ async fn begin_snapshot(source: &Client, given: Option<&str>) -> Result<String, 
             Ok(row.get(0))
         }
     }
+}
+
+/// Starts a transaction on `source` that reads from the exported snapshot `name`.
+async fn join_snapshot(source: &Client, name: &str) -> Result<(), SyncError> {
+    source
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            literal(name)
+        ))
+        .await
+        .map_err(pg(Side::Source, "failed to join the source snapshot"))
 }
 
 /// One table's place in a run.
@@ -532,6 +534,20 @@ impl PlannedTable {
     fn copies_data(&self, mode: Mode) -> bool {
         self.staged.is_some() && mode != Mode::SchemaOnly
     }
+
+    /// `ALTER TABLE ... ADD COLUMN` for a schema-only run on an existing table.
+    fn add_column_statements(&self) -> Vec<String> {
+        match &self.action {
+            TableAction::AddColumns { columns } => self
+                .def
+                .columns
+                .iter()
+                .filter(|c| columns.contains(&c.name))
+                .map(|c| ddl::add_column(&self.def.name, c))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A foreign key between two tables of the run, added on the staged tables.
@@ -539,10 +555,6 @@ impl PlannedTable {
 struct StagedKey {
     /// Index of the referencing table in the plan.
     table: usize,
-    /// Its name.
-    table_name: QualifiedName,
-    /// Where it is staged.
-    at: QualifiedName,
     /// The referencing columns.
     columns: Vec<String>,
     /// Index of the referenced table, when it is staged too (the key waits for it).
@@ -612,12 +624,7 @@ impl Planned {
                 out.extend(build::index_statements(&t.def, at));
                 out.extend(build::key_statements(&t.def, at));
             }
-            (None, TableAction::AddColumns { columns }) => {
-                for c in t.def.columns.iter().filter(|c| columns.contains(&c.name)) {
-                    out.push(ddl::add_column(&t.def.name, c));
-                }
-            }
-            (None, _) => {}
+            (None, _) => out.extend(t.add_column_statements()),
         }
         out.extend(
             self.foreign_keys
@@ -629,7 +636,7 @@ impl Planned {
             self.outside_keys
                 .iter()
                 .filter(|k| k.key.table == t.def.name)
-                .map(|k| format!("{} NOT VALID  -- in the swap, validated after", k.statement)),
+                .map(|k| format!("{}  -- in the swap, validated after", k.statement)),
         );
         out
     }
@@ -654,8 +661,8 @@ fn plan_run(
     for name in &order {
         let def = source.tables[name].clone();
         let action = plan::compare(&def, mirror.tables.get(name), opts.mode)?;
-        let staged = match (&action, opts.mode) {
-            (TableAction::AddColumns { .. }, _) => None,
+        let staged = match &action {
+            TableAction::AddColumns { .. } => None,
             _ => {
                 let i = target_schemas
                     .iter()
@@ -683,16 +690,14 @@ fn plan_run(
     for (i, t) in tables.iter().enumerate() {
         let Some(at) = &t.staged else { continue };
         for fk in &t.def.foreign_keys {
-            let parent = tables.iter().find(|p| p.def.name == fk.referenced);
-            match parent {
+            match tables.iter().position(|p| p.def.name == fk.referenced) {
                 Some(p) => {
-                    let referenced_at = p.staged.as_ref().unwrap_or(&p.def.name);
+                    let parent = &tables[p];
+                    let referenced_at = parent.staged.as_ref().unwrap_or(&parent.def.name);
                     foreign_keys.push(StagedKey {
                         table: i,
-                        table_name: t.def.name.clone(),
-                        at: at.clone(),
                         columns: fk.columns.clone(),
-                        parent: tables.iter().position(|p| p.def.name == fk.referenced && p.staged.is_some()),
+                        parent: parent.staged.is_some().then_some(p),
                         statement: ddl::add_foreign_key(at, fk, referenced_at),
                     });
                 }
@@ -704,7 +709,14 @@ fn plan_run(
                         table: t.def.name.clone(),
                         name: fk.name.clone(),
                     },
-                    statement: ddl::add_foreign_key(&t.def.name, fk, &fk.referenced),
+                    statement: ddl::add_foreign_key(
+                        &t.def.name,
+                        &ForeignKeyDef {
+                            validated: false,
+                            ..fk.clone()
+                        },
+                        &fk.referenced,
+                    ),
                 }),
                 None => warnings.push(format!(
                     "foreign key {} on {} references {}, which is neither part of this sync nor on the mirror: skipped",
@@ -834,10 +846,7 @@ async fn record_start(
     source_id: &str,
 ) -> Result<i64, SyncError> {
     let tables: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let mode = serde_json::to_value(opts.mode)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
+    let mode = opts.mode.as_str();
     let row = mirror
         .query_one(
             "INSERT INTO bite_sync.sync_runs (mode, tables, source_system_identifier, source_database) \
@@ -921,16 +930,7 @@ async fn execute(
             target: t.def.name.clone(),
             staged: t.staged.clone(),
             replaces_existing: matches!(t.action, TableAction::Replace { .. }),
-            add_columns: match &t.action {
-                TableAction::AddColumns { columns } => t
-                    .def
-                    .columns
-                    .iter()
-                    .filter(|c| columns.contains(&c.name))
-                    .map(|c| ddl::add_column(&t.def.name, c))
-                    .collect(),
-                _ => Vec::new(),
-            },
+            add_columns: t.add_column_statements(),
             owned_sequences: source_catalog
                 .sequences
                 .iter()
@@ -964,9 +964,6 @@ async fn execute(
             ));
         }
     }
-    for w in &planned.warnings {
-        tracing::warn!("{w}");
-    }
     Ok(())
 }
 
@@ -980,16 +977,11 @@ fn finish_statements(planned: &Planned, run_id: i64, started: Instant) -> Vec<St
         started.elapsed().as_millis()
     )];
     for t in &planned.tables {
-        let action = match t.action {
-            TableAction::Create => "create",
-            TableAction::Replace { .. } => "replace",
-            TableAction::AddColumns { .. } => "add-columns",
-        };
         out.push(format!(
             "INSERT INTO bite_sync.sync_run_tables (run_id, table_name, action, rows_copied, bytes_copied, duration_ms) \
              VALUES ({run_id}, {}, {}, {}, {}, {})",
             literal(&t.def.name.to_string()),
-            literal(action),
+            literal(t.action.as_str()),
             t.stats.rows,
             t.stats.bytes,
             t.duration.as_millis()

@@ -26,6 +26,17 @@ pub enum Mode {
     DataOnly,
 }
 
+impl Mode {
+    /// The name used in `--json` and the run records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::SchemaOnly => "schema-only",
+            Mode::DataOnly => "data-only",
+        }
+    }
+}
+
 /// Why a sync cannot go ahead as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
@@ -277,6 +288,17 @@ pub enum TableAction {
         /// Columns to add.
         columns: Vec<String>,
     },
+}
+
+impl TableAction {
+    /// The name used in `--json` and the run records.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TableAction::Create => "create",
+            TableAction::Replace { .. } => "replace",
+            TableAction::AddColumns { .. } => "add-columns",
+        }
+    }
 }
 
 /// Decides what happens to one table, refusing differences that cannot be applied safely.

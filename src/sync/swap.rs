@@ -47,7 +47,7 @@ pub struct RepointedKey {
 pub struct OutsideKey {
     /// Which key.
     pub key: RepointedKey,
-    /// `ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ...` naming the final tables.
+    /// `ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY ... NOT VALID` naming the final tables.
     pub statement: String,
 }
 
@@ -260,7 +260,7 @@ async fn swap_once(
         }
     }
     for key in outside_keys {
-        after_move.push(format!("{} NOT VALID", key.statement));
+        after_move.push(key.statement.clone());
         outcome.repointed.push(key.key.clone());
     }
     for statement in after_move.iter().chain(finish) {
