@@ -976,3 +976,28 @@ async fn not_valid_constraints_stay_not_valid_and_old_rows_still_copy() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_not_valid_key_to_a_table_left_on_the_mirror_stays_not_valid() {
+    let dbs = test_dbs("not_valid_outside").await;
+    let (source, mirror) = synced(
+        &dbs,
+        "CREATE TABLE customers (id int PRIMARY KEY); \
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int); \
+         INSERT INTO customers VALUES (1); INSERT INTO orders VALUES (1, 1), (2, 99); \
+         ALTER TABLE orders ADD CONSTRAINT orders_customer_fk FOREIGN KEY (customer_id) \
+             REFERENCES customers (id) NOT VALID;",
+    )
+    .await;
+    // Only orders this time: its key points at the customers table already on the mirror.
+    let out = sync(&dbs, &["--tables", "orders"]);
+    assert_exit(&out, 0);
+    assert_eq!(
+        digest(&source, "orders").await,
+        digest(&mirror, "orders").await
+    );
+    assert_eq!(
+        keys_and_indexes(&source, "public", "orders").await,
+        keys_and_indexes(&mirror, "public", "orders").await
+    );
+}
