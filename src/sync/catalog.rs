@@ -580,21 +580,17 @@ async fn read_types(
     client: &Client,
     type_oids: BTreeSet<u32>,
 ) -> Result<Vec<TypeDef>, tokio_postgres::Error> {
-    let mut pending: Vec<u32> = type_oids.into_iter().collect();
     let mut seen = BTreeSet::new();
     let mut ordered: Vec<TypeDef> = Vec::new();
-    // Depth-first, emitting a type after its dependencies.
-    let mut stack: Vec<(u32, bool)> = pending.drain(..).map(|o| (o, false)).collect();
+    // Depth-first, emitting a type after its dependencies; `seen` makes each type visited, and
+    // so emitted, once.
+    let mut stack: Vec<(u32, bool)> = type_oids.into_iter().map(|o| (o, false)).collect();
     while let Some((oid, expanded)) = stack.pop() {
         if oid < FIRST_USER_OID {
             continue;
         }
         if expanded {
-            if let Some(def) = read_type(client, oid).await? {
-                if !ordered.iter().any(|t| t.name() == def.name()) {
-                    ordered.push(def);
-                }
-            }
+            ordered.push(read_type(client, oid).await?);
             continue;
         }
         if !seen.insert(oid) {
@@ -624,7 +620,7 @@ async fn read_types(
     Ok(ordered)
 }
 
-async fn read_type(client: &Client, oid: u32) -> Result<Option<TypeDef>, tokio_postgres::Error> {
+async fn read_type(client: &Client, oid: u32) -> Result<TypeDef, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT n.nspname, t.typname, t.typtype::text, \
@@ -646,13 +642,13 @@ async fn read_type(client: &Client, oid: u32) -> Result<Option<TypeDef>, tokio_p
     let extension: Option<String> = row.get(7);
     let typtype = first_char(row.get(2));
     if extension.is_some() {
-        return Ok(Some(TypeDef::External {
+        return Ok(TypeDef::External {
             name,
             kind: "extension",
             extension,
-        }));
+        });
     }
-    Ok(Some(match typtype {
+    Ok(match typtype {
         'e' => {
             let labels = client
                 .query(
@@ -700,7 +696,7 @@ async fn read_type(client: &Client, oid: u32) -> Result<Option<TypeDef>, tokio_p
             kind: "base",
             extension: None,
         },
-    }))
+    })
 }
 
 fn first_char(s: String) -> char {
