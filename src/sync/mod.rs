@@ -46,7 +46,7 @@ use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
 use self::catalog::{ForeignKeyDef, SourceCatalog, TableDef, TypeDef};
 use self::copy::{CopyFormat, CopyStats};
 pub use self::plan::{Mode, PlanError, TableAction};
-use self::swap::SwapTable;
+use self::swap::{SwapPlan, SwapTable};
 
 /// Everything a sync run needs to know.
 #[derive(Debug, Clone)]
@@ -923,7 +923,7 @@ async fn execute(
     }
 
     observer.phase("swapping in the new tables");
-    let swap_tables: Vec<SwapTable> = planned
+    let tables = planned
         .tables
         .iter()
         .map(|t| SwapTable {
@@ -940,17 +940,16 @@ async fn execute(
                 .collect(),
         })
         .collect();
-    let finish = finish_statements(planned, run_id, started);
-    let outcome = swap::swap(
-        mirror,
-        &swap_tables,
-        &planned.staging_schemas,
-        &planned.outside_keys,
-        opts.lock_timeout,
-        &finish,
-    )
-    .await
-    .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;
+    let plan = SwapPlan {
+        tables,
+        staging_schemas: planned.staging_schemas.clone(),
+        outside_keys: planned.outside_keys.clone(),
+        lock_timeout: opts.lock_timeout,
+        finish: finish_statements(planned, run_id, started),
+    };
+    let outcome = swap::swap(mirror, &plan)
+        .await
+        .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;
 
     if !outcome.repointed.is_empty() {
         observer.phase("validating foreign keys from other mirror tables");

@@ -58,37 +58,40 @@ pub struct SwapOutcome {
     pub repointed: Vec<RepointedKey>,
 }
 
+/// Everything one swap does.
+#[derive(Debug, Clone)]
+pub struct SwapPlan {
+    /// The run's tables.
+    pub tables: Vec<SwapTable>,
+    /// Staging schemas, dropped by the swap once empty.
+    pub staging_schemas: Vec<String>,
+    /// Keys from run tables to mirror tables outside the run.
+    pub outside_keys: Vec<OutsideKey>,
+    /// How long each attempt waits for readers' locks.
+    pub lock_timeout: Duration,
+    /// Statements that record the run, committed with the swap.
+    pub finish: Vec<String>,
+}
+
 /// How often the swap is retried when it cannot take its locks within the lock timeout.
 const SWAP_ATTEMPTS: u32 = 3;
 
-/// Runs the swap transaction; `finish` adds the statements that record the run in the same
-/// transaction. Retries when the locks cannot be had in time (long-running readers).
+/// Runs the swap transaction, retrying when the locks cannot be had in time (long-running
+/// readers).
 pub async fn swap(
     mirror: &mut Client,
-    tables: &[SwapTable],
-    staging_schemas: &[String],
-    outside_keys: &[OutsideKey],
-    lock_timeout: Duration,
-    finish: &[String],
+    plan: &SwapPlan,
 ) -> Result<SwapOutcome, tokio_postgres::Error> {
     let mut attempt = 1;
     loop {
-        match swap_once(
-            mirror,
-            tables,
-            staging_schemas,
-            outside_keys,
-            lock_timeout,
-            finish,
-        )
-        .await
-        {
+        match swap_once(mirror, plan).await {
             Err(e)
                 if attempt < SWAP_ATTEMPTS && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) =>
             {
                 tracing::warn!(
                     attempt,
-                    "could not lock the mirror tables within {lock_timeout:?}: readers hold them; retrying"
+                    "could not lock the mirror tables within {:?}: readers hold them; retrying",
+                    plan.lock_timeout
                 );
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 attempt += 1;
@@ -100,12 +103,15 @@ pub async fn swap(
 
 async fn swap_once(
     mirror: &mut Client,
-    tables: &[SwapTable],
-    staging_schemas: &[String],
-    outside_keys: &[OutsideKey],
-    lock_timeout: Duration,
-    finish: &[String],
+    plan: &SwapPlan,
 ) -> Result<SwapOutcome, tokio_postgres::Error> {
+    let SwapPlan {
+        tables,
+        staging_schemas,
+        outside_keys,
+        lock_timeout,
+        finish,
+    } = plan;
     let tx = mirror.transaction().await?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = {}",
