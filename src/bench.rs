@@ -230,49 +230,36 @@ async fn bench(
         check(&refresh_client, "B", &rows, &["customers", "orders"]).await?;
 
         // C and D copy everything into empty databases.
-        let c_name = format!("full_c_{round}");
-        let c_url = demo::create_database(mirror_cluster, &c_name, Role::Mirror)
-            .await
-            .map_err(Box::new)?;
-        let full_c = mirror_cluster.url(&c_name);
-        checkpoint(&clusters).await?;
+        let empty = EmptyTarget {
+            mirror_cluster,
+            admin: &admin,
+            clusters: &clusters,
+            rows: &rows,
+        };
         eprintln!("  C: pg_dump --clean --if-exists | psql");
-        let c = shell(
-            "C (pg_dump --clean --if-exists | psql)",
-            &format!(
-                "{} --clean --if-exists '{src}' | {} -q -X '{full_c}'",
-                tool(&bin, "pg_dump"),
-                tool(&bin, "psql")
-            ),
-        )?;
-        let c_client = connect(&c_url).await?;
-        check(&c_client, "C", &rows, &TABLES).await?;
-        drop(c_client);
-
-        let d_name = format!("full_d_{round}");
-        let d_url = demo::create_database(mirror_cluster, &d_name, Role::Mirror)
-            .await
-            .map_err(Box::new)?;
-        let full_d = mirror_cluster.url(&d_name);
-        checkpoint(&clusters).await?;
+        let c = empty
+            .measure(&format!("full_c_{round}"), "C", |target| {
+                shell(
+                    "C (pg_dump --clean --if-exists | psql)",
+                    &format!(
+                        "{} --clean --if-exists '{src}' | {} -q -X '{target}'",
+                        tool(&bin, "pg_dump"),
+                        tool(&bin, "psql")
+                    ),
+                )
+            })
+            .await?;
         eprintln!("  D: bite-sync sync (all tables, empty mirror)");
-        let d = bite_sync(
-            "D (bite-sync sync)",
-            &src,
-            &full_d,
-            &["--init", "--jobs", &jobs],
-        )?;
-        let d_client = connect(&d_url).await?;
-        check(&d_client, "D", &rows, &TABLES).await?;
-        drop(d_client);
-
-        // Keep the mirror's disk and cache at one copy per kind.
-        for db in [&c_name, &d_name] {
-            admin
-                .batch_execute(&format!("DROP DATABASE {}", crate::pg::ident::quote(db)))
-                .await
-                .map_err(|e| BenchError::Check(format!("dropping {db}"), e))?;
-        }
+        let d = empty
+            .measure(&format!("full_d_{round}"), "D", |target| {
+                bite_sync(
+                    "D (bite-sync sync)",
+                    &src,
+                    target,
+                    &["--init", "--jobs", &jobs],
+                )
+            })
+            .await?;
         for (all, m) in samples.iter_mut().zip([a, b, c, d]) {
             all.push(m);
         }
@@ -294,6 +281,41 @@ async fn bench(
         c_pg_dump_full: c,
         d_bite_sync_full: d,
     })
+}
+
+/// Where C and D run: a fresh, empty database on the mirror cluster per step and round.
+struct EmptyTarget<'a> {
+    mirror_cluster: &'a crate::pg::cluster::TempCluster,
+    admin: &'a tokio_postgres::Client,
+    clusters: &'a [String],
+    rows: &'a [(String, i64)],
+}
+
+impl EmptyTarget<'_> {
+    /// Creates database `name`, checkpoints, runs `step` against its URL, checks every table
+    /// against the source's row counts, and drops the database again (one copy of each kind on
+    /// the mirror's disk and cache at a time).
+    async fn measure(
+        &self,
+        name: &str,
+        what: &str,
+        step: impl FnOnce(&str) -> Result<Measured, BenchError>,
+    ) -> Result<Measured, BenchError> {
+        let url = demo::create_database(self.mirror_cluster, name, Role::Mirror)
+            .await
+            .map_err(Box::new)?;
+        checkpoint(self.clusters).await?;
+        let measured = step(&self.mirror_cluster.url(name))?;
+        {
+            let client = connect(&url).await?;
+            check(&client, what, self.rows, &TABLES).await?;
+        }
+        self.admin
+            .batch_execute(&format!("DROP DATABASE {}", crate::pg::ident::quote(name)))
+            .await
+            .map_err(|e| BenchError::Check(format!("dropping {name}"), e))?;
+        Ok(measured)
+    }
 }
 
 /// The median time of a step's rounds, with the highest peak RSS of any round.
