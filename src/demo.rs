@@ -136,12 +136,7 @@ async fn demo(
     println!("\n$ bite-sync sync --init   # every table, first sync into a fresh mirror");
     let mut opts = SyncOptions::new(source_url.clone(), mirror_url.clone());
     opts.init = true;
-    let observer: Arc<dyn sync::Observer> = if std::io::IsTerminal::is_terminal(&std::io::stderr())
-    {
-        Arc::new(sync::progress::TerminalProgress::new())
-    } else {
-        Arc::new(sync::Quiet)
-    };
+    let observer = sync::progress::on_stderr(true);
     let report = sync::sync(&opts, Arc::clone(&observer), cancel.clone()).await?;
     drop(observer);
     print!("{}", sync::report::render(&report));

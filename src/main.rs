@@ -154,13 +154,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
     } else {
         Mode::Full
     };
-    let show_bars =
-        !args.json && !args.dry_run && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let observer: Arc<dyn sync::Observer> = if show_bars {
-        Arc::new(sync::progress::TerminalProgress::new())
-    } else {
-        Arc::new(sync::Quiet)
-    };
+    let observer = sync::progress::on_stderr(!args.json && !args.dry_run);
     let result = sync::sync(&opts, Arc::clone(&observer), cancel).await;
     drop(observer);
     match result {

@@ -12,6 +12,15 @@ use super::Observer;
 use super::copy::CopyStats;
 use crate::pg::ident::QualifiedName;
 
+/// Progress bars when stderr is a terminal (and `wanted`), otherwise nothing.
+pub fn on_stderr(wanted: bool) -> std::sync::Arc<dyn Observer> {
+    if wanted && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        std::sync::Arc::new(TerminalProgress::new())
+    } else {
+        std::sync::Arc::new(super::Quiet)
+    }
+}
+
 /// An [`super::Observer`] that draws indicatif bars.
 pub struct TerminalProgress {
     multi: MultiProgress,
