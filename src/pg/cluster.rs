@@ -22,6 +22,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use super::connect::percent_encode;
+
 const HOST: &str = "127.0.0.1";
 
 /// Where Debian/Ubuntu's postgresql-common puts each major version's binaries.
@@ -679,20 +681,6 @@ fn log_tail(path: &Path, lines: usize) -> String {
     } else {
         tail
     }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, so any database name
-/// survives the URL.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

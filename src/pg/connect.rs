@@ -1583,6 +1583,20 @@ fn percent_decode(text: &str) -> Result<String, UrlProblem> {
     String::from_utf8(out).map_err(|_| UrlProblem::BadPercentEncoding)
 }
 
+/// Percent-encodes `text` for a URL part, leaving only RFC 3986's unreserved characters
+/// as they are.
+pub fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1615,18 +1629,6 @@ mod tests {
             cause = err.source();
         }
         text
-    }
-
-    fn percent_encode(text: &str) -> String {
-        text.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect()
     }
 
     #[test]
