@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod pg;
+pub mod repl;
 pub mod sample;
 pub mod sync;
 
