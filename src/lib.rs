@@ -9,6 +9,7 @@
 //! | [`config`] | `bite-sync.toml` + environment + flags, validated into one [`config::Config`] |
 //! | [`pg`] | shared PostgreSQL primitives: connecting (TLS, redacted URLs), identifiers, throwaway clusters |
 //! | [`bookkeeping`] | the `bite_sync` schema on the mirror: migrations and run records |
+//! | [`repl`] | continuous replication: the replication connection, pgoutput decoding, exactly-once batched apply |
 //! | [`sync`] | on-demand table sync: catalog → DDL → staged binary COPY → atomic swap |
 //! | [`sample`] | the sample restaurant schema and data generator |
 //! | [`demo`] | `bite-sync demo`: a throwaway source/mirror pair with the sample restaurant |
