@@ -2,7 +2,9 @@
 //! (pgoutput), decoded by us and applied to the mirror exactly once.
 //!
 //! - [`lsn`]: WAL positions.
+//! - [`pgoutput`]: the pgoutput protocol decoded, as pure functions over bytes.
 
 pub mod lsn;
+pub mod pgoutput;
 
 pub use lsn::Lsn;
