@@ -22,11 +22,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "bookkeeping",
-    sql: include_str!("../sql/migrations/0001_bookkeeping.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "bookkeeping",
+        sql: include_str!("../sql/migrations/0001_bookkeeping.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "replication",
+        sql: include_str!("../sql/migrations/0002_replication.sql"),
+    },
+];
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).
 const MIGRATION_LOCK: i64 = 0x6269_7465_0001;
