@@ -4,6 +4,7 @@
 //! - [`lsn`]: WAL positions.
 //! - [`pgoutput`]: the pgoutput protocol decoded, as pure functions over bytes.
 
+pub mod apply;
 pub mod batch;
 pub mod lsn;
 pub mod pgoutput;

@@ -1,0 +1,924 @@
+//! Applying the decoded stream to the mirror, exactly once.
+//!
+//! Source transactions are collected into a batch ([`BatchBuilder`]) and sent to the mirror as
+//! one mirror transaction, which also moves `bite_sync.replication_state.lsn` to the end of the
+//! last source transaction in it. So the mirror's data and the position it reflects change
+//! together: after a crash, a restart streams from that position and nothing is applied twice
+//! or skipped. [`Applier::committed`] is the only position the daemon may confirm to the
+//! source, which lets the source recycle WAL up to it.
+//!
+//! Invariants:
+//! - A batch is sent when it holds `limits.rows` rows or `limits.bytes` of SQL, or its first
+//!   change is `limits.delay` old; always at a source transaction boundary, except that a
+//!   source transaction too large for one batch is sent in parts inside one open mirror
+//!   transaction, committed with its last part (memory stays bounded by the limits).
+//! - A change a table cannot take pauses that table only: its changes are skipped from then
+//!   on, and the pause is recorded (with the reason) in the same mirror transaction as the
+//!   position. A statement the mirror rejects makes the whole batch roll back; the caller then
+//!   restarts the stream from [`Applier::committed`] and the transactions up to the failure are
+//!   applied carefully, one statement at a time inside savepoints, so exactly the failing
+//!   table is paused and everything else is applied.
+//! - A table added to the stream at position `synced_lsn` (its copy was taken there) takes only
+//!   transactions that commit at or after it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::Lsn;
+use super::batch::{ApplyError, BatchBuilder, ShapeColumn, Statement, TableShape};
+use super::pgoutput::{Message, PgTimestamp, Relation};
+use crate::pg::ident::{QualifiedName, literal, quote};
+
+/// When a batch is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Source rows in a batch.
+    pub rows: usize,
+    /// Bytes of SQL in a batch.
+    pub bytes: usize,
+    /// Age of a batch's first change.
+    pub delay: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            rows: 20_000,
+            bytes: 8 << 20,
+            delay: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A replicated table as the bookkeeping records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableState {
+    /// The table (same name on both sides).
+    pub name: QualifiedName,
+    /// Source transactions committing before this are already in the mirror's copy.
+    pub synced_lsn: Lsn,
+    /// Why its changes are skipped, if they are.
+    pub paused: Option<String>,
+}
+
+/// Why applying stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyFailure {
+    /// The mirror rejected a statement; the batch was rolled back. Restart the stream from
+    /// [`Applier::committed`]: the transactions up to `until` are then applied carefully.
+    #[error("the mirror rejected a change; applying again carefully up to {until}")]
+    Rejected {
+        /// The last source position the failed batch covered.
+        until: Lsn,
+        /// What the mirror said.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A mirror or source query failed (connection lost, server restarting ...).
+    #[error("{context}")]
+    Query {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The stream broke the protocol's rules (a change outside a transaction ...).
+    #[error("unexpected replication message: {0}")]
+    Protocol(String),
+}
+
+impl ApplyFailure {
+    /// Worth retrying after a reconnect.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyFailure::Rejected { .. } => true,
+            ApplyFailure::Query { source, .. } => {
+                source.is_closed() || source.as_db_error().is_none()
+            }
+            ApplyFailure::Protocol(_) => false,
+        }
+    }
+}
+
+fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyFailure {
+    let context = context.into();
+    move |source| ApplyFailure::Query { context, source }
+}
+
+/// A relation the stream described.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Replicated: changes are applied with this shape.
+    Applied(Arc<TableShape>),
+    /// Not one of ours, or paused: changes are skipped.
+    Skipped(QualifiedName),
+}
+
+/// A column as the mirror has it.
+#[derive(Debug, Clone)]
+struct MirrorColumn {
+    name: String,
+    type_name: String,
+    /// NOT NULL without a default and not generated: rows without it cannot be inserted.
+    required: bool,
+}
+
+/// The source transaction being read.
+#[derive(Debug, Clone, Copy)]
+struct Txn {
+    final_lsn: Lsn,
+}
+
+/// Applies the stream to the mirror; see the module docs.
+pub struct Applier {
+    slot: String,
+    mirror: Client,
+    source: Client,
+    limits: Limits,
+    tables: HashMap<QualifiedName, TableState>,
+    relations: HashMap<u32, Known>,
+    mirror_columns: HashMap<QualifiedName, Vec<MirrorColumn>>,
+    batch: BatchBuilder,
+    txn: Option<Txn>,
+    /// A mirror transaction holds part of a large source transaction.
+    mirror_txn_open: bool,
+    /// The batch holds a transaction at or before `careful_until`.
+    batch_careful: bool,
+    /// The end of the last source transaction in the batch, and its commit time.
+    batch_end: Option<(Lsn, PgTimestamp)>,
+    batch_started: Option<Instant>,
+    /// Pauses to record with the next commit.
+    newly_paused: Vec<(QualifiedName, String)>,
+    committed: Lsn,
+    careful_until: Lsn,
+    applied_rows: u64,
+    applied_txns: u64,
+}
+
+/// Counters for status and logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The position recorded on the mirror.
+    pub committed: Lsn,
+    /// Source rows applied since start.
+    pub rows: u64,
+    /// Source transactions applied since start.
+    pub transactions: u64,
+}
+
+impl Applier {
+    /// Sets up the mirror session for applying. `committed` is the position recorded on the
+    /// mirror; `careful_until` the end of a batch that failed (or [`Lsn::ZERO`]).
+    pub async fn new(
+        slot: &str,
+        mirror: Client,
+        source: Client,
+        tables: Vec<TableState>,
+        committed: Lsn,
+        careful_until: Lsn,
+        limits: Limits,
+    ) -> Result<Applier, ApplyFailure> {
+        source
+            .batch_execute("SET search_path = ''")
+            .await
+            .map_err(query("failed to set up the source session"))?;
+        mirror
+            .batch_execute(
+                "SET search_path = ''; SET standard_conforming_strings = on; \
+                 SET DateStyle = 'ISO, MDY'; SET statement_timeout = 0; \
+                 SET idle_in_transaction_session_timeout = 0",
+            )
+            .await
+            .map_err(query("failed to set up the mirror session"))?;
+        // Like PostgreSQL's own subscriber: no triggers and no foreign-key checks for
+        // replicated changes, which also lets changes be grouped per table. Needs superuser
+        // (or PostgreSQL 15's SET privilege on the parameter); without it the global order
+        // is kept and keys are checked.
+        let reorder = match mirror
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
+            Ok(()) => true,
+            Err(e) if e.as_db_error().is_some() => {
+                tracing::info!(
+                    "the mirror user may not set session_replication_role; changes keep their source order and mirror triggers fire"
+                );
+                false
+            }
+            Err(e) => return Err(query("failed to set up the mirror session")(e)),
+        };
+        Ok(Applier {
+            slot: slot.to_string(),
+            mirror,
+            source,
+            limits,
+            tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            relations: HashMap::new(),
+            mirror_columns: HashMap::new(),
+            batch: BatchBuilder::new(reorder),
+            txn: None,
+            mirror_txn_open: false,
+            batch_careful: false,
+            batch_end: None,
+            batch_started: None,
+            newly_paused: Vec::new(),
+            committed,
+            careful_until,
+            applied_rows: 0,
+            applied_txns: 0,
+        })
+    }
+
+    /// The position recorded on the mirror: safe to confirm to the source.
+    pub fn committed(&self) -> Lsn {
+        self.committed
+    }
+
+    /// Counters for status and logs.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            committed: self.committed,
+            rows: self.applied_rows,
+            transactions: self.applied_txns,
+        }
+    }
+
+    /// Tables paused so far, with reasons.
+    pub fn paused(&self) -> Vec<(QualifiedName, String)> {
+        let mut out: Vec<_> = self
+            .tables
+            .values()
+            .filter_map(|t| t.paused.clone().map(|r| (t.name.clone(), r)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Nothing received is waiting to be applied (not inside a source transaction, batch
+    /// empty): every position received so far is accounted for.
+    pub fn is_idle(&self) -> bool {
+        self.txn.is_none() && self.batch_end.is_none() && !self.mirror_txn_open
+    }
+
+    /// When the open batch must be sent, if one is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        match (self.batch_end, self.batch_started) {
+            (Some(_), Some(started)) => Some(started + self.limits.delay),
+            _ => None,
+        }
+    }
+
+    /// Handles one message of the stream.
+    pub async fn handle(&mut self, message: Message) -> Result<(), ApplyFailure> {
+        match message {
+            Message::Begin { final_lsn, .. } => {
+                if self.txn.is_some() {
+                    return Err(ApplyFailure::Protocol(
+                        "a transaction began inside another".into(),
+                    ));
+                }
+                self.txn = Some(Txn { final_lsn });
+                self.batch_started.get_or_insert_with(Instant::now);
+                if self.is_careful(final_lsn) {
+                    self.batch_careful = true;
+                }
+            }
+            Message::Commit {
+                end_lsn,
+                commit_time,
+                ..
+            } => {
+                let txn = self.txn.take().ok_or_else(|| {
+                    ApplyFailure::Protocol("a commit without a transaction".into())
+                })?;
+                self.batch_end = Some((end_lsn, commit_time));
+                self.applied_txns += 1;
+                if self.is_careful(txn.final_lsn)
+                    || self.batch.rows() >= self.limits.rows
+                    || self.batch.bytes() >= self.limits.bytes
+                {
+                    self.flush().await?;
+                }
+            }
+            Message::Relation(relation) => self.relation(relation).await?,
+            Message::Insert { relation, new, .. } => {
+                if let Some(shape) = self.target(relation)? {
+                    let result = self.batch.insert(&shape, &new);
+                    self.after_change(&shape, result).await?;
+                }
+            }
+            Message::Update {
+                relation, old, new, ..
+            } => {
+                if let Some(shape) = self.target(relation)? {
+                    let result = self.batch.update(&shape, old.as_ref(), &new);
+                    self.after_change(&shape, result).await?;
+                }
+            }
+            Message::Delete { relation, old, .. } => {
+                if let Some(shape) = self.target(relation)? {
+                    let result = self.batch.delete(&shape, &old);
+                    self.after_change(&shape, result).await?;
+                }
+            }
+            Message::Truncate {
+                relations,
+                restart_identity,
+                ..
+            } => {
+                let mut shapes = Vec::new();
+                for oid in relations {
+                    if let Some(shape) = self.target(oid)? {
+                        shapes.push(shape);
+                    }
+                }
+                let refs: Vec<&TableShape> = shapes.iter().map(|s| &**s).collect();
+                self.batch.truncate(&refs, restart_identity);
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {}
+            Message::StreamStart { .. }
+            | Message::StreamStop
+            | Message::StreamCommit { .. }
+            | Message::StreamAbort { .. } => {
+                return Err(ApplyFailure::Protocol(
+                    "a streamed transaction, which bite-sync did not ask for".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the batch if it is due (its delay has passed).
+    pub async fn flush_if_due(&mut self) -> Result<(), ApplyFailure> {
+        match self.deadline() {
+            Some(deadline) if Instant::now() >= deadline && self.txn.is_none() => {
+                self.flush().await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends every complete source transaction collected so far; the part of a transaction
+    /// still being read stays for later (it is only sent early when it is too large).
+    pub async fn flush(&mut self) -> Result<(), ApplyFailure> {
+        if self.txn.is_some() {
+            // Only called between transactions; a large one is sent in parts by
+            // `after_change`.
+            return Ok(());
+        }
+        let Some((end, commit_time)) = self.batch_end else {
+            return Ok(());
+        };
+        let statements = self.batch.take();
+        let mut sql = String::new();
+        if self.batch_careful {
+            self.send_carefully(statements).await?;
+        } else {
+            sql = self.open_transaction_sql();
+            for s in &statements {
+                sql.push_str(&s.sql);
+                sql.push_str(";\n");
+            }
+        }
+        for (name, reason) in std::mem::take(&mut self.newly_paused) {
+            sql.push_str(&pause_sql(&self.slot, &name, &reason));
+        }
+        sql.push_str(&format!(
+            "UPDATE bite_sync.replication_state SET lsn = {}, source_commit_time = {}, \
+             applied_at = now(), last_error = NULL WHERE slot_name = {};\nCOMMIT",
+            literal(&end.to_string()),
+            timestamp_sql(commit_time),
+            literal(&self.slot)
+        ));
+        self.send(sql, end).await?;
+        self.batch_careful = false;
+        self.mirror_txn_open = false;
+        self.committed = end;
+        self.batch_end = None;
+        self.batch_started = None;
+        if self.careful_until > Lsn::ZERO && self.committed >= self.careful_until {
+            tracing::info!(lsn = %self.committed, "past the change the mirror rejected; applying in batches again");
+            self.careful_until = Lsn::ZERO;
+        }
+        Ok(())
+    }
+
+    /// Records `lsn` as reached while nothing is pending (only unpublished tables changed),
+    /// so the source may recycle WAL up to it.
+    pub async fn advance_idle(&mut self, lsn: Lsn) -> Result<(), ApplyFailure> {
+        if !self.is_idle() || lsn <= self.committed {
+            return Ok(());
+        }
+        self.mirror
+            .execute(
+                "UPDATE bite_sync.replication_state SET lsn = $1::text::pg_lsn, applied_at = now() \
+                 WHERE slot_name = $2",
+                &[&lsn.to_string(), &self.slot],
+            )
+            .await
+            .map_err(query(
+                "failed to record the stream's position on the mirror",
+            ))?;
+        self.committed = lsn;
+        Ok(())
+    }
+
+    /// Rolls back a mirror transaction left open by a large source transaction (shutdown in
+    /// the middle of one); the position stays at the last commit.
+    pub async fn abandon(&mut self) {
+        if self.mirror_txn_open {
+            let _ = self.mirror.batch_execute("ROLLBACK").await;
+            self.mirror_txn_open = false;
+        }
+    }
+
+    /// The mirror session, for work between batches (sequences).
+    pub fn mirror(&self) -> &Client {
+        &self.mirror
+    }
+
+    /// The source session, for work between batches (sequences).
+    pub fn source(&self) -> &Client {
+        &self.source
+    }
+
+    fn is_careful(&self, final_lsn: Lsn) -> bool {
+        self.careful_until > Lsn::ZERO && final_lsn <= self.careful_until
+    }
+
+    fn open_transaction_sql(&self) -> String {
+        if self.mirror_txn_open {
+            String::new()
+        } else {
+            // Grouped updates join a VALUES list to the table by key: an index lookup per
+            // row is right for a batch, a hash join over the whole table never is.
+            "BEGIN; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off;\n".into()
+        }
+    }
+
+    /// Sends SQL as one round trip; on rejection rolls back and reports up to where the
+    /// careful retry must go.
+    async fn send(&mut self, sql: String, until: Lsn) -> Result<(), ApplyFailure> {
+        match self.mirror.batch_execute(&sql).await {
+            Ok(()) => {
+                self.mirror_txn_open = true;
+                Ok(())
+            }
+            Err(e) if e.as_db_error().is_some() && !e.is_closed() => {
+                let _ = self.mirror.batch_execute("ROLLBACK").await;
+                self.mirror_txn_open = false;
+                Err(ApplyFailure::Rejected { until, source: e })
+            }
+            Err(e) => Err(query("failed to apply a batch on the mirror")(e)),
+        }
+    }
+
+    /// One statement at a time, each in a savepoint: a rejected statement pauses its table.
+    async fn send_carefully(&mut self, statements: Vec<Statement>) -> Result<(), ApplyFailure> {
+        if !self.mirror_txn_open {
+            self.mirror
+                .batch_execute("BEGIN")
+                .await
+                .map_err(query("failed to start a mirror transaction"))?;
+            self.mirror_txn_open = true;
+        }
+        for statement in statements {
+            let name = statement.table.and_then(|oid| self.relation_name(oid));
+            if let Some(name) = &name
+                && self.tables.get(name).is_some_and(|t| t.paused.is_some())
+            {
+                continue;
+            }
+            let sql = format!(
+                "SAVEPOINT bite_sync_change; {}; RELEASE SAVEPOINT bite_sync_change",
+                statement.sql
+            );
+            match self.mirror.batch_execute(&sql).await {
+                Ok(()) => {}
+                Err(e) if e.as_db_error().is_some() && !e.is_closed() => {
+                    self.mirror
+                        .batch_execute("ROLLBACK TO SAVEPOINT bite_sync_change")
+                        .await
+                        .map_err(query("failed to roll back a rejected change"))?;
+                    let reason = crate::error_chain(&e);
+                    match name {
+                        Some(name) => self.pause(&name, reason),
+                        None => {
+                            return Err(ApplyFailure::Query {
+                                context: "the mirror rejected a change to several tables".into(),
+                                source: e,
+                            });
+                        }
+                    }
+                }
+                Err(e) => return Err(query("failed to apply a change on the mirror")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn relation_name(&self, oid: u32) -> Option<QualifiedName> {
+        match self.relations.get(&oid)? {
+            Known::Applied(shape) => Some(shape.name.clone()),
+            Known::Skipped(name) => Some(name.clone()),
+        }
+    }
+
+    /// The shape to apply a change of relation `oid` with, or `None` to skip it.
+    fn target(&self, oid: u32) -> Result<Option<Arc<TableShape>>, ApplyFailure> {
+        let txn = self
+            .txn
+            .ok_or_else(|| ApplyFailure::Protocol("a change outside a transaction".into()))?;
+        let shape = match self.relations.get(&oid) {
+            Some(Known::Applied(shape)) => shape,
+            Some(Known::Skipped(_)) => return Ok(None),
+            None => {
+                return Err(ApplyFailure::Protocol(format!(
+                    "a change to relation {oid} before its description"
+                )));
+            }
+        };
+        match self.tables.get(&shape.name) {
+            Some(t) if t.paused.is_none() && txn.final_lsn >= t.synced_lsn => {
+                Ok(Some(Arc::clone(shape)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// After a change was added to the batch (or refused): pause on refusal, and send a
+    /// too-large transaction's part.
+    async fn after_change(
+        &mut self,
+        shape: &TableShape,
+        result: Result<(), ApplyError>,
+    ) -> Result<(), ApplyFailure> {
+        if let Err(e) = result {
+            self.pause(&shape.name, e.to_string());
+            return Ok(());
+        }
+        self.applied_rows += 1;
+        if self.batch.rows() < self.limits.rows && self.batch.bytes() < self.limits.bytes {
+            return Ok(());
+        }
+        let statements = self.batch.take();
+        if self.batch_careful {
+            return self.send_carefully(statements).await;
+        }
+        let until = self.txn.map_or(self.committed, |t| t.final_lsn);
+        let mut sql = self.open_transaction_sql();
+        for s in statements {
+            sql.push_str(&s.sql);
+            sql.push_str(";\n");
+        }
+        self.send(sql, until).await
+    }
+
+    fn pause(&mut self, name: &QualifiedName, reason: String) {
+        tracing::error!(table = %name, %reason, "pausing the table: its changes are skipped until it is synced again");
+        if let Some(t) = self.tables.get_mut(name) {
+            t.paused = Some(reason.clone());
+        }
+        self.newly_paused.push((name.clone(), reason));
+    }
+
+    /// A relation's description: compare with the mirror, add new columns, or pause.
+    async fn relation(&mut self, relation: Relation) -> Result<(), ApplyFailure> {
+        let schema = if relation.namespace.is_empty() {
+            "pg_catalog".to_string()
+        } else {
+            relation.namespace.clone()
+        };
+        let name = QualifiedName::new(schema, relation.name.clone());
+        let replicated = self.tables.get(&name).is_some_and(|t| t.paused.is_none());
+        if !replicated {
+            self.relations.insert(relation.oid, Known::Skipped(name));
+            return Ok(());
+        }
+        let mirror = self.mirror_columns(&name).await?;
+        let source_types = self.source_types(&relation).await?;
+        match compare(&name, &relation, &source_types, &mirror) {
+            Err(reason) => {
+                self.pause(&name, reason);
+                self.relations.insert(relation.oid, Known::Skipped(name));
+            }
+            Ok(added) => {
+                let mut columns = self.mirror_columns.remove(&name).unwrap_or_default();
+                for i in added {
+                    let column = &relation.columns[i];
+                    let default = self.source_default(relation.oid, &column.name).await?;
+                    let sql = format!(
+                        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{}",
+                        name.quoted(),
+                        quote(&column.name),
+                        source_types[i],
+                        default.map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
+                    );
+                    tracing::info!(table = %name, column = %column.name, type_name = %source_types[i], "adding a column the source added");
+                    self.batch.barrier(Statement {
+                        table: Some(relation.oid),
+                        sql,
+                        rows: 0,
+                    });
+                    columns.push(MirrorColumn {
+                        name: column.name.clone(),
+                        type_name: source_types[i].clone(),
+                        required: false,
+                    });
+                }
+                let shape = TableShape {
+                    oid: relation.oid,
+                    name: name.clone(),
+                    columns: relation
+                        .columns
+                        .iter()
+                        .map(|c| ShapeColumn {
+                            name: c.name.clone(),
+                            key: c.key,
+                            mirror_type: columns
+                                .iter()
+                                .find(|m| m.name == c.name)
+                                .map(|m| m.type_name.clone())
+                                .unwrap_or_default(),
+                        })
+                        .collect(),
+                    identity_full: relation.replica_identity == b'f',
+                };
+                self.mirror_columns.insert(name, columns);
+                self.relations
+                    .insert(relation.oid, Known::Applied(Arc::new(shape)));
+            }
+        }
+        Ok(())
+    }
+
+    async fn mirror_columns(
+        &mut self,
+        name: &QualifiedName,
+    ) -> Result<Vec<MirrorColumn>, ApplyFailure> {
+        if let Some(columns) = self.mirror_columns.get(name) {
+            return Ok(columns.clone());
+        }
+        let rows = self
+            .mirror
+            .query(
+                "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                        a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(query(format!(
+                "failed to read the columns of {name} on the mirror"
+            )))?;
+        let columns: Vec<MirrorColumn> = rows
+            .iter()
+            .map(|r| MirrorColumn {
+                name: r.get(0),
+                type_name: r.get(1),
+                required: r.get(2),
+            })
+            .collect();
+        self.mirror_columns.insert(name.clone(), columns.clone());
+        Ok(columns)
+    }
+
+    /// The source's names for the relation's column types, as `format_type` prints them.
+    async fn source_types(&self, relation: &Relation) -> Result<Vec<String>, ApplyFailure> {
+        let oids: Vec<u32> = relation.columns.iter().map(|c| c.type_oid).collect();
+        let mods: Vec<i32> = relation.columns.iter().map(|c| c.type_modifier).collect();
+        let row = self
+            .source
+            .query_one(
+                "SELECT COALESCE(array_agg(pg_catalog.format_type(t.oid, t.typmod) ORDER BY t.ord), '{}') \
+                 FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, ord)",
+                &[&oids, &mods],
+            )
+            .await
+            .map_err(query("failed to read column types on the source"))?;
+        Ok(row.get(0))
+    }
+
+    /// The default of a source column, to give the mirror's new column the values the
+    /// source gave existing rows.
+    async fn source_default(
+        &self,
+        table: u32,
+        column: &str,
+    ) -> Result<Option<String>, ApplyFailure> {
+        let row = self
+            .source
+            .query_opt(
+                "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
+                 FROM pg_catalog.pg_attribute a \
+                 JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attgenerated = ''",
+                &[&table, &column],
+            )
+            .await
+            .map_err(query("failed to read a column default on the source"))?;
+        // A default drawing from a sequence would advance the mirror's copy of it for every
+        // existing row; those rows' values arrive with their changes anyway.
+        Ok(row
+            .map(|r| r.get::<_, String>(0))
+            .filter(|d| !d.contains("nextval(")))
+    }
+}
+
+/// Compares a relation's columns with the mirror's: the indexes of columns to add, or why
+/// the table must pause.
+fn compare(
+    name: &QualifiedName,
+    relation: &Relation,
+    source_types: &[String],
+    mirror: &[MirrorColumn],
+) -> Result<Vec<usize>, String> {
+    if mirror.is_empty() {
+        return Err(format!(
+            "{name} does not exist on the mirror: restart bite-sync run to copy it again"
+        ));
+    }
+    let mut added = Vec::new();
+    for (i, column) in relation.columns.iter().enumerate() {
+        let source_type = source_types.get(i).map(String::as_str).unwrap_or("?");
+        match mirror.iter().find(|m| m.name == column.name) {
+            Some(m) if m.type_name == source_type => {}
+            Some(m) => {
+                return Err(format!(
+                    "column {}.{} is {} on the source but {} on the mirror: change the mirror's column (ALTER TABLE {} ALTER COLUMN {} TYPE {}) and restart bite-sync run to copy the table again",
+                    name,
+                    column.name,
+                    source_type,
+                    m.type_name,
+                    name.quoted(),
+                    quote(&column.name),
+                    source_type
+                ));
+            }
+            None => added.push(i),
+        }
+    }
+    for m in mirror {
+        if m.required && !relation.columns.iter().any(|c| c.name == m.name) {
+            return Err(format!(
+                "column {}.{} is NOT NULL without a default on the mirror but the source no longer sends it (dropped or renamed there): drop it or give it a default on the mirror, then restart bite-sync run",
+                name, m.name
+            ));
+        }
+    }
+    Ok(added)
+}
+
+/// Records a pause in the mirror's bookkeeping (in the batch's transaction).
+fn pause_sql(slot: &str, name: &QualifiedName, reason: &str) -> String {
+    format!(
+        "UPDATE bite_sync.replication_tables SET state = 'paused', reason = {}, paused_at = now() \
+         WHERE slot_name = {} AND table_schema = {} AND table_name = {};\n",
+        literal(reason),
+        literal(slot),
+        literal(&name.schema),
+        literal(&name.name)
+    )
+}
+
+/// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as SQL.
+fn timestamp_sql(micros: PgTimestamp) -> String {
+    format!("(TIMESTAMPTZ '2000-01-01 00:00:00+00' + {micros} * INTERVAL '1 microsecond')")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repl::pgoutput::Column;
+
+    fn relation(columns: &[(&str, bool)]) -> Relation {
+        Relation {
+            xid: None,
+            oid: 7,
+            namespace: "public".into(),
+            name: "orders".into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|(n, key)| Column {
+                    key: *key,
+                    name: n.to_string(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn mirror(columns: &[(&str, &str, bool)]) -> Vec<MirrorColumn> {
+        columns
+            .iter()
+            .map(|(n, t, required)| MirrorColumn {
+                name: n.to_string(),
+                type_name: t.to_string(),
+                required: *required,
+            })
+            .collect()
+    }
+
+    fn name() -> QualifiedName {
+        QualifiedName::new("public", "orders")
+    }
+
+    #[test]
+    fn same_columns_need_nothing() {
+        let r = relation(&[("id", true), ("n", false)]);
+        let types = vec!["integer".to_string(), "integer".to_string()];
+        assert_eq!(
+            compare(
+                &name(),
+                &r,
+                &types,
+                &mirror(&[("id", "integer", true), ("n", "integer", false)])
+            ),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn a_column_new_on_the_source_is_added() {
+        let r = relation(&[("id", true), ("n", false), ("tip", false)]);
+        let types = vec!["integer".into(), "integer".into(), "numeric(10,2)".into()];
+        assert_eq!(
+            compare(
+                &name(),
+                &r,
+                &types,
+                &mirror(&[("id", "integer", true), ("n", "integer", false)])
+            ),
+            Ok(vec![2])
+        );
+    }
+
+    #[test]
+    fn a_changed_type_pauses_with_both_types_and_the_fix() {
+        let r = relation(&[("id", true), ("n", false)]);
+        let types = vec!["integer".into(), "bigint".into()];
+        let reason = compare(
+            &name(),
+            &r,
+            &types,
+            &mirror(&[("id", "integer", true), ("n", "integer", false)]),
+        )
+        .unwrap_err();
+        assert!(
+            reason.contains("orders.n is bigint on the source but integer on the mirror"),
+            "{reason}"
+        );
+        assert!(
+            reason.contains(r#"ALTER TABLE "public"."orders" ALTER COLUMN "n" TYPE bigint"#),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_dropped_column_pauses_only_when_the_mirror_requires_it() {
+        let r = relation(&[("id", true)]);
+        let types = vec!["integer".into()];
+        assert_eq!(
+            compare(
+                &name(),
+                &r,
+                &types,
+                &mirror(&[("id", "integer", true), ("n", "integer", false)])
+            ),
+            Ok(vec![])
+        );
+        let reason = compare(
+            &name(),
+            &r,
+            &types,
+            &mirror(&[("id", "integer", true), ("n", "integer", true)]),
+        )
+        .unwrap_err();
+        assert!(reason.contains("NOT NULL without a default"), "{reason}");
+    }
+
+    #[test]
+    fn a_table_missing_on_the_mirror_pauses() {
+        let r = relation(&[("id", true)]);
+        let reason = compare(&name(), &r, &["integer".into()], &[]).unwrap_err();
+        assert!(reason.contains("does not exist on the mirror"), "{reason}");
+    }
+
+    #[test]
+    fn timestamps_are_exact_sql() {
+        assert_eq!(
+            timestamp_sql(1),
+            "(TIMESTAMPTZ '2000-01-01 00:00:00+00' + 1 * INTERVAL '1 microsecond')"
+        );
+    }
+}
