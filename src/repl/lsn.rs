@@ -63,7 +63,18 @@ mod tests {
     fn parses_what_postgres_prints() {
         assert_eq!("16/B374D848".parse(), Ok(Lsn(0x16_B374_D848)));
         assert_eq!("0/1a".parse(), Ok(Lsn(0x1a)));
-        for bad in ["", "/", "1/", "/1", "1/2/3", "x/1", "1 /2", "123456789/0", "-1/0", "+1/0"] {
+        for bad in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1/2/3",
+            "x/1",
+            "1 /2",
+            "123456789/0",
+            "-1/0",
+            "+1/0",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?} parsed");
         }
     }
