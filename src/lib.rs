@@ -14,6 +14,7 @@
 //! | [`sample`] | the sample restaurant schema and data generator |
 //! | [`demo`] | `bite-sync demo`: a throwaway source/mirror pair with the sample restaurant |
 //! | [`bench`] | `bite-sync bench`: bite-sync against `pg_dump \| psql` on the same clusters |
+//! | [`proxy`] | a delaying TCP proxy that simulates a WAN and connection cuts (tests, bench) |
 
 pub mod bench;
 pub mod bookkeeping;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod pg;
+pub mod proxy;
 pub mod repl;
 pub mod sample;
 pub mod sync;

@@ -49,6 +49,9 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+/// The underlying cause of a connection failure, whichever layer it came from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Shown in `pg_stat_activity` so a DBA can tell bite-sync's sessions apart.
 const APPLICATION_NAME: &str = "bite-sync";
 /// libpq waits forever by default; a daemon must notice a dead network instead.
@@ -371,6 +374,67 @@ impl DbUrl {
                 .all(|host| matches!(host, Host::Unix(_)))
     }
 
+    /// The first host as the replication connection reaches it by hand (it does not try
+    /// further hosts): a unix socket file, or a TCP host with an optional `hostaddr`.
+    pub(crate) fn endpoint_to_dial(&self) -> Endpoint {
+        let port = self.port();
+        let hostaddr = self.config.get_hostaddrs().first().copied();
+        match self.config.get_hosts().first() {
+            Some(Host::Unix(dir)) => Endpoint::Unix {
+                path: dir.join(format!(".s.PGSQL.{port}")),
+            },
+            Some(Host::Tcp(host)) => Endpoint::Tcp {
+                host: host.clone(),
+                hostaddr,
+                port,
+            },
+            None => Endpoint::Tcp {
+                host: hostaddr.map(|ip| ip.to_string()).unwrap_or_default(),
+                hostaddr,
+                port,
+            },
+        }
+    }
+
+    /// The password, if the URL has one. Never print it.
+    pub(crate) fn password(&self) -> Option<&[u8]> {
+        self.config.get_password()
+    }
+
+    /// `application_name` (bite-sync's default unless the URL set one).
+    pub(crate) fn application_name(&self) -> Option<&str> {
+        self.config.get_application_name()
+    }
+
+    /// The `options` setting (command-line options for the server), if any.
+    pub(crate) fn server_options(&self) -> Option<&str> {
+        self.config.get_options()
+    }
+
+    /// How long one connection attempt may take from the first packet to ready; `None` is
+    /// forever (`connect_timeout=0`).
+    pub(crate) fn connect_timeout(&self) -> Option<Duration> {
+        self.config.get_connect_timeout().copied()
+    }
+
+    /// The TCP settings the URL asks for: keepalives (idle, interval, retries) and
+    /// `tcp_user_timeout`.
+    pub(crate) fn tcp_settings(&self) -> TcpSettings {
+        TcpSettings {
+            keepalives: self.config.get_keepalives().then(|| Keepalives {
+                idle: self.config.get_keepalives_idle(),
+                interval: self.config.get_keepalives_interval(),
+                retries: self.config.get_keepalives_retries(),
+            }),
+            user_timeout: self.config.get_tcp_user_timeout().copied(),
+        }
+    }
+
+    /// The URL's `channel_binding` setting.
+    pub(crate) fn channel_binding(&self) -> tokio_postgres::config::ChannelBinding {
+        self.config.get_channel_binding()
+    }
+
     fn verification(&self) -> Option<Verification> {
         if self.only_unix_sockets() {
             None
@@ -451,13 +515,14 @@ impl DbUrl {
             }
             None => connecting.await,
         };
-        result.map_err(|source| self.connect_error(self.classify(&source), Some(source)))
+        result.map_err(|source| self.connect_error(self.classify(&source), Some(source.into())))
     }
 
-    fn connect_error(
+    /// The error for a failed connection to this URL: names role, endpoint, database and user.
+    pub(crate) fn connect_error(
         &self,
         failure: ConnectFailure,
-        source: Option<tokio_postgres::Error>,
+        source: Option<BoxError>,
     ) -> ConnectError {
         ConnectError::Connect {
             role: self.role,
@@ -465,11 +530,30 @@ impl DbUrl {
             dbname: self.dbname(),
             user: self.user(),
             failure,
-            source,
+            source: source.map(|error| ConnectCause(Box::new(error))),
         }
     }
 
     async fn tls_connector(&self, verification: Verification) -> Result<Tls, ConnectError> {
+        Ok(Tls(MakeRustlsConnect::new(
+            self.tls_client_config(verification).await?,
+        )))
+    }
+
+    /// The rustls configuration this URL's `sslmode` calls for, or `None` when the connection
+    /// must not use TLS (`sslmode=disable`, unix sockets). For connections made by hand (the
+    /// replication connection); the same configuration [`DbUrl::connect`] uses.
+    pub(crate) async fn tls_config(&self) -> Result<Option<ClientConfig>, ConnectError> {
+        match self.verification() {
+            Some(verification) => Ok(Some(self.tls_client_config(verification).await?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn tls_client_config(
+        &self,
+        verification: Verification,
+    ) -> Result<ClientConfig, ConnectError> {
         let role = self.role;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier: Arc<dyn ServerCertVerifier> = match verification {
@@ -490,7 +574,7 @@ impl DbUrl {
             .dangerous()
             .with_custom_certificate_verifier(verifier)
             .with_no_client_auth();
-        Ok(Tls(MakeRustlsConnect::new(config)))
+        Ok(config)
     }
 
     async fn webpki_verifier(
@@ -515,22 +599,7 @@ impl DbUrl {
     fn classify(&self, error: &tokio_postgres::Error) -> ConnectFailure {
         let env_var = self.role.env_var();
         if let Some(db) = error.as_db_error() {
-            let code = db.code();
-            return if *code == SqlState::INVALID_PASSWORD {
-                ConnectFailure::PasswordRejected { env_var }
-            } else if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
-                ConnectFailure::AccessDenied { env_var }
-            } else if *code == SqlState::UNDEFINED_DATABASE {
-                ConnectFailure::NoSuchDatabase
-            } else if *code == SqlState::CANNOT_CONNECT_NOW {
-                ConnectFailure::StartingUp
-            } else if *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN {
-                ConnectFailure::ShuttingDown
-            } else if *code == SqlState::TOO_MANY_CONNECTIONS {
-                ConnectFailure::TooManyConnections
-            } else {
-                ConnectFailure::Rejected
-            };
+            return self.server_failure(db.code().code(), db.message());
         }
 
         let mut cause = error.source();
@@ -574,7 +643,39 @@ impl DbUrl {
         }
     }
 
-    fn tls_failure(&self, error: &rustls::Error) -> ConnectFailure {
+    /// What a server's refusal during connection setup means, from its SQLSTATE (and, where
+    /// one code covers several causes, its message).
+    pub(crate) fn server_failure(&self, code: &str, message: &str) -> ConnectFailure {
+        let env_var = self.role.env_var();
+        let user = self.user();
+        if code == SqlState::INVALID_PASSWORD.code() {
+            ConnectFailure::PasswordRejected { env_var }
+        } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code()
+            && message.contains("replication connection")
+        {
+            ConnectFailure::ReplicationNotAllowed { user }
+        } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code() {
+            ConnectFailure::AccessDenied { env_var }
+        } else if code == SqlState::INSUFFICIENT_PRIVILEGE.code()
+            && (message.contains("WAL sender") || message.contains("walsender"))
+        {
+            ConnectFailure::NoReplicationPrivilege { user }
+        } else if code == SqlState::UNDEFINED_DATABASE.code() {
+            ConnectFailure::NoSuchDatabase
+        } else if code == SqlState::CANNOT_CONNECT_NOW.code() {
+            ConnectFailure::StartingUp
+        } else if code == SqlState::ADMIN_SHUTDOWN.code() || code == SqlState::CRASH_SHUTDOWN.code()
+        {
+            ConnectFailure::ShuttingDown
+        } else if code == SqlState::TOO_MANY_CONNECTIONS.code() {
+            ConnectFailure::TooManyConnections
+        } else {
+            ConnectFailure::Rejected
+        }
+    }
+
+    /// What a failed TLS handshake means for the user: which certificate check failed, if any.
+    pub(crate) fn tls_failure(&self, error: &rustls::Error) -> ConnectFailure {
         let ssl_mode = self.ssl_mode;
         let rustls::Error::InvalidCertificate(problem) = error else {
             return ConnectFailure::TlsHandshake { ssl_mode };
@@ -604,7 +705,11 @@ impl DbUrl {
     }
 }
 
-fn io_failure(error: &io::Error, connect_timeout: Option<&Duration>) -> Option<ConnectFailure> {
+/// What a socket error while connecting means, if it is one of the well-known ones.
+pub(crate) fn io_failure(
+    error: &io::Error,
+    connect_timeout: Option<&Duration>,
+) -> Option<ConnectFailure> {
     use io::ErrorKind as K;
     Some(match error.kind() {
         K::ConnectionRefused => ConnectFailure::Refused,
@@ -655,6 +760,46 @@ impl fmt::Debug for DbUrl {
             .field("ca_file", &self.ca_file)
             .finish()
     }
+}
+
+/// Where a connection made by hand goes (see [`DbUrl::endpoint_to_dial`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// A unix socket file, `<dir>/.s.PGSQL.<port>`.
+    Unix {
+        /// The socket file.
+        path: PathBuf,
+    },
+    /// A TCP host.
+    Tcp {
+        /// The host name or IP address: resolved unless `hostaddr` is given, and always the
+        /// name TLS checks the certificate against.
+        host: String,
+        /// Where to connect instead of resolving `host`.
+        hostaddr: Option<std::net::IpAddr>,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// TCP keepalive probing, as libpq's `keepalives_*` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keepalives {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between probes; the system's default if `None`.
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped; the system's default if `None`.
+    pub retries: Option<u32>,
+}
+
+/// The TCP options a URL asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TcpSettings {
+    /// Keepalive probing, unless `keepalives=0`.
+    pub keepalives: Option<Keepalives>,
+    /// Linux's `TCP_USER_TIMEOUT`: how long sent data may stay unacknowledged.
+    pub user_timeout: Option<Duration>,
 }
 
 /// Why a database URL could not be read. None of these repeat any part of the input.
@@ -761,6 +906,23 @@ pub enum ConnectFailure {
         /// Where the URL usually comes from.
         env_var: &'static str,
     },
+    /// SQLSTATE 28000 for a replication connection: no pg_hba.conf line lets it in.
+    ReplicationNotAllowed {
+        /// The user that asked.
+        user: String,
+    },
+    /// SQLSTATE 42501 on a replication connection: the role lacks the REPLICATION attribute.
+    NoReplicationPrivilege {
+        /// The user that asked.
+        user: String,
+    },
+    /// The server asks for an authentication method bite-sync does not implement.
+    UnsupportedAuthentication {
+        /// The method's name, as PostgreSQL calls it.
+        method: String,
+    },
+    /// `channel_binding=require`, but the exchange the server offered has none.
+    ChannelBindingUnavailable,
     /// SQLSTATE 3D000.
     NoSuchDatabase,
     /// SQLSTATE 57P03: starting up or in recovery.
@@ -871,6 +1033,29 @@ impl fmt::Display for ConnectFailure {
                 f,
                 "authentication failed: check the password in the URL ({env_var} or the config \
                  file) and the server's authentication method"
+            ),
+            ConnectFailure::ReplicationNotAllowed { user } => write!(
+                f,
+                "the server's pg_hba.conf does not allow replication connections for user \
+                 \"{user}\" from this host: add a line such as `host replication {user} \
+                 <this host's address>/32 scram-sha-256` (the database `all` does not cover \
+                 replication) and reload the server"
+            ),
+            ConnectFailure::NoReplicationPrivilege { user } => write!(
+                f,
+                "user \"{user}\" may not open replication connections: run `ALTER ROLE \
+                 \"{user}\" REPLICATION` as a superuser"
+            ),
+            ConnectFailure::UnsupportedAuthentication { method } => write!(
+                f,
+                "the server asks for {method} authentication, which bite-sync does not support: \
+                 use scram-sha-256, md5, password or trust for this user in the server's \
+                 pg_hba.conf"
+            ),
+            ConnectFailure::ChannelBindingUnavailable => f.write_str(
+                "channel_binding=require, but the server offered no channel binding: connect \
+                 with TLS (sslmode=require or stricter) to a server using scram-sha-256, or \
+                 drop channel_binding=require",
             ),
             ConnectFailure::NoSuchDatabase => f.write_str(
                 "the database does not exist: create it (createdb) or fix the database name in \
@@ -984,6 +1169,10 @@ impl ConnectFailure {
             | ConnectFailure::PasswordMissing { .. }
             | ConnectFailure::AccessDenied { .. }
             | ConnectFailure::AuthenticationExchange { .. }
+            | ConnectFailure::ReplicationNotAllowed { .. }
+            | ConnectFailure::NoReplicationPrivilege { .. }
+            | ConnectFailure::UnsupportedAuthentication { .. }
+            | ConnectFailure::ChannelBindingUnavailable
             | ConnectFailure::NoSuchDatabase
             | ConnectFailure::TlsNotSupported { .. }
             | ConnectFailure::CertificateUntrusted { .. }
@@ -1122,10 +1311,41 @@ pub enum ConnectError {
         user: String,
         /// What went wrong, with advice.
         failure: ConnectFailure,
-        /// tokio-postgres's error; absent when bite-sync's own deadline expired.
+        /// The underlying error: tokio-postgres's, the socket's, TLS's or the server's; absent
+        /// when bite-sync's own deadline expired.
         #[source]
-        source: Option<tokio_postgres::Error>,
+        source: Option<ConnectCause>,
     },
+}
+
+/// The underlying cause of a failed connection, whichever layer it came from. It reads as the
+/// error it holds (same text, same sources); boxed once more only to keep [`ConnectError`]
+/// small enough to return by value.
+pub struct ConnectCause(Box<BoxError>);
+
+impl ConnectCause {
+    /// The error itself, for downcasting (`tokio_postgres::Error`, `io::Error`, ...).
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &**self.0
+    }
+}
+
+impl fmt::Debug for ConnectCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for ConnectCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for ConnectCause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 impl ConnectError {
@@ -1144,7 +1364,8 @@ impl ConnectError {
         }
     }
 
-    fn is_tls_failure(&self) -> bool {
+    /// Whether the TLS handshake failed, which `sslmode=prefer` answers by retrying in plain.
+    pub(crate) fn is_tls_failure(&self) -> bool {
         self.failure().is_some_and(ConnectFailure::is_tls)
     }
 }
@@ -1999,6 +2220,12 @@ mod tests {
                 env_var: "BITE_MIRROR_URL",
             },
             ConnectFailure::NoSuchDatabase,
+            ConnectFailure::ReplicationNotAllowed { user: "app".into() },
+            ConnectFailure::NoReplicationPrivilege { user: "app".into() },
+            ConnectFailure::UnsupportedAuthentication {
+                method: "GSSAPI".into(),
+            },
+            ConnectFailure::ChannelBindingUnavailable,
             ConnectFailure::TlsNotSupported { ssl_mode },
             ConnectFailure::CertificateUntrusted {
                 ssl_mode,
