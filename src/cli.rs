@@ -60,6 +60,41 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Sync(SyncArgs),
 
+    /// Keep the mirror in step with the local database, continuously (the daemon)
+    ///
+    /// Streams the source's changes (logical replication, dialing out only) and applies them
+    /// to the mirror in batches, each recorded with the source position it reaches, so a
+    /// restart after a crash neither loses nor repeats a change. On first start it creates a
+    /// publication and a replication slot on the source and copies the tables; a table added
+    /// to the list later is copied at the next start. Lost connections are retried with
+    /// backoff; SIGTERM or Ctrl-C finishes the batch in flight and exits 0.
+    ///
+    /// Tables come from --tables or replication.tables in bite-sync.toml. Check the set-up
+    /// first with `bite-sync check`; watch it with `bite-sync status`.
+    ///
+    /// Examples:
+    ///   bite-sync run --init --tables customers,menu_items,orders,order_items
+    ///   bite-sync run                            # tables, slot and URLs from bite-sync.toml
+    ///
+    /// Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration error.
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+
+    /// Show replication: slot, retained WAL, lag, per-table state, last error
+    ///
+    /// Reads the source's replication slot and the mirror's bookkeeping; works while
+    /// `bite-sync run` is running or not. Exit code 0 when streaming and healthy, 1 when
+    /// something needs attention (a paused table, a lost slot, an error), 2 on bad usage.
+    Status(StatusArgs),
+
+    /// Check that source and mirror are ready for replication
+    ///
+    /// Checks reachability, server versions, wal_level, replication slots and WAL senders,
+    /// privileges (REPLICATION on the source, CREATE on the mirror) and that every table has a
+    /// primary key or replica identity. Each line says OK or what to change.
+    /// Exit code 0 when everything is OK, 1 otherwise.
+    Check(CheckArgs),
+
     /// Run bite-sync on two throwaway local databases with a sample restaurant
     ///
     /// Starts a local PostgreSQL pair in a temporary directory (needs PostgreSQL's server
@@ -136,6 +171,63 @@ pub struct SyncArgs {
     /// How long the final swap waits for readers' locks before retrying, e.g. 10s
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     pub lock_timeout: Option<std::time::Duration>,
+}
+
+/// `bite-sync run`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DatabaseArgs,
+
+    /// Tables to replicate, comma-separated (same syntax as sync --tables)
+    /// [default: replication.tables from the config file]
+    #[arg(long, short = 't', env = "BITE_TABLES", value_name = "LIST")]
+    pub tables: Option<String>,
+
+    /// Allow the first write into a database that has no bite_sync bookkeeping yet
+    #[arg(long)]
+    pub init: bool,
+
+    /// Replication slot on the source [default: replication.slot, else bite_sync]
+    #[arg(long, env = "BITE_SLOT", value_name = "NAME")]
+    pub slot: Option<String>,
+
+    /// Publication on the source [default: replication.publication, else bite_sync]
+    #[arg(long, env = "BITE_PUBLICATION", value_name = "NAME")]
+    pub publication: Option<String>,
+}
+
+/// `bite-sync status`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DatabaseArgs,
+
+    /// Replication slot on the source [default: replication.slot, else bite_sync]
+    #[arg(long, env = "BITE_SLOT", value_name = "NAME")]
+    pub slot: Option<String>,
+
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bite-sync check`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub db: DatabaseArgs,
+
+    /// Tables to check, comma-separated [default: replication.tables from the config file]
+    #[arg(long, short = 't', env = "BITE_TABLES", value_name = "LIST")]
+    pub tables: Option<String>,
+
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bite-sync demo`.

@@ -34,6 +34,9 @@ pub struct RawConfig {
     /// `[sync]`
     #[serde(default)]
     pub sync: RawSync,
+    /// `[replication]`
+    #[serde(default)]
+    pub replication: RawReplication,
     /// `[log]`
     #[serde(default)]
     pub log: RawLog,
@@ -65,6 +68,22 @@ pub struct RawSync {
     pub maintenance_work_mem: Option<String>,
 }
 
+/// `[replication]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    /// Tables `bite-sync run` replicates.
+    pub tables: Option<Vec<String>>,
+    /// The source publication's name.
+    pub publication: Option<String>,
+    /// The source replication slot's name.
+    pub slot: Option<String>,
+    /// Source rows per mirror transaction, at most.
+    pub batch_rows: Option<i64>,
+    /// How long a change may wait for more to join its batch, e.g. "100ms".
+    pub batch_delay: Option<String>,
+}
+
 /// `[log]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -88,6 +107,12 @@ pub struct Overrides {
     pub jobs: Option<usize>,
     /// `--lock-timeout`.
     pub lock_timeout: Option<Duration>,
+    /// `bite-sync run --tables`, already split.
+    pub replication_tables: Option<Vec<TablePattern>>,
+    /// `--slot`.
+    pub slot: Option<String>,
+    /// `--publication`.
+    pub publication: Option<String>,
 }
 
 /// The validated configuration.
@@ -101,6 +126,8 @@ pub struct Config {
     pub mirror: Option<DbUrl>,
     /// `[sync]` settings.
     pub sync: SyncSettings,
+    /// `[replication]` settings.
+    pub replication: ReplicationSettings,
     /// `[log]` settings.
     pub log_format: Option<LogFormat>,
 }
@@ -119,6 +146,24 @@ pub struct SyncSettings {
     /// `maintenance_work_mem` on the mirror.
     pub maintenance_work_mem: String,
 }
+
+/// Validated `[replication]`.
+#[derive(Debug, Clone)]
+pub struct ReplicationSettings {
+    /// Tables to replicate (empty: replication is not configured).
+    pub tables: Vec<TablePattern>,
+    /// Publication name on the source.
+    pub publication: String,
+    /// Replication slot name on the source.
+    pub slot: String,
+    /// Source rows per mirror transaction, at most.
+    pub batch_rows: usize,
+    /// How long a change may wait for more to join its batch.
+    pub batch_delay: Duration,
+}
+
+/// The default publication and slot name.
+pub const DEFAULT_REPLICATION_NAME: &str = "bite_sync";
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -247,6 +292,7 @@ pub fn resolve(
     };
     let file_tables = patterns("sync.tables", raw.sync.tables);
     let file_exclude = patterns("sync.exclude", raw.sync.exclude);
+    let replication_tables = patterns("replication.tables", raw.replication.tables);
 
     let jobs = match (overrides.jobs, raw.sync.jobs) {
         (Some(j), _) => j,
@@ -282,6 +328,51 @@ pub fn resolve(
         }
         None => "128MB".into(),
     };
+    let mut name = |key: &str, flag: Option<String>, file: Option<String>| {
+        let (value, from) = match (flag, file) {
+            (Some(v), _) => (v, format!("--{}", key.trim_start_matches("replication."))),
+            (None, Some(v)) => (v, where_(key)),
+            (None, None) => return DEFAULT_REPLICATION_NAME.to_string(),
+        };
+        if let Err(e) = check_slot_name(&value) {
+            problems.push(format!("{from}: {e}"));
+        }
+        value
+    };
+    let slot = name("replication.slot", overrides.slot, raw.replication.slot);
+    let publication = name(
+        "replication.publication",
+        overrides.publication,
+        raw.replication.publication,
+    );
+    let batch_rows = match raw.replication.batch_rows {
+        None => 20_000,
+        Some(n) if (1..=1_000_000).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(format!(
+                "{}: must be between 1 and 1000000, got {n}",
+                where_("replication.batch_rows")
+            ));
+            20_000
+        }
+    };
+    let batch_delay = match raw.replication.batch_delay {
+        None => Duration::from_millis(100),
+        Some(text) => match parse_duration(&text) {
+            Ok(d) if d <= Duration::from_secs(60) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "{}: must be at most 60s, got {text:?}",
+                    where_("replication.batch_delay")
+                ));
+                Duration::from_millis(100)
+            }
+            Err(e) => {
+                problems.push(format!("{}: {e}", where_("replication.batch_delay")));
+                Duration::from_millis(100)
+            }
+        },
+    };
     let log_format = match raw.log.format.as_deref() {
         None => None,
         Some("text") => Some(LogFormat::Text),
@@ -308,6 +399,13 @@ pub fn resolve(
             jobs,
             lock_timeout,
             maintenance_work_mem,
+        },
+        replication: ReplicationSettings {
+            tables: overrides.replication_tables.unwrap_or(replication_tables),
+            publication,
+            slot,
+            batch_rows,
+            batch_delay,
         },
         log_format,
     })
@@ -370,6 +468,23 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     Ok(d)
+}
+
+/// Slot and publication names: what PostgreSQL allows for slots (lower-case letters,
+/// digits and underscores, at most 63 bytes), so one name rule covers both.
+pub fn check_slot_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("{name:?} must be 1 to 63 characters long"));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "{name:?} may contain only lower-case letters, digits and underscores"
+        ));
+    }
+    Ok(())
 }
 
 fn valid_memory(text: &str) -> bool {
@@ -460,6 +575,28 @@ mod tests {
         let err = resolve(None, raw, Overrides::default());
         if let Err(e) = err {
             assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn replication_settings_have_defaults_and_checked_names() {
+        let config = resolve(None, RawConfig::default(), Overrides::default()).unwrap();
+        assert_eq!(config.replication.slot, "bite_sync");
+        assert_eq!(config.replication.publication, "bite_sync");
+        assert!(config.replication.tables.is_empty());
+        let raw = parse(
+            "[replication]\ntables = [\"orders\"]\nslot = \"Bad-Slot\"\nbatch_rows = 0\nbatch_delay = \"soon\"\n",
+        )
+        .unwrap();
+        let err = resolve(Some("b.toml".into()), raw, Overrides::default()).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.problems.len(), 3, "{text}");
+        for key in [
+            "b.toml: replication.slot",
+            "b.toml: replication.batch_rows",
+            "b.toml: replication.batch_delay",
+        ] {
+            assert!(text.contains(key), "missing {key} in {text}");
         }
     }
 

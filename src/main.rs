@@ -9,9 +9,12 @@ use anyhow::Result;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use bite_sync::cli::{Cli, Command, SyncArgs};
+use bite_sync::cli::{CheckArgs, Cli, Command, RunArgs, StatusArgs, SyncArgs};
 use bite_sync::config::{self, Config, ConfigError, LogFormat, Overrides};
 use bite_sync::pg::ident::parse_pattern_list;
+use bite_sync::repl::apply::Limits;
+use bite_sync::repl::daemon::{self, RunOptions};
+use bite_sync::repl::{check, status};
 use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
 
 fn main() -> ExitCode {
@@ -52,6 +55,9 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Sync(args) => run_sync(&config, &args, cancel).await,
+            Command::Run(args) => run_daemon(&config, &args, cancel).await,
+            Command::Status(args) => run_status(&config, &args).await,
+            Command::Check(args) => run_check(&config, &args).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),
             Command::Bench(args) => report(bite_sync::bench::run(&args, cancel).await),
         }
@@ -63,13 +69,34 @@ fn main() -> ExitCode {
 /// Flags that override the config file.
 fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
     let mut o = Overrides::default();
+    let list = |flag: &str, text: &Option<String>| match text {
+        None => Ok(None),
+        Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
+            problems: vec![format!("--{flag}: {e}")],
+        }),
+    };
+    let db = match &cli.command {
+        Command::Sync(a) => Some(&a.db),
+        Command::Run(a) => Some(&a.db),
+        Command::Status(a) => Some(&a.db),
+        Command::Check(a) => Some(&a.db),
+        Command::Demo(_) | Command::Bench(_) => None,
+    };
+    if let Some(db) = db {
+        o.source_url = db.source.clone();
+        o.mirror_url = db.mirror.clone();
+    }
+    match &cli.command {
+        Command::Run(a) => {
+            o.replication_tables = list("tables", &a.tables)?;
+            o.slot = a.slot.clone();
+            o.publication = a.publication.clone();
+        }
+        Command::Status(a) => o.slot = a.slot.clone(),
+        Command::Check(a) => o.replication_tables = list("tables", &a.tables)?,
+        _ => {}
+    }
     if let Command::Sync(args) = &cli.command {
-        let list = |flag: &str, text: &Option<String>| match text {
-            None => Ok(None),
-            Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
-                problems: vec![format!("--{flag}: {e}")],
-            }),
-        };
         o.source_url = args.db.source.clone();
         o.mirror_url = args.db.mirror.clone();
         o.tables = list("tables", &args.tables)?;
@@ -185,6 +212,73 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
             code
         }
     }
+}
+
+async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) -> u8 {
+    let (source, mirror) = match config.require_both() {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let settings = &config.replication;
+    let mut opts = RunOptions::new(source, mirror, settings.tables.clone());
+    opts.slot = settings.slot.clone();
+    opts.publication = settings.publication.clone();
+    opts.init = args.init;
+    opts.limits = Limits {
+        rows: settings.batch_rows,
+        delay: settings.batch_delay,
+        ..Limits::default()
+    };
+    opts.jobs = config.sync.jobs;
+    opts.lock_timeout = config.sync.lock_timeout;
+    opts.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
+    let observer = sync::progress::on_stderr(true);
+    match daemon::run(&opts, observer, cancel).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", bite_sync::error_chain(&e));
+            e.exit_code() as u8
+        }
+    }
+}
+
+async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
+    let report = status::status(
+        config.source.as_ref(),
+        config.mirror.as_ref(),
+        &config.replication.slot,
+    )
+    .await;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("status serializes")
+        );
+    } else {
+        print!("{}", status::render(&report));
+    }
+    if report.healthy { 0 } else { 1 }
+}
+
+async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
+    let checks = check::check(
+        config.source.as_ref(),
+        config.mirror.as_ref(),
+        &config.replication.tables,
+    )
+    .await;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).expect("checks serialize")
+        );
+    } else {
+        print!("{}", check::render(&checks));
+    }
+    if checks.iter().all(|c| c.ok) { 0 } else { 1 }
 }
 
 fn report<E: std::error::Error>(result: std::result::Result<(), E>) -> u8 {

@@ -123,6 +123,7 @@ enum Known {
 struct MirrorColumn {
     name: String,
     type_name: String,
+    identity_always: bool,
     /// NOT NULL without a default and not generated: rows without it cannot be inserted.
     required: bool,
 }
@@ -262,6 +263,11 @@ impl Applier {
     /// empty): every position received so far is accounted for.
     pub fn is_idle(&self) -> bool {
         self.txn.is_none() && self.batch_end.is_none() && !self.mirror_txn_open
+    }
+
+    /// Inside a source transaction (between its Begin and Commit).
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
     }
 
     /// When the open batch must be sent, if one is open.
@@ -628,6 +634,7 @@ impl Applier {
                         name: column.name.clone(),
                         type_name: source_types[i].clone(),
                         required: false,
+                        identity_always: false,
                     });
                 }
                 let shape = TableShape {
@@ -644,6 +651,9 @@ impl Applier {
                                 .find(|m| m.name == c.name)
                                 .map(|m| m.type_name.clone())
                                 .unwrap_or_default(),
+                            identity_always: columns
+                                .iter()
+                                .any(|m| m.name == c.name && m.identity_always),
                         })
                         .collect(),
                     identity_full: relation.replica_identity == b'f',
@@ -667,7 +677,8 @@ impl Applier {
             .mirror
             .query(
                 "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
-                        a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' \
+                        a.attnotnull AND NOT a.atthasdef AND a.attgenerated = '' AND a.attidentity = '', \
+                        a.attidentity = 'a' \
                  FROM pg_catalog.pg_attribute a \
                  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
@@ -685,6 +696,7 @@ impl Applier {
                 name: r.get(0),
                 type_name: r.get(1),
                 required: r.get(2),
+                identity_always: r.get(3),
             })
             .collect();
         self.mirror_columns.insert(name.clone(), columns.clone());
@@ -825,6 +837,7 @@ mod tests {
                 name: n.to_string(),
                 type_name: t.to_string(),
                 required: *required,
+                identity_always: false,
             })
             .collect()
     }

@@ -52,6 +52,9 @@ pub struct ShapeColumn {
     pub key: bool,
     /// The mirror's type, as `format_type` prints it (for casts in grouped updates).
     pub mirror_type: String,
+    /// `GENERATED ALWAYS AS IDENTITY` on the mirror: inserts override it, updates leave it
+    /// alone (the source cannot set it to a value either).
+    pub identity_always: bool,
 }
 
 /// A change that cannot be turned into SQL; the table's changes must stop.
@@ -254,7 +257,11 @@ impl BatchBuilder {
             .columns
             .iter()
             .zip(&new.0)
-            .map(|(c, d)| !matches!(d, Datum::UnchangedToast) && (old.is_some() || !c.key))
+            .map(|(c, d)| {
+                !matches!(d, Datum::UnchangedToast)
+                    && !c.identity_always
+                    && (old.is_some() || !c.key)
+            })
             .collect();
         if !set.iter().any(|s| *s) {
             return Ok(());
@@ -450,7 +457,11 @@ fn render(table: &TableKey, group: Group) -> String {
     let t = &table.quoted;
     match group {
         Group::Insert { columns, values } => {
-            format!("INSERT INTO {t} ({columns}) VALUES {}", values.join(", "))
+            // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
+            format!(
+                "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
+                values.join(", ")
+            )
         }
         Group::Update {
             values,
@@ -633,7 +644,7 @@ fn whole_row_filter(shape: &TableShape, tuple: &Tuple) -> Result<String, ApplyEr
 fn assignments(shape: &TableShape, new: &Tuple) -> Result<String, ApplyError> {
     let mut parts = Vec::new();
     for (column, datum) in shape.columns.iter().zip(&new.0) {
-        if matches!(datum, Datum::UnchangedToast) {
+        if matches!(datum, Datum::UnchangedToast) || column.identity_always {
             continue;
         }
         parts.push(format!(
@@ -660,6 +671,7 @@ mod tests {
                     name: n.to_string(),
                     key: *key,
                     mirror_type: ty.to_string(),
+                    identity_always: false,
                 })
                 .collect(),
             identity_full: false,
@@ -714,7 +726,7 @@ mod tests {
         assert_eq!(
             sql(&mut b),
             [
-                r#"INSERT INTO "public"."orders" ("id", "status", "note") VALUES ('1', 'new', 'it''s'), ('2', 'paid', NULL)"#
+                r#"INSERT INTO "public"."orders" ("id", "status", "note") OVERRIDING SYSTEM VALUE VALUES ('1', 'new', 'it''s'), ('2', 'paid', NULL)"#
             ]
         );
         assert!(b.is_empty());

@@ -235,6 +235,14 @@ pub enum SyncError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// Tables that `bite-sync run` keeps in step: a one-off copy would race the stream.
+    #[error("{} replicated continuously by `bite-sync run` (slot {slot}): a one-off sync would conflict with the stream; leave {} out (the daemon copies a table again by itself when it must)", .tables.join(", "), if .tables.len() == 1 { "it" } else { "them" })]
+    Replicated {
+        /// The tables, as a user would type them.
+        tables: Vec<String>,
+        /// The slot that replicates them.
+        slot: String,
+    },
     /// Ctrl-C or shutdown.
     #[error("cancelled")]
     Cancelled,
@@ -244,7 +252,9 @@ impl SyncError {
     /// Exit code for the command line: 2 for mistakes in what was asked, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            SyncError::SameDatabase(_) | SyncError::NotInitialized(_) => 2,
+            SyncError::SameDatabase(_)
+            | SyncError::NotInitialized(_)
+            | SyncError::Replicated { .. } => 2,
             SyncError::Plan(p) if p.is_usage() => 2,
             _ => 1,
         }
@@ -356,6 +366,10 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         "failed to read the source's table definitions",
     ))?;
 
+    if opts.snapshot.is_none() && initialized {
+        refuse_replicated(&mirror, &names).await?;
+    }
+
     observer.phase("comparing with the mirror");
     mirror
         .batch_execute("SET search_path = ''")
@@ -424,9 +438,50 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
     }
 }
 
+/// Refuses tables the replication daemon streams into (only the daemon's own copies, which
+/// read from its slot's snapshot, may replace them).
+async fn refuse_replicated(mirror: &Client, names: &[QualifiedName]) -> Result<(), SyncError> {
+    let exists: bool = mirror
+        .query_one(
+            "SELECT pg_catalog.to_regclass('bite_sync.replication_tables') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(pg(Side::Mirror, "failed to read the mirror's bookkeeping"))?
+        .get(0);
+    if !exists {
+        return Ok(());
+    }
+    let rows = mirror
+        .query(
+            "SELECT table_schema, table_name, slot_name FROM bite_sync.replication_tables \
+             WHERE state = 'streaming' ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(pg(
+            Side::Mirror,
+            "failed to read the mirror's replicated tables",
+        ))?;
+    let mut tables = Vec::new();
+    let mut slot = String::new();
+    for r in &rows {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        if names.contains(&name) {
+            tables.push(name.to_string());
+            slot = r.get(2);
+        }
+    }
+    if tables.is_empty() {
+        Ok(())
+    } else {
+        Err(SyncError::Replicated { tables, slot })
+    }
+}
+
 /// Identifies a database across connections: the cluster's system identifier (falling back to
 /// the server's address and start time where that needs privileges) plus the database OID.
-async fn database_identity(client: &Client, side: Side) -> Result<String, SyncError> {
+pub(crate) async fn database_identity(client: &Client, side: Side) -> Result<String, SyncError> {
     let precise = client
         .query_one(
             "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()) \

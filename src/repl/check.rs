@@ -1,0 +1,318 @@
+//! `bite-sync check`: is everything in place for `bite-sync run`?
+//!
+//! Every check runs, whatever failed before it (except what cannot run without a connection),
+//! and each line says OK or exactly what to change, so one run shows the whole to-do list.
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::conn::ReplicationClient;
+use super::setup::identity_problems;
+use crate::pg::connect::DbUrl;
+use crate::pg::ident::{QualifiedName, TablePattern};
+use crate::sync::{catalog, plan};
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Check {
+    /// `source` or `mirror`.
+    pub side: &'static str,
+    /// What was checked.
+    pub what: String,
+    /// Whether it is fine.
+    pub ok: bool,
+    /// What was found, or what to do.
+    pub detail: String,
+}
+
+fn line(side: &'static str, what: &str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        side,
+        what: what.to_string(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+/// Runs every check.
+pub async fn check(
+    source: Option<&DbUrl>,
+    mirror: Option<&DbUrl>,
+    tables: &[TablePattern],
+) -> Vec<Check> {
+    let mut out = Vec::new();
+    match source {
+        None => out.push(line("source", "configured", false, "no source database: pass --source URL, set BITE_SOURCE_URL, or set source.url in bite-sync.toml")),
+        Some(url) => check_source(url, tables, &mut out).await,
+    }
+    match mirror {
+        None => out.push(line("mirror", "configured", false, "no mirror database: pass --mirror URL, set BITE_MIRROR_URL, or set mirror.url in bite-sync.toml")),
+        Some(url) => check_mirror(url, &mut out).await,
+    }
+    out
+}
+
+async fn setting(client: &Client, name: &str) -> Option<String> {
+    client
+        .query_one("SELECT pg_catalog.current_setting($1)", &[&name])
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
+async fn version(client: &Client) -> (i32, String) {
+    let num = setting(client, "server_version_num")
+        .await
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let text = setting(client, "server_version").await.unwrap_or_default();
+    (num, text)
+}
+
+async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>) {
+    let side = "source";
+    let client = match url.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(line(side, "reachable", false, crate::error_chain(&e)));
+            return;
+        }
+    };
+    out.push(line(side, "reachable", true, url.target()));
+    let (num, text) = version(&client).await;
+    out.push(if num >= 100_000 {
+        line(side, "server version", true, format!("PostgreSQL {text}"))
+    } else {
+        line(
+            side,
+            "server version",
+            false,
+            format!(
+                "PostgreSQL {text}: logical replication with pgoutput needs PostgreSQL 10 or later"
+            ),
+        )
+    });
+    let wal_level = setting(&client, "wal_level").await.unwrap_or_default();
+    out.push(if wal_level == "logical" {
+        line(side, "wal_level", true, "logical")
+    } else {
+        line(side, "wal_level", false, format!("is {wal_level}: set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"))
+    });
+    if let Ok(row) = client
+        .query_one(
+            "SELECT pg_catalog.current_setting('max_replication_slots')::int, \
+                    (SELECT count(*)::int FROM pg_catalog.pg_replication_slots), \
+                    pg_catalog.current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_catalog.pg_stat_replication)",
+            &[],
+        )
+        .await
+    {
+        let (slots, used, senders, busy): (i32, i32, i32, i32) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        // One slot and sender for the stream, one more while a new table is copied.
+        out.push(if slots - used >= 2 {
+            line(side, "max_replication_slots", true, format!("{slots} ({used} in use)"))
+        } else {
+            line(side, "max_replication_slots", false, format!("{slots} with {used} in use: bite-sync needs 2 free (one for the stream, one while copying a new table); raise max_replication_slots and restart PostgreSQL"))
+        });
+        out.push(if senders - busy >= 2 {
+            line(side, "max_wal_senders", true, format!("{senders} ({busy} in use)"))
+        } else {
+            line(side, "max_wal_senders", false, format!("{senders} with {busy} in use: bite-sync needs 2 free; raise max_wal_senders and restart PostgreSQL"))
+        });
+    }
+    if let Ok(row) = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        let (user, can): (String, bool) = (row.get(0), row.get(1));
+        out.push(if can {
+            line(side, "REPLICATION privilege", true, format!("{user} may replicate"))
+        } else {
+            line(side, "REPLICATION privilege", false, format!("{user} may not open replication connections: ALTER ROLE {} REPLICATION", crate::pg::ident::quote(&user)))
+        });
+    }
+    match ReplicationClient::connect(url).await {
+        Ok(mut c) => {
+            let result = c.identify_system().await;
+            out.push(match result {
+                Ok(system) => line(side, "replication connection", true, format!("system {} timeline {}", system.systemid, system.timeline)),
+                Err(e) => line(side, "replication connection", false, crate::error_chain(&e)),
+            });
+        }
+        Err(e) => out.push(line(side, "replication connection", false, format!("{}; pg_hba.conf needs a line allowing it, e.g. `host replication <user> <address>/32 scram-sha-256`", crate::error_chain(&e)))),
+    }
+    let encoding = setting(&client, "server_encoding")
+        .await
+        .unwrap_or_default();
+    out.push(if encoding == "UTF8" || encoding == "SQL_ASCII" {
+        line(side, "encoding", true, encoding)
+    } else {
+        line(
+            side,
+            "encoding",
+            false,
+            format!("{encoding}: bite-sync replicates UTF8 databases only"),
+        )
+    });
+    if tables.is_empty() {
+        out.push(line(
+            side,
+            "tables",
+            false,
+            "no tables to replicate: pass --tables or set replication.tables in bite-sync.toml",
+        ));
+        return;
+    }
+    let names = match resolve(&client, tables).await {
+        Ok(names) => names,
+        Err(e) => {
+            out.push(line(side, "tables", false, e));
+            return;
+        }
+    };
+    out.push(line(
+        side,
+        "tables",
+        true,
+        names
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    ));
+    match identity_problems(&client, &names).await {
+        Ok(problems) if problems.is_empty() => {
+            out.push(line(
+                side,
+                "replica identity",
+                true,
+                "every table has a primary key or replica identity",
+            ));
+        }
+        Ok(problems) => {
+            for p in problems {
+                out.push(line(side, "replica identity", false, p));
+            }
+        }
+        Err(e) => out.push(line(
+            side,
+            "replica identity",
+            false,
+            crate::error_chain(&e),
+        )),
+    }
+    if let Ok(row) = client
+        .query_one(
+            "SELECT COALESCE(string_agg(pg_catalog.format('%I.%I', n.nspname, c.relname), ', '), '') \
+             FROM unnest($1::text[], $2::text[]) AS t(schema, name) \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.name \
+             WHERE NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')",
+            &[
+                &names.iter().map(|n| n.schema.as_str()).collect::<Vec<_>>(),
+                &names.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+    {
+        let not_owned: String = row.get(0);
+        out.push(if not_owned.is_empty() {
+            line(side, "publication", true, "the user owns the tables, so it can create and change the publication")
+        } else {
+            line(side, "publication", false, format!("the user does not own {not_owned}: creating the publication needs the owner (or a superuser) to run bite-sync once, or to create it: CREATE PUBLICATION bite_sync FOR TABLE ..."))
+        });
+    }
+}
+
+async fn resolve(client: &Client, tables: &[TablePattern]) -> Result<Vec<QualifiedName>, String> {
+    let search_path = catalog::search_path(client)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    let all = catalog::list_tables(client)
+        .await
+        .map_err(|e| crate::error_chain(&e))?;
+    plan::resolve(&all, &search_path, tables, &[])
+        .map(|v| v.into_iter().map(|e| e.name).collect())
+        .map_err(|e| e.to_string())
+}
+
+async fn check_mirror(url: &DbUrl, out: &mut Vec<Check>) {
+    let side = "mirror";
+    let client = match url.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(line(side, "reachable", false, crate::error_chain(&e)));
+            return;
+        }
+    };
+    out.push(line(side, "reachable", true, url.target()));
+    let (_, text) = version(&client).await;
+    out.push(line(
+        side,
+        "server version",
+        true,
+        format!("PostgreSQL {text}"),
+    ));
+    if let Ok(row) = client
+        .query_one(
+            "SELECT pg_catalog.has_database_privilege(current_user, pg_catalog.current_database(), 'CREATE'), \
+                    pg_catalog.to_regclass('bite_sync.schema_migrations') IS NOT NULL, \
+                    (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)",
+            &[],
+        )
+        .await
+    {
+        let (create, initialized, superuser): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        out.push(if create {
+            line(side, "CREATE privilege", true, "the user may create schemas and tables")
+        } else {
+            line(side, "CREATE privilege", false, "the user may not create schemas: GRANT CREATE ON DATABASE <db> TO <user>")
+        });
+        out.push(line(
+            side,
+            "bookkeeping",
+            true,
+            if initialized {
+                "bite_sync schema present"
+            } else {
+                "no bite_sync schema yet: the first `bite-sync run` needs --init"
+            },
+        ));
+        out.push(line(
+            side,
+            "apply mode",
+            true,
+            if superuser {
+                "superuser: changes are applied grouped per table, without firing mirror triggers (like native replication)"
+            } else {
+                "not superuser: changes are applied in source order and mirror triggers fire"
+            },
+        ));
+    }
+}
+
+/// The report as text: `OK` or `FIX` per line.
+pub fn render(checks: &[Check]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        out.push_str(&format!(
+            "{:<4} {:<7} {:<24} {}\n",
+            if c.ok { "OK" } else { "FIX" },
+            c.side,
+            c.what,
+            c.detail
+        ));
+    }
+    let bad = checks.iter().filter(|c| !c.ok).count();
+    if bad == 0 {
+        out.push_str("ready for `bite-sync run`\n");
+    } else {
+        out.push_str(&format!("{bad} thing(s) to fix before `bite-sync run`\n"));
+    }
+    out
+}

@@ -1,0 +1,482 @@
+//! `bite-sync run`: the replication daemon's loop.
+//!
+//! A session prepares ([`setup`]), starts streaming at the position recorded on the mirror and
+//! applies ([`Applier`]) until it fails or is told to stop. The loop around sessions retries
+//! transient failures (lost connections, restarting servers, a slot still held by the previous
+//! session's walsender) with capped exponential backoff and jitter; a definite failure ends
+//! the daemon with its reason.
+//!
+//! Confirming positions to the source: a standby status update reports as flushed only
+//! [`Applier::committed`], the position recorded on the mirror, so the source never recycles
+//! WAL the mirror still needs. When nothing of ours is pending (only unpublished tables
+//! changed), a keepalive's position is recorded on the mirror and then confirmed, so the
+//! slot does not hold WAL for changes that do not concern us. Keepalives that ask for a reply
+//! are answered at once.
+//!
+//! Stopping (SIGTERM/SIGINT): the transaction being read is read to its end (a few seconds at
+//! most), the batch is committed on the mirror, its position confirmed to the source, the
+//! mirror's sequences caught up, and the stream closed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::Lsn;
+use super::apply::{Applier, ApplyFailure, Limits};
+use super::conn::{ReplError, ReplicationMessage, ReplicationStream};
+use super::pgoutput::{DecodeError, StreamState};
+use super::{sequences, setup};
+use crate::bookkeeping::BookkeepingError;
+use crate::pg::connect::{ConnectError, DbUrl};
+use crate::pg::ident::{QualifiedName, TablePattern};
+use crate::sync::{Observer, SyncError};
+
+/// Everything the daemon needs to know.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The local database.
+    pub source: DbUrl,
+    /// The mirror.
+    pub mirror: DbUrl,
+    /// Tables to replicate.
+    pub tables: Vec<TablePattern>,
+    /// Publication on the source.
+    pub publication: String,
+    /// Replication slot on the source.
+    pub slot: String,
+    /// Allow the first write into a database without bookkeeping.
+    pub init: bool,
+    /// When batches are sent.
+    pub limits: Limits,
+    /// Jobs for table copies.
+    pub jobs: usize,
+    /// Swap lock timeout for table copies.
+    pub lock_timeout: Duration,
+    /// `maintenance_work_mem` for table copies.
+    pub maintenance_work_mem: String,
+    /// A stream silent this long is dead (the source sends keepalives every
+    /// `wal_sender_timeout / 2`, 30 s by default).
+    pub silence_limit: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
+}
+
+impl RunOptions {
+    /// Options with defaults for everything but the databases and tables.
+    pub fn new(source: DbUrl, mirror: DbUrl, tables: Vec<TablePattern>) -> RunOptions {
+        RunOptions {
+            source,
+            mirror,
+            tables,
+            publication: crate::config::DEFAULT_REPLICATION_NAME.into(),
+            slot: crate::config::DEFAULT_REPLICATION_NAME.into(),
+            init: false,
+            limits: Limits::default(),
+            jobs: 2,
+            lock_timeout: Duration::from_secs(10),
+            maintenance_work_mem: "128MB".into(),
+            silence_limit: Duration::from_secs(90),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the daemon (or one session of it) stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Could not connect.
+    #[error(transparent)]
+    Connect(Box<ConnectError>),
+    /// The replication connection failed.
+    #[error(transparent)]
+    Replication(#[from] ReplError),
+    /// Copying tables failed.
+    #[error("failed to copy tables for replication")]
+    Sync(#[source] Box<SyncError>),
+    /// The mirror's bookkeeping could not be set up.
+    #[error("failed to set up bookkeeping on the mirror")]
+    Bookkeeping(#[from] BookkeepingError),
+    /// Applying failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyFailure),
+    /// The stream could not be decoded.
+    #[error("failed to decode the replication stream")]
+    Decode(#[from] DecodeError),
+    /// A query failed.
+    #[error("{context}")]
+    Query {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Source and mirror are one database.
+    #[error(
+        "source and mirror are the same database ({0}): refusing to replicate a database onto itself; check BITE_SOURCE_URL and BITE_MIRROR_URL"
+    )]
+    SameDatabase(String),
+    /// The mirror has no bookkeeping and `--init` was not given.
+    #[error(
+        "the mirror {0} has no bite_sync bookkeeping, so it has never been a bite-sync mirror: if it is the right database, run again with --init to set it up"
+    )]
+    NotInitialized(String),
+    /// No tables configured.
+    #[error(
+        "no tables to replicate: pass --tables customers,orders or set replication.tables in bite-sync.toml"
+    )]
+    NoTables,
+    /// Tables whose updates and deletes could not be applied.
+    #[error("tables without a usable replica identity:\n  - {}", .0.join("\n  - "))]
+    NoReplicaIdentity(Vec<String>),
+    /// A source database whose text is not UTF-8.
+    #[error("the source database's encoding is {0}; bite-sync replicates UTF8 databases only")]
+    Encoding(String),
+    /// The mirror's record of the slot names another source.
+    #[error(
+        "the mirror's replication state for slot {slot} belongs to another source database: use another --slot, or delete that row from bite_sync.replication_state if the old source is gone"
+    )]
+    WrongSource {
+        /// The slot.
+        slot: String,
+    },
+    /// The slot is in use by another connection.
+    #[error(
+        "replication slot {0} is in use by another connection (another bite-sync run, or the previous one's connection not yet closed)"
+    )]
+    SlotActive(String),
+    /// A slot of that name exists but is not a pgoutput slot of the source database.
+    #[error(
+        "a replication slot named {0} exists on the source but is not a pgoutput slot of this database: choose another --slot"
+    )]
+    ForeignSlot(String),
+    /// Another daemon replicates this slot into the mirror.
+    #[error("another bite-sync run is replicating slot {0} into this mirror")]
+    Busy(String),
+    /// Nothing arrived for too long.
+    #[error("the replication stream has been silent for {0:?}; reconnecting")]
+    Silent(Duration),
+    /// The source ended the stream.
+    #[error("the source ended the replication stream")]
+    StreamEnded,
+    /// The source did something bite-sync does not expect.
+    #[error("unexpected answer from the source: {0}")]
+    Protocol(String),
+}
+
+impl From<ConnectError> for RunError {
+    fn from(e: ConnectError) -> Self {
+        RunError::Connect(Box::new(e))
+    }
+}
+
+impl From<SyncError> for RunError {
+    fn from(e: SyncError) -> Self {
+        RunError::Sync(Box::new(e))
+    }
+}
+
+impl RunError {
+    /// Worth retrying after a pause.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Connect(e) => e.is_transient(),
+            RunError::Replication(e) => e.is_transient(),
+            RunError::Sync(e) => e.is_transient(),
+            RunError::Apply(e) => e.is_transient(),
+            RunError::Bookkeeping(BookkeepingError::Query { source, .. })
+            | RunError::Query { source, .. } => {
+                source.is_closed() || source.as_db_error().is_none()
+            }
+            RunError::SlotActive(_)
+            | RunError::Busy(_)
+            | RunError::Silent(_)
+            | RunError::StreamEnded => true,
+            _ => false,
+        }
+    }
+
+    /// Exit code: 2 for what the user must change in how bite-sync is run, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::SameDatabase(_)
+            | RunError::NotInitialized(_)
+            | RunError::NoTables
+            | RunError::NoReplicaIdentity(_)
+            | RunError::Encoding(_)
+            | RunError::WrongSource { .. }
+            | RunError::ForeignSlot(_) => 2,
+            RunError::Sync(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the daemon until `cancel` fires (then returns `Ok`) or a definite failure.
+pub async fn run(
+    opts: &RunOptions,
+    observer: Arc<dyn Observer>,
+    cancel: CancellationToken,
+) -> Result<(), RunError> {
+    let mut careful_until = Lsn::ZERO;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        let result = session(opts, &observer, &cancel, careful_until).await;
+        if cancel.is_cancelled() {
+            return match result {
+                Err(e)
+                    if !e.is_transient()
+                        && !matches!(&e, RunError::Sync(s) if matches!(**s, SyncError::Cancelled)) =>
+                {
+                    Err(e)
+                }
+                _ => Ok(()),
+            };
+        }
+        match result {
+            Ok(()) => return Ok(()),
+            Err(RunError::Apply(ApplyFailure::Rejected { until, source })) => {
+                tracing::warn!(error = %crate::error_chain(&source), %until, "the mirror rejected a batch; applying it again change by change to find the table to pause");
+                careful_until = until;
+            }
+            Err(e) if e.is_transient() => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(500);
+                }
+                let wait = jitter(backoff);
+                tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "replication interrupted; retrying");
+                record_error(opts, &e).await;
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(opts.max_backoff);
+            }
+            Err(e) => {
+                record_error(opts, &e).await;
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Half to the whole of `base`, so many daemons restarting at once do not retry in step.
+fn jitter(base: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    base.mul_f64(0.5 + f64::from(nanos % 1000) / 2000.0)
+}
+
+/// Best effort: the last error in the mirror's bookkeeping, for `status`.
+async fn record_error(opts: &RunOptions, error: &RunError) {
+    let text = crate::error_chain(error);
+    let attempt = async {
+        let mirror = opts.mirror.connect().await.ok()?;
+        mirror
+            .execute(
+                "UPDATE bite_sync.replication_state SET last_error = $1, last_error_at = now() WHERE slot_name = $2",
+                &[&text, &opts.slot],
+            )
+            .await
+            .ok()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), attempt).await;
+}
+
+/// How often sequences are caught up while streaming.
+const SEQUENCE_INTERVAL: Duration = Duration::from_secs(10);
+/// Standby status updates at least this often (PostgreSQL's default receiver interval).
+const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// Idle positions recorded on the mirror at most this often.
+const IDLE_ADVANCE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stop waits for the transaction being read to end.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The stream's side of a session: what was received and confirmed.
+struct Feed {
+    stream: ReplicationStream,
+    decoder: StreamState,
+    received: Lsn,
+    confirmed: Lsn,
+    last_status: Instant,
+    last_message: Instant,
+}
+
+impl Feed {
+    async fn confirm(&mut self, committed: Lsn, reply: bool) -> Result<(), RunError> {
+        self.stream
+            .send_status(self.received.max(committed), committed, committed, reply)
+            .await?;
+        self.confirmed = committed;
+        self.last_status = Instant::now();
+        Ok(())
+    }
+
+    /// Reads one message and hands it to the applier.
+    async fn step(
+        &mut self,
+        message: Option<ReplicationMessage>,
+        applier: &mut Applier,
+        last_idle: &mut Instant,
+    ) -> Result<(), RunError> {
+        self.last_message = Instant::now();
+        match message {
+            None => Err(RunError::StreamEnded),
+            Some(ReplicationMessage::XLogData {
+                wal_start, data, ..
+            }) => {
+                self.received = self.received.max(wal_start);
+                let message = self.decoder.decode(&data)?;
+                applier.handle(message).await?;
+                Ok(())
+            }
+            Some(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            }) => {
+                self.received = self.received.max(wal_end);
+                if applier.is_idle()
+                    && (reply_requested || last_idle.elapsed() >= IDLE_ADVANCE_INTERVAL)
+                {
+                    applier.advance_idle(wal_end).await?;
+                    *last_idle = Instant::now();
+                }
+                if reply_requested {
+                    self.confirm(applier.committed(), false).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn session(
+    opts: &RunOptions,
+    observer: &Arc<dyn Observer>,
+    cancel: &CancellationToken,
+    careful_until: Lsn,
+) -> Result<(), RunError> {
+    let prepared = tokio::select! {
+        prepared = setup::prepare(opts, observer, cancel) => prepared?,
+        () = cancel.cancelled() => return Ok(()),
+    };
+    let names: Vec<QualifiedName> = prepared.tables.iter().map(|t| t.name.clone()).collect();
+    let start = prepared.start;
+    let mut applier = Applier::new(
+        &opts.slot,
+        prepared.mirror,
+        prepared.source,
+        prepared.tables,
+        start,
+        careful_until,
+        opts.limits,
+    )
+    .await?;
+    for (table, reason) in applier.paused() {
+        tracing::warn!(%table, %reason, "table paused: its changes are skipped until its cause is fixed and bite-sync run restarts");
+    }
+    let stream = prepared
+        .replication
+        .start_replication(
+            &opts.slot,
+            start,
+            &[
+                ("proto_version", "1"),
+                ("publication_names", &opts.publication),
+            ],
+        )
+        .await?;
+    tracing::info!(slot = %opts.slot, lsn = %start, tables = names.len(), "streaming changes to the mirror");
+    let mut feed = Feed {
+        stream,
+        decoder: StreamState::default(),
+        received: start,
+        confirmed: start,
+        last_status: Instant::now(),
+        last_message: Instant::now(),
+    };
+    let mut last_idle = Instant::now();
+    let mut last_sequences: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = applier.deadline();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {
+                return stop(feed, applier, &names, &mut last_idle).await;
+            }
+            message = feed.stream.next() => {
+                let message = message?;
+                feed.step(message, &mut applier, &mut last_idle).await?;
+            }
+            () = sleep_until(deadline), if deadline.is_some() => {
+                applier.flush_if_due().await?;
+            }
+            _ = tick.tick() => {
+                if feed.last_message.elapsed() > opts.silence_limit {
+                    return Err(RunError::Silent(opts.silence_limit));
+                }
+                if applier.is_idle() && last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
+                    sequences::catch_up(applier.source(), applier.mirror(), &names)
+                        .await
+                        .map_err(|source| RunError::Query { context: "failed to catch up the mirror's sequences".into(), source })?;
+                    last_sequences = Some(Instant::now());
+                }
+                if applier.committed() > feed.confirmed || feed.last_status.elapsed() >= STATUS_INTERVAL {
+                    feed.confirm(applier.committed(), false).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Stops cleanly: see the module docs.
+async fn stop(
+    mut feed: Feed,
+    mut applier: Applier,
+    names: &[QualifiedName],
+    last_idle: &mut Instant,
+) -> Result<(), RunError> {
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        while !applier.is_idle() {
+            if applier.in_transaction() {
+                let message = feed.stream.next().await?;
+                feed.step(message, &mut applier, last_idle).await?;
+            } else {
+                applier.flush().await?;
+            }
+        }
+        Ok::<_, RunError>(())
+    })
+    .await;
+    match drained {
+        Ok(result) => result?,
+        Err(_) => {
+            tracing::warn!(
+                "stopping in the middle of a large transaction: it is applied after the next start"
+            );
+            applier.abandon().await;
+        }
+    }
+    if let Err(source) = sequences::catch_up(applier.source(), applier.mirror(), names).await {
+        tracing::warn!(error = %crate::error_chain(&source), "could not catch up the mirror's sequences while stopping");
+    }
+    feed.confirm(applier.committed(), false).await?;
+    let progress = applier.progress();
+    tracing::info!(lsn = %progress.committed, rows = progress.rows, transactions = progress.transactions, "stopped; the mirror is at the position confirmed to the source");
+    feed.stream.finish().await?;
+    Ok(())
+}

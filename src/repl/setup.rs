@@ -1,0 +1,601 @@
+//! Getting a replication session ready: publication, slot, copies, and where to stream from.
+//!
+//! The stream and the copies must meet with no gap and no overlap:
+//! - **First start** (no `bite_sync.replication_state` row for the slot): the slot is created
+//!   with an exported snapshot, every table is copied by the sync engine from that snapshot,
+//!   and the stream starts at the slot's consistent point. Transactions that committed before
+//!   it are in the copies; the stream brings the rest.
+//! - **A table added later** (or a paused one, after its cause was fixed): a temporary slot
+//!   exports a snapshot at position X, the table is copied from it, and its bookkeeping row
+//!   says `synced_lsn = X`. The main stream then applies to it only transactions that commit at
+//!   or after X ([`super::apply`] checks each transaction's commit position).
+//! - **Slot lost** (dropped, invalidated by `max_slot_wal_keep_size`, or behind the mirror's
+//!   position, e.g. after a mirror restore): nothing can say which changes the mirror missed,
+//!   so the slot is recreated and every table copied again, loudly logged.
+//!
+//! The slot is only ever confirmed up to positions recorded on the mirror, so a slot whose
+//! confirmed position is ahead of the mirror's is by definition inconsistent with it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::Lsn;
+use super::apply::TableState;
+use super::conn::ReplicationClient;
+use super::daemon::{RunError, RunOptions};
+use crate::bookkeeping;
+use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
+use crate::sync::{self, Observer, Side, SyncOptions, catalog, plan};
+
+/// A session ready to stream.
+pub struct Prepared {
+    /// The replication connection, idle, ready for `START_REPLICATION`.
+    pub replication: ReplicationClient,
+    /// Where the stream starts: the position recorded on the mirror.
+    pub start: Lsn,
+    /// The replicated tables and their states.
+    pub tables: Vec<TableState>,
+    /// A normal source session (catalog look-ups, sequences).
+    pub source: Client,
+    /// The mirror session the changes are applied on; it holds the slot's lock on the mirror.
+    pub mirror: Client,
+}
+
+/// Advisory lock class on the mirror: one daemon per slot.
+const DAEMON_LOCK: i32 = 0x6269_7465;
+
+/// The mirror's record of a slot.
+#[derive(Debug, Clone)]
+struct StateRow {
+    lsn: Lsn,
+    source: String,
+}
+
+/// The source's view of a slot.
+#[derive(Debug, Clone)]
+struct SlotRow {
+    active: bool,
+    plugin: Option<String>,
+    database: Option<String>,
+    confirmed_flush: Option<Lsn>,
+    wal_status: Option<String>,
+}
+
+/// Prepares a session; see the module docs.
+pub async fn prepare(
+    opts: &RunOptions,
+    observer: &Arc<dyn Observer>,
+    cancel: &CancellationToken,
+) -> Result<Prepared, RunError> {
+    let (source, mut mirror) = tokio::try_join!(opts.source.connect(), opts.mirror.connect())?;
+    let source_id = sync::database_identity(&source, Side::Source).await?;
+    let mirror_id = sync::database_identity(&mirror, Side::Mirror).await?;
+    if source_id == mirror_id {
+        return Err(RunError::SameDatabase(opts.mirror.target()));
+    }
+    if !bookkeeping::is_initialized(&mirror).await? && !opts.init {
+        return Err(RunError::NotInitialized(opts.mirror.target()));
+    }
+    bookkeeping::migrate(&mut mirror).await?;
+    let locked: bool = mirror
+        .query_one(
+            "SELECT pg_catalog.pg_try_advisory_lock($1, pg_catalog.hashtext($2))",
+            &[&DAEMON_LOCK, &opts.slot],
+        )
+        .await
+        .map_err(query("failed to take the daemon lock on the mirror"))?
+        .get(0);
+    if !locked {
+        return Err(RunError::Busy(opts.slot.clone()));
+    }
+
+    let names = resolve_tables(&source, opts).await?;
+    check_source(&source, &names).await?;
+    ensure_publication(&source, &opts.publication, &names).await?;
+
+    let state = read_state(&mirror, &opts.slot).await?;
+    if let Some(state) = &state
+        && state.source != source_id
+    {
+        return Err(RunError::WrongSource {
+            slot: opts.slot.clone(),
+        });
+    }
+    let slot = read_slot(&source, &opts.slot).await?;
+    if let Some(slot) = &slot {
+        if slot.active {
+            return Err(RunError::SlotActive(opts.slot.clone()));
+        }
+        if slot.plugin.as_deref() != Some("pgoutput")
+            || slot.database.as_deref() != Some(opts.source.dbname().as_str())
+        {
+            return Err(RunError::ForeignSlot(opts.slot.clone()));
+        }
+    }
+    let mut replication = ReplicationClient::connect(&opts.source).await?;
+
+    let usable = match (&state, &slot) {
+        (Some(state), Some(slot)) => {
+            let lost = slot.wal_status.as_deref() == Some("lost");
+            let ahead = slot.confirmed_flush.is_some_and(|c| c > state.lsn);
+            if lost || ahead {
+                tracing::error!(
+                    slot = %opts.slot,
+                    reason = if lost { "the source invalidated it (max_slot_wal_keep_size)" } else { "it is ahead of the mirror's recorded position" },
+                    "the replication slot cannot continue the mirror's stream: recreating it and copying every table again"
+                );
+                None
+            } else {
+                Some(state.lsn)
+            }
+        }
+        (Some(_), None) => {
+            tracing::error!(slot = %opts.slot, "the replication slot is gone from the source: recreating it and copying every table again");
+            None
+        }
+        (None, _) => None,
+    };
+
+    let start = match usable {
+        Some(lsn) => {
+            copy_new_tables(opts, observer, cancel, &mirror, &names).await?;
+            lsn
+        }
+        None => {
+            if slot.is_some() {
+                replication.drop_slot(&opts.slot).await?;
+            }
+            let created = replication.create_slot(&opts.slot, false).await?;
+            let snapshot = created.snapshot_name.clone().ok_or_else(|| {
+                RunError::Protocol("the source exported no snapshot with the new slot".into())
+            })?;
+            tracing::info!(slot = %opts.slot, lsn = %created.consistent_point, tables = names.len(), "created the replication slot; copying the tables");
+            copy(opts, observer, cancel, &names, &snapshot).await?;
+            record_fresh_start(&mirror, opts, &source_id, &names, created.consistent_point).await?;
+            created.consistent_point
+        }
+    };
+    let tables = read_tables(&mirror, &opts.slot).await?;
+    Ok(Prepared {
+        replication,
+        start,
+        tables,
+        source,
+        mirror,
+    })
+}
+
+fn query(context: &str) -> impl FnOnce(tokio_postgres::Error) -> RunError + '_ {
+    move |source| RunError::Query {
+        context: context.to_string(),
+        source,
+    }
+}
+
+/// The tables the configuration names, as they exist on the source.
+async fn resolve_tables(
+    source: &Client,
+    opts: &RunOptions,
+) -> Result<Vec<QualifiedName>, RunError> {
+    if opts.tables.is_empty() {
+        return Err(RunError::NoTables);
+    }
+    let search_path = catalog::search_path(source)
+        .await
+        .map_err(query("failed to read the source's search_path"))?;
+    let all = catalog::list_tables(source)
+        .await
+        .map_err(query("failed to list the source's tables"))?;
+    let selected =
+        plan::resolve(&all, &search_path, &opts.tables, &[]).map_err(sync::SyncError::from)?;
+    Ok(selected.into_iter().map(|e| e.name).collect())
+}
+
+/// What [`check_source`] finds wrong with a table, with the fix.
+pub async fn identity_problems(
+    source: &Client,
+    names: &[QualifiedName],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let schemas: Vec<&str> = names.iter().map(|t| t.schema.as_str()).collect();
+    let tables: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
+    let rows = source
+        .query(
+            "SELECT t.schema, t.name, c.relreplident::text, \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident) \
+             FROM unnest($1::text[], $2::text[]) AS t(schema, name) \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.name",
+            &[&schemas, &tables],
+        )
+        .await?;
+    let mut problems = Vec::new();
+    for r in rows {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let identity: String = r.get(2);
+        let has_pk: bool = r.get(3);
+        let has_index: bool = r.get(4);
+        let fine = match identity.as_str() {
+            "d" => has_pk,
+            "i" => has_index,
+            "f" => true,
+            _ => false,
+        };
+        if !fine {
+            problems.push(format!(
+                "{name} has no primary key{}, so its updates and deletes cannot be found on the mirror: add a primary key, or run on the source: ALTER TABLE {} REPLICA IDENTITY FULL",
+                if identity == "n" { " and REPLICA IDENTITY NOTHING" } else { "" },
+                name.quoted()
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+/// Refuses tables whose changes could not be applied, and a non-UTF8 source.
+async fn check_source(source: &Client, names: &[QualifiedName]) -> Result<(), RunError> {
+    let problems = identity_problems(source, names)
+        .await
+        .map_err(query("failed to read the tables' replica identities"))?;
+    if !problems.is_empty() {
+        return Err(RunError::NoReplicaIdentity(problems));
+    }
+    let encoding: String = source
+        .query_one("SELECT pg_catalog.current_setting('server_encoding')", &[])
+        .await
+        .map_err(query("failed to read the source's encoding"))?
+        .get(0);
+    if encoding != "UTF8" && encoding != "SQL_ASCII" {
+        return Err(RunError::Encoding(encoding));
+    }
+    Ok(())
+}
+
+/// Creates the publication, or makes its table list the configured one.
+async fn ensure_publication(
+    source: &Client,
+    publication: &str,
+    names: &[QualifiedName],
+) -> Result<(), RunError> {
+    let exists = source
+        .query_opt(
+            "SELECT puballtables FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query("failed to look for the publication"))?;
+    let list = |tables: &[&QualifiedName]| {
+        tables
+            .iter()
+            .map(|t| t.quoted())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let wanted: BTreeSet<&QualifiedName> = names.iter().collect();
+    match exists {
+        None => {
+            let all: Vec<&QualifiedName> = wanted.iter().copied().collect();
+            tracing::info!(
+                publication,
+                tables = all.len(),
+                "creating the publication on the source"
+            );
+            source
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote(publication),
+                    list(&all)
+                ))
+                .await
+                .map_err(query("failed to create the publication on the source (the source user must own the tables, or be superuser)"))?;
+        }
+        Some(row) if row.get::<_, bool>(0) => {}
+        Some(_) => {
+            let rows = source
+                .query(
+                    "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
+                    &[&publication],
+                )
+                .await
+                .map_err(query("failed to read the publication's tables"))?;
+            let current: BTreeSet<QualifiedName> = rows
+                .iter()
+                .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
+            let add: Vec<&QualifiedName> = wanted
+                .iter()
+                .copied()
+                .filter(|t| !current.contains(*t))
+                .collect();
+            let drop: Vec<&QualifiedName> =
+                current.iter().filter(|t| !wanted.contains(t)).collect();
+            if !add.is_empty() {
+                tracing::info!(publication, tables = %list(&add), "adding tables to the publication");
+                source
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        quote(publication),
+                        list(&add)
+                    ))
+                    .await
+                    .map_err(query("failed to add tables to the publication"))?;
+            }
+            if !drop.is_empty() {
+                tracing::info!(publication, tables = %list(&drop), "removing tables no longer configured from the publication");
+                source
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {} DROP TABLE {}",
+                        quote(publication),
+                        list(&drop)
+                    ))
+                    .await
+                    .map_err(query("failed to remove tables from the publication"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_state(mirror: &Client, slot: &str) -> Result<Option<StateRow>, RunError> {
+    let row = mirror
+        .query_opt(
+            "SELECT lsn::text, source_system_identifier || '/' || source_database \
+             FROM bite_sync.replication_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query("failed to read the replication state on the mirror"))?;
+    row.map(|r| {
+        let lsn: String = r.get(0);
+        Ok(StateRow {
+            lsn: lsn
+                .parse()
+                .map_err(|e| RunError::Protocol(format!("{e}")))?,
+            source: r.get(1),
+        })
+    })
+    .transpose()
+}
+
+async fn read_slot(source: &Client, slot: &str) -> Result<Option<SlotRow>, RunError> {
+    let row = source
+        .query_opt(
+            "SELECT active, plugin::text, database::text, confirmed_flush_lsn::text, wal_status \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query("failed to read the replication slot on the source"))?;
+    Ok(row.map(|r| SlotRow {
+        active: r.get(0),
+        plugin: r.get(1),
+        database: r.get(2),
+        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|t| t.parse().ok()),
+        wal_status: r.get(4),
+    }))
+}
+
+/// Reads the replicated tables' states from the mirror's bookkeeping.
+pub async fn read_tables(mirror: &Client, slot: &str) -> Result<Vec<TableState>, RunError> {
+    let rows = mirror
+        .query(
+            "SELECT table_schema, table_name, synced_lsn::text, CASE WHEN state = 'paused' THEN COALESCE(reason, 'paused') END \
+             FROM bite_sync.replication_tables WHERE slot_name = $1 ORDER BY 1, 2",
+            &[&slot],
+        )
+        .await
+        .map_err(query("failed to read the replicated tables on the mirror"))?;
+    rows.iter()
+        .map(|r| {
+            let lsn: String = r.get(2);
+            Ok(TableState {
+                name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                synced_lsn: lsn
+                    .parse()
+                    .map_err(|e| RunError::Protocol(format!("{e}")))?,
+                paused: r.get(3),
+            })
+        })
+        .collect()
+}
+
+/// Copies `names` with the sync engine from an exported snapshot.
+async fn copy(
+    opts: &RunOptions,
+    observer: &Arc<dyn Observer>,
+    cancel: &CancellationToken,
+    names: &[QualifiedName],
+    snapshot: &str,
+) -> Result<(), RunError> {
+    let mut sync_opts = SyncOptions::new(opts.source.clone(), opts.mirror.clone());
+    sync_opts.tables = names
+        .iter()
+        .map(|n| TablePattern::Table {
+            schema: Some(n.schema.clone()),
+            name: n.name.clone(),
+        })
+        .collect();
+    sync_opts.jobs = opts.jobs;
+    sync_opts.lock_timeout = opts.lock_timeout;
+    sync_opts.maintenance_work_mem = opts.maintenance_work_mem.clone();
+    sync_opts.init = true;
+    sync_opts.snapshot = Some(snapshot.to_string());
+    let report = sync::sync(&sync_opts, Arc::clone(observer), cancel.clone()).await?;
+    tracing::info!(
+        tables = report.tables.len(),
+        rows = report.rows,
+        "copied tables for replication"
+    );
+    Ok(())
+}
+
+/// Records a fresh start: the slot's position and every table synced at it.
+async fn record_fresh_start(
+    mirror: &Client,
+    opts: &RunOptions,
+    source_id: &str,
+    names: &[QualifiedName],
+    lsn: Lsn,
+) -> Result<(), RunError> {
+    let (system, database) = source_id.split_once('/').unwrap_or((source_id, ""));
+    let mut sql = format!(
+        "BEGIN; \
+         INSERT INTO bite_sync.replication_state (slot_name, publication, source_system_identifier, source_database, lsn) \
+         VALUES ({slot}, {publication}, {system}, {database}, {lsn}) \
+         ON CONFLICT (slot_name) DO UPDATE SET publication = EXCLUDED.publication, \
+             source_system_identifier = EXCLUDED.source_system_identifier, \
+             source_database = EXCLUDED.source_database, lsn = EXCLUDED.lsn, \
+             source_commit_time = NULL, applied_at = now(), last_error = NULL, last_error_at = NULL; \
+         DELETE FROM bite_sync.replication_tables WHERE slot_name = {slot};",
+        slot = literal(&opts.slot),
+        publication = literal(&opts.publication),
+        system = literal(system),
+        database = literal(database),
+        lsn = literal(&lsn.to_string()),
+    );
+    for name in names {
+        sql.push_str(&table_row_sql(&opts.slot, name, lsn, None));
+    }
+    sql.push_str("COMMIT");
+    mirror.batch_execute(&sql).await.map_err(query(
+        "failed to record the replication start on the mirror",
+    ))
+}
+
+/// Upserts a table's bookkeeping row: streaming from `lsn`, or paused with `reason`.
+fn table_row_sql(slot: &str, name: &QualifiedName, lsn: Lsn, reason: Option<&str>) -> String {
+    format!(
+        "INSERT INTO bite_sync.replication_tables (slot_name, table_schema, table_name, state, synced_lsn, reason, paused_at) \
+         VALUES ({slot}, {schema}, {table}, {state}, {lsn}, {reason}, {paused_at}) \
+         ON CONFLICT (slot_name, table_schema, table_name) DO UPDATE SET state = EXCLUDED.state, \
+             synced_lsn = EXCLUDED.synced_lsn, synced_at = now(), reason = EXCLUDED.reason, paused_at = EXCLUDED.paused_at;",
+        slot = literal(slot),
+        schema = literal(&name.schema),
+        table = literal(&name.name),
+        state = if reason.is_some() {
+            "'paused'"
+        } else {
+            "'streaming'"
+        },
+        lsn = literal(&lsn.to_string()),
+        reason = reason.map_or("NULL".to_string(), literal),
+        paused_at = if reason.is_some() { "now()" } else { "NULL" },
+    )
+}
+
+/// Copies tables that are configured but not streaming (new, or paused) from a temporary
+/// slot's snapshot, and forgets tables no longer configured.
+async fn copy_new_tables(
+    opts: &RunOptions,
+    observer: &Arc<dyn Observer>,
+    cancel: &CancellationToken,
+    mirror: &Client,
+    names: &[QualifiedName],
+) -> Result<(), RunError> {
+    let recorded = read_tables(mirror, &opts.slot).await?;
+    let wanted: BTreeSet<&QualifiedName> = names.iter().collect();
+    for gone in recorded.iter().filter(|t| !wanted.contains(&t.name)) {
+        tracing::info!(table = %gone.name, "no longer replicated (removed from the configuration); the mirror keeps its copy");
+        mirror
+            .execute(
+                "DELETE FROM bite_sync.replication_tables WHERE slot_name = $1 AND table_schema = $2 AND table_name = $3",
+                &[&opts.slot, &gone.name.schema, &gone.name.name],
+            )
+            .await
+            .map_err(query("failed to update the replicated tables on the mirror"))?;
+    }
+    let to_copy: Vec<QualifiedName> = names
+        .iter()
+        .filter(|n| {
+            recorded
+                .iter()
+                .find(|t| &t.name == *n)
+                .is_none_or(|t| t.paused.is_some())
+        })
+        .cloned()
+        .collect();
+    if to_copy.is_empty() {
+        return Ok(());
+    }
+    // All together first; if that fails for a reason of one table, each on its own so the
+    // others still start streaming.
+    match copy_at_new_snapshot(opts, observer, cancel, mirror, &to_copy).await {
+        Ok(()) => return Ok(()),
+        Err(e) if e.is_transient() => return Err(e),
+        Err(e) if to_copy.len() == 1 => {
+            return record_paused(mirror, &opts.slot, &to_copy[0], &e).await;
+        }
+        Err(_) => {}
+    }
+    for name in &to_copy {
+        let one = std::slice::from_ref(name);
+        match copy_at_new_snapshot(opts, observer, cancel, mirror, one).await {
+            Ok(()) => {}
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => record_paused(mirror, &opts.slot, name, &e).await?,
+        }
+    }
+    Ok(())
+}
+
+async fn record_paused(
+    mirror: &Client,
+    slot: &str,
+    name: &QualifiedName,
+    error: &RunError,
+) -> Result<(), RunError> {
+    let reason = format!("copying it failed: {}", crate::error_chain(error));
+    tracing::error!(table = %name, %reason, "the table stays paused");
+    mirror
+        .batch_execute(&table_row_sql(slot, name, Lsn::ZERO, Some(&reason)))
+        .await
+        .map_err(query("failed to record a paused table on the mirror"))
+}
+
+/// Copies `names` from a temporary slot's snapshot and records them as streaming from its
+/// position.
+async fn copy_at_new_snapshot(
+    opts: &RunOptions,
+    observer: &Arc<dyn Observer>,
+    cancel: &CancellationToken,
+    mirror: &Client,
+    names: &[QualifiedName],
+) -> Result<(), RunError> {
+    let mut temporary = ReplicationClient::connect(&opts.source).await?;
+    static ATTEMPT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let attempt = ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Unique per attempt: a dropped temporary slot goes away with its walsender, a moment
+    // after the connection closes.
+    let mut slot = format!(
+        "bite_sync_copy_{}_{attempt}_{}",
+        std::process::id(),
+        opts.slot
+    );
+    slot.truncate(63);
+    let created = temporary.create_slot(&slot, true).await?;
+    let snapshot = created.snapshot_name.clone().ok_or_else(|| {
+        RunError::Protocol("the source exported no snapshot with the temporary slot".into())
+    })?;
+    tracing::info!(tables = %names.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), lsn = %created.consistent_point, "copying tables new to replication");
+    copy(opts, observer, cancel, names, &snapshot).await?;
+    let mut sql = String::from("BEGIN;");
+    for name in names {
+        sql.push_str(&table_row_sql(
+            &opts.slot,
+            name,
+            created.consistent_point,
+            None,
+        ));
+    }
+    sql.push_str("COMMIT");
+    mirror
+        .batch_execute(&sql)
+        .await
+        .map_err(query("failed to record copied tables on the mirror"))?;
+    // Closing the connection drops the temporary slot.
+    drop(temporary);
+    Ok(())
+}

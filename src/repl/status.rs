@@ -1,0 +1,477 @@
+//! `bite-sync status`: the slot on the source and the mirror's bookkeeping, side by side.
+//!
+//! Each side is read on its own: an unreachable side is reported, not fatal, so status works
+//! when it is most needed. Lag in seconds is approximate: while the slot has WAL left to
+//! confirm, the time since the mirror last moved (the later of its last applied commit and its
+//! last idle confirmation), taken on the source's clock; a caught-up mirror has no lag however
+//! old its last change.
+
+use serde::Serialize;
+
+use crate::pg::connect::DbUrl;
+
+/// Everything `status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// The slot asked about.
+    pub slot: String,
+    /// The source side, if it could be read.
+    pub source: Option<SourceSide>,
+    /// Why it could not.
+    pub source_error: Option<String>,
+    /// The mirror side, if it could be read.
+    pub mirror: Option<MirrorSide>,
+    /// Why it could not.
+    pub mirror_error: Option<String>,
+    /// Things that need attention.
+    pub warnings: Vec<String>,
+    /// Nothing needs attention.
+    pub healthy: bool,
+}
+
+/// The slot as the source sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceSide {
+    /// The slot exists.
+    pub exists: bool,
+    /// A connection is streaming from it.
+    pub active: bool,
+    /// `lost` when the source invalidated it; `reserved`/`extended`/`unreserved` otherwise.
+    pub wal_status: Option<String>,
+    /// The position the mirror has confirmed.
+    pub confirmed_lsn: Option<String>,
+    /// The source's current WAL position.
+    pub current_lsn: String,
+    /// WAL the slot keeps on the source's disk.
+    pub retained_wal_bytes: Option<i64>,
+    /// WAL written since the confirmed position.
+    pub lag_bytes: Option<i64>,
+    /// Seconds since the last applied transaction committed, while behind.
+    pub lag_seconds: Option<f64>,
+    /// WAL the slot may still retain before the source invalidates it (none: no limit).
+    pub safe_wal_bytes: Option<i64>,
+    /// The source's `max_slot_wal_keep_size`.
+    pub max_slot_wal_keep_size: String,
+}
+
+/// The mirror's bookkeeping for the slot.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorSide {
+    /// The mirror has a record of the slot.
+    pub initialized: bool,
+    /// The position the mirror's data reflects.
+    pub lsn: Option<String>,
+    /// When the last applied transaction committed on the source.
+    pub source_commit_time: Option<String>,
+    /// When the mirror's position last moved.
+    pub applied_at: Option<String>,
+    /// The daemon's last error, if it has not streamed since.
+    pub last_error: Option<String>,
+    /// When that error happened.
+    pub last_error_at: Option<String>,
+    /// Per replicated table.
+    pub tables: Vec<TableStatus>,
+}
+
+/// One replicated table.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableStatus {
+    /// The table.
+    pub table: String,
+    /// `streaming` or `paused`.
+    pub state: String,
+    /// Why it is paused.
+    pub reason: Option<String>,
+    /// The position its copy was taken at.
+    pub synced_lsn: String,
+}
+
+/// Reads both sides.
+pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) -> Status {
+    let (source_side, mirror_side) = tokio::join!(
+        async {
+            match source {
+                Some(url) => read_source(url, slot)
+                    .await
+                    .map_err(|e| crate::error_chain(&*e)),
+                None => Err("no source database configured".to_string()),
+            }
+        },
+        async {
+            match mirror {
+                Some(url) => read_mirror(url, slot)
+                    .await
+                    .map_err(|e| crate::error_chain(&*e)),
+                None => Err("no mirror database configured".to_string()),
+            }
+        }
+    );
+    let mut status = Status {
+        slot: slot.to_string(),
+        source: None,
+        source_error: None,
+        mirror: None,
+        mirror_error: None,
+        warnings: Vec::new(),
+        healthy: false,
+    };
+    match source_side {
+        Ok(mut s) => {
+            // Behind: time since the mirror last moved (its last applied commit, or its last
+            // idle confirmation), on the source's clock.
+            if let (Some(lag), Ok(m), Some(url)) = (s.lag_bytes, &mirror_side, source) {
+                let last = [m.source_commit_time.as_deref(), m.applied_at.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .max();
+                s.lag_seconds = match last {
+                    Some(t) if lag > 0 => lag_seconds(url, t).await,
+                    _ => Some(0.0),
+                };
+            }
+            status.source = Some(s)
+        }
+        Err(e) => status.source_error = Some(e),
+    }
+    match mirror_side {
+        Ok(m) => status.mirror = Some(m),
+        Err(e) => status.mirror_error = Some(e),
+    }
+    status.warnings = warnings(&status);
+    status.healthy =
+        status.source.is_some() && status.mirror.is_some() && status.warnings.is_empty();
+    status
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn read_source(url: &DbUrl, slot: &str) -> Result<SourceSide, BoxError> {
+    let client = url.connect().await?;
+    let row = client
+        .query_one(
+            "SELECT s.slot_name IS NOT NULL, COALESCE(s.active, false), s.wal_status, \
+                    s.confirmed_flush_lsn::text, pg_catalog.pg_current_wal_lsn()::text, \
+                    pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::int8, \
+                    pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
+                    s.safe_wal_size, pg_catalog.current_setting('max_slot_wal_keep_size') \
+             FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(SourceSide {
+        exists: row.get(0),
+        active: row.get(1),
+        wal_status: row.get(2),
+        confirmed_lsn: row.get(3),
+        current_lsn: row.get(4),
+        retained_wal_bytes: row.get(5),
+        lag_bytes: row.get(6),
+        lag_seconds: None,
+        safe_wal_bytes: row.get(7),
+        max_slot_wal_keep_size: row.get(8),
+    })
+}
+
+async fn read_mirror(url: &DbUrl, slot: &str) -> Result<MirrorSide, BoxError> {
+    let client = url.connect().await?;
+    let has_table: bool = client
+        .query_one(
+            "SELECT pg_catalog.to_regclass('bite_sync.replication_state') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    let empty = MirrorSide {
+        initialized: false,
+        lsn: None,
+        source_commit_time: None,
+        applied_at: None,
+        last_error: None,
+        last_error_at: None,
+        tables: Vec::new(),
+    };
+    if !has_table {
+        return Ok(empty);
+    }
+    let Some(row) = client
+        .query_opt(
+            "SELECT lsn::text, \
+                    to_char(source_commit_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                    to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                    CASE WHEN last_error_at > applied_at THEN last_error END, \
+                    CASE WHEN last_error_at > applied_at \
+                         THEN to_char(last_error_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') END \
+             FROM bite_sync.replication_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+    else {
+        return Ok(empty);
+    };
+    let tables = client
+        .query(
+            "SELECT table_schema, table_name, state, reason, synced_lsn::text \
+             FROM bite_sync.replication_tables WHERE slot_name = $1 ORDER BY 1, 2",
+            &[&slot],
+        )
+        .await?
+        .iter()
+        .map(|r| TableStatus {
+            table: crate::pg::ident::QualifiedName::new(
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+            )
+            .to_string(),
+            state: r.get(2),
+            reason: r.get(3),
+            synced_lsn: r.get(4),
+        })
+        .collect();
+    Ok(MirrorSide {
+        initialized: true,
+        lsn: row.get(0),
+        source_commit_time: row.get(1),
+        applied_at: row.get(2),
+        last_error: row.get(3),
+        last_error_at: row.get(4),
+        tables,
+    })
+}
+
+/// Lag in seconds, measured on the source's clock; see the module docs.
+pub async fn lag_seconds(source: &DbUrl, commit_time: &str) -> Option<f64> {
+    let client = source.connect().await.ok()?;
+    client
+        .query_one(
+            "SELECT EXTRACT(EPOCH FROM (now() - $1::text::timestamptz))::float8",
+            &[&commit_time],
+        )
+        .await
+        .ok()
+        .map(|r| r.get::<_, f64>(0).max(0.0))
+}
+
+fn warnings(status: &Status) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(e) = &status.source_error {
+        out.push(format!("cannot read the source: {e}"));
+    }
+    if let Some(e) = &status.mirror_error {
+        out.push(format!("cannot read the mirror: {e}"));
+    }
+    if let Some(s) = &status.source {
+        if !s.exists {
+            out.push(format!(
+                "replication slot {} does not exist on the source: start `bite-sync run` to create it",
+                status.slot
+            ));
+        } else {
+            if s.wal_status.as_deref() == Some("lost") {
+                out.push("the source invalidated the replication slot (it retained more WAL than max_slot_wal_keep_size): the next `bite-sync run` copies every table again".into());
+            }
+            if !s.active {
+                out.push("no `bite-sync run` is streaming from the slot: WAL accumulates on the source until it runs again".into());
+            }
+            if let (Some(safe), Some(retained)) = (s.safe_wal_bytes, s.retained_wal_bytes)
+                && safe < (safe + retained) / 5
+            {
+                out.push(format!(
+                    "the slot retains {} of WAL and may retain only {} more before the source invalidates it (max_slot_wal_keep_size = {})",
+                    human_bytes(retained),
+                    human_bytes(safe.max(0)),
+                    s.max_slot_wal_keep_size
+                ));
+            }
+        }
+    }
+    if let Some(m) = &status.mirror {
+        if !m.initialized {
+            out.push(format!(
+                "the mirror has no replication state for slot {}: start `bite-sync run --init`",
+                status.slot
+            ));
+        }
+        for t in m.tables.iter().filter(|t| t.state == "paused") {
+            out.push(format!(
+                "{} is paused: {}",
+                t.table,
+                t.reason.as_deref().unwrap_or("no reason recorded")
+            ));
+        }
+        if let Some(e) = &m.last_error {
+            out.push(format!("last error: {e}"));
+        }
+    }
+    out
+}
+
+/// `1.5 MiB`.
+pub fn human_bytes(bytes: i64) -> String {
+    let b = bytes as f64;
+    if bytes < 1024 {
+        format!("{bytes} B")
+    } else if b < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    }
+}
+
+/// The status as text for a terminal.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("slot {}\n", status.slot));
+    match &status.source {
+        Some(s) if s.exists => {
+            out.push_str(&format!(
+                "  source:  {}, wal {}, confirmed {} (current {})\n",
+                if s.active {
+                    "streaming"
+                } else {
+                    "not streaming"
+                },
+                s.wal_status.as_deref().unwrap_or("?"),
+                s.confirmed_lsn.as_deref().unwrap_or("-"),
+                s.current_lsn
+            ));
+            out.push_str(&format!(
+                "           retained WAL {}, lag {}{}\n",
+                s.retained_wal_bytes.map_or("-".into(), human_bytes),
+                s.lag_bytes.map_or("-".into(), human_bytes),
+                s.lag_seconds
+                    .map_or(String::new(), |l| format!(" ({l:.1} s)"))
+            ));
+        }
+        Some(_) => out.push_str("  source:  no such slot\n"),
+        None => out.push_str(&format!(
+            "  source:  unreachable: {}\n",
+            status.source_error.as_deref().unwrap_or("?")
+        )),
+    }
+    match &status.mirror {
+        Some(m) if m.initialized => {
+            out.push_str(&format!(
+                "  mirror:  at {}, last change committed {} (applied {})\n",
+                m.lsn.as_deref().unwrap_or("-"),
+                m.source_commit_time.as_deref().unwrap_or("-"),
+                m.applied_at.as_deref().unwrap_or("-")
+            ));
+            for t in &m.tables {
+                out.push_str(&format!(
+                    "    {:<28} {}{}\n",
+                    t.table,
+                    t.state,
+                    t.reason
+                        .as_ref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ));
+            }
+        }
+        Some(_) => out.push_str("  mirror:  no replication state\n"),
+        None => out.push_str(&format!(
+            "  mirror:  unreachable: {}\n",
+            status.mirror_error.as_deref().unwrap_or("?")
+        )),
+    }
+    if status.warnings.is_empty() {
+        out.push_str("healthy\n");
+    } else {
+        for w in &status.warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_read_like_a_person_would_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn a_paused_table_and_a_lost_slot_are_warnings() {
+        let status = Status {
+            slot: "s".into(),
+            source: Some(SourceSide {
+                exists: true,
+                active: true,
+                wal_status: Some("lost".into()),
+                confirmed_lsn: None,
+                current_lsn: "0/1".into(),
+                retained_wal_bytes: None,
+                lag_bytes: None,
+                lag_seconds: None,
+                safe_wal_bytes: None,
+                max_slot_wal_keep_size: "-1".into(),
+            }),
+            source_error: None,
+            mirror: Some(MirrorSide {
+                initialized: true,
+                lsn: Some("0/1".into()),
+                source_commit_time: None,
+                applied_at: None,
+                last_error: None,
+                last_error_at: None,
+                tables: vec![TableStatus {
+                    table: "orders".into(),
+                    state: "paused".into(),
+                    reason: Some("type changed".into()),
+                    synced_lsn: "0/1".into(),
+                }],
+            }),
+            mirror_error: None,
+            warnings: Vec::new(),
+            healthy: false,
+        };
+        let w = warnings(&status);
+        assert_eq!(w.len(), 2, "{w:#?}");
+        assert!(w[0].contains("invalidated"));
+        assert!(w[1].contains("orders is paused: type changed"));
+    }
+
+    #[test]
+    fn nearing_the_wal_limit_warns() {
+        let mut s = SourceSide {
+            exists: true,
+            active: true,
+            wal_status: Some("extended".into()),
+            confirmed_lsn: None,
+            current_lsn: "0/1".into(),
+            retained_wal_bytes: Some(900 << 20),
+            lag_bytes: None,
+            lag_seconds: None,
+            safe_wal_bytes: Some(100 << 20),
+            max_slot_wal_keep_size: "1GB".into(),
+        };
+        let status = |s: &SourceSide| Status {
+            slot: "s".into(),
+            source: Some(s.clone()),
+            source_error: None,
+            mirror: None,
+            mirror_error: Some("x".into()),
+            warnings: Vec::new(),
+            healthy: false,
+        };
+        assert!(
+            warnings(&status(&s))
+                .iter()
+                .any(|w| w.contains("before the source invalidates it"))
+        );
+        s.safe_wal_bytes = Some(900 << 20);
+        assert!(
+            !warnings(&status(&s))
+                .iter()
+                .any(|w| w.contains("before the source invalidates it"))
+        );
+    }
+}
