@@ -1,0 +1,409 @@
+//! `bite-sync run`: continuous replication against real PostgreSQL clusters.
+//!
+//! Each test gets its own databases and its own slot and publication (named after its
+//! database), runs the real binary as a daemon, changes the source, and waits until the
+//! mirror's tables have exactly the source's contents (compared by digest of every row).
+
+mod support;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
+
+/// A running `bite-sync run`; killed (and its log printed) if the test ends without stopping it.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dbs: &TestDbs, tables: &str, extra: &[&str]) -> Daemon {
+        let mut cmd = bite_sync();
+        let log = cmd
+            .get_current_dir()
+            .expect("bite_sync() sets a working dir")
+            .join("daemon.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = cmd
+            .args([
+                "run",
+                "--source",
+                &dbs.source_url,
+                "--mirror",
+                &dbs.mirror_url,
+            ])
+            .args([
+                "--tables",
+                tables,
+                "--slot",
+                &dbs.name,
+                "--publication",
+                &dbs.name,
+            ])
+            .arg("--init")
+            .args(extra)
+            .env("BITE_LOG", "bite_sync=debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn bite-sync run");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Starts again with the same log file (a restart after a kill or a stop).
+    fn restart(&mut self, dbs: &TestDbs, tables: &str, extra: &[&str]) {
+        let log = self.log.clone();
+        let mut cmd = bite_sync();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let child = cmd
+            .args([
+                "run",
+                "--source",
+                &dbs.source_url,
+                "--mirror",
+                &dbs.mirror_url,
+            ])
+            .args([
+                "--tables",
+                tables,
+                "--slot",
+                &dbs.name,
+                "--publication",
+                &dbs.name,
+            ])
+            .args(extra)
+            .env("BITE_LOG", "bite_sync=debug")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn bite-sync run");
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGTERM, then the exit code (waits at most `within`).
+    fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the daemon to exit by itself (a refusal) and returns its code.
+    fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- bite-sync run log ----\n{}", self.log());
+        }
+    }
+}
+
+/// An order-independent digest of a table's full contents, as PostgreSQL renders them.
+async fn digest(client: &tokio_postgres::Client, table: &str) -> Option<(i64, String)> {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .ok()
+        .map(|row| (row.get(0), row.get(1)))
+}
+
+/// Waits until every table has the same contents on both sides.
+async fn wait_equal(dbs: &TestDbs, tables: &[&str], timeout: Duration) {
+    let source = connect(&dbs.source_url).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    for table in tables {
+        let want = digest(&source, table).await.expect("source digest");
+        wait_for(
+            &format!(
+                "{table} on the mirror to equal the source ({} rows)",
+                want.0
+            ),
+            timeout,
+            || async {
+                let got = digest(&mirror, table).await;
+                (got.as_ref() == Some(&want)).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(60);
+
+const TYPES: &str = r#"
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN positive_price AS numeric(10,2) CHECK (VALUE >= 0);
+CREATE TABLE everything (
+    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    serial_col bigserial,
+    small smallint, big bigint NOT NULL DEFAULT 7,
+    exact numeric(10,2), loose numeric, r real, d double precision,
+    flag boolean, txt text, short varchar(20), fixed char(3),
+    day date, at_time time, ts timestamp, tstz timestamptz, span interval,
+    doc jsonb, plain_json json, uid uuid, raw bytea, addr inet,
+    ints integer[], words text[], feeling mood, feelings mood[],
+    price positive_price, prices positive_price[],
+    name_c text COLLATE "C",
+    doubled numeric GENERATED ALWAYS AS (exact * 2) STORED
+);
+CREATE TABLE "Order Items" ("order" int, "line no" int, "select" text, PRIMARY KEY ("order", "line no"));
+"#;
+
+const INSERT_AWKWARD: &str = r#"
+INSERT INTO everything (small, big, exact, loose, r, d, flag, txt, short, fixed, day, at_time, ts, tstz, span,
+                        doc, plain_json, uid, raw, addr, ints, words, feeling, feelings, price, prices, name_c)
+VALUES
+ (1, 2, 3.14, 'NaN', 1.5, -2.25e10, true, E'tab\there\nnewline \\ backslash "quote" ''single''', 'short', 'abc',
+  '2024-02-29', '23:59:59.999999', '2024-01-01 00:00:00', '2024-06-01 12:00:00+02', '1 year 2 mons 3 days 04:05:06',
+  '{"lang": "es", "allergies": ["gluten", "ñ"], "n": 1.50}', '{"b": 1, "a": [2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+  '\x00ff10', '192.168.0.1/24', '{1,NULL,3}', '{"a,b","c\"d",NULL,""}', 'happy', '{sad,happy}', 9.99, '{1.00,2.50}', 'Ñandú'),
+ (NULL, 0, NULL, -12345678901234567890.123456789, 'Infinity', '-Infinity', NULL, 'piña colada 🍍 中文', NULL, NULL,
+  'infinity', NULL, '-infinity', 'infinity', NULL, 'null', NULL, NULL, '', NULL, '{}', '{}', NULL, '{}', NULL, NULL, NULL),
+ (-999, -9223372036854775808, -0.01, 0, 0, 0, false, '', '', '   ', '0001-01-01', '00:00', '1999-12-31 23:59:59.5',
+  '1970-01-01 00:00:00+00', '-1 day', '[]', '[]', '00000000-0000-0000-0000-000000000000', '\x', '::1', '{{1,2},{3,4}}',
+  '{"\\"}', 'sad', '{ok,ok}', 0, '{}', 'z');
+"#;
+
+#[tokio::test]
+async fn every_change_of_every_type_streams_to_the_mirror() {
+    let dbs = test_dbs("repl_every_type").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(TYPES).await.expect("schema");
+    source
+        .batch_execute(INSERT_AWKWARD)
+        .await
+        .expect("rows before the start");
+    source
+        .batch_execute(
+            r#"INSERT INTO "Order Items" VALUES (1, 1, 'from'), (1, 2, E'it''s'), (2, 1, NULL)"#,
+        )
+        .await
+        .expect("items before the start");
+    let daemon = Daemon::start(&dbs, r#"everything,"Order Items""#, &[]);
+    let tables = ["public.everything", r#"public."Order Items""#];
+    wait_equal(&dbs, &tables, WAIT).await;
+
+    // Inserts, updates of every column, deletes and a key change, in several transactions.
+    source.batch_execute(INSERT_AWKWARD).await.expect("inserts");
+    source
+        .batch_execute(
+            r#"UPDATE everything SET txt = txt || E' \\ more\ttabs', doc = doc || '{"x": "y"}', feeling = 'ok',
+                      ints = CASE WHEN array_ndims(ints) > 1 THEN ints ELSE ints || 9 END, span = span + interval '1 hour', raw = raw || '\x01', tstz = tstz + interval '1 second'
+               WHERE id % 2 = 0;
+               DELETE FROM everything WHERE id = 3;
+               UPDATE "Order Items" SET "line no" = 10, "select" = 'moved' WHERE "order" = 1 AND "line no" = 2;
+               BEGIN; DELETE FROM "Order Items" WHERE "order" = 2; INSERT INTO "Order Items" VALUES (2, 1, 'again'); COMMIT;"#,
+        )
+        .await
+        .expect("changes");
+    wait_equal(&dbs, &tables, WAIT).await;
+
+    // TRUNCATE of both tables together, then new rows.
+    source
+        .batch_execute(
+            r#"TRUNCATE everything, "Order Items" RESTART IDENTITY;
+               INSERT INTO "Order Items" VALUES (5, 5, 'after truncate');"#,
+        )
+        .await
+        .expect("truncate");
+    source
+        .batch_execute(INSERT_AWKWARD)
+        .await
+        .expect("inserts after truncate");
+    wait_equal(&dbs, &tables, WAIT).await;
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn unchanged_toast_values_keep_the_mirrors_copy() {
+    let dbs = test_dbs("repl_toast").await;
+    let source = connect(&dbs.source_url).await;
+    // md5 chains do not compress, so the value is stored out of line (TOASTed).
+    source
+        .batch_execute(
+            "CREATE TABLE menu (id int PRIMARY KEY, price int, photo text);
+             INSERT INTO menu SELECT 1, 10, string_agg(md5(i::text), '') FROM generate_series(1, 4000) i;",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "menu", &[]);
+    wait_equal(&dbs, &["public.menu"], WAIT).await;
+    source
+        .batch_execute("UPDATE menu SET price = 11 WHERE id = 1")
+        .await
+        .expect("update");
+    wait_equal(&dbs, &["public.menu"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let length: i32 = mirror
+        .query_one("SELECT length(photo) FROM menu WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        length,
+        4000 * 32,
+        "the photo survived an update of another column"
+    );
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn sigterm_confirms_the_last_batch_and_a_restart_resumes_without_loss() {
+    let dbs = test_dbs("repl_restart").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE orders (id bigserial PRIMARY KEY, total numeric(10,2), status text);
+             INSERT INTO orders (total, status) SELECT i, 'new' FROM generate_series(1, 1000) i;",
+        )
+        .await
+        .expect("schema");
+    let mut daemon = Daemon::start(&dbs, "orders", &[]);
+    wait_equal(&dbs, &["public.orders"], WAIT).await;
+    source
+        .batch_execute(
+            "INSERT INTO orders (total, status) SELECT i, 'late' FROM generate_series(1, 500) i",
+        )
+        .await
+        .expect("insert");
+    wait_equal(&dbs, &["public.orders"], WAIT).await;
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(10)),
+        Some(0),
+        "SIGTERM stops within seconds with exit code 0\n{}",
+        daemon.log()
+    );
+    // The slot's confirmed position is the mirror's recorded one.
+    let mirror = connect(&dbs.mirror_url).await;
+    let recorded: String = mirror
+        .query_one(
+            "SELECT lsn::text FROM bite_sync.replication_state WHERE slot_name = $1",
+            &[&dbs.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let confirmed: String = source
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&dbs.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(confirmed, recorded);
+    // The mirror's sequence is at the source's.
+    let (src_seq, mirror_seq): (i64, i64) = (
+        source
+            .query_one("SELECT last_value FROM orders_id_seq", &[])
+            .await
+            .unwrap()
+            .get(0),
+        mirror
+            .query_one("SELECT last_value FROM orders_id_seq", &[])
+            .await
+            .unwrap()
+            .get(0),
+    );
+    assert_eq!(mirror_seq, src_seq);
+
+    // Changes while it is down arrive after the restart, once.
+    source
+        .batch_execute("UPDATE orders SET status = 'paid' WHERE id % 3 = 0; DELETE FROM orders WHERE id % 7 = 0")
+        .await
+        .expect("changes while down");
+    daemon.restart(&dbs, "orders", &[]);
+    wait_equal(&dbs, &["public.orders"], WAIT).await;
+}
+
+#[tokio::test]
+async fn a_table_without_a_key_is_refused_with_the_fix() {
+    let dbs = test_dbs("repl_no_key").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE audit (at timestamptz, what text); CREATE TABLE ok (id int PRIMARY KEY);",
+        )
+        .await
+        .expect("schema");
+    let mut daemon = Daemon::start(&dbs, "audit,ok", &[]);
+    assert_eq!(daemon.exit_code(Duration::from_secs(30)), Some(2));
+    let log = daemon.log();
+    assert!(
+        log.contains(r#"ALTER TABLE "public"."audit" REPLICA IDENTITY FULL"#),
+        "{log}"
+    );
+    assert!(
+        !log.contains(r#""public"."ok""#),
+        "only the table without a key is named: {log}"
+    );
+}
