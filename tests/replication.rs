@@ -407,3 +407,320 @@ async fn a_table_without_a_key_is_refused_with_the_fix() {
         "only the table without a key is named: {log}"
     );
 }
+
+const RESTAURANT: &str = r#"
+CREATE TABLE customers (id bigserial PRIMARY KEY, phone text UNIQUE, prefs jsonb NOT NULL DEFAULT '{}');
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint REFERENCES customers, status text NOT NULL,
+                     total numeric(10,2), created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE order_items (order_id bigint REFERENCES orders ON DELETE CASCADE, line int, qty int,
+                          PRIMARY KEY (order_id, line));
+INSERT INTO customers (phone) SELECT '+34600' || i FROM generate_series(1, 200) i;
+INSERT INTO orders (customer_id, status, total) SELECT 1 + i % 200, 'new', i FROM generate_series(1, 500) i;
+"#;
+
+const RESTAURANT_TABLES: [&str; 3] = ["public.customers", "public.orders", "public.order_items"];
+
+/// The benchmark's transaction: an order with two items, another order's status, a
+/// customer's preferences.
+const ORDER_TXN: &str = "
+BEGIN;
+WITH o AS (INSERT INTO orders (customer_id, status, total) VALUES (1 + (random() * 199)::int, 'new', 12.5) RETURNING id)
+INSERT INTO order_items SELECT id, l, l FROM o, generate_series(1, 2) l;
+UPDATE orders SET status = 'paid' WHERE id = (SELECT 1 + (random() * 499)::int);
+UPDATE customers SET prefs = jsonb_set(prefs, '{visits}', to_jsonb(coalesce((prefs->>'visits')::int, 0) + 1))
+ WHERE id = 1 + (random() * 199)::int;
+COMMIT;";
+
+/// Runs [`ORDER_TXN`] in a loop until `stop` fires; returns how many committed.
+fn workload(
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let client = connect(&url).await;
+        let mut n = 0;
+        while !stop.is_cancelled() {
+            client
+                .batch_execute(ORDER_TXN)
+                .await
+                .expect("workload transaction");
+            n += 1;
+        }
+        n
+    })
+}
+
+/// A cheap pseudo-random sequence (no test needs more), seeded from the clock and printed.
+struct Lcg(u64);
+impl Lcg {
+    fn from_clock() -> Lcg {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        eprintln!("seed {seed}");
+        Lcg(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+#[tokio::test]
+async fn twenty_kill_9s_under_load_lose_and_duplicate_nothing() {
+    let dbs = test_dbs("repl_kill9").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let tables = "customers,orders,order_items";
+    let mut daemon = Daemon::start(&dbs, tables, &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload(dbs.source_url.clone(), stop.clone());
+    let mut rng = Lcg::from_clock();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(600))).await;
+        daemon.kill9();
+        daemon.restart(&dbs, tables, &[]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let committed = load.await.expect("workload");
+    assert!(
+        committed > 50,
+        "the workload ran ({committed} transactions)"
+    );
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    // And the position it resumes from is the mirror's own.
+    let mirror = connect(&dbs.mirror_url).await;
+    let lsn: String = mirror
+        .query_one(
+            "SELECT lsn::text FROM bite_sync.replication_state WHERE slot_name = $1",
+            &[&dbs.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(lsn, "0/0");
+    drop(daemon);
+}
+
+/// `bite-sync status --json` for a test's slot.
+fn status(dbs: &TestDbs) -> serde_json::Value {
+    let out = bite_sync()
+        .args([
+            "status",
+            "--json",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
+        .args(["--slot", &dbs.name])
+        .output()
+        .expect("status");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[tokio::test]
+async fn an_added_column_flows_and_a_type_change_pauses_only_its_table() {
+    let dbs = test_dbs("repl_schema_change").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY, n int);
+             INSERT INTO a VALUES (1, 1); INSERT INTO b VALUES (1, 1);",
+        )
+        .await
+        .expect("schema");
+    let mut daemon = Daemon::start(&dbs, "a,b", &[]);
+    wait_equal(&dbs, &["public.a", "public.b"], WAIT).await;
+
+    source
+        .batch_execute(
+            "ALTER TABLE a ADD COLUMN note text DEFAULT 'hola'; INSERT INTO a VALUES (2, 2, 'adiós');
+             ALTER TABLE b ALTER COLUMN n TYPE bigint; INSERT INTO b VALUES (2, 20000000000);
+             INSERT INTO a VALUES (3, 3);",
+        )
+        .await
+        .expect("schema changes");
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    let paused = wait_for("b to be paused in status", WAIT, || async {
+        let s = status(&dbs);
+        let tables = s["mirror"]["tables"].as_array()?.clone();
+        let b = tables.iter().find(|t| t["table"] == "b")?.clone();
+        (b["state"] == "paused").then_some((s, b))
+    })
+    .await;
+    let reason = paused.1["reason"].as_str().unwrap_or_default().to_string();
+    assert!(
+        reason.contains("bigint on the source but integer on the mirror"),
+        "{reason}"
+    );
+    assert_eq!(paused.0["healthy"], false);
+    // a keeps flowing while b is paused.
+    source
+        .batch_execute("UPDATE a SET n = 30 WHERE id = 3")
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+
+    // Fixing the mirror and restarting copies b again and streams it.
+    let mirror = connect(&dbs.mirror_url).await;
+    mirror
+        .batch_execute("ALTER TABLE b ALTER COLUMN n TYPE bigint")
+        .await
+        .unwrap();
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    daemon.restart(&dbs, "a,b", &[]);
+    wait_equal(&dbs, &["public.b"], WAIT).await;
+    source
+        .batch_execute("INSERT INTO b VALUES (3, 3)")
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.a", "public.b"], WAIT).await;
+    wait_for("b to stream again", WAIT, || async {
+        (status(&dbs)["mirror"]["tables"]
+            .as_array()?
+            .iter()
+            .all(|t| t["state"] == "streaming"))
+        .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_table_added_to_the_list_is_copied_and_then_streamed() {
+    let dbs = test_dbs("repl_added_table").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let mut daemon = Daemon::start(&dbs, "customers", &[]);
+    wait_equal(&dbs, &["public.customers"], WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    // Written while orders was not replicated: arrives with its copy.
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    daemon.restart(&dbs, "customers,orders,order_items", &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    for _ in 0..20 {
+        source.batch_execute(ORDER_TXN).await.unwrap();
+    }
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+}
+
+#[tokio::test]
+async fn a_dropped_slot_is_recreated_and_the_tables_copied_again() {
+    let dbs = test_dbs("repl_dropped_slot").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let tables = "customers,orders,order_items";
+    let mut daemon = Daemon::start(&dbs, tables, &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    source
+        .execute("SELECT pg_drop_replication_slot($1)", &[&dbs.name])
+        .await
+        .expect("drop the slot");
+    // Lost with the slot: only a new copy brings these.
+    for _ in 0..10 {
+        source.batch_execute(ORDER_TXN).await.unwrap();
+    }
+    daemon.restart(&dbs, tables, &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    assert!(
+        daemon.log().contains("replication slot is gone"),
+        "loudly logged"
+    );
+}
+
+#[tokio::test]
+async fn writes_to_unpublished_tables_do_not_pile_up_wal() {
+    let dbs = test_dbs("repl_retained_wal").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE busy (id bigserial PRIMARY KEY, junk text);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "published", &[]);
+    wait_equal(&dbs, &["public.published"], WAIT).await;
+    // 500 MB of WAL in 50 transactions, none of it for a published table.
+    let start: String = source
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for _ in 0..50 {
+        source
+            .batch_execute(
+                "INSERT INTO busy (junk) SELECT md5(i::text) || md5((i + 1)::text) || md5((i + 2)::text) \
+                 FROM generate_series(1, 80000) i",
+            )
+            .await
+            .unwrap();
+    }
+    let written: i64 = source
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::int8",
+            &[&start],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(written > 400 << 20, "wrote {written} bytes of WAL");
+    // A checkpoint logs the running transactions, which lets the slot's restart point move.
+    let retained = wait_for("the slot to let go of the unpublished WAL", WAIT, || async {
+        source.batch_execute("CHECKPOINT").await.ok()?;
+        let retained: i64 = source
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&dbs.name],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (retained < 64 << 20).then_some(retained)
+    })
+    .await;
+    eprintln!("retained {retained} bytes after writing {written}");
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn a_million_row_transaction_applies_in_bounded_memory() {
+    let dbs = test_dbs("repl_big_txn").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE events (id bigint PRIMARY KEY, body text)")
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "events", &[]);
+    wait_equal(&dbs, &["public.events"], WAIT).await;
+    source
+        .batch_execute(
+            "INSERT INTO events SELECT i, repeat(md5(i::text), 3) FROM generate_series(1, 1000000) i",
+        )
+        .await
+        .expect("big transaction");
+    wait_equal(&dbs, &["public.events"], Duration::from_secs(240)).await;
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("proc status");
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    eprintln!("peak RSS {} MiB", peak_kib / 1024);
+    assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+}

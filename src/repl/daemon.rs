@@ -304,6 +304,9 @@ struct Feed {
     confirmed: Lsn,
     last_status: Instant,
     last_message: Instant,
+    /// A keepalive's position not yet recorded as reached (idle advances are rate-limited).
+    idle_target: Lsn,
+    last_idle: Instant,
 }
 
 impl Feed {
@@ -317,11 +320,23 @@ impl Feed {
     }
 
     /// Reads one message and hands it to the applier.
+    /// Records the latest keepalive position as reached, if nothing is pending and the last
+    /// such write is old enough (or `now`).
+    async fn advance_idle(&mut self, applier: &mut Applier, now: bool) -> Result<(), RunError> {
+        if applier.is_idle()
+            && self.idle_target > applier.committed()
+            && (now || self.last_idle.elapsed() >= IDLE_ADVANCE_INTERVAL)
+        {
+            applier.advance_idle(self.idle_target).await?;
+            self.last_idle = Instant::now();
+        }
+        Ok(())
+    }
+
     async fn step(
         &mut self,
         message: Option<ReplicationMessage>,
         applier: &mut Applier,
-        last_idle: &mut Instant,
     ) -> Result<(), RunError> {
         self.last_message = Instant::now();
         match message {
@@ -340,12 +355,10 @@ impl Feed {
                 ..
             }) => {
                 self.received = self.received.max(wal_end);
-                if applier.is_idle()
-                    && (reply_requested || last_idle.elapsed() >= IDLE_ADVANCE_INTERVAL)
-                {
-                    applier.advance_idle(wal_end).await?;
-                    *last_idle = Instant::now();
+                if applier.is_idle() {
+                    self.idle_target = self.idle_target.max(wal_end);
                 }
+                self.advance_idle(applier, reply_requested).await?;
                 if reply_requested {
                     self.confirm(applier.committed(), false).await?;
                 }
@@ -399,8 +412,9 @@ async fn session(
         confirmed: start,
         last_status: Instant::now(),
         last_message: Instant::now(),
+        idle_target: start,
+        last_idle: Instant::now(),
     };
-    let mut last_idle = Instant::now();
     let mut last_sequences: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -409,11 +423,11 @@ async fn session(
         tokio::select! {
             biased;
             () = cancel.cancelled() => {
-                return stop(feed, applier, &names, &mut last_idle).await;
+                return stop(feed, applier, &names).await;
             }
             message = feed.stream.next() => {
                 let message = message?;
-                feed.step(message, &mut applier, &mut last_idle).await?;
+                feed.step(message, &mut applier).await?;
             }
             () = sleep_until(deadline), if deadline.is_some() => {
                 applier.flush_if_due().await?;
@@ -422,6 +436,7 @@ async fn session(
                 if feed.last_message.elapsed() > opts.silence_limit {
                     return Err(RunError::Silent(opts.silence_limit));
                 }
+                feed.advance_idle(&mut applier, false).await?;
                 if applier.is_idle() && last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
                     sequences::catch_up(applier.source(), applier.mirror(), &names)
                         .await
@@ -448,13 +463,12 @@ async fn stop(
     mut feed: Feed,
     mut applier: Applier,
     names: &[QualifiedName],
-    last_idle: &mut Instant,
 ) -> Result<(), RunError> {
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
         while !applier.is_idle() {
             if applier.in_transaction() {
                 let message = feed.stream.next().await?;
-                feed.step(message, &mut applier, last_idle).await?;
+                feed.step(message, &mut applier).await?;
             } else {
                 applier.flush().await?;
             }
