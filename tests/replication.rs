@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
+use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
+use bite_sync::proxy::Proxy;
 use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
 
 /// A running `bite-sync run`; killed (and its log printed) if the test ends without stopping it.
@@ -21,61 +23,41 @@ struct Daemon {
 
 impl Daemon {
     fn start(dbs: &TestDbs, tables: &str, extra: &[&str]) -> Daemon {
-        let mut cmd = bite_sync();
-        let log = cmd
+        Daemon::start_via(dbs, (&dbs.source_url, &dbs.mirror_url), tables, extra)
+    }
+
+    /// Starts with other URLs for the same databases (through a proxy, say).
+    fn start_via(dbs: &TestDbs, urls: (&str, &str), tables: &str, extra: &[&str]) -> Daemon {
+        let log = bite_sync()
             .get_current_dir()
             .expect("bite_sync() sets a working dir")
             .join("daemon.log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("log file");
-        let child = cmd
-            .args([
-                "run",
-                "--source",
-                &dbs.source_url,
-                "--mirror",
-                &dbs.mirror_url,
-            ])
-            .args([
-                "--tables",
-                tables,
-                "--slot",
-                &dbs.name,
-                "--publication",
-                &dbs.name,
-            ])
-            .arg("--init")
-            .args(extra)
-            .env("BITE_LOG", "bite_sync=debug")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn bite-sync run");
-        Daemon {
-            child: Some(child),
-            log,
-        }
+        let mut daemon = Daemon { child: None, log };
+        let mut args = vec!["--init"];
+        args.extend_from_slice(extra);
+        daemon.spawn(dbs, urls, tables, &args);
+        daemon
     }
 
     /// Starts again with the same log file (a restart after a kill or a stop).
     fn restart(&mut self, dbs: &TestDbs, tables: &str, extra: &[&str]) {
-        let log = self.log.clone();
-        let mut cmd = bite_sync();
+        self.spawn(dbs, (&dbs.source_url, &dbs.mirror_url), tables, extra);
+    }
+
+    fn spawn(
+        &mut self,
+        dbs: &TestDbs,
+        (source, mirror): (&str, &str),
+        tables: &str,
+        extra: &[&str],
+    ) {
         let file = std::fs::OpenOptions::new()
+            .create(true)
             .append(true)
-            .open(&log)
+            .open(&self.log)
             .expect("log file");
-        let child = cmd
-            .args([
-                "run",
-                "--source",
-                &dbs.source_url,
-                "--mirror",
-                &dbs.mirror_url,
-            ])
+        let child = bite_sync()
+            .args(["run", "--source", source, "--mirror", mirror])
             .args([
                 "--tables",
                 tables,
@@ -91,6 +73,10 @@ impl Daemon {
             .spawn()
             .expect("spawn bite-sync run");
         self.child = Some(child);
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     fn pid(&self) -> u32 {
@@ -723,4 +709,105 @@ async fn a_million_row_transaction_applies_in_bounded_memory() {
         .expect("VmHWM");
     eprintln!("peak RSS {} MiB", peak_kib / 1024);
     assert!(peak_kib < 64 * 1024, "peak RSS {peak_kib} KiB");
+}
+
+#[tokio::test]
+async fn cut_connections_and_a_refusing_mirror_are_survived() {
+    let dbs = test_dbs("repl_cuts").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let clusters = support::clusters();
+    let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let source_proxy = Proxy::start(addr(clusters.source.port())).await.unwrap();
+    let mirror_proxy = Proxy::start(addr(clusters.mirror.port())).await.unwrap();
+    for p in [&source_proxy, &mirror_proxy] {
+        p.set_delay(Duration::from_millis(10));
+    }
+    let via = |url: &str, from: u16, to: u16| url.replace(&format!(":{from}/"), &format!(":{to}/"));
+    let source_url = via(
+        &dbs.source_url,
+        clusters.source.port(),
+        source_proxy.addr().port(),
+    );
+    let mirror_url = via(
+        &dbs.mirror_url,
+        clusters.mirror.port(),
+        mirror_proxy.addr().port(),
+    );
+    let mut daemon = Daemon::start_via(
+        &dbs,
+        (&source_url, &mirror_url),
+        "customers,orders,order_items",
+        &[],
+    );
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload(dbs.source_url.clone(), stop.clone());
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        match round % 3 {
+            0 => source_proxy.cut(),
+            1 => mirror_proxy.cut(),
+            _ => {
+                // The mirror "down" for a while: refused reconnects, then back.
+                mirror_proxy.set_refusing(true);
+                mirror_proxy.cut();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                mirror_proxy.set_refusing(false);
+            }
+        }
+    }
+    stop.cancel();
+    load.await.expect("workload");
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    assert!(
+        daemon.is_running(),
+        "transient failures never end the daemon"
+    );
+    assert!(daemon.log().contains("retrying"), "the cuts were noticed");
+}
+
+#[tokio::test]
+async fn a_mirror_crash_and_restart_is_survived() {
+    let dbs = test_dbs("repl_mirror_restart").await;
+    // A mirror of this test's own, so restarting it disturbs no other test.
+    let mirror_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "mirror-restart".into(),
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own mirror cluster");
+    let admin = connect(&mirror_cluster.url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE restarts")
+        .await
+        .unwrap();
+    let mirror_url = mirror_cluster.url("restarts");
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: dbs.source_url.clone(),
+        mirror_url: mirror_url.clone(),
+    };
+    let daemon = Daemon::start(&own, "customers,orders,order_items", &[]);
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload(dbs.source_url.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = std::sync::Arc::new(mirror_cluster);
+    let restarting = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || restarting.restart("immediate"))
+        .await
+        .unwrap()
+        .expect("crash and restart the mirror");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    load.await.expect("workload");
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(daemon);
 }

@@ -244,6 +244,38 @@ impl TempCluster {
         &self.data_dir
     }
 
+    /// Stops the server the way `mode` says (`fast`, or `immediate`, which is a crash: the
+    /// next start runs recovery) and starts it again on the same port; for tests of what
+    /// clients do while a server restarts.
+    pub fn restart(&self, mode: &str) -> Result<(), ClusterError> {
+        let out = self.pg_ctl_stop(mode)?;
+        if !out.status.success() {
+            return Err(ClusterError::Stop {
+                cluster: self.name.clone(),
+                data_dir: self.data_dir.display().to_string(),
+                output: output_text(&out),
+            });
+        }
+        let log = self.dir.join("server.log");
+        let mut cmd = self.pg_command("pg_ctl");
+        cmd.args(["-w", "-t", "60", "-D"])
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&log)
+            .args(["-o", &format!("-p {}", self.port), "start"]);
+        let out = self.run(cmd, "pg_ctl start")?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(ClusterError::Start {
+                cluster: self.name.clone(),
+                port: self.port,
+                pg_ctl: output_text(&out),
+                tail: log_tail(&log, LOG_TAIL_LINES),
+            })
+        }
+    }
+
     /// Stops the server (pg_ctl stop -m fast, then immediate if needed) and removes the dir.
     pub fn stop(mut self) -> Result<(), ClusterError> {
         self.shutdown()
