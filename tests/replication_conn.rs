@@ -147,6 +147,22 @@ async fn identify_system_matches_the_control_file() {
         client.identify_system().await.unwrap().systemid,
         info.systemid
     );
+
+    // A command abandoned midway leaves the answer unread: later commands refuse to run
+    // rather than read it as theirs.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        client.simple_query("SELECT pg_sleep(2)"),
+    )
+    .await;
+    assert!(abandoned.is_err(), "pg_sleep(2) cannot finish in 50 ms");
+    let error = client.identify_system().await.unwrap_err();
+    assert!(
+        matches!(error, ReplError::Interrupted { .. }),
+        "{}",
+        chain(&error)
+    );
+    assert!(chain(&error).contains("open a new connection"));
 }
 
 #[tokio::test]
@@ -357,8 +373,7 @@ async fn missing_slots_and_terminated_walsenders_are_told_apart() {
         .await
         .start_replication(&missing, Lsn::ZERO, &[("proto_version", "2")])
         .await
-        .err()
-        .expect("no such slot");
+        .expect_err("no such slot");
     assert_eq!(error.code(), Some("42704"), "{}", chain(&error));
     assert!(!error.is_transient());
     let text = chain(&error);
@@ -391,8 +406,7 @@ async fn missing_slots_and_terminated_walsenders_are_told_apart() {
         .await
         .start_replication(slot, created.consistent_point, &[("proto_version", "2")])
         .await
-        .err()
-        .expect("publication_names is required");
+        .expect_err("publication_names is required");
     assert!(!error.is_transient(), "{}", chain(&error));
     assert_eq!(error.code(), Some("22023"), "{}", chain(&error));
     assert!(
@@ -412,8 +426,7 @@ async fn missing_slots_and_terminated_walsenders_are_told_apart() {
         .await
         .start_replication(slot, created.consistent_point, &[("proto_version", "2")])
         .await
-        .err()
-        .expect("the slot is in use");
+        .expect_err("the slot is in use");
     assert_eq!(active.code(), Some("55006"), "{}", chain(&active));
     assert!(active.is_transient());
 
@@ -453,8 +466,7 @@ async fn a_refused_connection_is_transient_and_names_the_server() {
     let url = format!("postgres://app:S3cret-pw@127.0.0.1:{port}/shop?sslmode=disable");
     let error = ReplicationClient::connect(&source_url(&url))
         .await
-        .err()
-        .expect("nothing listens there");
+        .expect_err("nothing listens there");
     let text = chain(&error);
     assert!(error.is_transient(), "{text}");
     assert!(
@@ -535,8 +547,7 @@ async fn a_cut_mid_stream_is_a_transient_connection_loss() {
     proxy.set_refusing(true);
     let error = ReplicationClient::connect(&source_url(&via_proxy))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(error.is_transient(), "{}", chain(&error));
     proxy.set_refusing(false);
 
@@ -577,8 +588,7 @@ async fn unsupported_authentication_is_named() {
     let url = format!("postgres://app:pw@127.0.0.1:{port}/shop?sslmode=disable");
     let error = ReplicationClient::connect(&source_url(&url))
         .await
-        .err()
-        .unwrap();
+        .unwrap_err();
     let text = chain(&error);
     assert!(
         text.contains(
@@ -596,8 +606,7 @@ async fn a_server_that_stalls_in_startup_times_out() {
     let started = std::time::Instant::now();
     let error = ReplicationClient::connect(&source_url(&url))
         .await
-        .err()
-        .unwrap();
+        .unwrap_err();
     let waited = started.elapsed();
     let ReplError::Connect(connect) = &error else {
         panic!("{}", chain(&error));

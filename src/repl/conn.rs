@@ -29,6 +29,7 @@ mod startup;
 mod transport;
 mod wire;
 
+use std::fmt;
 use std::io;
 use std::time::{Duration, SystemTime};
 
@@ -263,6 +264,16 @@ pub struct ReplicationClient {
     server_version_num: u32,
     /// A command was sent and its answer not read to the end (its future was dropped).
     busy: bool,
+}
+
+impl fmt::Debug for ReplicationClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationClient")
+            .field("target", &self.target)
+            .field("server_version_num", &self.server_version_num)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReplicationClient {
@@ -553,6 +564,16 @@ pub struct ReplicationStream {
     server_done: bool,
     /// We sent CopyDone.
     client_done: bool,
+}
+
+impl fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("target", &self.target)
+            .field("server_done", &self.server_done)
+            .field("client_done", &self.client_done)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReplicationStream {
