@@ -21,6 +21,11 @@
 //! [`ConnectError`] names role, host, port, database and user, says what to do, and tells the
 //! retry loop whether trying again can help ([`ConnectError::is_transient`]).
 //!
+//! The replication connection (`repl::conn`), which tokio-postgres cannot open, dials by hand
+//! but takes everything that decides security and messages from here: the rustls
+//! configuration (`DbUrl::tls_config`), the endpoint and TCP settings, and the
+//! classification of socket, TLS and server failures into a [`ConnectFailure`].
+//!
 //! Invariants:
 //! - Secrets are never printed. `Display`/`Debug` of a [`DbUrl`] show the password as `***`;
 //!   errors never contain the URL or the password; URL errors describe the problem without echoing

@@ -14,8 +14,9 @@
 //! - [`ReplicationStream::next`] is cancel-safe: the read buffer lives in the stream, bytes only
 //!   move from the socket into it, and a message leaves it only when complete and returned. It
 //!   can sit in `tokio::select!` against timers without ever losing or splitting a message.
-//! - Memory is bounded by one message plus one read (64 KiB): a message claiming more than
-//!   1 GiB is a protocol error before anything is allocated for it.
+//! - Memory is bounded by the message being assembled plus one read (64 KiB); room for a large
+//!   message grows as its bytes arrive, and a message claiming more than 1 GiB is a protocol
+//!   error before anything is allocated for it.
 //! - A command interrupted midway (its future dropped) leaves the connection out of step with
 //!   the server; every later command then fails with [`ReplError::Interrupted`] instead of
 //!   reading the wrong answer.
