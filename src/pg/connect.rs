@@ -21,6 +21,11 @@
 //! [`ConnectError`] names role, host, port, database and user, says what to do, and tells the
 //! retry loop whether trying again can help ([`ConnectError::is_transient`]).
 //!
+//! The replication connection (`repl::conn`), which tokio-postgres cannot open, dials by hand
+//! but takes everything that decides security and messages from here: the rustls
+//! configuration (`DbUrl::tls_config`), the endpoint and TCP settings, and the
+//! classification of socket, TLS and server failures into a [`ConnectFailure`].
+//!
 //! Invariants:
 //! - Secrets are never printed. `Display`/`Debug` of a [`DbUrl`] show the password as `***`;
 //!   errors never contain the URL or the password; URL errors describe the problem without echoing
@@ -906,7 +911,9 @@ pub enum ConnectFailure {
         /// Where the URL usually comes from.
         env_var: &'static str,
     },
-    /// SQLSTATE 28000 for a replication connection: no pg_hba.conf line lets it in.
+    /// SQLSTATE 28000 for a physical replication connection: no `replication` line in
+    /// pg_hba.conf lets it in. (Logical replication connections, `replication=database`, match
+    /// pg_hba.conf by database like any other and get [`ConnectFailure::AccessDenied`].)
     ReplicationNotAllowed {
         /// The user that asked.
         user: String,
@@ -1039,7 +1046,7 @@ impl fmt::Display for ConnectFailure {
                 "the server's pg_hba.conf does not allow replication connections for user \
                  \"{user}\" from this host: add a line such as `host replication {user} \
                  <this host's address>/32 scram-sha-256` (the database `all` does not cover \
-                 replication) and reload the server"
+                 physical replication) and reload the server"
             ),
             ConnectFailure::NoReplicationPrivilege { user } => write!(
                 f,
@@ -2238,6 +2245,45 @@ mod tests {
         ] {
             assert!(!failure.is_transient(), "{failure}");
         }
+    }
+
+    #[test]
+    fn server_refusals_are_read_from_sqlstate_and_message() {
+        let url = DbUrl::parse(Role::Source, "postgres://pos@127.0.0.1/shop").unwrap();
+        assert_eq!(
+            url.server_failure(
+                "28000",
+                "no pg_hba.conf entry for replication connection from host \"10.0.0.2\", \
+                 user \"pos\", no encryption"
+            ),
+            ConnectFailure::ReplicationNotAllowed { user: "pos".into() }
+        );
+        assert_eq!(
+            url.server_failure(
+                "28000",
+                "no pg_hba.conf entry for host \"10.0.0.2\", user \"pos\", database \"shop\""
+            ),
+            ConnectFailure::AccessDenied {
+                env_var: "BITE_SOURCE_URL"
+            }
+        );
+        assert_eq!(
+            url.server_failure(
+                "42501",
+                "must be superuser or replication role to start walsender"
+            ),
+            ConnectFailure::NoReplicationPrivilege { user: "pos".into() }
+        );
+        assert_eq!(
+            url.server_failure("42501", "permission denied for database \"shop\""),
+            ConnectFailure::Rejected
+        );
+        assert_eq!(
+            url.server_failure("57P03", "the database system is starting up"),
+            ConnectFailure::StartingUp
+        );
+        let advice = ConnectFailure::ReplicationNotAllowed { user: "pos".into() }.to_string();
+        assert!(advice.contains("`host replication pos "), "{advice}");
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! - [`ReplicationStream::next`] is cancel-safe: the read buffer lives in the stream, bytes only
 //!   move from the socket into it, and a message leaves it only when complete and returned. It
 //!   can sit in `tokio::select!` against timers without ever losing or splitting a message.
-//! - Memory is bounded by one message plus one read (64 KiB): a message claiming more than
-//!   1 GiB is a protocol error before anything is allocated for it.
+//! - Memory is bounded by the message being assembled plus one read (64 KiB); room for a large
+//!   message grows as its bytes arrive, and a message claiming more than 1 GiB is a protocol
+//!   error before anything is allocated for it.
 //! - A command interrupted midway (its future dropped) leaves the connection out of step with
 //!   the server; every later command then fails with [`ReplError::Interrupted`] instead of
 //!   reading the wrong answer.
@@ -29,6 +30,7 @@ mod startup;
 mod transport;
 mod wire;
 
+use std::fmt;
 use std::io;
 use std::time::{Duration, SystemTime};
 
@@ -263,6 +265,16 @@ pub struct ReplicationClient {
     server_version_num: u32,
     /// A command was sent and its answer not read to the end (its future was dropped).
     busy: bool,
+}
+
+impl fmt::Debug for ReplicationClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationClient")
+            .field("target", &self.target)
+            .field("server_version_num", &self.server_version_num)
+            .field("busy", &self.busy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReplicationClient {
@@ -553,6 +565,16 @@ pub struct ReplicationStream {
     server_done: bool,
     /// We sent CopyDone.
     client_done: bool,
+}
+
+impl fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("target", &self.target)
+            .field("server_done", &self.server_done)
+            .field("client_done", &self.client_done)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ReplicationStream {
