@@ -144,7 +144,7 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
                 Err(e) => line(side, "replication connection", false, crate::error_chain(&e)),
             });
         }
-        Err(e) => out.push(line(side, "replication connection", false, format!("{}; pg_hba.conf needs a line allowing it, e.g. `host replication <user> <address>/32 scram-sha-256`", crate::error_chain(&e)))),
+        Err(e) => out.push(line(side, "replication connection", false, crate::error_chain(&e))),
     }
     let encoding = setting(&client, "server_encoding")
         .await
