@@ -67,9 +67,10 @@ pub enum Message {
     Type {
         /// Transaction id, only inside a streamed transaction.
         xid: Option<u32>,
-        /// The type's OID.
+        /// The type's OID, as the relation's columns give it.
         oid: u32,
-        /// Its schema.
+        /// Its schema ("" means pg_catalog). For a domain, PostgreSQL sends the base type's
+        /// schema and name under the domain's OID (a domain over integer: "", "int4").
         namespace: String,
         /// Its name.
         name: String,
@@ -128,11 +129,15 @@ pub enum Message {
         /// The content.
         content: Bytes,
     },
-    /// A chunk of an in-progress transaction starts ('S', version 2).
+    /// A chunk of an in-progress transaction starts ('S', version 2). A chunk can be empty
+    /// (PostgreSQL stops streaming a transaction when a catalog lookup finds it aborted).
     StreamStart {
         /// The transaction.
         xid: u32,
-        /// Whether this is the transaction's first chunk.
+        /// Whether this is the transaction's first chunk in this decoding session. A new
+        /// session (a reconnect) streams an unfinished transaction again from its start, or
+        /// sends it whole between Begin and Commit once it commits: chunks of unfinished
+        /// transactions received before a reconnect must be dropped.
         first_segment: bool,
     },
     /// The chunk ends ('E', version 2).
@@ -150,7 +155,9 @@ pub enum Message {
         /// When it committed on the source.
         commit_time: PgTimestamp,
     },
-    /// A streamed transaction, or one of its subtransactions, aborted ('A', version 2).
+    /// A streamed transaction, or one of its subtransactions, aborted ('A', version 2). Changes
+    /// in a chunk carry the xid of the subtransaction that made them, so `subxid` names the
+    /// changes to drop.
     StreamAbort {
         /// The top-level transaction.
         xid: u32,
