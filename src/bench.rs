@@ -131,12 +131,12 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
     .await?;
     let report = result?;
     if args.json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
     } else {
-        print!("{}", render(&report));
+        crate::out!("{}", render(&report));
     }
     Ok(())
 }

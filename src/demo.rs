@@ -2,8 +2,9 @@
 //!
 //! Starts a source cluster (`wal_level=logical`) and a mirror cluster in a temporary directory
 //! on free ports, loads the sample restaurant into the source, syncs it to the mirror with the
-//! same engine `bite-sync sync` uses, shows what happened and how to look, then waits for
-//! Ctrl-C and removes everything it made. If the process is killed instead, the clusters'
+//! same engine `bite-sync sync` uses, then starts continuous replication (`bite-sync run`) with
+//! a small live workload on the source, printing row counts on both sides and the lag as they
+//! move. It shows how to look, then waits for Ctrl-C and removes everything it made. If the process is killed instead, the clusters'
 //! watchdogs stop them and remove their directories.
 
 use std::sync::Arc;
@@ -13,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::DemoArgs;
 use crate::pg::cluster::{ClusterError, ClusterOptions, TempCluster};
 use crate::pg::connect::{ConnectError, DbUrl, Role};
+use crate::repl::daemon::{self, RunError, RunOptions};
+use crate::repl::status;
 use crate::sample::{self, SampleSize};
 use crate::sync::{self, SyncError, SyncOptions};
 
@@ -40,6 +43,9 @@ pub enum DemoError {
     /// The sync failed.
     #[error("the demo sync failed")]
     Sync(#[from] SyncError),
+    /// Replication failed.
+    #[error("the demo replication failed")]
+    Replication(#[from] Box<RunError>),
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -92,10 +98,10 @@ pub async fn create_database(
 
 /// Runs the demo until Ctrl-C (or right through with `--no-wait`).
 pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> Result<(), DemoError> {
-    println!("Starting two throwaway PostgreSQL clusters (source and mirror)...");
+    crate::outln!("Starting two throwaway PostgreSQL clusters (source and mirror)...");
     let (source_cluster, mirror_cluster) = start_pair(&[]).await?;
     let result = demo(args, &cancel, &source_cluster, &mirror_cluster).await;
-    println!("\nStopping the demo clusters and removing their files...");
+    crate::outln!("\nStopping the demo clusters and removing their files...");
     let stopped = tokio::task::spawn_blocking(move || {
         let a = source_cluster.stop();
         let b = mirror_cluster.stop();
@@ -104,7 +110,7 @@ pub async fn run(args: &DemoArgs, cancel: CancellationToken) -> Result<(), DemoE
     .await?;
     result?;
     stopped?;
-    println!("Done: nothing is left running.");
+    crate::outln!("Done: nothing is left running.");
     Ok(())
 }
 
@@ -122,7 +128,7 @@ async fn demo(
         orders: args.orders,
         items_per_order: SampleSize::DEMO.items_per_order,
     };
-    println!(
+    crate::outln!(
         "Loading the sample restaurant into the source: {} customers, {} orders, {} order items...",
         size.customers,
         size.orders,
@@ -133,13 +139,13 @@ async fn demo(
         .await
         .map_err(setup("failed to load the sample restaurant"))?;
 
-    println!("\n$ bite-sync sync --init   # every table, first sync into a fresh mirror");
+    crate::outln!("\n$ bite-sync sync --init   # every table, first sync into a fresh mirror");
     let mut opts = SyncOptions::new(source_url.clone(), mirror_url.clone());
     opts.init = true;
     let observer = sync::progress::on_stderr(true);
     let report = sync::sync(&opts, Arc::clone(&observer), cancel.clone()).await?;
     drop(observer);
-    print!("{}", sync::report::render(&report));
+    crate::out!("{}", sync::report::render(&report));
 
     // A change on the source, then a partial sync, to show what `--tables` does.
     source
@@ -149,14 +155,14 @@ async fn demo(
         )
         .await
         .map_err(setup("failed to change the sample data"))?;
-    println!(
+    crate::outln!(
         "\nChanged 10 customers and every 'ready' order on the source.\n$ bite-sync sync --tables customers,orders"
     );
     let mut opts = SyncOptions::new(source_url.clone(), mirror_url.clone());
     opts.tables = crate::pg::ident::parse_pattern_list("customers,orders")
         .expect("literal pattern list parses");
     let report = sync::sync(&opts, Arc::new(sync::Quiet), cancel.clone()).await?;
-    print!("{}", sync::report::render(&report));
+    crate::out!("{}", sync::report::render(&report));
 
     let mirror = mirror_url.connect().await?;
     let vip: i64 = mirror
@@ -167,22 +173,152 @@ async fn demo(
         .await
         .map_err(setup("failed to read the mirror"))?
         .get(0);
-    println!("The mirror now has {vip} VIP customers, as the source does.");
+    crate::outln!("The mirror now has {vip} VIP customers, as the source does.");
+
+    let replication = live(&source_url, &mirror_url, args, cancel).await?;
 
     let source_plain = source_cluster.url(DATABASE);
     let mirror_plain = mirror_cluster.url(DATABASE);
-    println!(
+    crate::outln!(
         "\nLook around:\n  \
          psql '{source_plain}'   # the source (local database)\n  \
          psql '{mirror_plain}'   # the mirror\n  \
          psql '{mirror_plain}' -c 'SELECT id, mode, outcome, rows_copied, duration_ms FROM bite_sync.sync_runs'\n\n\
-         Try a sync yourself:\n  \
-         bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items --dry-run\n"
+         Try it yourself:\n  \
+         bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items --dry-run\n  \
+         bite-sync status --source '{source_plain}' --mirror '{mirror_plain}'\n  \
+         psql '{source_plain}' -c \"UPDATE menu_items SET price = price + 1\"   # replication is still running\n"
     );
-    if args.no_wait {
-        return Ok(());
+    if !args.no_wait {
+        crate::outln!("Press Ctrl-C to stop the demo and remove its databases.");
+        cancel.cancelled().await;
     }
-    println!("Press Ctrl-C to stop the demo and remove its databases.");
-    cancel.cancelled().await;
-    Ok(())
+    replication.stop.cancel();
+    match replication.daemon.await? {
+        Ok(()) => Ok(()),
+        Err(e) => Err(DemoError::Replication(Box::new(e))),
+    }
+}
+
+/// The replication daemon running in the background of the demo.
+struct Replication {
+    stop: CancellationToken,
+    daemon: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+/// How long the demo's live workload runs.
+const LIVE_SECONDS: u64 = 6;
+
+/// Starts `bite-sync run` in the background, runs a small workload on the source, and prints
+/// both sides' row counts and the lag while it runs. Replication keeps running afterwards.
+async fn live(
+    source_url: &DbUrl,
+    mirror_url: &DbUrl,
+    args: &DemoArgs,
+    cancel: &CancellationToken,
+) -> Result<Replication, DemoError> {
+    crate::outln!(
+        "\n$ bite-sync run --tables customers,menu_items,orders,order_items   # continuous replication"
+    );
+    let tables = crate::pg::ident::parse_pattern_list("customers,menu_items,orders,order_items")
+        .expect("literal pattern list parses");
+    let mut opts = RunOptions::new(source_url.clone(), mirror_url.clone(), tables);
+    opts.init = true;
+    let stop = cancel.child_token();
+    let daemon = {
+        let stop = stop.clone();
+        tokio::spawn(async move { daemon::run(&opts, Arc::new(sync::Quiet), stop).await })
+    };
+    let replication = Replication { stop, daemon };
+    let source = source_url.connect().await?;
+    let mirror = mirror_url.connect().await?;
+    // Wait until the daemon has made its slot and copied the tables.
+    let mut waited = 0;
+    while !streaming(&mirror).await && waited < 300 {
+        if replication.daemon.is_finished() || cancel.is_cancelled() {
+            return Ok(replication);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    crate::outln!(
+        "Replicating. A live workload now places about 10 orders a second on the source ({LIVE_SECONDS} s):"
+    );
+    let workload = {
+        let stop = cancel.child_token();
+        let guard = stop.clone();
+        let task = tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if source
+                    .batch_execute(sample::ORDER_TRANSACTION)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            source
+        });
+        (guard, task)
+    };
+    let seconds = if args.no_wait { 3 } else { LIVE_SECONDS };
+    for _ in 0..seconds {
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = cancel.cancelled() => break,
+        }
+        print_counts(source_url, mirror_url, &mirror).await;
+    }
+    workload.0.cancel();
+    let source = workload.1.await?;
+    // Let the last orders arrive, then show both sides equal.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    crate::outln!("Workload stopped; a moment later:");
+    print_counts(source_url, mirror_url, &mirror).await;
+    drop(source);
+    Ok(replication)
+}
+
+async fn streaming(mirror: &tokio_postgres::Client) -> bool {
+    mirror
+        .query_one(
+            "SELECT count(*) > 0 FROM bite_sync.replication_tables WHERE state = 'streaming'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+async fn print_counts(source_url: &DbUrl, mirror_url: &DbUrl, mirror: &tokio_postgres::Client) {
+    let count =
+        "SELECT (SELECT count(*) FROM public.orders), (SELECT count(*) FROM public.order_items)";
+    let Ok(source) = source_url.connect().await else {
+        return;
+    };
+    let (Ok(s), Ok(m)) = (
+        source.query_one(count, &[]).await,
+        mirror.query_one(count, &[]).await,
+    ) else {
+        return;
+    };
+    let report = status::status(
+        Some(source_url),
+        Some(mirror_url),
+        crate::config::DEFAULT_REPLICATION_NAME,
+    )
+    .await;
+    let lag = report
+        .source
+        .as_ref()
+        .and_then(|s| s.lag_seconds)
+        .map_or("-".to_string(), |l| format!("{l:.2} s"));
+    crate::outln!(
+        "  orders {:>6} source / {:>6} mirror   order_items {:>6} / {:>6}   lag {lag}",
+        s.get::<_, i64>(0),
+        m.get::<_, i64>(0),
+        s.get::<_, i64>(1),
+        m.get::<_, i64>(1),
+    );
 }

@@ -27,6 +27,26 @@ pub mod repl;
 pub mod sample;
 pub mod sync;
 
+/// Like `println!`, but a closed standard output (`bite-sync sync --json | head`) is ignored
+/// instead of panicking. The process keeps SIGPIPE ignored (Rust's default) because its
+/// long-lived database sockets must see a reset as an error, not die of the signal.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Like `print!`, with [`outln!`]'s handling of a closed standard output.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// An error and its causes on one line, `outer: inner: root`, as the CLI prints them and the
 /// bookkeeping stores them. A cause whose text the message already ends with is not repeated
 /// (`#[error(transparent)]`-style wrappers).

@@ -18,14 +18,6 @@ use bite_sync::repl::{check, status};
 use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
 
 fn main() -> ExitCode {
-    // Like other Unix tools, end quietly when the reader of our output goes away
-    // (`bite-sync sync --json | head`) instead of panicking on the failed write. A sync is
-    // atomic, so dying mid-run this way leaves the mirror as it was.
-    #[cfg(unix)]
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     let cwd = std::env::current_dir().unwrap_or_default();
     let overrides = match overrides(&cli) {
@@ -187,12 +179,12 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
     match result {
         Ok(report) => {
             if args.json {
-                println!(
+                bite_sync::outln!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("report serializes")
                 );
             } else {
-                print!("{}", sync::report::render(&report));
+                bite_sync::out!("{}", sync::report::render(&report));
             }
             0
         }
@@ -204,7 +196,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
             let message = bite_sync::error_chain(&e);
             eprintln!("error: {message}");
             if args.json {
-                println!(
+                bite_sync::outln!(
                     "{}",
                     serde_json::json!({ "error": message, "exit_code": code })
                 );
@@ -253,12 +245,12 @@ async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
     )
     .await;
     if args.json {
-        println!(
+        bite_sync::outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("status serializes")
         );
     } else {
-        print!("{}", status::render(&report));
+        bite_sync::out!("{}", status::render(&report));
     }
     if report.healthy { 0 } else { 1 }
 }
@@ -271,12 +263,12 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
     )
     .await;
     if args.json {
-        println!(
+        bite_sync::outln!(
             "{}",
             serde_json::to_string_pretty(&checks).expect("checks serialize")
         );
     } else {
-        print!("{}", check::render(&checks));
+        bite_sync::out!("{}", check::render(&checks));
     }
     if checks.iter().all(|c| c.ok) { 0 } else { 1 }
 }

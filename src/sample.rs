@@ -42,6 +42,21 @@ impl SampleSize {
     };
 }
 
+/// One restaurant transaction, as the demo's live workload and the benchmarks run it: an
+/// order with two items for a random customer, another order's status moved on, and a
+/// customer's preferences updated (five row changes).
+pub const ORDER_TRANSACTION: &str = "
+BEGIN;
+WITH c AS (SELECT id FROM public.customers WHERE id >= 1 + (random() * (SELECT max(id) - 1 FROM public.customers))::bigint ORDER BY id LIMIT 1),
+     o AS (INSERT INTO public.orders (customer_id, total) SELECT id, 21.00 FROM c RETURNING id)
+INSERT INTO public.order_items (order_id, line_no, menu_item_id, quantity, unit_price)
+SELECT o.id, l, l, 1, 10.50 FROM o, generate_series(1, 2) l;
+UPDATE public.orders SET status = 'confirmed', updated_at = now()
+ WHERE id = (SELECT id FROM public.orders WHERE status = 'pending' ORDER BY id DESC LIMIT 1 OFFSET 1);
+UPDATE public.customers SET preferences = preferences || jsonb_build_object('last_order', now())
+ WHERE id = 1 + (random() * (SELECT max(id) - 1 FROM public.customers))::bigint;
+COMMIT;";
+
 /// Creates the schema and generates the data in one transaction.
 pub async fn load(
     client: &tokio_postgres::Client,

@@ -291,6 +291,8 @@ async fn record_error(opts: &RunOptions, error: &RunError) {
 const SEQUENCE_INTERVAL: Duration = Duration::from_secs(10);
 /// Standby status updates at least this often (PostgreSQL's default receiver interval).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// A newly committed position is confirmed at most this often.
+const PROMPT_STATUS: Duration = Duration::from_millis(50);
 /// Idle positions recorded on the mirror at most this often.
 const IDLE_ADVANCE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a stop waits for the transaction being read to end.
@@ -443,10 +445,17 @@ async fn session(
                         .map_err(|source| RunError::Query { context: "failed to catch up the mirror's sequences".into(), source })?;
                     last_sequences = Some(Instant::now());
                 }
-                if applier.committed() > feed.confirmed || feed.last_status.elapsed() >= STATUS_INTERVAL {
+                if feed.last_status.elapsed() >= STATUS_INTERVAL {
+                    let progress = applier.progress();
+                    tracing::debug!(received = %feed.received, committed = %progress.committed, rows = progress.rows, transactions = progress.transactions, "streaming");
                     feed.confirm(applier.committed(), false).await?;
                 }
             }
+        }
+        // Committed on the mirror: tell the source soon, so its WAL can go and its lag
+        // figures (pg_stat_replication) are true.
+        if applier.committed() > feed.confirmed && feed.last_status.elapsed() >= PROMPT_STATUS {
+            feed.confirm(applier.committed(), false).await?;
         }
     }
 }

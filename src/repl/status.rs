@@ -1,10 +1,10 @@
 //! `bite-sync status`: the slot on the source and the mirror's bookkeeping, side by side.
 //!
 //! Each side is read on its own: an unreachable side is reported, not fatal, so status works
-//! when it is most needed. Lag in seconds is approximate: while the slot has WAL left to
-//! confirm, the time since the mirror last moved (the later of its last applied commit and its
-//! last idle confirmation), taken on the source's clock; a caught-up mirror has no lag however
-//! old its last change.
+//! when it is most needed. Lag in seconds is the source's own measure (`pg_stat_replication.
+//! flush_lag`): how long WAL took from being written on the source to being reported committed
+//! on the mirror, which bite-sync reports only after the mirror transaction commits. A
+//! caught-up stream has no lag however old its last change.
 
 use serde::Serialize;
 
@@ -46,7 +46,8 @@ pub struct SourceSide {
     pub retained_wal_bytes: Option<i64>,
     /// WAL written since the confirmed position.
     pub lag_bytes: Option<i64>,
-    /// Seconds since the last applied transaction committed, while behind.
+    /// How long the source's latest WAL took to be committed on the mirror (PostgreSQL's
+    /// `flush_lag`; 0 when caught up, none when no daemon is streaming).
     pub lag_seconds: Option<f64>,
     /// WAL the slot may still retain before the source invalidates it (none: no limit).
     pub safe_wal_bytes: Option<i64>,
@@ -116,21 +117,7 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         healthy: false,
     };
     match source_side {
-        Ok(mut s) => {
-            // Behind: time since the mirror last moved (its last applied commit, or its last
-            // idle confirmation), on the source's clock.
-            if let (Some(lag), Ok(m), Some(url)) = (s.lag_bytes, &mirror_side, source) {
-                let last = [m.source_commit_time.as_deref(), m.applied_at.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .max();
-                s.lag_seconds = match last {
-                    Some(t) if lag > 0 => lag_seconds(url, t).await,
-                    _ => Some(0.0),
-                };
-            }
-            status.source = Some(s)
-        }
+        Ok(s) => status.source = Some(s),
         Err(e) => status.source_error = Some(e),
     }
     match mirror_side {
@@ -153,8 +140,11 @@ async fn read_source(url: &DbUrl, slot: &str) -> Result<SourceSide, BoxError> {
                     s.confirmed_flush_lsn::text, pg_catalog.pg_current_wal_lsn()::text, \
                     pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.restart_lsn)::int8, \
                     pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn)::int8, \
-                    s.safe_wal_size, pg_catalog.current_setting('max_slot_wal_keep_size') \
-             FROM (SELECT 1) AS one LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1",
+                    s.safe_wal_size, pg_catalog.current_setting('max_slot_wal_keep_size'), \
+                    CASE WHEN s.active THEN COALESCE(EXTRACT(EPOCH FROM r.flush_lag)::float8, 0) END \
+             FROM (SELECT 1) AS one \
+             LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = $1 \
+             LEFT JOIN pg_catalog.pg_stat_replication r ON r.pid = s.active_pid",
             &[&slot],
         )
         .await?;
@@ -166,7 +156,7 @@ async fn read_source(url: &DbUrl, slot: &str) -> Result<SourceSide, BoxError> {
         current_lsn: row.get(4),
         retained_wal_bytes: row.get(5),
         lag_bytes: row.get(6),
-        lag_seconds: None,
+        lag_seconds: row.get(9),
         safe_wal_bytes: row.get(7),
         max_slot_wal_keep_size: row.get(8),
     })
@@ -236,19 +226,6 @@ async fn read_mirror(url: &DbUrl, slot: &str) -> Result<MirrorSide, BoxError> {
         last_error_at: row.get(4),
         tables,
     })
-}
-
-/// Lag in seconds, measured on the source's clock; see the module docs.
-pub async fn lag_seconds(source: &DbUrl, commit_time: &str) -> Option<f64> {
-    let client = source.connect().await.ok()?;
-    client
-        .query_one(
-            "SELECT EXTRACT(EPOCH FROM (now() - $1::text::timestamptz))::float8",
-            &[&commit_time],
-        )
-        .await
-        .ok()
-        .map(|r| r.get::<_, f64>(0).max(0.0))
 }
 
 fn warnings(status: &Status) -> Vec<String> {

@@ -43,10 +43,15 @@ pub fn clusters() -> &'static Clusters {
 }
 
 fn start_clusters() -> Result<Clusters, String> {
+    // Tests of one binary run in parallel, each with a slot and a walsender of its own (and
+    // a temporary one while a table is copied).
     let source = ClusterOptions {
         name: "source".to_owned(),
         logical: true,
-        settings: Vec::new(),
+        settings: vec![
+            ("max_replication_slots".to_owned(), "64".to_owned()),
+            ("max_wal_senders".to_owned(), "64".to_owned()),
+        ],
     };
     let mirror = ClusterOptions {
         name: "mirror".to_owned(),
