@@ -811,3 +811,131 @@ async fn a_mirror_crash_and_restart_is_survived() {
     wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
     drop(daemon);
 }
+
+#[tokio::test]
+async fn a_source_crash_and_restart_is_survived() {
+    // A source of this test's own, so restarting it disturbs no other test.
+    let source_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "source-restart".into(),
+            logical: true,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own source cluster");
+    let dbs = test_dbs("repl_source_restart").await;
+    let admin = connect(&source_cluster.url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE restarts")
+        .await
+        .unwrap();
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: source_cluster.url("restarts"),
+        mirror_url: dbs.mirror_url.clone(),
+    };
+    let source = connect(&own.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let daemon = Daemon::start(&own, "customers,orders,order_items", &[]);
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    for _ in 0..20 {
+        source.batch_execute(ORDER_TXN).await.unwrap();
+    }
+    let cluster = std::sync::Arc::new(source_cluster);
+    let restarting = std::sync::Arc::clone(&cluster);
+    tokio::task::spawn_blocking(move || restarting.restart("immediate"))
+        .await
+        .unwrap()
+        .expect("crash and restart the source");
+    let source = connect(&own.source_url).await;
+    for _ in 0..20 {
+        source.batch_execute(ORDER_TXN).await.unwrap();
+    }
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn status_and_check_say_what_is_fine_and_what_to_fix() {
+    let dbs = test_dbs("repl_status_check").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE TABLE log (line text);")
+        .await
+        .expect("schema");
+    let check = |tables: &str| {
+        bite_sync()
+            .args([
+                "check",
+                "--source",
+                &dbs.source_url,
+                "--mirror",
+                &dbs.mirror_url,
+            ])
+            .args(["--tables", tables])
+            .output()
+            .expect("check")
+    };
+    let fine = check("t");
+    let text = String::from_utf8_lossy(&fine.stdout).to_string();
+    assert_eq!(fine.status.code(), Some(0), "{text}");
+    for what in [
+        "wal_level",
+        "REPLICATION privilege",
+        "replication connection",
+        "replica identity",
+        "CREATE privilege",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("OK") && l.contains(what)),
+            "{what} in:\n{text}"
+        );
+    }
+    let bad = check("t,log");
+    let text = String::from_utf8_lossy(&bad.stdout).to_string();
+    assert_eq!(bad.status.code(), Some(1), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("FIX")
+            && l.contains(r#"ALTER TABLE "public"."log" REPLICA IDENTITY FULL"#)),
+        "{text}"
+    );
+
+    // Before the daemon ever ran: not healthy, and it says how to start.
+    let before = status(&dbs);
+    assert_eq!(before["healthy"], false);
+    let daemon = Daemon::start(&dbs, "t", &[]);
+    source
+        .batch_execute("INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.t"], WAIT).await;
+    let healthy = wait_for("status to be healthy", WAIT, || async {
+        let s = status(&dbs);
+        (s["healthy"] == true).then_some(s)
+    })
+    .await;
+    assert_eq!(healthy["source"]["active"], true);
+    assert_eq!(healthy["mirror"]["tables"][0]["table"], "t");
+    assert_eq!(healthy["mirror"]["tables"][0]["state"], "streaming");
+    assert!(healthy["source"]["retained_wal_bytes"].as_i64().is_some());
+    drop(daemon);
+    // With the daemon gone, status says nobody streams (exit code 1).
+    let out = bite_sync()
+        .args([
+            "status",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+            "--slot",
+            &dbs.name,
+        ])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("no `bite-sync run` is streaming"), "{text}");
+}
