@@ -291,6 +291,8 @@ async fn record_error(opts: &RunOptions, error: &RunError) {
 const SEQUENCE_INTERVAL: Duration = Duration::from_secs(10);
 /// Standby status updates at least this often (PostgreSQL's default receiver interval).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the slot's retained WAL is compared with the source's limit.
+const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// A newly committed position is confirmed at most this often.
 const PROMPT_STATUS: Duration = Duration::from_millis(50);
 /// Idle positions recorded on the mirror at most this often.
@@ -418,6 +420,7 @@ async fn session(
         last_idle: Instant::now(),
     };
     let mut last_sequences: Option<Instant> = None;
+    let mut last_wal_check: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -445,6 +448,10 @@ async fn session(
                         .map_err(|source| RunError::Query { context: "failed to catch up the mirror's sequences".into(), source })?;
                     last_sequences = Some(Instant::now());
                 }
+                if last_wal_check.is_none_or(|t| t.elapsed() >= WAL_CHECK_INTERVAL) {
+                    warn_if_wal_nears_limit(&applier, &opts.slot).await;
+                    last_wal_check = Some(Instant::now());
+                }
                 if feed.last_status.elapsed() >= STATUS_INTERVAL {
                     let progress = applier.progress();
                     tracing::debug!(received = %feed.received, committed = %progress.committed, rows = progress.rows, transactions = progress.transactions, "streaming");
@@ -456,6 +463,34 @@ async fn session(
         // figures (pg_stat_replication) are true.
         if applier.committed() > feed.confirmed && feed.last_status.elapsed() >= PROMPT_STATUS {
             feed.confirm(applier.committed(), false).await?;
+        }
+    }
+}
+
+/// Warns when the slot may retain less than a fifth of `max_slot_wal_keep_size` more before
+/// the source invalidates it (which would force copying every table again).
+async fn warn_if_wal_nears_limit(applier: &Applier, slot: &str) {
+    let row = applier
+        .source()
+        .query_opt(
+            "SELECT safe_wal_size, pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::int8, \
+                    pg_catalog.current_setting('max_slot_wal_keep_size') \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    if let Ok(Some(row)) = row {
+        let (safe, retained, limit): (Option<i64>, Option<i64>, String) =
+            (row.get(0), row.get(1), row.get(2));
+        if let (Some(safe), Some(retained)) = (safe, retained)
+            && safe < (safe + retained) / 5
+        {
+            tracing::warn!(
+                retained = %super::status::human_bytes(retained),
+                room_left = %super::status::human_bytes(safe.max(0)),
+                max_slot_wal_keep_size = %limit,
+                "the replication slot nears the source's WAL limit: if the mirror cannot keep up, the source will invalidate the slot and every table will be copied again"
+            );
         }
     }
 }
