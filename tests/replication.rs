@@ -939,3 +939,78 @@ async fn status_and_check_say_what_is_fine_and_what_to_fix() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("no `bite-sync run` is streaming"), "{text}");
 }
+
+#[tokio::test]
+async fn a_change_the_mirror_rejects_pauses_only_its_table_instead_of_wedging() {
+    let dbs = test_dbs("repl_rejected").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY, n int);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "a,b", &[]);
+    wait_equal(&dbs, &["public.a", "public.b"], WAIT).await;
+    // A rule only the mirror has: the source's next change to b breaks it.
+    let mirror = connect(&dbs.mirror_url).await;
+    mirror
+        .batch_execute("ALTER TABLE b ADD CONSTRAINT mirror_only_small CHECK (n < 100)")
+        .await
+        .unwrap();
+    source
+        .batch_execute(
+            "BEGIN; INSERT INTO a VALUES (1, 1); INSERT INTO b VALUES (1, 500); INSERT INTO a VALUES (2, 2); COMMIT;
+             INSERT INTO a VALUES (3, 3); INSERT INTO b VALUES (2, 5);",
+        )
+        .await
+        .unwrap();
+    // a gets everything, in the same batch as b's rejected row; b is paused with the reason.
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    let reason = wait_for("b to be paused", WAIT, || async {
+        let s = status(&dbs);
+        let b = s["mirror"]["tables"]
+            .as_array()?
+            .iter()
+            .find(|t| t["table"] == "b")?
+            .clone();
+        (b["state"] == "paused").then(|| b["reason"].as_str().unwrap_or_default().to_string())
+    })
+    .await;
+    assert!(reason.contains("mirror_only_small"), "{reason}");
+    // And the stream goes on.
+    source
+        .batch_execute("INSERT INTO a VALUES (4, 4)")
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    drop(daemon);
+}
+
+#[tokio::test]
+async fn truncate_cascade_empties_exactly_the_tables_the_source_emptied() {
+    let dbs = test_dbs("repl_truncate_fk").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    for _ in 0..5 {
+        source.batch_execute(ORDER_TXN).await.unwrap();
+    }
+    let daemon = Daemon::start(&dbs, "customers,orders,order_items", &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    // The source lists every table its cascade reached; the mirror truncates those together.
+    source
+        .batch_execute(
+            "TRUNCATE orders CASCADE; INSERT INTO orders (customer_id, status) VALUES (1, 'new');",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let customers: i64 = mirror
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(customers, 200, "customers were not part of the truncate");
+    drop(daemon);
+}
