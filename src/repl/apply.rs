@@ -493,9 +493,14 @@ impl Applier {
             self.mirror_txn_open = true;
         }
         for statement in statements {
-            let name = statement.table.and_then(|oid| self.relation_name(oid));
-            if let Some(name) = &name
-                && self.tables.get(name).is_some_and(|t| t.paused.is_some())
+            let names: Vec<QualifiedName> = statement
+                .tables
+                .iter()
+                .filter_map(|oid| self.relation_name(*oid))
+                .collect();
+            if names
+                .iter()
+                .any(|n| self.tables.get(n).is_some_and(|t| t.paused.is_some()))
             {
                 continue;
             }
@@ -511,14 +516,14 @@ impl Applier {
                         .await
                         .map_err(query("failed to roll back a rejected change"))?;
                     let reason = crate::error_chain(&e);
-                    match name {
-                        Some(name) => self.pause(&name, reason),
-                        None => {
-                            return Err(ApplyFailure::Query {
-                                context: "the mirror rejected a change to several tables".into(),
-                                source: e,
-                            });
-                        }
+                    if names.is_empty() {
+                        return Err(ApplyFailure::Query {
+                            context: "the mirror rejected a change".into(),
+                            source: e,
+                        });
+                    }
+                    for name in &names {
+                        self.pause(name, reason.clone());
                     }
                 }
                 Err(e) => return Err(query("failed to apply a change on the mirror")(e)),
@@ -626,7 +631,7 @@ impl Applier {
                     );
                     tracing::info!(table = %name, column = %column.name, type_name = %source_types[i], "adding a column the source added");
                     self.batch.barrier(Statement {
-                        table: Some(relation.oid),
+                        tables: vec![relation.oid],
                         sql,
                         rows: 0,
                     });

@@ -108,11 +108,11 @@ pub enum ApplyError {
     },
 }
 
-/// One statement to send, with the table it changes (none for barriers spanning tables).
+/// One statement to send, with the tables it changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Statement {
-    /// The source OID of the table it changes, if one.
-    pub table: Option<u32>,
+    /// The source OIDs of the tables it changes (several for a TRUNCATE of several).
+    pub tables: Vec<u32>,
     /// The SQL.
     pub sql: String,
     /// Source rows it applies.
@@ -381,9 +381,8 @@ impl BatchBuilder {
                 ""
             }
         );
-        let table = (shapes.len() == 1).then(|| shapes[0].oid);
         self.barrier(Statement {
-            table,
+            tables: shapes.iter().map(|s| s.oid).collect(),
             sql,
             rows: 1,
         });
@@ -444,7 +443,7 @@ impl BatchBuilder {
             for (table, group) in groups {
                 let rows = group.rows();
                 self.out.push(Statement {
-                    table: Some(table.oid),
+                    tables: vec![table.oid],
                     sql: render(&table, group),
                     rows,
                 });
