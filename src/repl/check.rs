@@ -140,11 +140,26 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
         Ok(mut c) => {
             let result = c.identify_system().await;
             out.push(match result {
-                Ok(system) => line(side, "replication connection", true, format!("system {} timeline {}", system.systemid, system.timeline)),
-                Err(e) => line(side, "replication connection", false, crate::error_chain(&e)),
+                Ok(system) => line(
+                    side,
+                    "replication connection",
+                    true,
+                    format!("system {} timeline {}", system.systemid, system.timeline),
+                ),
+                Err(e) => line(
+                    side,
+                    "replication connection",
+                    false,
+                    crate::error_chain(&e),
+                ),
             });
         }
-        Err(e) => out.push(line(side, "replication connection", false, crate::error_chain(&e))),
+        Err(e) => out.push(line(
+            side,
+            "replication connection",
+            false,
+            crate::error_chain(&e),
+        )),
     }
     let encoding = setting(&client, "server_encoding")
         .await
