@@ -260,7 +260,7 @@ pub struct DemoArgs {
 /// `bite-sync bench`: which benchmark, with the sync benchmark's flags when none is named (so
 /// `bite-sync bench --rounds 1` keeps working).
 #[derive(Debug, Args, Clone)]
-#[command(args_conflicts_with_subcommands = true, flatten_help = true)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     /// Which benchmark [default: sync]
     #[command(subcommand)]
