@@ -1258,34 +1258,35 @@ pub fn render(r: &ReplicationReport) -> String {
         .map(|(t, n)| format!("{t} {n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    let rss = |m: Option<f64>| m.map_or(String::new(), |m| format!("  peak RSS {m:.1} MiB"));
-    let catch_up = |label: &str, c: &CatchUp| {
-        format!(
-            "{label:<52} {:>7.2} s  {:>8.0} row changes/s  (slot confirmed at {:.2} s){}\n",
-            c.seconds,
-            c.row_changes_per_second,
-            c.confirmed_seconds,
-            rss(c.peak_rss_mib)
-        )
+    let rss = |m: f64| format!("peak RSS {m:.1} MiB");
+    let catch_up = |label: &str, c: &CatchUp, rss: String| {
+        let line = format!(
+            "{label:<48} {:>7.2} s {:>8.0} row changes/s  slot confirmed at {:>6.2} s  {rss}",
+            c.seconds, c.row_changes_per_second, c.confirmed_seconds,
+        );
+        format!("{}\n", line.trim_end())
     };
+    let daemon = |c: &CatchUp| rss(c.peak_rss_mib.unwrap_or(0.0));
     let s = &r.steady;
     let mut out = format!(
         "source: {rows}; each backlog {} transactions = {} row changes\n",
         r.backlog_transactions, r.bite_sync.row_changes
     );
     out.push_str(&format!(
-        "{:<52} {:>7.2} s{}\n",
+        "{:<48} {:>7.2} s  {}\n",
         "   bite-sync run --init (copy, until streaming)",
         r.init.seconds,
-        rss(r.init.peak_rss_mib)
+        rss(r.init.peak_rss_mib.unwrap_or(0.0))
     ));
     out.push_str(&catch_up(
         "1  native subscription, backlog catch-up",
         &r.native,
+        String::new(),
     ));
     out.push_str(&catch_up(
         "1  bite-sync run, backlog catch-up",
         &r.bite_sync,
+        daemon(&r.bite_sync),
     ));
     out.push_str(&catch_up(
         &format!(
@@ -1293,21 +1294,27 @@ pub fn render(r: &ReplicationReport) -> String {
             r.wan_delay_ms
         ),
         &r.wan,
+        daemon(&r.wan),
     ));
     out.push_str(&format!(
-        "3  steady state, pgbench -c {} -T {:.0}: {:.0} tx/s     lag p50 {:.3} s, p99 {:.3} s, max {:.3} s ({} samples){}\n",
-        s.clients,
-        s.seconds,
-        s.transactions_per_second,
+        "{:<48} lag p50 {:.3} s, p99 {:.3} s, max {:.3} s ({} samples)  {}\n",
+        format!(
+            "3  bite-sync run, pgbench -c {} at {:.0} tx/s",
+            s.clients, s.transactions_per_second
+        ),
         s.lag_p50_seconds,
         s.lag_p99_seconds,
         s.lag_max_seconds,
         s.samples,
-        rss(Some(s.peak_rss_mib))
+        rss(s.peak_rss_mib)
     ));
     out.push_str(&catch_up(
-        &format!("4  one transaction of {} rows", r.big.row_changes),
+        &format!(
+            "4  bite-sync run, one {}-row transaction",
+            r.big.row_changes
+        ),
         &r.big,
+        daemon(&r.big),
     ));
     out.push_str(&format!(
         "bite-sync/native = {:.2}  (target >= {TARGET_RATIO}: {})\n\
