@@ -37,6 +37,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::{BenchError, Measured, TABLES};
@@ -524,8 +525,17 @@ impl Bench<'_> {
                 .await
                 .map_err(checking("bite-sync's slot"))?
                 .map(|r| r.get(0));
-            // The bookkeeping table appears during the first start: until then, not yet.
-            let recorded = applied_by_daemon(&self.mirror).await.unwrap_or(None);
+            let recorded = match applied_by_daemon(&self.mirror).await {
+                Ok(position) => position,
+                // The bookkeeping appears during the first start: until then, not yet.
+                Err(BenchError::Check(_, e))
+                    if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                        || e.code() == Some(&SqlState::INVALID_SCHEMA_NAME) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            };
             if active == Some(true) && recorded.is_some() {
                 break;
             }
