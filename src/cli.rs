@@ -102,7 +102,18 @@ pub enum Command {
     /// shows how to look at the result. Ctrl-C stops and removes everything it made.
     Demo(DemoArgs),
 
-    /// Benchmark bite-sync against `pg_dump | psql` on throwaway local databases
+    /// Benchmark bite-sync on throwaway local databases
+    ///
+    /// `bench sync` (the default) races `bite-sync sync` against `pg_dump | psql`;
+    /// `bench replication` races `bite-sync run` against PostgreSQL's native logical
+    /// replication and measures catch-up over a WAN, steady-state lag and memory.
+    ///
+    /// Examples:
+    ///   bite-sync bench                          # the sync benchmark, default size
+    ///   bite-sync bench sync --rounds 1
+    ///   bite-sync bench replication
+    ///   bite-sync bench replication --transactions 5000 --duration 10s --json
+    #[command(verbatim_doc_comment)]
     Bench(BenchArgs),
 }
 
@@ -246,9 +257,32 @@ pub struct DemoArgs {
     pub no_wait: bool,
 }
 
-/// `bite-sync bench`.
+/// `bite-sync bench`: which benchmark, with the sync benchmark's flags when none is named (so
+/// `bite-sync bench --rounds 1` keeps working).
 #[derive(Debug, Args, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Which benchmark [default: sync]
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub sync: SyncBenchArgs,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand, Clone)]
+pub enum BenchCommand {
+    /// `bite-sync sync` against `pg_dump | psql` (the default)
+    Sync(SyncBenchArgs),
+    /// `bite-sync run` against native logical replication: catch-up, WAN, lag, memory
+    Replication(ReplicationBenchArgs),
+}
+
+/// `bite-sync bench sync`.
+#[derive(Debug, Args, Clone)]
+pub struct SyncBenchArgs {
     /// Customers to generate
     #[arg(long, default_value_t = 100_000)]
     pub customers: u64,
@@ -264,6 +298,47 @@ pub struct BenchArgs {
     /// Rounds of A, B, C and D; each time printed is the median of its rounds
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
     pub rounds: u16,
+
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `bite-sync bench replication`.
+#[derive(Debug, Args, Clone)]
+pub struct ReplicationBenchArgs {
+    /// Customers to generate
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub customers: u64,
+
+    /// Orders to generate (three items each)
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub orders: u64,
+
+    /// Source transactions in each backlog (5 row changes each)
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub transactions: u64,
+
+    /// How long the steady-state workload runs, e.g. 20s
+    #[arg(long, default_value = "20s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub duration: std::time::Duration,
+
+    /// pgbench clients for the steady-state workload
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub clients: u32,
+
+    /// Rows inserted by the single large transaction
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub big_rows: u64,
+
+    /// Latency the WAN step adds in each direction between bite-sync and the mirror
+    #[arg(long, default_value = "50ms", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub wan_delay: std::time::Duration,
+
+    /// Keep each bite-sync process's log (stderr) in this directory [default: a temp dir,
+    /// removed at the end]
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
 
     /// Print the results as JSON
     #[arg(long)]
@@ -307,5 +382,59 @@ mod tests {
             Cli::try_parse_from(["bite-sync", "sync", "--schema-only", "--data-only"]).is_err()
         );
         assert!(Cli::try_parse_from(["bite-sync", "sync", "--jobs", "0"]).is_err());
+    }
+
+    fn bench(args: &[&str]) -> BenchArgs {
+        let cli = Cli::try_parse_from(["bite-sync", "bench"].iter().chain(args)).unwrap();
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench")
+        };
+        args
+    }
+
+    #[test]
+    fn bench_without_a_name_is_the_sync_benchmark_with_its_flags() {
+        let args = bench(&["--customers", "2000", "--orders", "10000", "--rounds", "1"]);
+        assert!(args.command.is_none());
+        assert_eq!(
+            (args.sync.customers, args.sync.orders, args.sync.rounds),
+            (2000, 10000, 1)
+        );
+        let Some(BenchCommand::Sync(named)) = bench(&["sync", "--rounds", "2"]).command else {
+            panic!("not bench sync")
+        };
+        assert_eq!(named.rounds, 2);
+    }
+
+    #[test]
+    fn bench_replication_flags_parse() {
+        let Some(BenchCommand::Replication(args)) = bench(&[
+            "replication",
+            "--transactions",
+            "200",
+            "--duration",
+            "2s",
+            "--big-rows",
+            "10000",
+            "--wan-delay",
+            "100ms",
+        ])
+        .command
+        else {
+            panic!("not bench replication")
+        };
+        assert_eq!(args.transactions, 200);
+        assert_eq!(args.duration, std::time::Duration::from_secs(2));
+        assert_eq!(args.big_rows, 10_000);
+        assert_eq!(args.wan_delay, std::time::Duration::from_millis(100));
+        assert_eq!(
+            (args.customers, args.orders, args.clients),
+            (10_000, 100_000, 2)
+        );
+        // The replication benchmark's flags belong to it, not to `bench` itself.
+        assert!(Cli::try_parse_from(["bite-sync", "bench", "--transactions", "5"]).is_err());
+        assert!(
+            Cli::try_parse_from(["bite-sync", "bench", "--rounds", "1", "replication"]).is_err()
+        );
     }
 }

@@ -1,6 +1,15 @@
-//! `bite-sync bench`: bite-sync against the old guide's `pg_dump | psql`, on the same
-//! throwaway clusters, in one run.
+//! `bite-sync bench`: bite-sync against what it replaces, on the same throwaway clusters, in
+//! one run; each benchmark prints its measures, the ratios and whether each met its target.
 //!
+//! - `bench sync` (the default, this file): `bite-sync sync` against the old guide's
+//!   `pg_dump | psql`.
+//! - `bench replication` ([`replication`]): `bite-sync run` against PostgreSQL's native
+//!   logical replication.
+//!
+//! This file also holds what both share: the error type, [`Measured`], running commands and
+//! bite-sync child processes (peak RSS from the kernel), checkpoints and row checks.
+//!
+//! The sync benchmark:
 //! - A: the old guide's refresh, `pg_dump --data-only -t customers -t orders | psql`, into
 //!   existing indexed mirror tables, truncated first;
 //!   B: `bite-sync sync --tables customers,orders` into the same tables.
@@ -17,10 +26,12 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::BenchArgs;
+use crate::cli::{BenchArgs, BenchCommand, SyncBenchArgs};
 use crate::demo::{self, DemoError};
 use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
+
+pub mod replication;
 
 /// Why the benchmark stopped.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +71,31 @@ pub enum BenchError {
         /// Rows on the source.
         want: i64,
     },
+    /// A table's contents came out different.
+    #[error(
+        "{what} left {table} different from the source: {got} on the mirror, {want} on the source"
+    )]
+    Differs {
+        /// Which step.
+        what: String,
+        /// Which table.
+        table: String,
+        /// The mirror's rows and digest.
+        got: String,
+        /// The source's rows and digest.
+        want: String,
+    },
     /// A query for checking failed.
     #[error("failed to check {0}")]
     Check(String, #[source] tokio_postgres::Error),
+    /// Something did not happen in time.
+    #[error("timed out after {limit:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: String,
+        /// How long.
+        limit: std::time::Duration,
+    },
     /// Ctrl-C.
     #[error("cancelled")]
     Cancelled,
@@ -109,8 +142,17 @@ pub struct BenchReport {
 
 const TABLES: [&str; 4] = ["customers", "menu_items", "orders", "order_items"];
 
-/// Runs the benchmark and prints its results.
+/// Runs the benchmark the arguments name (sync when none) and prints its results.
 pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
+    match &args.command {
+        None => run_sync(&args.sync, cancel).await,
+        Some(BenchCommand::Sync(sync)) => run_sync(sync, cancel).await,
+        Some(BenchCommand::Replication(replication)) => replication::run(replication, cancel).await,
+    }
+}
+
+/// Runs the sync benchmark and prints its results.
+async fn run_sync(args: &SyncBenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
     eprintln!("starting source and mirror clusters...");
     // Durable like a real mirror: the throwaway default fsync=off would flatter the baseline's
     // many small commits and hide the cost of writing 400 MB for real.
@@ -142,7 +184,7 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
 }
 
 async fn bench(
-    args: &BenchArgs,
+    args: &SyncBenchArgs,
     source_cluster: &crate::pg::cluster::TempCluster,
     mirror_cluster: &crate::pg::cluster::TempCluster,
 ) -> Result<BenchReport, BenchError> {
@@ -363,10 +405,18 @@ async fn checkpoint(admin_urls: &[String]) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn tool(bin: &Path, name: &str) -> String {
+/// A PostgreSQL client program: the one beside the cluster's server binaries if there is
+/// one, else whichever is on PATH.
+fn program(bin: &Path, name: &str) -> std::path::PathBuf {
     let local = bin.join(name);
-    if local.exists() {
-        format!("'{}'", local.display())
+    if local.exists() { local } else { name.into() }
+}
+
+/// [`program`], quoted for a shell command line.
+fn tool(bin: &Path, name: &str) -> String {
+    let program = program(bin, name);
+    if program.is_absolute() {
+        format!("'{}'", program.display())
     } else {
         name.to_string()
     }
@@ -445,20 +495,30 @@ fn bite_sync(
 
 /// Waits for `pid` and returns (exit code, peak RSS in KiB) from the kernel's accounting.
 fn wait_with_rusage(pid: libc::pid_t) -> (i32, i64) {
+    reap(pid, true).unwrap_or((-1, 0))
+}
+
+/// Reaps our child `pid`: (exit code, -1 when a signal ended it; peak RSS in KiB), waiting for
+/// it to exit when `block`, else `None` while it still runs. A failed `wait4` reads as (-1, 0).
+fn reap(pid: libc::pid_t, block: bool) -> Option<(i32, i64)> {
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain old data; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let options = if block { 0 } else { libc::WNOHANG };
     // SAFETY: pid is our direct child, status and usage point to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let rc = unsafe { libc::wait4(pid, &mut status, options, &mut usage) };
+    if rc == 0 {
+        return None;
+    }
     if rc < 0 {
-        return (-1, 0);
+        return Some((-1, 0));
     }
     let code = if libc::WIFEXITED(status) {
         libc::WEXITSTATUS(status)
     } else {
         -1
     };
-    (code, usage.ru_maxrss)
+    Some((code, usage.ru_maxrss))
 }
 
 fn tail(bytes: &[u8]) -> String {

@@ -1,0 +1,97 @@
+//! `bite-sync bench replication` through the real binary, at a size small enough for CI: every
+//! step runs, every check passes, and the summary names each measure with its target. The
+//! numbers themselves are the benchmark's business, not this test's.
+
+mod support;
+
+use support::bite_sync;
+
+#[test]
+fn bench_replication_runs_every_step_and_prints_its_targets() {
+    let out = bite_sync()
+        .args([
+            "bench",
+            "replication",
+            "--customers",
+            "100",
+            "--orders",
+            "1000",
+            "--transactions",
+            "200",
+            "--duration",
+            "2s",
+            "--big-rows",
+            "10000",
+        ])
+        .output()
+        .expect("bite-sync runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench replication failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "each backlog 200 transactions = 1000 row changes",
+        "1  native subscription, backlog catch-up",
+        "1  bite-sync run, backlog catch-up",
+        "2  bite-sync run, mirror 50 ms away each way",
+        "3  bite-sync run, pgbench -c 2 at ",
+        "4  bite-sync run, one 10000-row transaction",
+        "bite-sync/native = ",
+        "(target >= 1.5: ",
+        "WAN = ",
+        "(target >= 5000: ",
+        "lag p99 = ",
+        "(target <= 1: ",
+        "peak RSS = ",
+        "(target <= 64: ",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in\n{stdout}");
+    }
+}
+
+#[test]
+fn bench_replication_json_has_every_measure() {
+    let out = bite_sync()
+        .args([
+            "bench",
+            "replication",
+            "--customers",
+            "50",
+            "--orders",
+            "200",
+            "--transactions",
+            "50",
+            "--duration",
+            "1s",
+            "--big-rows",
+            "1000",
+            "--wan-delay",
+            "10ms",
+            "--json",
+        ])
+        .output()
+        .expect("bite-sync runs");
+    assert!(
+        out.status.success(),
+        "bench replication --json failed\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    for step in ["native", "bite_sync", "wan", "big"] {
+        let seconds = report[step]["seconds"].as_f64().unwrap_or(0.0);
+        assert!(seconds > 0.0, "{step}: {report}");
+    }
+    assert_eq!(report["bite_sync"]["row_changes"], 250, "{report}");
+    assert_eq!(report["big"]["row_changes"], 1000, "{report}");
+    assert!(
+        report["steady"]["samples"].as_u64().unwrap_or(0) > 0,
+        "{report}"
+    );
+    assert!(
+        report["peak_rss_mib"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+}
