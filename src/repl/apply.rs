@@ -10,8 +10,9 @@
 //! Invariants:
 //! - A batch is sent when it holds `limits.rows` rows or `limits.bytes` of SQL, or its first
 //!   change is `limits.delay` old; always at a source transaction boundary, except that a
-//!   source transaction too large for one batch is sent in parts inside one open mirror
-//!   transaction, committed with its last part (memory stays bounded by the limits).
+//!   source transaction too large for a batch (the batch reaches twice the limits inside it)
+//!   is sent in parts inside one open mirror transaction, committed with its last part
+//!   (memory stays bounded by the limits).
 //! - A change a table cannot take pauses that table only: its changes are skipped from then
 //!   on, and the pause is recorded (with the reason) in the same mirror transaction as the
 //!   position. A statement the mirror rejects makes the whole batch roll back; the caller then
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::Lsn;
-use super::batch::{ApplyError, BatchBuilder, ShapeColumn, Statement, TableShape};
+use super::batch::{ApplyError, BatchBuilder, Grouping, ShapeColumn, Statement, TableShape};
 use super::pgoutput::{Message, PgTimestamp, Relation};
 use crate::pg::ident::{QualifiedName, literal, quote};
 
@@ -149,6 +150,8 @@ pub struct Applier {
     mirror_txn_open: bool,
     /// The batch holds a transaction at or before `careful_until`.
     batch_careful: bool,
+    /// How batches group changes outside careful mode.
+    grouping: Grouping,
     /// The end of the last source transaction in the batch, and its commit time.
     batch_end: Option<(Lsn, PgTimestamp)>,
     batch_started: Option<Instant>,
@@ -220,7 +223,16 @@ impl Applier {
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             relations: HashMap::new(),
             mirror_columns: HashMap::new(),
-            batch: BatchBuilder::new(reorder),
+            batch: BatchBuilder::new(if reorder {
+                Grouping::PerTable
+            } else {
+                Grouping::Neighbours
+            }),
+            grouping: if reorder {
+                Grouping::PerTable
+            } else {
+                Grouping::Neighbours
+            },
             txn: None,
             mirror_txn_open: false,
             batch_careful: false,
@@ -292,6 +304,15 @@ impl Applier {
                 if self.is_careful(final_lsn) {
                     self.batch_careful = true;
                 }
+                // Careful: one statement per change, in source order, so only a change the
+                // mirror really refuses fails.
+                if self.batch.is_empty() {
+                    self.batch.set_grouping(if self.batch_careful {
+                        Grouping::None
+                    } else {
+                        self.grouping
+                    });
+                }
             }
             Message::Commit {
                 end_lsn,
@@ -303,7 +324,10 @@ impl Applier {
                 })?;
                 self.batch_end = Some((end_lsn, commit_time));
                 self.applied_txns += 1;
-                if self.is_careful(txn.final_lsn)
+                // A mirror transaction holding part of a large source transaction commits
+                // with that transaction's end.
+                if self.mirror_txn_open
+                    || self.is_careful(txn.final_lsn)
                     || self.batch.rows() >= self.limits.rows
                     || self.batch.bytes() >= self.limits.bytes
                 {
@@ -573,7 +597,9 @@ impl Applier {
             return Ok(());
         }
         self.applied_rows += 1;
-        if self.batch.rows() < self.limits.rows && self.batch.bytes() < self.limits.bytes {
+        // Twice the limits: a batch is sent at the first commit past the limits, so only a
+        // source transaction larger than a batch gets here, and is sent in parts.
+        if self.batch.rows() < 2 * self.limits.rows && self.batch.bytes() < 2 * self.limits.bytes {
             return Ok(());
         }
         let statements = self.batch.take();

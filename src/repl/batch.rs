@@ -119,41 +119,152 @@ pub struct Statement {
     pub rows: usize,
 }
 
-#[derive(Debug)]
-enum Group {
-    Insert {
-        columns: String,
-        values: Vec<String>,
-    },
-    Update {
-        /// Which columns are set (unchanged TOAST left out); groups merge only when equal.
-        set: Vec<bool>,
-        keys: HashSet<String>,
-        /// `(key..., set values...)` tuples; the first with casts.
-        values: Vec<String>,
-        /// `k0, k1, c0, ...`: the names of the VALUES columns.
-        alias: String,
-        /// `"status" = v.c0, ...`.
-        assignments: String,
-        /// `t."id" = v.k0 AND ...`.
-        join: String,
-    },
-    Delete {
-        /// `"id"` or `("a", "b")`.
-        key: String,
-        /// `'7'` or `('7', '2')` literals.
-        keys: Vec<String>,
-    },
-    /// A statement that merges with nothing.
-    Single { sql: String, rows: usize },
+/// How a batch merges changes into statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// One statement per change, in source order: how a batch the mirror rejected is retried,
+    /// so that exactly the change the mirror refuses fails.
+    None,
+    /// Neighbouring changes of one kind to one table merge; the source order is kept (for a
+    /// mirror that checks foreign keys and fires triggers).
+    Neighbours,
+    /// Per table, inserts, updates (by the columns they set) and deletes of distinct rows
+    /// merge; a row changed twice starts a new segment of the table (for a mirror session with
+    /// `session_replication_role = replica`).
+    PerTable,
 }
 
-impl Group {
-    fn rows(&self) -> usize {
+/// What kind of change a segment holds (for [`Grouping::Neighbours`], one kind only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Insert,
+    Update,
+    Delete,
+    Single,
+}
+
+/// Merged updates that set the same columns.
+#[derive(Debug)]
+struct UpdateGroup {
+    set: Vec<bool>,
+    /// The mirror types of the VALUES columns (keys, then the columns set), for casts in the
+    /// first row.
+    types: Vec<String>,
+    /// `k0, k1, c0, ...`: the names of the VALUES columns.
+    alias: String,
+    /// `"status" = v.c0, ...`.
+    assignments: String,
+    /// `t."id" = v.k0 AND ...`.
+    join: String,
+    /// Per row, its literals (keys, then the columns set).
+    rows: Vec<Vec<String>>,
+}
+
+/// Changes to one table that may be applied in any order among themselves: each row is
+/// touched once.
+#[derive(Debug)]
+struct Segment {
+    oid: u32,
+    quoted: String,
+    kind: Kind,
+    /// Keys of the rows touched, as literals.
+    keys: HashSet<String>,
+    /// No change may join (a change whose row cannot be told apart from others).
+    closed: bool,
+    /// Insert column list and rows.
+    inserts: Option<(String, Vec<String>)>,
+    updates: Vec<UpdateGroup>,
+    /// Key expression and keys.
+    deletes: Option<(String, Vec<String>)>,
+    singles: Vec<String>,
+    rows: usize,
+}
+
+impl Segment {
+    /// Statements in an order that is safe for rows touched once: deletes first (freeing
+    /// unique values), then key changes and whole-row matches, updates, and inserts last.
+    fn render(self) -> Vec<Statement> {
+        let t = &self.quoted;
+        let mut out = Vec::new();
+        let mut push = |sql: String, rows: usize| {
+            out.push(Statement {
+                tables: vec![self.oid],
+                sql,
+                rows,
+            })
+        };
+        if let Some((key, keys)) = self.deletes {
+            let rows = keys.len();
+            push(
+                format!("DELETE FROM {t} WHERE {key} IN ({})", keys.join(", ")),
+                rows,
+            );
+        }
+        for sql in self.singles {
+            push(sql, 1);
+        }
+        for group in self.updates {
+            let rows = group.rows.len();
+            let values: Vec<String> = group
+                .rows
+                .iter()
+                .enumerate()
+                .map(|(i, row)| {
+                    let items: Vec<String> = row
+                        .iter()
+                        .zip(&group.types)
+                        .map(|(v, ty)| {
+                            if i == 0 {
+                                format!("{v}::{ty}")
+                            } else {
+                                v.clone()
+                            }
+                        })
+                        .collect();
+                    format!("({})", items.join(", "))
+                })
+                .collect();
+            push(
+                format!(
+                    "UPDATE {t} AS t SET {} FROM (VALUES {}) AS v({}) WHERE {}",
+                    group.assignments,
+                    values.join(", "),
+                    group.alias,
+                    group.join
+                ),
+                rows,
+            );
+        }
+        if let Some((columns, values)) = self.inserts {
+            let rows = values.len();
+            // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
+            push(
+                format!(
+                    "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
+                    values.join(", ")
+                ),
+                rows,
+            );
+        }
+        out
+    }
+}
+
+/// One change on its way into a segment.
+enum Op {
+    Insert { columns: String, row: String },
+    Update { set: Vec<bool>, row: Vec<String> },
+    Delete { row: String },
+    Single { sql: String },
+}
+
+impl Op {
+    fn kind(&self) -> Kind {
         match self {
-            Group::Insert { values, .. } | Group::Update { values, .. } => values.len(),
-            Group::Delete { keys, .. } => keys.len(),
-            Group::Single { rows, .. } => *rows,
+            Op::Insert { .. } => Kind::Insert,
+            Op::Update { .. } => Kind::Update,
+            Op::Delete { .. } => Kind::Delete,
+            Op::Single { .. } => Kind::Single,
         }
     }
 }
@@ -161,33 +272,37 @@ impl Group {
 /// Collects a batch's changes and renders them as grouped statements.
 #[derive(Debug)]
 pub struct BatchBuilder {
-    /// Group per table (true) or keep the global order (false).
-    reorder: bool,
-    /// Tables in the order their first pending change arrived, each with its groups.
-    pending: Vec<(u32, Vec<(TableKey, Group)>)>,
+    grouping: Grouping,
+    /// Queues of segments: one per table with [`Grouping::PerTable`], else one for all, in
+    /// the order their first change arrived; the last segment of a queue is the open one.
+    queues: Vec<(u32, Vec<Segment>)>,
     /// Statements already rendered (before a barrier).
     out: Vec<Statement>,
     rows: usize,
     bytes: usize,
 }
 
-/// The table a group belongs to: its OID and quoted name.
-#[derive(Debug, Clone)]
-struct TableKey {
-    oid: u32,
-    quoted: String,
-}
-
 impl BatchBuilder {
-    /// An empty batch; `reorder` as the module docs explain.
-    pub fn new(reorder: bool) -> BatchBuilder {
+    /// An empty batch that groups as `grouping` says.
+    pub fn new(grouping: Grouping) -> BatchBuilder {
         BatchBuilder {
-            reorder,
-            pending: Vec::new(),
+            grouping,
+            queues: Vec::new(),
             out: Vec::new(),
             rows: 0,
             bytes: 0,
         }
+    }
+
+    /// How this batch groups.
+    pub fn grouping(&self) -> Grouping {
+        self.grouping
+    }
+
+    /// Changes how changes collected from now on are grouped (the batch must be empty).
+    pub fn set_grouping(&mut self, grouping: Grouping) {
+        debug_assert!(self.is_empty());
+        self.grouping = grouping;
     }
 
     /// Source rows collected so far.
@@ -202,44 +317,28 @@ impl BatchBuilder {
 
     /// Nothing collected.
     pub fn is_empty(&self) -> bool {
-        self.rows == 0 && self.out.is_empty() && self.pending.is_empty()
+        self.out.is_empty() && self.queues.is_empty()
     }
 
     /// A row inserted.
     pub fn insert(&mut self, shape: &TableShape, new: &Tuple) -> Result<(), ApplyError> {
         check_arity(shape, new)?;
-        let mut values = String::from("(");
+        let mut row = String::from("(");
         for (i, (column, datum)) in shape.columns.iter().zip(&new.0).enumerate() {
             if i > 0 {
-                values.push_str(", ");
+                row.push_str(", ");
             }
             match datum {
                 Datum::UnchangedToast => return Err(missing(shape, column)),
-                d => values.push_str(&value(shape, column, d)?),
+                d => row.push_str(&value(shape, column, d)?),
             }
         }
-        values.push(')');
+        row.push(')');
+        // A row of a table without a key cannot be named; a placeholder unique in the batch
+        // lets such inserts merge while whole-row updates and deletes still stand alone.
+        let keys = vec![row_key(shape, new).unwrap_or_else(|| format!("\0{}", self.rows))];
         let columns = column_list(shape.columns.iter());
-        self.bytes += values.len();
-        self.rows += 1;
-        let group = self.last_group(shape);
-        if let Some(Group::Insert {
-            columns: open,
-            values: rows,
-        }) = group
-            && *open == columns
-            && rows.len() < MAX_GROUP_ROWS
-        {
-            rows.push(values);
-            return Ok(());
-        }
-        self.push(
-            shape,
-            Group::Insert {
-                columns,
-                values: vec![values],
-            },
-        );
+        self.add(shape, Op::Insert { columns, row }, keys);
         Ok(())
     }
 
@@ -275,7 +374,7 @@ impl BatchBuilder {
                     assignments = assignments(shape, new)?,
                     filter = whole_row_filter(shape, old)?,
                 );
-                self.single(shape, sql);
+                self.add(shape, Op::Single { sql }, Vec::new());
             }
             Some(OldTuple::Key(old)) => {
                 check_arity(shape, old)?;
@@ -285,40 +384,34 @@ impl BatchBuilder {
                     assignments(shape, new)?,
                     key_filter(shape, old, "update")?
                 );
-                self.single(shape, sql);
+                let keys = [row_key(shape, old), row_key(shape, new)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                self.add(shape, Op::Single { sql }, keys);
             }
             None => {
                 let key = key_values(shape, new, "update")?;
+                if self.grouping == Grouping::None {
+                    let sql = format!(
+                        "UPDATE {} SET {} WHERE {}",
+                        shape.name.quoted(),
+                        assignments(shape, new)?,
+                        key_filter(shape, new, "update")?
+                    );
+                    self.add(shape, Op::Single { sql }, vec![key]);
+                    return Ok(());
+                }
                 let mut row = Vec::new();
-                let first = !matches!(self.last_group(shape), Some(Group::Update { set: s, keys, values, .. }) if *s == set && !keys.contains(&key) && values.len() < MAX_GROUP_ROWS);
                 for (column, datum) in key_columns(shape).zip(key_datums(shape, new)) {
-                    row.push(cast(value(shape, column, datum)?, column, first));
+                    row.push(value(shape, column, datum)?);
                 }
                 for ((column, datum), set) in shape.columns.iter().zip(&new.0).zip(&set) {
                     if *set {
-                        row.push(cast(value(shape, column, datum)?, column, first));
+                        row.push(value(shape, column, datum)?);
                     }
                 }
-                let row = format!("({})", row.join(", "));
-                self.bytes += row.len();
-                self.rows += 1;
-                if !first && let Some(Group::Update { keys, values, .. }) = self.last_group(shape) {
-                    keys.insert(key);
-                    values.push(row);
-                    return Ok(());
-                }
-                let (alias, assignments, join) = update_clauses(shape, &set);
-                self.push(
-                    shape,
-                    Group::Update {
-                        set,
-                        keys: HashSet::from([key]),
-                        values: vec![row],
-                        alias,
-                        assignments,
-                        join,
-                    },
-                );
+                self.add(shape, Op::Update { set, row }, vec![key]);
             }
         }
         Ok(())
@@ -334,31 +427,12 @@ impl BatchBuilder {
                     t = shape.name.quoted(),
                     filter = whole_row_filter(shape, old)?,
                 );
-                self.single(shape, sql);
+                self.add(shape, Op::Single { sql }, Vec::new());
             }
             OldTuple::Key(old) => {
                 check_arity(shape, old)?;
                 let key = key_values(shape, old, "delete")?;
-                self.bytes += key.len();
-                self.rows += 1;
-                if let Some(Group::Delete { keys, .. }) = self.last_group(shape)
-                    && keys.len() < MAX_GROUP_ROWS
-                {
-                    keys.push(key);
-                    return Ok(());
-                }
-                let names: Vec<String> = key_columns(shape).map(|c| quote(&c.name)).collect();
-                let key_expr = match names.len() {
-                    1 => names[0].clone(),
-                    _ => format!("({})", names.join(", ")),
-                };
-                self.push(
-                    shape,
-                    Group::Delete {
-                        key: key_expr,
-                        keys: vec![key],
-                    },
-                );
+                self.add(shape, Op::Delete { row: key.clone() }, vec![key]);
             }
         }
         Ok(())
@@ -405,77 +479,118 @@ impl BatchBuilder {
         std::mem::take(&mut self.out)
     }
 
-    fn single(&mut self, shape: &TableShape, sql: String) {
-        self.bytes += sql.len();
+    /// Adds a change touching the rows `keys` (empty: rows that cannot be told apart, so
+    /// the change stands alone, in order).
+    fn add(&mut self, shape: &TableShape, op: Op, keys: Vec<String>) {
         self.rows += 1;
-        self.push(shape, Group::Single { sql, rows: 1 });
-    }
-
-    /// The queue changes of `shape` go to: its own, or the single global one.
-    fn queue_key(&self, shape: &TableShape) -> u32 {
-        if self.reorder { shape.oid } else { 0 }
-    }
-
-    /// The group the next change of `shape` could merge into.
-    fn last_group(&mut self, shape: &TableShape) -> Option<&mut Group> {
-        let key = self.queue_key(shape);
-        let (_, groups) = self.pending.iter_mut().find(|(k, _)| *k == key)?;
-        match groups.last_mut() {
-            Some((table, group)) if table.oid == shape.oid => Some(group),
-            _ => None,
-        }
-    }
-
-    fn push(&mut self, shape: &TableShape, group: Group) {
-        let key = self.queue_key(shape);
-        let table = TableKey {
-            oid: shape.oid,
-            quoted: shape.name.quoted(),
+        self.bytes += match &op {
+            Op::Insert { row, .. } | Op::Delete { row } => row.len() + 2,
+            Op::Update { row, .. } => row.iter().map(|v| v.len() + 2).sum(),
+            Op::Single { sql } => sql.len(),
         };
-        match self.pending.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, groups)) => groups.push((table, group)),
-            None => self.pending.push((key, vec![(table, group)])),
+        let queue = if self.grouping == Grouping::PerTable {
+            shape.oid
+        } else {
+            0
+        };
+        let grouping = self.grouping;
+        let index = match self.queues.iter().position(|(q, _)| *q == queue) {
+            Some(i) => i,
+            None => {
+                self.queues.push((queue, Vec::new()));
+                self.queues.len() - 1
+            }
+        };
+        let segments = &mut self.queues[index].1;
+        let kind = op.kind();
+        let joins = segments.last().is_some_and(|seg| {
+            seg.oid == shape.oid
+                && !seg.closed
+                && seg.rows < MAX_GROUP_ROWS
+                && !keys.is_empty()
+                && !keys.iter().any(|k| seg.keys.contains(k))
+                && match grouping {
+                    Grouping::None => false,
+                    Grouping::Neighbours => seg.kind == kind && kind != Kind::Single,
+                    Grouping::PerTable => true,
+                }
+        });
+        if !joins {
+            segments.push(Segment {
+                oid: shape.oid,
+                quoted: shape.name.quoted(),
+                kind,
+                keys: HashSet::new(),
+                closed: keys.is_empty(),
+                inserts: None,
+                updates: Vec::new(),
+                deletes: None,
+                singles: Vec::new(),
+                rows: 0,
+            });
+        }
+        let seg = segments.last_mut().expect("a segment was just ensured");
+        seg.rows += 1;
+        seg.keys.extend(keys);
+        match op {
+            Op::Insert { columns, row } => match &mut seg.inserts {
+                Some((open, rows)) if *open == columns => rows.push(row),
+                Some(_) => {
+                    // Another column list (a column was added): its own segment next time.
+                    seg.closed = true;
+                    seg.singles.push(format!(
+                        "INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE VALUES {row}",
+                        seg.quoted
+                    ));
+                }
+                None => seg.inserts = Some((columns, vec![row])),
+            },
+            Op::Update { set, row } => match seg.updates.iter_mut().find(|g| g.set == set) {
+                Some(group) => group.rows.push(row),
+                None => {
+                    let (alias, assignments, join) = update_clauses(shape, &set);
+                    let types = key_columns(shape)
+                        .chain(
+                            shape
+                                .columns
+                                .iter()
+                                .zip(&set)
+                                .filter(|(_, s)| **s)
+                                .map(|(c, _)| c),
+                        )
+                        .map(|c| c.mirror_type.clone())
+                        .collect();
+                    seg.updates.push(UpdateGroup {
+                        set,
+                        types,
+                        alias,
+                        assignments,
+                        join,
+                        rows: vec![row],
+                    });
+                }
+            },
+            Op::Delete { row } => match &mut seg.deletes {
+                Some((_, keys)) => keys.push(row),
+                None => {
+                    let names: Vec<String> = key_columns(shape).map(|c| quote(&c.name)).collect();
+                    let key_expr = match names.len() {
+                        1 => names[0].clone(),
+                        _ => format!("({})", names.join(", ")),
+                    };
+                    seg.deletes = Some((key_expr, vec![row]));
+                }
+            },
+            Op::Single { sql } => seg.singles.push(sql),
         }
     }
 
     fn render_pending(&mut self) {
-        for (_, groups) in std::mem::take(&mut self.pending) {
-            for (table, group) in groups {
-                let rows = group.rows();
-                self.out.push(Statement {
-                    tables: vec![table.oid],
-                    sql: render(&table, group),
-                    rows,
-                });
+        for (_, segments) in std::mem::take(&mut self.queues) {
+            for segment in segments {
+                self.out.extend(segment.render());
             }
         }
-    }
-}
-
-fn render(table: &TableKey, group: Group) -> String {
-    let t = &table.quoted;
-    match group {
-        Group::Insert { columns, values } => {
-            // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
-            format!(
-                "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
-                values.join(", ")
-            )
-        }
-        Group::Update {
-            values,
-            alias,
-            assignments,
-            join,
-            ..
-        } => format!(
-            "UPDATE {t} AS t SET {assignments} FROM (VALUES {}) AS v({alias}) WHERE {join}",
-            values.join(", ")
-        ),
-        Group::Delete { key, keys } => {
-            format!("DELETE FROM {t} WHERE {key} IN ({})", keys.join(", "))
-        }
-        Group::Single { sql, .. } => sql,
     }
 }
 
@@ -501,6 +616,11 @@ fn update_clauses(shape: &TableShape, set: &[bool]) -> (String, String, String) 
         .map(|(i, c)| format!("t.{} = v.k{i}", quote(&c.name)))
         .collect();
     (alias.join(", "), assignments.join(", "), join.join(" AND "))
+}
+
+/// The key of a row as a literal, when the table has a key and the row carries it.
+fn row_key(shape: &TableShape, tuple: &Tuple) -> Option<String> {
+    key_values(shape, tuple, "update").ok()
 }
 
 fn check_arity(shape: &TableShape, tuple: &Tuple) -> Result<(), ApplyError> {
@@ -538,14 +658,6 @@ fn value(shape: &TableShape, column: &ShapeColumn, datum: &Datum) -> Result<Stri
             column: column.name.clone(),
         }),
         Datum::UnchangedToast => Err(missing(shape, column)),
-    }
-}
-
-fn cast(value: String, column: &ShapeColumn, with_cast: bool) -> String {
-    if with_cast {
-        format!("{value}::{}", column.mirror_type)
-    } else {
-        value
     }
 }
 
@@ -716,7 +828,7 @@ mod tests {
 
     #[test]
     fn consecutive_inserts_become_one_statement_with_quoted_values() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.insert(&orders(), &row(&[Some("1"), Some("new"), Some("it's")]))
             .unwrap();
         b.insert(&orders(), &row(&[Some("2"), Some("paid"), None]))
@@ -733,7 +845,7 @@ mod tests {
 
     #[test]
     fn without_reordering_only_neighbours_merge() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
             .unwrap();
         b.insert(&items(), &row(&[Some("1"), Some("1")])).unwrap();
@@ -746,7 +858,7 @@ mod tests {
 
     #[test]
     fn with_reordering_each_table_merges_and_keeps_its_own_order() {
-        let mut b = BatchBuilder::new(true);
+        let mut b = BatchBuilder::new(Grouping::PerTable);
         for i in 1..=3 {
             let id = i.to_string();
             b.insert(&orders(), &row(&[Some(&id), Some("new"), None]))
@@ -769,8 +881,87 @@ mod tests {
     }
 
     #[test]
+    fn per_table_inserts_and_updates_of_distinct_rows_merge_across_each_other() {
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        for (new, updated) in [("3", "1"), ("4", "2")] {
+            b.insert(&orders(), &row(&[Some(new), Some("new"), None]))
+                .unwrap();
+            b.update(
+                &orders(),
+                None,
+                &row(&[Some(updated), Some("paid"), Some("<toast>")]),
+            )
+            .unwrap();
+        }
+        let out = sql(&mut b);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert!(
+            out[0].starts_with("UPDATE") && out[0].contains("('2', 'paid')"),
+            "{out:#?}"
+        );
+        assert!(
+            out[1].starts_with("INSERT") && out[1].contains("('4', 'new', NULL)"),
+            "{out:#?}"
+        );
+    }
+
+    #[test]
+    fn per_table_a_row_changed_twice_keeps_its_order() {
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
+            .unwrap();
+        b.update(&orders(), None, &row(&[Some("1"), Some("paid"), None]))
+            .unwrap();
+        b.delete(&orders(), &OldTuple::Key(row(&[Some("1"), None, None])))
+            .unwrap();
+        let out = sql(&mut b);
+        assert_eq!(out.len(), 3, "{out:#?}");
+        assert!(out[0].starts_with("INSERT"));
+        assert!(out[1].starts_with("UPDATE"));
+        assert!(out[2].starts_with("DELETE"));
+    }
+
+    #[test]
+    fn careful_batches_send_every_change_alone_in_source_order() {
+        let mut b = BatchBuilder::new(Grouping::None);
+        b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
+            .unwrap();
+        b.insert(&orders(), &row(&[Some("2"), Some("new"), None]))
+            .unwrap();
+        b.update(&orders(), None, &row(&[Some("1"), Some("paid"), None]))
+            .unwrap();
+        b.delete(&orders(), &OldTuple::Key(row(&[Some("2"), None, None])))
+            .unwrap();
+        assert_eq!(
+            sql(&mut b),
+            [
+                r#"INSERT INTO "public"."orders" ("id", "status", "note") OVERRIDING SYSTEM VALUE VALUES ('1', 'new', NULL)"#,
+                r#"INSERT INTO "public"."orders" ("id", "status", "note") OVERRIDING SYSTEM VALUE VALUES ('2', 'new', NULL)"#,
+                r#"UPDATE "public"."orders" SET "id" = '1', "status" = 'paid', "note" = NULL WHERE "id" = '1'"#,
+                r#"DELETE FROM "public"."orders" WHERE "id" IN ('2')"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn inserts_into_a_table_without_a_key_still_merge() {
+        let mut t = shape(3, "log", &[("line", false, "text")]);
+        t.identity_full = true;
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.insert(&t, &row(&[Some("a")])).unwrap();
+        b.insert(&t, &row(&[Some("a")])).unwrap();
+        b.delete(&t, &OldTuple::Full(row(&[Some("a")]))).unwrap();
+        b.insert(&t, &row(&[Some("b")])).unwrap();
+        let out = sql(&mut b);
+        assert_eq!(out.len(), 3, "{out:#?}");
+        assert!(out[0].ends_with("VALUES ('a'), ('a')"), "{out:#?}");
+        assert!(out[1].starts_with("DELETE"), "{out:#?}");
+        assert!(out[2].ends_with("VALUES ('b')"), "{out:#?}");
+    }
+
+    #[test]
     fn updates_of_distinct_rows_merge_and_leave_unchanged_toast_alone() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.update(
             &orders(),
             None,
@@ -793,7 +984,7 @@ mod tests {
 
     #[test]
     fn a_row_updated_twice_starts_a_new_group() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.update(&orders(), None, &row(&[Some("1"), Some("paid"), None]))
             .unwrap();
         b.update(&orders(), None, &row(&[Some("1"), Some("done"), None]))
@@ -808,7 +999,7 @@ mod tests {
 
     #[test]
     fn updates_setting_different_columns_do_not_merge() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.update(&orders(), None, &row(&[Some("1"), Some("paid"), None]))
             .unwrap();
         b.update(
@@ -822,7 +1013,7 @@ mod tests {
 
     #[test]
     fn a_key_change_updates_the_row_found_by_its_old_key() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.update(
             &items(),
             Some(&OldTuple::Key(row(&[Some("1"), Some("1")]))),
@@ -839,7 +1030,7 @@ mod tests {
 
     #[test]
     fn deletes_merge_by_key_single_and_composite() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.delete(&orders(), &OldTuple::Key(row(&[Some("1"), None, None])))
             .unwrap();
         b.delete(&orders(), &OldTuple::Key(row(&[Some("2"), None, None])))
@@ -861,7 +1052,7 @@ mod tests {
     fn replica_identity_full_finds_one_row_by_all_its_values() {
         let mut t = shape(3, "log", &[("a", false, "text"), ("b", false, "integer")]);
         t.identity_full = true;
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         b.delete(&t, &OldTuple::Full(row(&[Some("x"), None])))
             .unwrap();
         assert_eq!(
@@ -875,7 +1066,7 @@ mod tests {
     #[test]
     fn a_table_without_key_is_refused_with_the_fix() {
         let t = shape(3, "log", &[("a", false, "text")]);
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         let err = b.update(&t, None, &row(&[Some("x")])).unwrap_err();
         assert!(
             err.to_string()
@@ -897,7 +1088,7 @@ mod tests {
 
     #[test]
     fn truncate_is_a_barrier_and_never_cascades() {
-        let mut b = BatchBuilder::new(true);
+        let mut b = BatchBuilder::new(Grouping::PerTable);
         b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
             .unwrap();
         b.truncate(&[&orders(), &items()], true);
@@ -914,7 +1105,7 @@ mod tests {
 
     #[test]
     fn bad_rows_are_errors_not_panics() {
-        let mut b = BatchBuilder::new(false);
+        let mut b = BatchBuilder::new(Grouping::Neighbours);
         assert!(matches!(
             b.insert(&orders(), &row(&[Some("1")])),
             Err(ApplyError::Arity {

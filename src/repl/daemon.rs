@@ -433,6 +433,8 @@ async fn session(
             message = feed.stream.next() => {
                 let message = message?;
                 feed.step(message, &mut applier).await?;
+                // Under a steady stream the timer branch may never be picked.
+                applier.flush_if_due().await?;
             }
             () = sleep_until(deadline), if deadline.is_some() => {
                 applier.flush_if_due().await?;
