@@ -138,9 +138,11 @@ struct Txn {
 /// Applies the stream to the mirror; see the module docs.
 pub struct Applier {
     slot: String,
-    mirror: Client,
+    mirror: Arc<Client>,
     source: Client,
     limits: Limits,
+    /// The batch the mirror is executing while the next one is built.
+    in_flight: Option<InFlight>,
     tables: HashMap<QualifiedName, TableState>,
     relations: HashMap<u32, Known>,
     mirror_columns: HashMap<QualifiedName, Vec<MirrorColumn>>,
@@ -161,6 +163,17 @@ pub struct Applier {
     careful_until: Lsn,
     applied_rows: u64,
     applied_txns: u64,
+}
+
+/// A batch sent to the mirror and not yet known to be done.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    /// The source position the batch covers (for a careful retry if it is rejected).
+    until: Lsn,
+    /// Where the mirror's position is once it is done, if it commits.
+    commits: Option<Lsn>,
+    started: Instant,
+    bytes: usize,
 }
 
 /// Counters for status and logs.
@@ -217,9 +230,10 @@ impl Applier {
         };
         Ok(Applier {
             slot: slot.to_string(),
-            mirror,
+            mirror: Arc::new(mirror),
             source,
             limits,
+            in_flight: None,
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             relations: HashMap::new(),
             mirror_columns: HashMap::new(),
@@ -274,7 +288,10 @@ impl Applier {
     /// Nothing received is waiting to be applied (not inside a source transaction, batch
     /// empty): every position received so far is accounted for.
     pub fn is_idle(&self) -> bool {
-        self.txn.is_none() && self.batch_end.is_none() && !self.mirror_txn_open
+        self.txn.is_none()
+            && self.batch_end.is_none()
+            && !self.mirror_txn_open
+            && self.in_flight.is_none()
     }
 
     /// Inside a source transaction (between its Begin and Commit).
@@ -424,15 +441,55 @@ impl Applier {
             timestamp_sql(commit_time),
             literal(&self.slot)
         ));
-        self.send(sql, end).await?;
+        self.send(sql, end, Some(end)).await?;
         self.batch_careful = false;
-        self.mirror_txn_open = false;
-        self.committed = end;
         self.batch_end = None;
         self.batch_started = None;
-        if self.careful_until > Lsn::ZERO && self.committed >= self.careful_until {
-            tracing::info!(lsn = %self.committed, "past the change the mirror rejected; applying in batches again");
-            self.careful_until = Lsn::ZERO;
+        Ok(())
+    }
+
+    /// Waits for the batch the mirror is executing, if any; its commit moves
+    /// [`Applier::committed`].
+    pub async fn settle(&mut self) -> Result<(), ApplyFailure> {
+        let Some(batch) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let result = match batch.task.await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(bytes = batch.bytes, until = %batch.until, elapsed = ?batch.started.elapsed(), "batch done on the mirror");
+                if let Some(end) = batch.commits {
+                    self.committed = end;
+                    if self.careful_until > Lsn::ZERO && self.committed >= self.careful_until {
+                        tracing::info!(lsn = %self.committed, "past the change the mirror rejected; applying in batches again");
+                        self.careful_until = Lsn::ZERO;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if e.as_db_error().is_some() && !e.is_closed() => {
+                let _ = self.mirror.batch_execute("ROLLBACK").await;
+                self.mirror_txn_open = false;
+                Err(ApplyFailure::Rejected {
+                    until: batch.until,
+                    source: e,
+                })
+            }
+            Err(e) => Err(query("failed to apply a batch on the mirror")(e)),
+        }
+    }
+
+    /// [`Applier::settle`], only if the mirror is already done (never waits).
+    pub async fn settle_if_done(&mut self) -> Result<(), ApplyFailure> {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|b| b.task.is_finished())
+        {
+            self.settle().await?;
         }
         Ok(())
     }
@@ -460,6 +517,7 @@ impl Applier {
     /// Rolls back a mirror transaction left open by a large source transaction (shutdown in
     /// the middle of one); the position stays at the last commit.
     pub async fn abandon(&mut self) {
+        let _ = self.settle().await;
         if self.mirror_txn_open {
             let _ = self.mirror.batch_execute("ROLLBACK").await;
             self.mirror_txn_open = false;
@@ -490,25 +548,34 @@ impl Applier {
         }
     }
 
-    /// Sends SQL as one round trip; on rejection rolls back and reports up to where the
-    /// careful retry must go.
-    async fn send(&mut self, sql: String, until: Lsn) -> Result<(), ApplyFailure> {
-        match self.mirror.batch_execute(&sql).await {
-            Ok(()) => {
-                self.mirror_txn_open = true;
-                Ok(())
-            }
-            Err(e) if e.as_db_error().is_some() && !e.is_closed() => {
-                let _ = self.mirror.batch_execute("ROLLBACK").await;
-                self.mirror_txn_open = false;
-                Err(ApplyFailure::Rejected { until, source: e })
-            }
-            Err(e) => Err(query("failed to apply a batch on the mirror")(e)),
-        }
+    /// Sends SQL as one round trip, after the previous batch is done, without waiting for it:
+    /// the next batch is built meanwhile (one connection runs them in order). A rejection
+    /// surfaces from [`Applier::settle`], with the position the careful retry must reach.
+    async fn send(
+        &mut self,
+        sql: String,
+        until: Lsn,
+        commits: Option<Lsn>,
+    ) -> Result<(), ApplyFailure> {
+        self.settle().await?;
+        let mirror = Arc::clone(&self.mirror);
+        let bytes = sql.len();
+        self.in_flight = Some(InFlight {
+            task: tokio::spawn(async move { mirror.batch_execute(&sql).await }),
+            until,
+            commits,
+            started: Instant::now(),
+            bytes,
+        });
+        // Whether the next batch continues a mirror transaction (a large source transaction
+        // sent in parts) or must begin its own.
+        self.mirror_txn_open = commits.is_none();
+        Ok(())
     }
 
     /// One statement at a time, each in a savepoint: a rejected statement pauses its table.
     async fn send_carefully(&mut self, statements: Vec<Statement>) -> Result<(), ApplyFailure> {
+        self.settle().await?;
         if !self.mirror_txn_open {
             self.mirror
                 .batch_execute("BEGIN")
@@ -612,7 +679,7 @@ impl Applier {
             sql.push_str(&s.sql);
             sql.push_str(";\n");
         }
-        self.send(sql, until).await
+        self.send(sql, until, None).await
     }
 
     fn pause(&mut self, name: &QualifiedName, reason: String) {
@@ -625,6 +692,9 @@ impl Applier {
 
     /// A relation's description: compare with the mirror, add new columns, or pause.
     async fn relation(&mut self, relation: Relation) -> Result<(), ApplyFailure> {
+        // Catalog look-ups on the mirror run after the batch in flight; a rejected batch must
+        // surface as such, not as a failed look-up in an aborted transaction.
+        self.settle().await?;
         let schema = if relation.namespace.is_empty() {
             "pg_catalog".to_string()
         } else {

@@ -461,6 +461,7 @@ async fn session(
                 }
             }
         }
+        applier.settle_if_done().await?;
         // Committed on the mirror: tell the source soon, so its WAL can go and its lag
         // figures (pg_stat_replication) are true.
         if applier.committed() > feed.confirmed && feed.last_status.elapsed() >= PROMPT_STATUS {
@@ -511,14 +512,12 @@ async fn stop(
     names: &[QualifiedName],
 ) -> Result<(), RunError> {
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
-        while !applier.is_idle() {
-            if applier.in_transaction() {
-                let message = feed.stream.next().await?;
-                feed.step(message, &mut applier).await?;
-            } else {
-                applier.flush().await?;
-            }
+        while applier.in_transaction() {
+            let message = feed.stream.next().await?;
+            feed.step(message, &mut applier).await?;
         }
+        applier.flush().await?;
+        applier.settle().await?;
         Ok::<_, RunError>(())
     })
     .await;
