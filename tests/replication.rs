@@ -1014,3 +1014,78 @@ async fn truncate_cascade_empties_exactly_the_tables_the_source_emptied() {
     assert_eq!(customers, 200, "customers were not part of the truncate");
     drop(daemon);
 }
+
+#[tokio::test]
+async fn every_applied_change_commits_with_the_position_it_reaches() {
+    let dbs = test_dbs("repl_same_txn").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, n int)")
+        .await
+        .expect("schema");
+    // Small batches, so the workload spans many, and a large transaction is sent in parts.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bite-sync.toml");
+    std::fs::write(
+        &config,
+        "[replication]\nbatch_rows = 50\nbatch_delay = \"20ms\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let daemon = Daemon::start(&dbs, "t", &["--config", &config]);
+    wait_equal(&dbs, &["public.t"], WAIT).await;
+    // On the mirror, triggers that fire even for replicated rows record the transaction of
+    // every row change and of every position update.
+    let mirror = connect(&dbs.mirror_url).await;
+    mirror
+        .batch_execute(
+            "CREATE TABLE public.xact_log (what text, xid xid8);
+             CREATE FUNCTION public.log_xact() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO public.xact_log VALUES (TG_TABLE_NAME, pg_current_xact_id()); RETURN NULL; END $$;
+             CREATE TRIGGER log_t AFTER INSERT OR UPDATE OR DELETE ON public.t FOR EACH ROW EXECUTE FUNCTION public.log_xact();
+             ALTER TABLE public.t ENABLE ALWAYS TRIGGER log_t;
+             CREATE TRIGGER log_state AFTER UPDATE ON bite_sync.replication_state FOR EACH ROW EXECUTE FUNCTION public.log_xact();
+             ALTER TABLE bite_sync.replication_state ENABLE ALWAYS TRIGGER log_state;",
+        )
+        .await
+        .expect("mirror triggers");
+    for i in 0..200 {
+        source
+            .execute("INSERT INTO t VALUES ($1, $1)", &[&i])
+            .await
+            .unwrap();
+    }
+    source
+        .batch_execute(
+            "UPDATE t SET n = n + 1; INSERT INTO t SELECT i, i FROM generate_series(1000, 1400) i;",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.t"], WAIT).await;
+    let orphans: i64 = mirror
+        .query_one(
+            "SELECT count(DISTINCT xid) FROM public.xact_log d WHERE what = 't' \
+             AND NOT EXISTS (SELECT 1 FROM public.xact_log s WHERE s.what = 'replication_state' AND s.xid = d.xid)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let batches: i64 = mirror
+        .query_one(
+            "SELECT count(DISTINCT xid) FROM public.xact_log WHERE what = 't'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        batches > 3,
+        "the changes went in several batches ({batches})"
+    );
+    assert_eq!(
+        orphans, 0,
+        "mirror transactions that changed rows without moving the position"
+    );
+    drop(daemon);
+}

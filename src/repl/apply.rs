@@ -482,6 +482,11 @@ impl Applier {
         }
     }
 
+    /// A batch is on its way to the mirror.
+    pub fn has_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
     /// [`Applier::settle`], only if the mirror is already done (never waits).
     pub async fn settle_if_done(&mut self) -> Result<(), ApplyFailure> {
         if self

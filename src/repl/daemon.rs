@@ -293,6 +293,8 @@ const SEQUENCE_INTERVAL: Duration = Duration::from_secs(10);
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the slot's retained WAL is compared with the source's limit.
 const WAL_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How often a batch on its way to the mirror is checked for being done.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(5);
 /// A newly committed position is confirmed at most this often.
 const PROMPT_STATUS: Duration = Duration::from_millis(50);
 /// Idle positions recorded on the mirror at most this often.
@@ -439,6 +441,8 @@ async fn session(
             () = sleep_until(deadline), if deadline.is_some() => {
                 applier.flush_if_due().await?;
             }
+            // A batch on its way: notice soon that it is done, to confirm it to the source.
+            () = tokio::time::sleep(IN_FLIGHT_POLL), if applier.has_in_flight() => {}
             _ = tick.tick() => {
                 if feed.last_message.elapsed() > opts.silence_limit {
                     return Err(RunError::Silent(opts.silence_limit));
