@@ -443,6 +443,8 @@ async fn session(
             }
             // A batch on its way: notice soon that it is done, to confirm it to the source.
             () = tokio::time::sleep(IN_FLIGHT_POLL), if applier.has_in_flight() => {}
+            // A committed position not yet confirmed (confirmations are rate-limited).
+            () = tokio::time::sleep(PROMPT_STATUS), if applier.committed() > feed.confirmed => {}
             _ = tick.tick() => {
                 if feed.last_message.elapsed() > opts.silence_limit {
                     return Err(RunError::Silent(opts.silence_limit));
