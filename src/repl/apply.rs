@@ -21,6 +21,9 @@
 //!   table is paused and everything else is applied.
 //! - A table added to the stream at position `synced_lsn` (its copy was taken there) takes only
 //!   transactions that commit at or after it.
+//! - One batch is in flight at a time: while the mirror runs it, the next is built from the
+//!   stream; it is awaited before the next is sent (one connection runs them in order), and
+//!   only then does [`Applier::committed`] move to its position.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -13,6 +13,12 @@
 //! slot does not hold WAL for changes that do not concern us. Keepalives that ask for a reply
 //! are answered at once.
 //!
+//! Large transactions: the stream is asked for pgoutput protocol 1 without streaming, so a
+//! transaction arrives once it committed (PostgreSQL spills a large one to the source's disk
+//! while decoding) and is applied in parts inside one mirror transaction, in bounded memory.
+//! The decoder also understands protocol 2's streamed chunks; asking for them would only move
+//! that spilling from the source's disk to the daemon's, which here is the same machine.
+//!
 //! Stopping (SIGTERM/SIGINT): the transaction being read is read to its end (a few seconds at
 //! most), the batch is committed on the mirror, its position confirmed to the source, the
 //! mirror's sequences caught up, and the stream closed.
