@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
 use bite_sync::proxy::Proxy;
-use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
+use support::{
+    EVERY_TYPE_ROWS, EVERY_TYPE_SCHEMA, TestDbs, bite_sync, connect, test_dbs, wait_for,
+};
 
 /// A running `bite-sync run`; killed (and its log printed) if the test ends without stopping it.
 struct Daemon {
@@ -91,26 +93,15 @@ impl Daemon {
 
     /// SIGTERM, then the exit code (waits at most `within`).
     fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("running");
+        let pid = self.pid();
         // SAFETY: sending a signal to our own child process.
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(pid as i32, libc::SIGTERM);
         }
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.exit_code(within)
     }
 
-    /// Waits for the daemon to exit by itself (a refusal) and returns its code.
+    /// Waits for the daemon to exit and returns its code; kills it after `within`.
     fn exit_code(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take().expect("running");
         let deadline = std::time::Instant::now() + within;
@@ -162,6 +153,18 @@ async fn digest(client: &tokio_postgres::Client, table: &str) -> Option<(i64, St
         .map(|row| (row.get(0), row.get(1)))
 }
 
+/// The source position the mirror records for a test's slot.
+async fn recorded_lsn(mirror: &tokio_postgres::Client, slot: &str) -> String {
+    mirror
+        .query_one(
+            "SELECT lsn::text FROM bite_sync.replication_state WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("the mirror's replication state")
+        .get(0)
+}
+
 /// Waits until every table has the same contents on both sides.
 async fn wait_equal(dbs: &TestDbs, tables: &[&str], timeout: Duration) {
     let source = connect(&dbs.source_url).await;
@@ -185,47 +188,17 @@ async fn wait_equal(dbs: &TestDbs, tables: &[&str], timeout: Duration) {
 
 const WAIT: Duration = Duration::from_secs(60);
 
-const TYPES: &str = r#"
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE DOMAIN positive_price AS numeric(10,2) CHECK (VALUE >= 0);
-CREATE TABLE everything (
-    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    serial_col bigserial,
-    small smallint, big bigint NOT NULL DEFAULT 7,
-    exact numeric(10,2), loose numeric, r real, d double precision,
-    flag boolean, txt text, short varchar(20), fixed char(3),
-    day date, at_time time, ts timestamp, tstz timestamptz, span interval,
-    doc jsonb, plain_json json, uid uuid, raw bytea, addr inet,
-    ints integer[], words text[], feeling mood, feelings mood[],
-    price positive_price, prices positive_price[],
-    name_c text COLLATE "C",
-    doubled numeric GENERATED ALWAYS AS (exact * 2) STORED
-);
-CREATE TABLE "Order Items" ("order" int, "line no" int, "select" text, PRIMARY KEY ("order", "line no"));
-"#;
-
-const INSERT_AWKWARD: &str = r#"
-INSERT INTO everything (small, big, exact, loose, r, d, flag, txt, short, fixed, day, at_time, ts, tstz, span,
-                        doc, plain_json, uid, raw, addr, ints, words, feeling, feelings, price, prices, name_c)
-VALUES
- (1, 2, 3.14, 'NaN', 1.5, -2.25e10, true, E'tab\there\nnewline \\ backslash "quote" ''single''', 'short', 'abc',
-  '2024-02-29', '23:59:59.999999', '2024-01-01 00:00:00', '2024-06-01 12:00:00+02', '1 year 2 mons 3 days 04:05:06',
-  '{"lang": "es", "allergies": ["gluten", "ñ"], "n": 1.50}', '{"b": 1, "a": [2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
-  '\x00ff10', '192.168.0.1/24', '{1,NULL,3}', '{"a,b","c\"d",NULL,""}', 'happy', '{sad,happy}', 9.99, '{1.00,2.50}', 'Ñandú'),
- (NULL, 0, NULL, -12345678901234567890.123456789, 'Infinity', '-Infinity', NULL, 'piña colada 🍍 中文', NULL, NULL,
-  'infinity', NULL, '-infinity', 'infinity', NULL, 'null', NULL, NULL, '', NULL, '{}', '{}', NULL, '{}', NULL, NULL, NULL),
- (-999, -9223372036854775808, -0.01, 0, 0, 0, false, '', '', '   ', '0001-01-01', '00:00', '1999-12-31 23:59:59.5',
-  '1970-01-01 00:00:00+00', '-1 day', '[]', '[]', '00000000-0000-0000-0000-000000000000', '\x', '::1', '{{1,2},{3,4}}',
-  '{"\\"}', 'sad', '{ok,ok}', 0, '{}', 'z');
-"#;
+const KEYED_NAMES: &str = r#"CREATE TABLE "Order Items" ("order" int, "line no" int, "select" text, PRIMARY KEY ("order", "line no"))"#;
 
 #[tokio::test]
 async fn every_change_of_every_type_streams_to_the_mirror() {
     let dbs = test_dbs("repl_every_type").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute(TYPES).await.expect("schema");
+    for sql in [EVERY_TYPE_SCHEMA, KEYED_NAMES] {
+        source.batch_execute(sql).await.expect("schema");
+    }
     source
-        .batch_execute(INSERT_AWKWARD)
+        .batch_execute(EVERY_TYPE_ROWS)
         .await
         .expect("rows before the start");
     source
@@ -239,7 +212,10 @@ async fn every_change_of_every_type_streams_to_the_mirror() {
     wait_equal(&dbs, &tables, WAIT).await;
 
     // Inserts, updates of every column, deletes and a key change, in several transactions.
-    source.batch_execute(INSERT_AWKWARD).await.expect("inserts");
+    source
+        .batch_execute(EVERY_TYPE_ROWS)
+        .await
+        .expect("inserts");
     source
         .batch_execute(
             r#"UPDATE everything SET txt = txt || E' \\ more\ttabs', doc = doc || '{"x": "y"}', feeling = 'ok',
@@ -262,7 +238,7 @@ async fn every_change_of_every_type_streams_to_the_mirror() {
         .await
         .expect("truncate");
     source
-        .batch_execute(INSERT_AWKWARD)
+        .batch_execute(EVERY_TYPE_ROWS)
         .await
         .expect("inserts after truncate");
     wait_equal(&dbs, &tables, WAIT).await;
@@ -330,14 +306,7 @@ async fn sigterm_confirms_the_last_batch_and_a_restart_resumes_without_loss() {
     );
     // The slot's confirmed position is the mirror's recorded one.
     let mirror = connect(&dbs.mirror_url).await;
-    let recorded: String = mirror
-        .query_one(
-            "SELECT lsn::text FROM bite_sync.replication_state WHERE slot_name = $1",
-            &[&dbs.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let recorded = recorded_lsn(&mirror, &dbs.name).await;
     let confirmed: String = source
         .query_one(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -483,15 +452,7 @@ async fn twenty_kill_9s_under_load_lose_and_duplicate_nothing() {
     wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
     // And the position it resumes from is the mirror's own.
     let mirror = connect(&dbs.mirror_url).await;
-    let lsn: String = mirror
-        .query_one(
-            "SELECT lsn::text FROM bite_sync.replication_state WHERE slot_name = $1",
-            &[&dbs.name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(lsn, "0/0");
+    assert_ne!(recorded_lsn(&mirror, &dbs.name).await, "0/0");
     drop(daemon);
 }
 

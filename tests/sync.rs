@@ -5,7 +5,9 @@ mod support;
 use std::process::Output;
 use std::time::Duration;
 
-use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
+use support::{
+    EVERY_TYPE_ROWS, EVERY_TYPE_SCHEMA, TestDbs, bite_sync, connect, test_dbs, wait_for,
+};
 
 /// Runs `bite-sync sync --source .. --mirror .. <args>`.
 fn sync(dbs: &TestDbs, args: &[&str]) -> Output {
@@ -105,37 +107,10 @@ async fn keys_and_indexes(
     out
 }
 
+/// Tables next to `support::EVERY_TYPE_SCHEMA`'s `everything`.
 const ALL_TYPES: &str = r#"
-CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
-CREATE DOMAIN positive_price AS numeric(10,2) CHECK (VALUE >= 0);
-CREATE TABLE everything (
-    id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    serial_col bigserial,
-    small smallint, big bigint NOT NULL DEFAULT 7,
-    exact numeric(10,2), loose numeric, r real, d double precision,
-    flag boolean, txt text, short varchar(20), fixed char(3),
-    day date, at_time time, ts timestamp, tstz timestamptz, span interval,
-    doc jsonb, plain_json json, uid uuid, raw bytea, addr inet,
-    ints integer[], words text[], feeling mood, feelings mood[],
-    price positive_price, prices positive_price[],
-    name_c text COLLATE "C",
-    doubled numeric GENERATED ALWAYS AS (exact * 2) STORED,
-    CONSTRAINT small_range CHECK (small > -1000)
-);
-INSERT INTO everything (small, big, exact, loose, r, d, flag, txt, short, fixed, day, at_time, ts, tstz, span,
-                        doc, plain_json, uid, raw, addr, ints, words, feeling, feelings, price, prices, name_c)
-VALUES
- (1, 2, 3.14, 'NaN', 1.5, -2.25e10, true, E'tab\there\nnewline \\ backslash "quote" ''single''', 'short', 'abc',
-  '2024-02-29', '23:59:59.999999', '2024-01-01 00:00:00', '2024-06-01 12:00:00+02', '1 year 2 mons 3 days 04:05:06',
-  '{"lang": "es", "allergies": ["gluten", "ñ"], "n": 1.50}', '{"b": 1, "a": [2]}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
-  '\x00ff10', '192.168.0.1/24', '{1,NULL,3}', '{"a,b","c\"d",NULL,""}', 'happy', '{sad,happy}', 9.99, '{1.00,2.50}', 'Ñandú'),
- (NULL, 0, NULL, -12345678901234567890.123456789, 'Infinity', '-Infinity', NULL, 'piña colada 🍍 中文', NULL, NULL,
-  'infinity', NULL, '-infinity', 'infinity', NULL, 'null', NULL, NULL, '', NULL, '{}', '{}', NULL, '{}', NULL, NULL, NULL),
- (-999, -9223372036854775808, -0.01, 0, 0, 0, false, '', '', '   ', '0001-01-01', '00:00', '1999-12-31 23:59:59.5',
-  '1970-01-01 00:00:00+00', '-1 day', '[]', '[]', '00000000-0000-0000-0000-000000000000', '\x', '::1', '{{1,2},{3,4}}',
-  '{"\\"}', 'sad', '{ok,ok}', 0, '{}', 'z');
--- The arrays of user types above make `everything` travel in COPY's text format; the same
--- values without them travel in binary.
+-- The arrays of user types make `everything` travel in COPY's text format; the same values
+-- without them travel in binary.
 CREATE TABLE everything_binary AS SELECT id, serial_col, small, big, exact, loose, r, d, flag, txt,
     short, fixed, day, at_time, ts, tstz, span, doc, plain_json, uid, raw, addr, ints, words,
     feeling, price, name_c FROM everything;
@@ -153,7 +128,9 @@ INSERT INTO notes VALUES
 async fn every_column_type_and_awkward_value_round_trips() {
     let dbs = test_dbs("every_column_type").await;
     let source = connect(&dbs.source_url).await;
-    source.batch_execute(ALL_TYPES).await.expect("schema");
+    for sql in [EVERY_TYPE_SCHEMA, EVERY_TYPE_ROWS, ALL_TYPES] {
+        source.batch_execute(sql).await.expect("schema");
+    }
     let out = sync(&dbs, &["--init", "--json"]);
     assert_exit(&out, 0);
 

@@ -189,24 +189,7 @@ async fn bench(
     mirror_cluster: &crate::pg::cluster::TempCluster,
 ) -> Result<BenchReport, BenchError> {
     let bin = source_cluster.bin_dir().to_path_buf();
-    let source_url = demo::create_database(source_cluster, "bite", Role::Source)
-        .await
-        .map_err(Box::new)?;
-    let source = connect(&source_url).await?;
-    let size = SampleSize {
-        customers: args.customers,
-        orders: args.orders,
-        items_per_order: SampleSize::BENCH.items_per_order,
-    };
-    eprintln!(
-        "generating {} customers, {} orders, {} order items...",
-        size.customers,
-        size.orders,
-        size.orders * u64::from(size.items_per_order)
-    );
-    sample::load(&source, size)
-        .await
-        .map_err(BenchError::Generate)?;
+    let source = sample_source(source_cluster, "bite", args.customers, args.orders).await?;
     source
         .batch_execute("VACUUM ANALYZE")
         .await
@@ -420,6 +403,35 @@ fn tool(bin: &Path, name: &str) -> String {
     } else {
         name.to_string()
     }
+}
+
+/// Creates database `name` on the source cluster and loads the sample restaurant into it
+/// (three items per order).
+async fn sample_source(
+    cluster: &crate::pg::cluster::TempCluster,
+    name: &str,
+    customers: u64,
+    orders: u64,
+) -> Result<tokio_postgres::Client, BenchError> {
+    let url = demo::create_database(cluster, name, Role::Source)
+        .await
+        .map_err(Box::new)?;
+    let source = connect(&url).await?;
+    let size = SampleSize {
+        customers,
+        orders,
+        items_per_order: SampleSize::BENCH.items_per_order,
+    };
+    eprintln!(
+        "generating {} customers, {} orders, {} order items...",
+        size.customers,
+        size.orders,
+        size.orders * u64::from(size.items_per_order)
+    );
+    sample::load(&source, size)
+        .await
+        .map_err(BenchError::Generate)?;
+    Ok(source)
 }
 
 /// Runs a shell pipeline (with pipefail) and times it.

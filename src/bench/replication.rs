@@ -48,7 +48,6 @@ use crate::pg::connect::Role;
 use crate::pg::ident::{literal, quote};
 use crate::proxy::Proxy;
 use crate::repl::Lsn;
-use crate::sample::{self, SampleSize};
 
 /// The restaurant's transaction, 5 row changes, as a pgbench script. `:customers`, `:orders`
 /// and `:menu_items` come from `-D`; the ids drawn exist (orders only grow), so every
@@ -267,24 +266,8 @@ async fn bench(
     mirror_cluster: &TempCluster,
     logs: &Path,
 ) -> Result<ReplicationReport, BenchError> {
-    let source_url = demo::create_database(source_cluster, DATABASE, Role::Source)
-        .await
-        .map_err(Box::new)?;
-    let source = super::connect(&source_url).await?;
-    let size = SampleSize {
-        customers: args.customers,
-        orders: args.orders,
-        items_per_order: SampleSize::BENCH.items_per_order,
-    };
-    eprintln!(
-        "generating {} customers, {} orders, {} order items...",
-        size.customers,
-        size.orders,
-        size.orders * u64::from(size.items_per_order)
-    );
-    sample::load(&source, size)
-        .await
-        .map_err(BenchError::Generate)?;
+    let source =
+        super::sample_source(source_cluster, DATABASE, args.customers, args.orders).await?;
     source
         .batch_execute(BULK_SCHEMA)
         .await
