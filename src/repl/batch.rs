@@ -113,8 +113,10 @@ pub enum ApplyError {
 pub struct Statement {
     /// The source OIDs of the tables it changes (several for a TRUNCATE of several).
     pub tables: Vec<u32>,
-    /// The SQL.
+    /// The SQL; with [`Statement::copy`], a `COPY ... FROM STDIN` to send that data to.
     pub sql: String,
+    /// Rows in COPY's text format, for a `COPY` statement.
+    pub copy: Option<String>,
     /// Source rows it applies.
     pub rows: usize,
 }
@@ -171,12 +173,15 @@ struct Segment {
     keys: HashSet<String>,
     /// No change may join (a change whose row cannot be told apart from others).
     closed: bool,
-    /// Insert column list and rows.
+    /// Insert column list and rows (SQL tuples, or COPY lines when `copy`).
     inserts: Option<(String, Vec<String>)>,
+    /// Inserts are loaded with COPY.
+    copy: bool,
     updates: Vec<UpdateGroup>,
     /// Key expression and keys.
     deletes: Option<(String, Vec<String>)>,
-    singles: Vec<String>,
+    /// Statements that merge with nothing (SQL, and COPY data for a COPY).
+    singles: Vec<(String, Option<String>)>,
     rows: usize,
 }
 
@@ -186,10 +191,11 @@ impl Segment {
     fn render(self) -> Vec<Statement> {
         let t = &self.quoted;
         let mut out = Vec::new();
-        let mut push = |sql: String, rows: usize| {
+        let mut push = |sql: String, copy: Option<String>, rows: usize| {
             out.push(Statement {
                 tables: vec![self.oid],
                 sql,
+                copy,
                 rows,
             })
         };
@@ -197,11 +203,12 @@ impl Segment {
             let rows = keys.len();
             push(
                 format!("DELETE FROM {t} WHERE {key} IN ({})", keys.join(", ")),
+                None,
                 rows,
             );
         }
-        for sql in self.singles {
-            push(sql, 1);
+        for (sql, copy) in self.singles {
+            push(sql, copy, 1);
         }
         for group in self.updates {
             let rows = group.rows.len();
@@ -232,19 +239,31 @@ impl Segment {
                     group.alias,
                     group.join
                 ),
+                None,
                 rows,
             );
         }
         if let Some((columns, values)) = self.inserts {
             let rows = values.len();
-            // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
-            push(
-                format!(
-                    "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
-                    values.join(", ")
-                ),
-                rows,
-            );
+            if self.copy {
+                // COPY gives identity columns the values it is given, as inserts do with
+                // OVERRIDING SYSTEM VALUE.
+                push(
+                    format!("COPY {t} ({columns}) FROM STDIN"),
+                    Some(values.concat()),
+                    rows,
+                );
+            } else {
+                // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
+                push(
+                    format!(
+                        "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
+                        values.join(", ")
+                    ),
+                    None,
+                    rows,
+                );
+            }
         }
         out
     }
@@ -273,6 +292,9 @@ impl Op {
 #[derive(Debug)]
 pub struct BatchBuilder {
     grouping: Grouping,
+    /// Merged inserts are loaded with COPY (cheaper for the mirror than a multi-row INSERT,
+    /// but a few more round trips).
+    copy: bool,
     /// Queues of segments: one per table with [`Grouping::PerTable`], else one for all, in
     /// the order their first change arrived; the last segment of a queue is the open one.
     queues: Vec<(u32, Vec<Segment>)>,
@@ -287,6 +309,7 @@ impl BatchBuilder {
     pub fn new(grouping: Grouping) -> BatchBuilder {
         BatchBuilder {
             grouping,
+            copy: false,
             queues: Vec::new(),
             out: Vec::new(),
             rows: 0,
@@ -303,6 +326,12 @@ impl BatchBuilder {
     pub fn set_grouping(&mut self, grouping: Grouping) {
         debug_assert!(self.is_empty());
         self.grouping = grouping;
+    }
+
+    /// Loads merged inserts with COPY from now on (never in [`Grouping::None`], where every
+    /// change is its own statement).
+    pub fn set_copy(&mut self, copy: bool) {
+        self.copy = copy;
     }
 
     /// Source rows collected so far.
@@ -323,17 +352,22 @@ impl BatchBuilder {
     /// A row inserted.
     pub fn insert(&mut self, shape: &TableShape, new: &Tuple) -> Result<(), ApplyError> {
         check_arity(shape, new)?;
-        let mut row = String::from("(");
-        for (i, (column, datum)) in shape.columns.iter().zip(&new.0).enumerate() {
-            if i > 0 {
-                row.push_str(", ");
+        let row = if self.copies() {
+            copy_line(shape, new)?
+        } else {
+            let mut row = String::from("(");
+            for (i, (column, datum)) in shape.columns.iter().zip(&new.0).enumerate() {
+                if i > 0 {
+                    row.push_str(", ");
+                }
+                match datum {
+                    Datum::UnchangedToast => return Err(missing(shape, column)),
+                    d => row.push_str(&value(shape, column, d)?),
+                }
             }
-            match datum {
-                Datum::UnchangedToast => return Err(missing(shape, column)),
-                d => row.push_str(&value(shape, column, d)?),
-            }
-        }
-        row.push(')');
+            row.push(')');
+            row
+        };
         // A row of a table without a key cannot be named; a placeholder unique in the batch
         // lets such inserts merge while whole-row updates and deletes still stand alone.
         let keys = vec![row_key(shape, new).unwrap_or_else(|| format!("\0{}", self.rows))];
@@ -458,6 +492,7 @@ impl BatchBuilder {
         self.barrier(Statement {
             tables: shapes.iter().map(|s| s.oid).collect(),
             sql,
+            copy: None,
             rows: 1,
         });
     }
@@ -479,6 +514,10 @@ impl BatchBuilder {
         std::mem::take(&mut self.out)
     }
 
+    fn copies(&self) -> bool {
+        self.copy && self.grouping != Grouping::None
+    }
+
     /// Adds a change touching the rows `keys` (empty: rows that cannot be told apart, so
     /// the change stands alone, in order).
     fn add(&mut self, shape: &TableShape, op: Op, keys: Vec<String>) {
@@ -494,6 +533,7 @@ impl BatchBuilder {
             0
         };
         let grouping = self.grouping;
+        let copy = self.copies();
         let index = match self.queues.iter().position(|(q, _)| *q == queue) {
             Some(i) => i,
             None => {
@@ -523,6 +563,7 @@ impl BatchBuilder {
                 keys: HashSet::new(),
                 closed: keys.is_empty(),
                 inserts: None,
+                copy,
                 updates: Vec::new(),
                 deletes: None,
                 singles: Vec::new(),
@@ -533,18 +574,27 @@ impl BatchBuilder {
         seg.rows += 1;
         seg.keys.extend(keys);
         match op {
-            Op::Insert { columns, row } => match &mut seg.inserts {
-                Some((open, rows)) if *open == columns => rows.push(row),
-                Some(_) => {
-                    // Another column list (a column was added): its own segment next time.
-                    seg.closed = true;
-                    seg.singles.push(format!(
-                        "INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE VALUES {row}",
-                        seg.quoted
-                    ));
+            Op::Insert { columns, row } => {
+                match &mut seg.inserts {
+                    Some((open, rows)) if *open == columns => rows.push(row),
+                    Some(_) => {
+                        // Another column list (a column was added): its own segment next time.
+                        seg.closed = true;
+                        seg.singles.push(if seg.copy {
+                        (format!("COPY {} ({columns}) FROM STDIN", seg.quoted), Some(row))
+                    } else {
+                        (
+                            format!(
+                                "INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE VALUES {row}",
+                                seg.quoted
+                            ),
+                            None,
+                        )
+                    });
+                    }
+                    None => seg.inserts = Some((columns, vec![row])),
                 }
-                None => seg.inserts = Some((columns, vec![row])),
-            },
+            }
             Op::Update { set, row } => match seg.updates.iter_mut().find(|g| g.set == set) {
                 Some(group) => group.rows.push(row),
                 None => {
@@ -581,7 +631,7 @@ impl BatchBuilder {
                     seg.deletes = Some((key_expr, vec![row]));
                 }
             },
-            Op::Single { sql } => seg.singles.push(sql),
+            Op::Single { sql } => seg.singles.push((sql, None)),
         }
     }
 
@@ -616,6 +666,40 @@ fn update_clauses(shape: &TableShape, set: &[bool]) -> (String, String, String) 
         .map(|(i, c)| format!("t.{} = v.k{i}", quote(&c.name)))
         .collect();
     (alias.join(", "), assignments.join(", "), join.join(" AND "))
+}
+
+/// A row as a line of COPY's text format: tab-separated, `\N` for NULL, and backslash, tab,
+/// newline and carriage return escaped.
+fn copy_line(shape: &TableShape, tuple: &Tuple) -> Result<String, ApplyError> {
+    let mut line = String::new();
+    for (i, (column, datum)) in shape.columns.iter().zip(&tuple.0).enumerate() {
+        if i > 0 {
+            line.push('\t');
+        }
+        match datum {
+            Datum::Null => line.push_str("\\N"),
+            Datum::Text(bytes) => {
+                let text = std::str::from_utf8(bytes).map_err(|_| ApplyError::NotUtf8 {
+                    table: shape.name.clone(),
+                    column: column.name.clone(),
+                })?;
+                for c in text.chars() {
+                    match c {
+                        '\\' => line.push_str("\\\\"),
+                        '\t' => line.push_str("\\t"),
+                        '\n' => line.push_str("\\n"),
+                        '\r' => line.push_str("\\r"),
+                        c => line.push(c),
+                    }
+                }
+            }
+            d => {
+                value(shape, column, d)?;
+            }
+        }
+    }
+    line.push('\n');
+    Ok(line)
 }
 
 /// The key of a row as a literal, when the table has a key and the row carries it.
@@ -919,6 +1003,40 @@ mod tests {
         assert!(out[0].starts_with("INSERT"));
         assert!(out[1].starts_with("UPDATE"));
         assert!(out[2].starts_with("DELETE"));
+    }
+
+    #[test]
+    fn merged_inserts_can_load_with_copy_in_its_text_format() {
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.set_copy(true);
+        b.insert(
+            &orders(),
+            &row(&[
+                Some("1"),
+                Some("new"),
+                Some("tab\there\nline \\ back\rslash"),
+            ]),
+        )
+        .unwrap();
+        b.insert(&orders(), &row(&[Some("2"), Some("new"), None]))
+            .unwrap();
+        let out = b.take();
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(
+            out[0].sql,
+            r#"COPY "public"."orders" ("id", "status", "note") FROM STDIN"#
+        );
+        assert_eq!(
+            out[0].copy.as_deref(),
+            Some("1\tnew\ttab\\there\\nline \\\\ back\\rslash\n2\tnew\t\\N\n")
+        );
+        // A careful batch never copies: every change is its own statement.
+        let mut careful = BatchBuilder::new(Grouping::None);
+        careful.set_copy(true);
+        careful
+            .insert(&orders(), &row(&[Some("1"), Some("new"), None]))
+            .unwrap();
+        assert!(careful.take()[0].copy.is_none());
     }
 
     #[test]
