@@ -1050,3 +1050,79 @@ async fn every_applied_change_commits_with_the_position_it_reaches() {
     );
     drop(daemon);
 }
+
+#[tokio::test]
+async fn a_slot_the_source_invalidated_is_recreated_and_the_tables_copied_again() {
+    // A source of this test's own that keeps at most 1 MB of WAL for a slot.
+    let source_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "source-invalidate".into(),
+            logical: true,
+            settings: vec![
+                ("max_slot_wal_keep_size".into(), "1MB".into()),
+                ("wal_keep_size".into(), "0".into()),
+                ("max_wal_size".into(), "32MB".into()),
+                ("min_wal_size".into(), "32MB".into()),
+            ],
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own source cluster");
+    let dbs = test_dbs("repl_invalidated").await;
+    let admin = connect(&source_cluster.url("postgres")).await;
+    admin
+        .batch_execute("CREATE DATABASE invalidated")
+        .await
+        .unwrap();
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: source_cluster.url("invalidated"),
+        mirror_url: dbs.mirror_url.clone(),
+    };
+    let source = connect(&own.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, n int); CREATE TABLE junk (line text);
+             INSERT INTO t SELECT i, i FROM generate_series(1, 100) i;",
+        )
+        .await
+        .expect("schema");
+    let mut daemon = Daemon::start(&own, "t", &[]);
+    wait_equal(&own, &["public.t"], WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    // While it is down: changes it must not lose, then far more WAL than the slot may keep.
+    source
+        .batch_execute("UPDATE t SET n = -n WHERE id <= 50")
+        .await
+        .unwrap();
+    let status = wait_for("the source to invalidate the slot", WAIT, || async {
+        source
+            .batch_execute(
+                "INSERT INTO junk SELECT md5(i::text) || md5((i + 1)::text) FROM generate_series(1, 100000) i;
+                 CHECKPOINT;",
+            )
+            .await
+            .ok()?;
+        let status: Option<String> = source
+            .query_one("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1", &[&own.name])
+            .await
+            .ok()?
+            .get(0);
+        (status.as_deref() == Some("lost")).then_some(status)
+    })
+    .await;
+    assert_eq!(status.as_deref(), Some("lost"));
+    daemon.restart(&own, "t", &[]);
+    wait_equal(&own, &["public.t"], WAIT).await;
+    source
+        .batch_execute("INSERT INTO t VALUES (1000, 1000)")
+        .await
+        .unwrap();
+    wait_equal(&own, &["public.t"], WAIT).await;
+    assert!(
+        daemon.log().contains("the source invalidated it"),
+        "loudly logged:\n{}",
+        daemon.log()
+    );
+}
