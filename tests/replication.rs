@@ -1126,3 +1126,49 @@ async fn a_slot_the_source_invalidated_is_recreated_and_the_tables_copied_again(
         daemon.log()
     );
 }
+
+#[tokio::test]
+async fn new_enum_labels_and_enum_types_reach_the_mirror_instead_of_pausing() {
+    let dbs = test_dbs("repl_enums").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TYPE status AS ENUM ('pending', 'paid');
+             CREATE TABLE o (id int PRIMARY KEY, s status, history status[]);
+             INSERT INTO o VALUES (1, 'paid', '{pending,paid}');",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "o", &[]);
+    wait_equal(&dbs, &["public.o"], WAIT).await;
+    // A new order status on the source, used at once, also inside an array.
+    source
+        .batch_execute("ALTER TYPE status ADD VALUE 'refunded' BEFORE 'paid'")
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO o VALUES (2, 'refunded', '{pending,refunded}')")
+        .await
+        .unwrap();
+    // A column of a type the mirror has never seen.
+    source
+        .batch_execute(
+            "CREATE TYPE size AS ENUM ('small', 'large');
+             ALTER TABLE o ADD COLUMN size size;
+             INSERT INTO o VALUES (3, 'paid', '{}', 'large');",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.o"], WAIT).await;
+    let s = status(&dbs);
+    assert_eq!(s["mirror"]["tables"][0]["state"], "streaming", "{s:#}");
+    // The labels are in the source's order, so comparisons agree on both sides.
+    let mirror = connect(&dbs.mirror_url).await;
+    let labels: String = mirror
+        .query_one("SELECT string_agg(enumlabel, ',' ORDER BY enumsortorder) FROM pg_enum WHERE enumtypid = 'public.status'::regtype", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(labels, "pending,refunded,paid");
+    drop(daemon);
+}

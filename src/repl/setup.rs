@@ -28,7 +28,8 @@ use super::conn::ReplicationClient;
 use super::daemon::{RunError, RunOptions};
 use crate::bookkeeping;
 use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
-use crate::sync::{self, Observer, Side, SyncOptions, catalog, plan};
+use crate::sync::catalog::TypeDef;
+use crate::sync::{self, Observer, Side, SyncOptions, catalog, ddl, plan};
 
 /// A session ready to stream.
 pub struct Prepared {
@@ -94,6 +95,7 @@ pub async fn prepare(
 
     let names = resolve_tables(&source, opts).await?;
     check_source(&source, &names).await?;
+    sync_enum_types(&source, &mirror, &names).await?;
     ensure_publication(&source, &opts.publication, &names).await?;
 
     let state = read_state(&mirror, &opts.slot).await?;
@@ -192,6 +194,69 @@ async fn resolve_tables(
     let selected =
         plan::resolve(&all, &search_path, &opts.tables, &[]).map_err(sync::SyncError::from)?;
     Ok(selected.into_iter().map(|e| e.name).collect())
+}
+
+/// Gives the mirror every enum type the replicated tables use on the source, with all its
+/// labels in the source's order. A label added on the source (`ALTER TYPE ... ADD VALUE`) or an
+/// enum column added with a new type would otherwise make the mirror reject rows; a rejected
+/// batch restarts the session, which comes through here first, so the retry succeeds.
+/// Labels are added outside any transaction: a new label is usable only once committed.
+async fn sync_enum_types(
+    source: &Client,
+    mirror: &Client,
+    names: &[QualifiedName],
+) -> Result<(), RunError> {
+    let schemas: Vec<&str> = names.iter().map(|t| t.schema.as_str()).collect();
+    let tables: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
+    let rows = source
+        .query(
+            "SELECT DISTINCT tn.nspname::text, ty.typname::text, \
+                    ARRAY(SELECT e.enumlabel::text FROM pg_catalog.pg_enum e \
+                          WHERE e.enumtypid = ty.oid ORDER BY e.enumsortorder) \
+             FROM unnest($1::text[], $2::text[]) AS t(schema, name) \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.name \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             JOIN pg_catalog.pg_type at ON at.oid = a.atttypid \
+             JOIN pg_catalog.pg_type ty ON ty.oid = CASE WHEN at.typelem <> 0 AND at.typlen = -1 THEN at.typelem ELSE at.oid END \
+             JOIN pg_catalog.pg_namespace tn ON tn.oid = ty.typnamespace \
+             WHERE ty.typtype = 'e'",
+            &[&schemas, &tables],
+        )
+        .await
+        .map_err(query("failed to read the source's enum types"))?;
+    for row in rows {
+        let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let labels: Vec<String> = row.get(2);
+        let found = mirror
+            .query_opt(
+                "SELECT ARRAY(SELECT e.enumlabel::text FROM pg_catalog.pg_enum e \
+                              WHERE e.enumtypid = t.oid ORDER BY e.enumsortorder) \
+                 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
+                 WHERE n.nspname = $1 AND t.typname = $2",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(query("failed to read the mirror's enum types"))?;
+        let statements = match found {
+            Some(row) => ddl::add_enum_labels(&name, &labels, &row.get::<_, Vec<String>>(0)),
+            None => vec![
+                format!("CREATE SCHEMA IF NOT EXISTS {}", quote(&name.schema)),
+                ddl::create_type(&TypeDef::Enum {
+                    name: name.clone(),
+                    labels,
+                })
+                .expect("an enum always has DDL"),
+            ],
+        };
+        for statement in statements {
+            tracing::info!(r#type = %name, %statement, "bringing an enum type on the mirror up to the source's");
+            mirror.batch_execute(&statement).await.map_err(query(
+                "failed to bring an enum type on the mirror up to the source's",
+            ))?;
+        }
+    }
+    Ok(())
 }
 
 /// What [`check_source`] finds wrong with a table, with the fix.
