@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{BenchArgs, BenchCommand, SyncBenchArgs};
 use crate::demo::{self, DemoError};
+use crate::pg::cluster::TempCluster;
 use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
@@ -153,40 +154,53 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
 
 /// Runs the sync benchmark and prints its results.
 async fn run_sync(args: &SyncBenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
-    eprintln!("starting source and mirror clusters...");
-    // Durable like a real mirror: the throwaway default fsync=off would flatter the baseline's
-    // many small commits and hide the cost of writing 400 MB for real.
-    // No autovacuum: analyzing the previous step's tables in the background would land in
-    // whichever step runs next (both methods leave ANALYZE to autovacuum alike).
-    let (source_cluster, mirror_cluster) =
-        demo::start_pair(&[("fsync", "on"), ("autovacuum", "off")])
-            .await
-            .map_err(Box::new)?;
+    let (source_cluster, mirror_cluster) = start_clusters().await?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster) => r,
         () = cancel.cancelled() => Err(BenchError::Cancelled),
     };
+    stop_clusters(source_cluster, mirror_cluster).await?;
+    print_report(args.json, &result?, render);
+    Ok(())
+}
+
+/// The benchmarks' throwaway source and mirror. Durable like real servers: the throwaway
+/// default fsync=off would flatter the baselines' many small commits and hide the cost of
+/// writing for real. No autovacuum: analyzing one step's tables in the background would land
+/// in whichever step runs next.
+async fn start_clusters() -> Result<(TempCluster, TempCluster), BenchError> {
+    eprintln!("starting source and mirror clusters...");
+    Ok(demo::start_pair(&[("fsync", "on"), ("autovacuum", "off")])
+        .await
+        .map_err(Box::new)?)
+}
+
+/// Stops both clusters and removes their files (blocking work, off the runtime).
+async fn stop_clusters(source: TempCluster, mirror: TempCluster) -> Result<(), BenchError> {
     tokio::task::spawn_blocking(move || {
-        let _ = source_cluster.stop();
-        let _ = mirror_cluster.stop();
+        let _ = source.stop();
+        let _ = mirror.stop();
     })
     .await?;
-    let report = result?;
-    if args.json {
+    Ok(())
+}
+
+/// Prints a benchmark's report: JSON with `--json`, else its text rendering.
+fn print_report<R: serde::Serialize>(json: bool, report: &R, render: impl Fn(&R) -> String) {
+    if json {
         crate::outln!(
             "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
+            serde_json::to_string_pretty(report).expect("report serializes")
         );
     } else {
-        crate::out!("{}", render(&report));
+        crate::out!("{}", render(report));
     }
-    Ok(())
 }
 
 async fn bench(
     args: &SyncBenchArgs,
-    source_cluster: &crate::pg::cluster::TempCluster,
-    mirror_cluster: &crate::pg::cluster::TempCluster,
+    source_cluster: &TempCluster,
+    mirror_cluster: &TempCluster,
 ) -> Result<BenchReport, BenchError> {
     let bin = source_cluster.bin_dir().to_path_buf();
     let source = sample_source(source_cluster, "bite", args.customers, args.orders).await?;
@@ -310,7 +324,7 @@ async fn bench(
 
 /// Where C and D run: a fresh, empty database on the mirror cluster per step and round.
 struct EmptyTarget<'a> {
-    mirror_cluster: &'a crate::pg::cluster::TempCluster,
+    mirror_cluster: &'a TempCluster,
     admin: &'a tokio_postgres::Client,
     clusters: &'a [String],
     rows: &'a [(String, i64)],
@@ -408,7 +422,7 @@ fn tool(bin: &Path, name: &str) -> String {
 /// Creates database `name` on the source cluster and loads the sample restaurant into it
 /// (three items per order).
 async fn sample_source(
-    cluster: &crate::pg::cluster::TempCluster,
+    cluster: &TempCluster,
     name: &str,
     customers: u64,
     orders: u64,

@@ -175,31 +175,13 @@ pub struct ReplicationReport {
 /// Runs the replication benchmark and prints its results.
 pub async fn run(args: &ReplicationBenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
     let logs = LogDir::new(args.log_dir.as_deref())?;
-    eprintln!("starting source and mirror clusters...");
-    // As in the sync benchmark: durable like real servers, and no autovacuum landing in
-    // whichever step runs next.
-    let (source_cluster, mirror_cluster) =
-        demo::start_pair(&[("fsync", "on"), ("autovacuum", "off")])
-            .await
-            .map_err(Box::new)?;
+    let (source_cluster, mirror_cluster) = super::start_clusters().await?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster, logs.path()) => r,
         () = cancel.cancelled() => Err(BenchError::Cancelled),
     };
-    tokio::task::spawn_blocking(move || {
-        let _ = source_cluster.stop();
-        let _ = mirror_cluster.stop();
-    })
-    .await?;
-    let report = result?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serializes")
-        );
-    } else {
-        print!("{}", render(&report));
-    }
+    super::stop_clusters(source_cluster, mirror_cluster).await?;
+    super::print_report(args.json, &result?, render);
     Ok(())
 }
 
