@@ -54,6 +54,16 @@ impl QualifiedName {
         }
     }
 
+    /// Schemas and names of `names` as two lists, the query parameters of
+    /// `unnest($1::text[], $2::text[]) AS t(schema, name)`, the way catalog queries take a list
+    /// of tables.
+    pub fn split(names: &[QualifiedName]) -> (Vec<&str>, Vec<&str>) {
+        names
+            .iter()
+            .map(|n| (n.schema.as_str(), n.name.as_str()))
+            .unzip()
+    }
+
     /// The name as SQL text: `"schema"."name"`.
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote(&self.schema), quote(&self.name))

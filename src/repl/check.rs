@@ -69,17 +69,30 @@ async fn version(client: &Client) -> (i32, String) {
     (num, text)
 }
 
-async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>) {
-    let side = "source";
-    let client = match url.connect().await {
-        Ok(c) => c,
+/// Connects, with a line saying whether that worked; the server's version too.
+async fn reach(
+    side: &'static str,
+    url: &DbUrl,
+    out: &mut Vec<Check>,
+) -> Option<(Client, i32, String)> {
+    match url.connect().await {
+        Ok(client) => {
+            out.push(line(side, "reachable", true, url.target()));
+            let (num, text) = version(&client).await;
+            Some((client, num, text))
+        }
         Err(e) => {
             out.push(line(side, "reachable", false, crate::error_chain(&e)));
-            return;
+            None
         }
+    }
+}
+
+async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>) {
+    let side = "source";
+    let Some((client, num, text)) = reach(side, url, out).await else {
+        return;
     };
-    out.push(line(side, "reachable", true, url.target()));
-    let (num, text) = version(&client).await;
     out.push(if num >= 100_000 {
         line(side, "server version", true, format!("PostgreSQL {text}"))
     } else {
@@ -221,6 +234,7 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
             crate::error_chain(&e),
         )),
     }
+    let (schemas, tables) = QualifiedName::split(&names);
     if let Ok(row) = client
         .query_one(
             "SELECT COALESCE(string_agg(pg_catalog.format('%I.%I', n.nspname, c.relname), ', '), '') \
@@ -228,10 +242,7 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
              JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema \
              JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.name \
              WHERE NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')",
-            &[
-                &names.iter().map(|n| n.schema.as_str()).collect::<Vec<_>>(),
-                &names.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
-            ],
+            &[&schemas, &tables],
         )
         .await
     {
@@ -258,15 +269,9 @@ async fn resolve(client: &Client, tables: &[TablePattern]) -> Result<Vec<Qualifi
 
 async fn check_mirror(url: &DbUrl, out: &mut Vec<Check>) {
     let side = "mirror";
-    let client = match url.connect().await {
-        Ok(c) => c,
-        Err(e) => {
-            out.push(line(side, "reachable", false, crate::error_chain(&e)));
-            return;
-        }
+    let Some((client, _, text)) = reach(side, url, out).await else {
+        return;
     };
-    out.push(line(side, "reachable", true, url.target()));
-    let (_, text) = version(&client).await;
     out.push(line(
         side,
         "server version",

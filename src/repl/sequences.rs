@@ -28,8 +28,7 @@ pub async fn read(
     if tables.is_empty() {
         return Ok(Vec::new());
     }
-    let schemas: Vec<&str> = tables.iter().map(|t| t.schema.as_str()).collect();
-    let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let (schemas, names) = QualifiedName::split(tables);
     let rows = source
         .query(
             "SELECT s.schemaname::text, s.sequencename::text, s.last_value \

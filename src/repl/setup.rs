@@ -206,8 +206,7 @@ async fn sync_enum_types(
     mirror: &Client,
     names: &[QualifiedName],
 ) -> Result<(), RunError> {
-    let schemas: Vec<&str> = names.iter().map(|t| t.schema.as_str()).collect();
-    let tables: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
+    let (schemas, tables) = QualifiedName::split(names);
     let rows = source
         .query(
             "SELECT DISTINCT tn.nspname::text, ty.typname::text, \
@@ -264,8 +263,7 @@ pub async fn identity_problems(
     source: &Client,
     names: &[QualifiedName],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    let schemas: Vec<&str> = names.iter().map(|t| t.schema.as_str()).collect();
-    let tables: Vec<&str> = names.iter().map(|t| t.name.as_str()).collect();
+    let (schemas, tables) = QualifiedName::split(names);
     let rows = source
         .query(
             "SELECT t.schema, t.name, c.relreplident::text, \

@@ -262,8 +262,7 @@ pub async fn read_tables(
     client: &Client,
     names: &[QualifiedName],
 ) -> Result<SourceCatalog, tokio_postgres::Error> {
-    let schemas: Vec<&str> = names.iter().map(|n| n.schema.as_str()).collect();
-    let tables: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+    let (schemas, tables) = QualifiedName::split(names);
     let rows = client
         .query(
             "SELECT c.oid, n.nspname, c.relname, c.reltuples::int8, \

@@ -753,34 +753,29 @@ mod tests {
 
     #[test]
     fn channel_binding_hashes_the_certificate_by_its_signature_algorithm() {
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let der = cert.der().to_vec();
+        let self_signed = |algorithm| {
+            let key = rcgen::KeyPair::generate_for(algorithm).unwrap();
+            rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+                .unwrap()
+                .self_signed(&key)
+                .unwrap()
+                .der()
+                .to_vec()
+        };
+        let der = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256);
         assert_eq!(
             tls_server_end_point(&der).unwrap(),
             sha2::Sha256::digest(&der).to_vec()
         );
-
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let der = cert.der().to_vec();
+        let der = self_signed(&rcgen::PKCS_ECDSA_P384_SHA384);
         assert_eq!(
             tls_server_end_point(&der).unwrap(),
             sha2::Sha384::digest(&der).to_vec()
         );
-
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        assert_eq!(tls_server_end_point(cert.der()), None);
+        assert_eq!(
+            tls_server_end_point(&self_signed(&rcgen::PKCS_ED25519)),
+            None
+        );
         assert_eq!(tls_server_end_point(b"not a certificate"), None);
     }
 
