@@ -13,9 +13,11 @@
 //! | [`sync`] | on-demand table sync: catalog → DDL → staged binary COPY → atomic swap |
 //! | [`sample`] | the sample restaurant schema and data generator |
 //! | [`demo`] | `bite-sync demo`: a throwaway source/mirror pair with the sample restaurant |
+//! | [`backup`] | `bite-sync backup`, `backups`, `restore`: dumps to a folder or S3, manifest, retention |
 //! | [`bench`] | `bite-sync bench`: bite-sync against `pg_dump \| psql` on the same clusters |
 //! | [`proxy`] | a delaying TCP proxy that simulates a WAN and connection cuts (tests, bench) |
 
+pub mod backup;
 pub mod bench;
 pub mod bookkeeping;
 pub mod cli;
