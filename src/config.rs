@@ -40,6 +40,31 @@ pub struct RawConfig {
     /// `[log]`
     #[serde(default)]
     pub log: RawLog,
+    /// `[backup]`
+    #[serde(default)]
+    pub backup: RawBackup,
+}
+
+/// `[backup]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackup {
+    /// Where backups go: `s3://bucket/prefix` or `file:///dir`.
+    pub url: Option<String>,
+    /// S3 endpoint for non-AWS stores.
+    pub endpoint: Option<String>,
+    /// S3 region.
+    pub region: Option<String>,
+    /// Path-style S3 URLs.
+    pub path_style: Option<bool>,
+    /// S3 access key id.
+    pub access_key: Option<String>,
+    /// S3 secret key.
+    pub secret_key: Option<String>,
+    /// Parallel connections for backup and restore.
+    pub jobs: Option<i64>,
+    /// The pg_dump to use.
+    pub pg_dump: Option<PathBuf>,
 }
 
 /// `[source]` / `[mirror]`.
@@ -130,6 +155,21 @@ pub struct Config {
     pub replication: ReplicationSettings,
     /// `[log]` settings.
     pub log_format: Option<LogFormat>,
+    /// `[backup]` settings.
+    pub backup: BackupSettings,
+}
+
+/// Validated `[backup]`.
+#[derive(Debug, Clone)]
+pub struct BackupSettings {
+    /// Where backups go (`--to`/`--from` win).
+    pub url: Option<String>,
+    /// How to reach an S3-compatible store.
+    pub s3: crate::backup::store::S3Settings,
+    /// Parallel connections.
+    pub jobs: usize,
+    /// The pg_dump to use; none: found automatically.
+    pub pg_dump: Option<PathBuf>,
 }
 
 /// Validated `[sync]`.
@@ -386,6 +426,38 @@ pub fn resolve(
         }
     };
 
+    let backup_jobs = match raw.backup.jobs {
+        None => 2,
+        Some(n) if (1..=64).contains(&n) => n as usize,
+        Some(n) => {
+            problems.push(format!(
+                "{}: expected 1 to 64, got {n}",
+                where_("backup.jobs")
+            ));
+            2
+        }
+    };
+    if let Some(url) = &raw.backup.url
+        && !(url.starts_with("s3://") || url.starts_with("file:///"))
+    {
+        problems.push(format!(
+            "{}: expected s3://bucket/prefix or file:///dir, got {url:?}",
+            where_("backup.url")
+        ));
+    }
+    let backup = BackupSettings {
+        url: raw.backup.url,
+        s3: crate::backup::store::S3Settings {
+            endpoint: raw.backup.endpoint,
+            region: raw.backup.region,
+            path_style: raw.backup.path_style.unwrap_or(false),
+            access_key: raw.backup.access_key,
+            secret_key: raw.backup.secret_key,
+        },
+        jobs: backup_jobs,
+        pg_dump: raw.backup.pg_dump,
+    };
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -408,6 +480,7 @@ pub fn resolve(
             batch_delay,
         },
         log_format,
+        backup,
     })
 }
 

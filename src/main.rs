@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use bite_sync::cli::{CheckArgs, Cli, Command, RunArgs, StatusArgs, SyncArgs};
+use bite_sync::cli::{BackupsCommand, CheckArgs, Cli, Command, RunArgs, StatusArgs, SyncArgs};
 use bite_sync::config::{self, Config, ConfigError, LogFormat, Overrides};
 use bite_sync::pg::ident::parse_pattern_list;
 use bite_sync::repl::apply::Limits;
@@ -50,6 +50,14 @@ fn main() -> ExitCode {
             Command::Run(args) => run_daemon(&config, &args, cancel).await,
             Command::Status(args) => run_status(&config, &args).await,
             Command::Check(args) => run_check(&config, &args).await,
+            Command::Backup(args) => bite_sync::backup::run_backup(&config, &args).await,
+            Command::Backups(BackupsCommand::List(args)) => {
+                bite_sync::backup::run_list(&config, &args).await
+            }
+            Command::Backups(BackupsCommand::Verify(args)) => {
+                bite_sync::backup::run_verify(&config, &args).await
+            }
+            Command::Restore(args) => bite_sync::backup::run_restore(&config, &args).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),
             Command::Bench(args) => report(bite_sync::bench::run(&args, cancel).await),
         }
@@ -72,7 +80,11 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         Command::Run(a) => Some(&a.db),
         Command::Status(a) => Some(&a.db),
         Command::Check(a) => Some(&a.db),
-        Command::Demo(_) | Command::Bench(_) => None,
+        Command::Demo(_)
+        | Command::Bench(_)
+        | Command::Backup(_)
+        | Command::Backups(_)
+        | Command::Restore(_) => None,
     };
     if let Some(db) = db {
         o.source_url = db.source.clone();

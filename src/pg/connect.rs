@@ -401,6 +401,40 @@ impl DbUrl {
         }
     }
 
+    /// The same server and credentials, another database (a scratch database to restore into).
+    pub fn with_dbname(&self, dbname: &str) -> DbUrl {
+        let mut url = self.clone();
+        url.config.dbname(dbname);
+        url.redacted = format!(
+            "postgres://{}@{}/{}",
+            percent_encode(&self.user()),
+            self.host_port(),
+            percent_encode(dbname)
+        );
+        url
+    }
+
+    /// The connection as libpq environment variables, for running `pg_dump` or `psql`: the
+    /// password goes in `PGPASSWORD`, never on a command line other users can read.
+    pub fn libpq_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("PGHOST", self.host()),
+            ("PGPORT", self.port().to_string()),
+            ("PGUSER", self.user()),
+            ("PGDATABASE", self.dbname()),
+            ("PGSSLMODE", self.ssl_mode.as_str().to_owned()),
+            ("PGAPPNAME", "bite-sync".to_owned()),
+            ("PGCONNECT_TIMEOUT", "10".to_owned()),
+        ];
+        if let Some(password) = self.password() {
+            env.push(("PGPASSWORD", String::from_utf8_lossy(password).into_owned()));
+        }
+        if let Some(ca) = &self.ca_file {
+            env.push(("PGSSLROOTCERT", ca.display().to_string()));
+        }
+        env
+    }
+
     /// The password, if the URL has one. Never print it.
     pub(crate) fn password(&self) -> Option<&[u8]> {
         self.config.get_password()

@@ -1,0 +1,671 @@
+//! `bite-sync backup`: one consistent snapshot, tables dumped in parallel (large ones in
+//! chunks of pages), gzip streamed straight into the store, the manifest last.
+//!
+//! Memory stays bounded whatever the table size: rows flow from `COPY ... TO STDOUT` through
+//! the compressor into an [`ObjectWriter`] that holds at most a part or two.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use futures_util::{StreamExt, pin_mut};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use super::digest::{Digest, Digester};
+use super::manifest::{self, MANIFEST, Manifest, Object, ObjectKind, Scope, Table};
+use super::schema::{self, PgDumpError, Section};
+use super::store::{Store, StoreError, Written};
+use crate::pg::connect::{ConnectError, DbUrl};
+use crate::pg::ident::{QualifiedName, TablePattern, literal};
+use crate::sync::catalog;
+use crate::sync::plan::{self, PlanError};
+
+/// gzip level: 6 is gzip's own default; the benchmark compares sizes with `gzip -6`.
+const LEVEL: u32 = 6;
+/// Compressed bytes gathered before they go to the store.
+const FLUSH_BYTES: usize = 512 * 1024;
+/// Settings every dump and verify session uses, so COPY prints values the same way on both
+/// sides (the checksums compare text).
+pub(crate) const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
+     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; \
+     SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
+
+/// What to back up, and where.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// The database.
+    pub source: DbUrl,
+    /// `--tables`; empty: the whole database.
+    pub tables: Vec<TablePattern>,
+    /// Parallel connections.
+    pub jobs: usize,
+    /// A table larger than this is dumped in chunks of about this many bytes of pages.
+    pub chunk_bytes: u64,
+    /// `[backup] pg_dump`.
+    pub pg_dump: Option<PathBuf>,
+}
+
+impl BackupOptions {
+    /// Defaults: the whole database, two jobs, 128 MiB chunks.
+    pub fn new(source: DbUrl) -> BackupOptions {
+        BackupOptions {
+            source,
+            tables: Vec::new(),
+            jobs: 2,
+            chunk_bytes: 128 * 1024 * 1024,
+            pg_dump: None,
+        }
+    }
+}
+
+/// What a backup did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    /// Its id.
+    pub id: String,
+    /// Where it is.
+    pub location: String,
+    /// Tables.
+    pub tables: usize,
+    /// Rows.
+    pub rows: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// Objects stored, the manifest included.
+    pub objects: usize,
+    /// Wall time.
+    pub duration_ms: u64,
+}
+
+/// Why a backup failed; nothing is listed as a backup then.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Could not connect.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// A query failed.
+    #[error("{context}: {source}")]
+    Query {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: tokio_postgres::Error,
+    },
+    /// `--tables` did not resolve.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// pg_dump failed.
+    #[error(transparent)]
+    PgDump(#[from] PgDumpError),
+    /// Nothing to back up.
+    #[error("the source database has no tables to back up")]
+    Empty,
+}
+
+impl BackupError {
+    /// 3 for what may pass on retry (a network or server problem), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BackupError::Connect(e) if e.is_transient() => 3,
+            BackupError::Store(StoreError::S3 { .. } | StoreError::Io { .. }) => 3,
+            _ => 1,
+        }
+    }
+}
+
+fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackupError {
+    let context = context.into();
+    move |source| BackupError::Query { context, source }
+}
+
+/// One table to dump.
+#[derive(Debug, Clone)]
+struct Planned {
+    name: QualifiedName,
+    kind: char,
+    columns: String,
+    bytes: u64,
+    blocks: u64,
+}
+
+/// One data object to write.
+#[derive(Debug, Clone)]
+struct Task {
+    table: usize,
+    object: String,
+    /// Pages `[from, to)`; `None`: the whole table. The last chunk is open-ended.
+    pages: Option<(u64, Option<u64>)>,
+    bytes: u64,
+}
+
+/// Runs a backup into `store`.
+pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport, BackupError> {
+    let started = Instant::now();
+    let started_at = chrono::Utc::now();
+    let control = opts.source.connect().await?;
+    control
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; {SESSION_SETTINGS}"
+        ))
+        .await
+        .map_err(query("failed to start the backup's snapshot"))?;
+    let row = control
+        .query_one(
+            "SELECT pg_catalog.pg_export_snapshot(), \
+                    to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), \
+                    (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+                          ELSE pg_catalog.pg_current_wal_lsn() END)::text, \
+                    (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), \
+                    current_database(), current_setting('server_version'), \
+                    current_setting('server_version_num')::int, \
+                    current_setting('block_size')::int8",
+            &[],
+        )
+        .await
+        .map_err(query("failed to export the backup's snapshot"))?;
+    let snapshot: String = row.get(0);
+    let source = manifest::Source {
+        system_identifier: row.get(3),
+        database: row.get(4),
+        server_version: row.get(5),
+        server_version_num: row.get(6),
+    };
+    let snapshot_info = manifest::Snapshot {
+        time: row.get(1),
+        lsn: row.get::<_, Option<String>>(2).unwrap_or_default(),
+    };
+    let block_size: i64 = row.get(7);
+
+    // Which tables.
+    let all = catalog::list_tables(&control)
+        .await
+        .map_err(query("failed to list the source's tables"))?;
+    let search_path = catalog::search_path(&control)
+        .await
+        .map_err(query("failed to read the source's search_path"))?;
+    let selected = plan::resolve(&all, &search_path, &opts.tables, &[])?;
+    if selected.is_empty() {
+        return Err(BackupError::Empty);
+    }
+    let names: Vec<QualifiedName> = selected.iter().map(|t| t.name.clone()).collect();
+    let planned = plan_tables(&control, &names, block_size).await?;
+
+    let id = free_id(store, started_at).await?;
+    let result = async {
+        // Schema, meanwhile the data.
+        let scope = if opts.tables.is_empty() {
+            Scope::Database
+        } else {
+            Scope::Tables(names.iter().map(ToString::to_string).collect())
+        };
+        let schema_task = {
+            let store = store.clone();
+            let id = id.clone();
+            let source_url = opts.source.clone();
+            let snapshot = snapshot.clone();
+            let pg_dump = opts.pg_dump.clone();
+            let major = (source.server_version_num / 10_000) as u32;
+            let generated = match scope {
+                Scope::Database => None,
+                Scope::Tables(_) => Some(generated_schema(&control, &names).await?),
+            };
+            tokio::spawn(async move {
+                let (pre, post) = match generated {
+                    Some(pair) => pair,
+                    None => {
+                        let pg_dump = schema::find_pg_dump(pg_dump.as_deref(), major).await?;
+                        let (pre, post) = tokio::join!(
+                            schema::dump_section(&pg_dump, &source_url, &snapshot, Section::PreData),
+                            schema::dump_section(&pg_dump, &source_url, &snapshot, Section::PostData)
+                        );
+                        (pre?, post?)
+                    }
+                };
+                let mut objects = Vec::new();
+                for (name, kind, sql) in [
+                    ("0-pre-data.sql.gz", ObjectKind::PreData, pre),
+                    ("2-post-data.sql.gz", ObjectKind::PostData, post),
+                ] {
+                    let written = put_gzip(&store, &format!("{id}/{name}"), sql.as_bytes()).await?;
+                    objects.push(object(name, kind, written));
+                }
+                Ok::<_, BackupError>(objects)
+            })
+        };
+
+        let tasks = chunk_tasks(&planned, opts.chunk_bytes, source.server_version_num);
+        let results = dump_data(opts, store, &id, &snapshot, &planned, &tasks).await?;
+        let mut objects = schema_task.await.expect("the schema task does not panic")?;
+
+        let sequences = sequences_sql(&control, &names, opts.tables.is_empty()).await?;
+        let written = put_gzip(
+            store,
+            &format!("{id}/3-sequences.sql.gz"),
+            sequences.as_bytes(),
+        )
+        .await?;
+        objects.push(object("3-sequences.sql.gz", ObjectKind::Sequences, written));
+
+        let mut tables: Vec<Table> = planned
+            .iter()
+            .map(|p| Table {
+                schema: p.name.schema.clone(),
+                name: p.name.name.clone(),
+                columns: p.columns.clone(),
+                digest: Digest::default(),
+                objects: Vec::new(),
+            })
+            .collect();
+        for (task, (written, digest)) in tasks.iter().zip(results) {
+            let table = &mut tables[task.table];
+            table.digest.add(digest);
+            table.objects.push(task.object.clone());
+            objects.push(object(&task.object, ObjectKind::Data, written));
+        }
+        for table in &mut tables {
+            table.objects.sort();
+        }
+        objects.sort_by(|a, b| a.name.cmp(&b.name));
+        let manifest = Manifest {
+            format: manifest::FORMAT,
+            id: id.clone(),
+            bite_sync_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            source: source.clone(),
+            snapshot: snapshot_info.clone(),
+            scope,
+            compression: "gzip".into(),
+            tables,
+            objects,
+        };
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
+        // Last: from here on the backup exists.
+        store.put(&format!("{id}/{MANIFEST}"), &json).await?;
+        Ok::<_, BackupError>(manifest)
+    }
+    .await;
+    let _ = control.batch_execute("COMMIT").await;
+    match result {
+        Ok(manifest) => Ok(BackupReport {
+            id,
+            location: store.describe(),
+            tables: manifest.tables.len(),
+            rows: manifest.rows(),
+            bytes: manifest.size(),
+            objects: manifest.objects.len() + 1,
+            duration_ms: started.elapsed().as_millis() as u64,
+        }),
+        Err(e) => {
+            // Without a manifest it is no backup; tidy up what was stored (best effort, prune
+            // removes what is left).
+            if let Ok(objects) = store.list(&format!("{id}/")).await {
+                for o in objects {
+                    let _ = store.delete(&o.key).await;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A backup id not used yet in the store.
+async fn free_id(
+    store: &Store,
+    time: chrono::DateTime<chrono::Utc>,
+) -> Result<String, BackupError> {
+    let base = manifest::backup_id(time);
+    let mut id = base.clone();
+    let mut n = 1;
+    while !store.list(&format!("{id}/")).await?.is_empty() {
+        n += 1;
+        id = format!("{base}-{n}");
+    }
+    Ok(id)
+}
+
+fn object(name: &str, kind: ObjectKind, written: Written) -> Object {
+    Object {
+        name: name.to_owned(),
+        kind,
+        size: written.size,
+        sha256: written.sha256,
+    }
+}
+
+/// Compresses a small text and stores it.
+async fn put_gzip(store: &Store, key: &str, data: &[u8]) -> Result<Written, BackupError> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::new(LEVEL));
+    encoder.write_all(data).expect("writing to memory");
+    let bytes = encoder.finish().expect("writing to memory");
+    Ok(store.put(key, &bytes).await?)
+}
+
+/// Columns, size and pages of each table, in the snapshot.
+async fn plan_tables(
+    control: &Client,
+    names: &[QualifiedName],
+    block_size: i64,
+) -> Result<Vec<Planned>, BackupError> {
+    let (schemas, tables) = QualifiedName::split(names);
+    let rows = control
+        .query(
+            "SELECT want.schema, want.name, c.relkind::text, \
+                    pg_catalog.pg_relation_size(c.oid), \
+                    (SELECT string_agg(pg_catalog.quote_ident(a.attname), ', ' ORDER BY a.attnum) \
+                       FROM pg_catalog.pg_attribute a \
+                      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                        AND a.attgenerated = '') \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS want(schema, name, i) \
+             JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
+             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.name \
+             ORDER BY want.i",
+            &[&schemas, &tables],
+        )
+        .await
+        .map_err(query("failed to read the tables' sizes"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let bytes = r.get::<_, i64>(3).max(0) as u64;
+            Planned {
+                name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                kind: r.get::<_, String>(2).chars().next().unwrap_or('r'),
+                columns: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                bytes,
+                blocks: bytes / block_size.max(1) as u64,
+            }
+        })
+        .collect())
+}
+
+/// The data objects: one per table, or page ranges of a large plain table (TID range scans
+/// need PostgreSQL 14), largest first so the long ones start early.
+fn chunk_tasks(planned: &[Planned], chunk_bytes: u64, server_version_num: i32) -> Vec<Task> {
+    let mut tasks = Vec::new();
+    for (i, t) in planned.iter().enumerate() {
+        let chunks = if t.kind == 'r' && server_version_num >= 140_000 && chunk_bytes > 0 {
+            t.bytes.div_ceil(chunk_bytes).max(1)
+        } else {
+            1
+        };
+        if chunks <= 1 || t.blocks < chunks {
+            tasks.push(Task {
+                table: i,
+                object: manifest::data_object_name(i, &t.name.schema, &t.name.name, 0),
+                pages: None,
+                bytes: t.bytes,
+            });
+            continue;
+        }
+        let per = t.blocks.div_ceil(chunks);
+        for c in 0..chunks {
+            let from = c * per;
+            let to = if c + 1 == chunks {
+                None
+            } else {
+                Some((c + 1) * per)
+            };
+            tasks.push(Task {
+                table: i,
+                object: manifest::data_object_name(i, &t.name.schema, &t.name.name, c as usize),
+                pages: Some((from, to)),
+                bytes: t.bytes / chunks,
+            });
+        }
+    }
+    tasks
+}
+
+/// Dumps every task with `jobs` connections in the snapshot; results in task order.
+async fn dump_data(
+    opts: &BackupOptions,
+    store: &Store,
+    id: &str,
+    snapshot: &str,
+    planned: &[Planned],
+    tasks: &[Task],
+) -> Result<Vec<(Written, Digest)>, BackupError> {
+    let mut order: Vec<usize> = (0..tasks.len()).collect();
+    order.sort_by(|a, b| tasks[*b].bytes.cmp(&tasks[*a].bytes));
+    let queue = Arc::new(std::sync::Mutex::new(order.into_iter()));
+    let planned = Arc::new(planned.to_vec());
+    let tasks_arc = Arc::new(tasks.to_vec());
+    let jobs = opts.jobs.clamp(1, tasks.len().max(1));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..jobs {
+        let queue = Arc::clone(&queue);
+        let planned = Arc::clone(&planned);
+        let tasks = Arc::clone(&tasks_arc);
+        let store = store.clone();
+        let source = opts.source.clone();
+        let snapshot = snapshot.to_owned();
+        let id = id.to_owned();
+        workers.spawn(async move {
+            let client = source.connect().await?;
+            client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}; {SESSION_SETTINGS}",
+                    literal(&snapshot)
+                ))
+                .await
+                .map_err(query("failed to join the backup's snapshot"))?;
+            let mut done = Vec::new();
+            loop {
+                let next = queue.lock().expect("queue lock").next();
+                let Some(i) = next else { break };
+                let task = &tasks[i];
+                let table = &planned[task.table];
+                let result = dump_object(&client, &store, id.as_str(), table, task).await?;
+                done.push((i, result));
+            }
+            let _ = client.batch_execute("COMMIT").await;
+            Ok::<_, BackupError>(done)
+        });
+    }
+    let mut results: Vec<Option<(Written, Digest)>> = vec![None; tasks.len()];
+    while let Some(joined) = workers.join_next().await {
+        match joined.expect("a dump worker does not panic") {
+            Ok(done) => {
+                for (i, r) in done {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) => {
+                workers.abort_all();
+                return Err(e);
+            }
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every task ran"))
+        .collect())
+}
+
+/// Streams one table (or chunk) as a gzip'd `COPY ... FROM stdin` script into the store.
+async fn dump_object(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    table: &Planned,
+    task: &Task,
+) -> Result<(Written, Digest), BackupError> {
+    let qualified = table.name.quoted();
+    let select = match (task.pages, table.kind) {
+        (Some((from, to)), _) => {
+            let upper = to
+                .map(|to| format!(" AND ctid < '({to},0)'::tid"))
+                .unwrap_or_default();
+            format!(
+                "COPY (SELECT {} FROM ONLY {qualified} WHERE ctid >= '({from},0)'::tid{upper}) TO STDOUT",
+                table.columns
+            )
+        }
+        (None, 'r') => format!("COPY {qualified} ({}) TO STDOUT", table.columns),
+        // A partitioned table holds no rows itself: read them through it.
+        (None, _) => format!(
+            "COPY (SELECT {} FROM {qualified}) TO STDOUT",
+            table.columns
+        ),
+    };
+    let stream = client
+        .copy_out(&select)
+        .await
+        .map_err(query(format!("failed to read {}", table.name)))?;
+    pin_mut!(stream);
+    let mut writer = store.writer(&format!("{id}/{}", task.object)).await?;
+    let mut encoder = GzEncoder::new(Vec::with_capacity(FLUSH_BYTES * 2), Compression::new(LEVEL));
+    encoder
+        .write_all(
+            format!(
+                "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nCOPY {qualified} ({}) FROM stdin;\n",
+                table.columns
+            )
+            .as_bytes(),
+        )
+        .expect("writing to memory");
+    let mut digester = Digester::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(query(format!("failed to read {}", table.name)))?;
+        digester.update(&chunk);
+        encoder.write_all(&chunk).expect("writing to memory");
+        if encoder.get_ref().len() >= FLUSH_BYTES {
+            writer.write(encoder.get_ref()).await?;
+            encoder.get_mut().clear();
+        }
+    }
+    encoder.write_all(b"\\.\n\n").expect("writing to memory");
+    let rest = encoder.finish().expect("writing to memory");
+    writer.write(&rest).await?;
+    let written = writer.finish().await?;
+    Ok((written, digester.finish()))
+}
+
+/// `setval` for the sequences a restore needs at their current positions.
+async fn sequences_sql(
+    control: &Client,
+    names: &[QualifiedName],
+    whole_database: bool,
+) -> Result<String, BackupError> {
+    let (schemas, tables) = QualifiedName::split(names);
+    // Whole database: every sequence outside the system schemas; --tables: those the
+    // tables' columns use (serial, identity, hand-made nextval defaults).
+    let rows = control
+        .query(
+            "SELECT s.schemaname, s.sequencename, s.last_value \
+             FROM pg_catalog.pg_sequences s \
+             WHERE s.last_value IS NOT NULL AND s.schemaname NOT LIKE 'bite_sync%' \
+               AND ($3 OR EXISTS ( \
+                 SELECT 1 FROM unnest($1::text[], $2::text[]) AS want(schema, name) \
+                 JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
+                 JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.name \
+                 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 \
+                 WHERE pg_catalog.pg_get_serial_sequence(pg_catalog.format('%I.%I', n.nspname, c.relname), a.attname) \
+                       = pg_catalog.format('%I.%I', s.schemaname, s.sequencename) \
+                    OR pg_catalog.pg_get_expr(( \
+                         SELECT d.adbin FROM pg_catalog.pg_attrdef d \
+                          WHERE d.adrelid = c.oid AND d.adnum = a.attnum), c.oid) \
+                       LIKE '%' || pg_catalog.format('%I.%I', s.schemaname, s.sequencename) || '%')) \
+             ORDER BY 1, 2",
+            &[&schemas, &tables, &whole_database],
+        )
+        .await
+        .map_err(query("failed to read the sequences"))?;
+    let mut sql = String::from("SET client_encoding = 'UTF8';\n");
+    for r in rows {
+        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+        let value: i64 = r.get(2);
+        sql.push_str(&format!(
+            "SELECT pg_catalog.setval({}, {value}, true);\n",
+            literal(&name.quoted())
+        ));
+    }
+    Ok(sql)
+}
+
+/// Pre- and post-data for a `--tables` backup, generated from the catalog: the tables, the
+/// types and sequences they use, their keys and indexes, and foreign keys between them.
+async fn generated_schema(
+    control: &Client,
+    names: &[QualifiedName],
+) -> Result<(String, String), BackupError> {
+    use crate::sync::ddl;
+    let cat = catalog::read_tables(control, names)
+        .await
+        .map_err(query("failed to read the tables' definitions"))?;
+    let mut pre = String::from(
+        "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nSELECT pg_catalog.set_config('search_path', '', false);\n",
+    );
+    let mut schemas: Vec<&str> = cat.tables.keys().map(|n| n.schema.as_str()).collect();
+    schemas.extend(cat.types.iter().map(|t| t.name().schema.as_str()));
+    schemas.sort();
+    schemas.dedup();
+    for s in schemas {
+        pre.push_str(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};\n",
+            crate::pg::ident::quote(s)
+        ));
+    }
+    for t in &cat.types {
+        if let Some(sql) = ddl::create_type(t) {
+            // A type already there (restoring some tables into a database that has them).
+            pre.push_str(&format!(
+                "DO $bite_sync$ BEGIN {sql}; EXCEPTION WHEN duplicate_object THEN NULL; END $bite_sync$;\n"
+            ));
+        }
+    }
+    for s in &cat.sequences {
+        pre.push_str(&ddl::create_sequence(s));
+        pre.push_str(";\n");
+    }
+    for (name, def) in &cat.tables {
+        pre.push_str(&ddl::create_table(def, name));
+        pre.push_str(";\n");
+    }
+    let mut post = String::from(
+        "SET client_encoding = 'UTF8';\nSELECT pg_catalog.set_config('search_path', '', false);\n",
+    );
+    for (name, def) in &cat.tables {
+        for c in def
+            .constraints
+            .iter()
+            .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
+        {
+            post.push_str(&format!(
+                "--\n-- Name: {}; Type: CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
+                c.name,
+                name.schema,
+                ddl::add_key(name, c)
+            ));
+        }
+        for i in &def.indexes {
+            post.push_str(&format!(
+                "--\n-- Name: {}; Type: INDEX; Schema: {}; Owner: -\n--\n{};\n",
+                i.name,
+                name.schema,
+                ddl::create_index(name, i)
+            ));
+        }
+    }
+    for (name, def) in &cat.tables {
+        for fk in &def.foreign_keys {
+            if cat.tables.contains_key(&fk.referenced) {
+                post.push_str(&format!(
+                    "--\n-- Name: {}; Type: FK CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
+                    fk.name,
+                    name.schema,
+                    ddl::add_foreign_key(name, fk, &fk.referenced)
+                ));
+            }
+        }
+    }
+    Ok((pre, post))
+}
