@@ -214,7 +214,14 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             let major = (source.server_version_num / 10_000) as u32;
             let generated = match scope {
                 Scope::Database => None,
-                Scope::Tables(_) => Some(generated_schema(&control, &names).await?),
+                Scope::Tables(_) => {
+                    // Catalog expressions deparsed with every name qualified.
+                    control
+                        .batch_execute("SET search_path = ''")
+                        .await
+                        .map_err(query("failed to prepare the catalog reads"))?;
+                    Some(generated_schema(&control, &names).await?)
+                }
             };
             tokio::spawn(async move {
                 let (pre, post) = match generated {
@@ -222,8 +229,18 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
                     None => {
                         let pg_dump = schema::find_pg_dump(pg_dump.as_deref(), major).await?;
                         let (pre, post) = tokio::join!(
-                            schema::dump_section(&pg_dump, &source_url, &snapshot, Section::PreData),
-                            schema::dump_section(&pg_dump, &source_url, &snapshot, Section::PostData)
+                            schema::dump_section(
+                                &pg_dump,
+                                &source_url,
+                                &snapshot,
+                                Section::PreData
+                            ),
+                            schema::dump_section(
+                                &pg_dump,
+                                &source_url,
+                                &snapshot,
+                                Section::PostData
+                            )
                         );
                         (pre?, post?)
                     }
@@ -511,10 +528,7 @@ async fn dump_object(
         }
         (None, 'r') => format!("COPY {qualified} ({}) TO STDOUT", table.columns),
         // A partitioned table holds no rows itself: read them through it.
-        (None, _) => format!(
-            "COPY (SELECT {} FROM {qualified}) TO STDOUT",
-            table.columns
-        ),
+        (None, _) => format!("COPY (SELECT {} FROM {qualified}) TO STDOUT", table.columns),
     };
     let stream = client
         .copy_out(&select)

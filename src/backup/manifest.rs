@@ -241,7 +241,10 @@ mod tests {
     fn a_manifest_round_trips_and_reads_as_documented() {
         let m = sample();
         let json = serde_json::to_string_pretty(&m).unwrap();
-        assert!(json.contains("\"checksum\": \"00000000deadbeef\""), "{json}");
+        assert!(
+            json.contains("\"checksum\": \"00000000deadbeef\""),
+            "{json}"
+        );
         assert!(json.contains("\"kind\": \"data\""), "{json}");
         assert!(json.contains("\"tables\": ["), "{json}");
         assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), m);

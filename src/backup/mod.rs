@@ -129,7 +129,14 @@ pub async fn run_list(config: &Config, args: &BackupsListArgs) -> u8 {
             } else if list.is_empty() {
                 crate::outln!("no backups at {}", store.describe());
             } else {
-                crate::outln!("{:<20} {:<10} {:>10} {:>7} {:>12}  scope", "id", "state", "size", "tables", "rows");
+                crate::outln!(
+                    "{:<20} {:<10} {:>10} {:>7} {:>12}  scope",
+                    "id",
+                    "state",
+                    "size",
+                    "tables",
+                    "rows"
+                );
                 for b in &list {
                     crate::outln!(
                         "{:<20} {:<10} {:>10} {:>7} {:>12}  {}",
@@ -138,7 +145,10 @@ pub async fn run_list(config: &Config, args: &BackupsListArgs) -> u8 {
                         size(b.bytes),
                         b.tables.map(|t| t.to_string()).unwrap_or_default(),
                         b.rows.map(|r| r.to_string()).unwrap_or_default(),
-                        b.problem.clone().or_else(|| b.scope.clone()).unwrap_or_default()
+                        b.problem
+                            .clone()
+                            .or_else(|| b.scope.clone())
+                            .unwrap_or_default()
                     );
                 }
             }

@@ -699,13 +699,19 @@ pub async fn verify(
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
     let m = manifest(store, &id).await?;
-    let scratch = format!("bite_sync_verify_{}", id.to_lowercase().replace('-', "_"));
+    // Unique per run: two verifications of one backup may run at once (a schedule and a
+    // person); an old one left by a crash has another name and is dropped by hand.
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let scratch = format!(
+        "bite_sync_verify_{}_{}_{nonce:x}",
+        id.to_lowercase().replace('-', "_"),
+        std::process::id()
+    );
     let admin = server.connect().await?;
     let drop_sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(&scratch));
-    admin
-        .batch_execute(&drop_sql)
-        .await
-        .map_err(query("failed to drop an old scratch database"))?;
     admin
         .batch_execute(&format!(
             "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'",

@@ -1,0 +1,529 @@
+//! `bite-sync backup`, `backups list`, `backups verify` and `restore`, against real clusters
+//! and a folder store (the S3 store has its own tests in `backup_store.rs`).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use support::{EVERY_TYPE_ROWS, EVERY_TYPE_SCHEMA, bite_sync, clusters, connect, test_dbs};
+
+/// Odd names, a view, a function and a trigger: what a whole-database backup must bring back.
+const EXTRAS: &str = r#"
+CREATE SCHEMA "Sales Dept";
+CREATE TABLE "Sales Dept"."Order ""Items""" (id int PRIMARY KEY, "select" text, note text);
+INSERT INTO "Sales Dept"."Order ""Items""" SELECT g, 'row ' || g, E'a\tb\nc\\d' FROM generate_series(1, 500) g;
+CREATE VIEW recent_orders AS SELECT id, status FROM orders WHERE id > 10;
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.updated_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER orders_touch BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION touch();
+"#;
+
+const TABLES: [&str; 6] = [
+    "public.customers",
+    "public.menu_items",
+    "public.orders",
+    "public.order_items",
+    "public.everything",
+    r#""Sales Dept"."Order ""Items""""#,
+];
+
+async fn sample_source(url: &str) -> tokio_postgres::Client {
+    let client = connect(url).await;
+    bite_sync::sample::load(&client, bite_sync::sample::SampleSize::DEMO)
+        .await
+        .expect("sample loads");
+    client
+        .batch_execute(&format!("{EVERY_TYPE_SCHEMA}{EVERY_TYPE_ROWS}{EXTRAS}"))
+        .await
+        .expect("extras load");
+    client
+}
+
+/// Count and md5 of a table's rows as text, sorted: independent of bite-sync's own checksum.
+async fn digest(client: &tokio_postgres::Client, table: &str) -> (i64, String) {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("digest of {table}: {e}"));
+    (row.get(0), row.get(1))
+}
+
+async fn assert_same_tables(source: &tokio_postgres::Client, restored: &tokio_postgres::Client) {
+    for table in TABLES {
+        assert_eq!(
+            digest(source, table).await,
+            digest(restored, table).await,
+            "{table} differs after the restore"
+        );
+    }
+}
+
+fn store_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "bite-sync-backup-test-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn url_of(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = bite_sync().args(args).output().expect("bite-sync runs");
+    eprintln!(
+        "bite-sync {}\n-- stdout:\n{}\n-- stderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The backup's folder (the only one in the store).
+fn backup_folder(dir: &Path) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("store dir")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs.remove(0)
+}
+
+#[tokio::test]
+async fn a_backup_lists_verifies_and_restores_equal_row_by_row() {
+    let dbs = test_dbs("backup_round_trip").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("round-trip");
+    let to = url_of(&dir);
+
+    let out = run(&["backup", "--source", &dbs.source_url, "--to", &to, "--json"]);
+    assert!(out.status.success());
+    let report = json(&out);
+    let id = report["id"].as_str().unwrap().to_owned();
+    assert_eq!(report["tables"], 6);
+    let folder = backup_folder(&dir);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["id"], id.as_str());
+    assert_eq!(manifest["source"]["database"], dbs.name.as_str());
+    assert!(manifest["snapshot"]["lsn"].as_str().unwrap().contains('/'));
+    let orders = manifest["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "orders")
+        .unwrap();
+    assert_eq!(orders["rows"], 5000);
+    for object in manifest["objects"].as_array().unwrap() {
+        let data = std::fs::read(folder.join(object["name"].as_str().unwrap())).unwrap();
+        assert_eq!(object["size"], data.len() as u64);
+        use sha2::Digest as _;
+        assert_eq!(object["sha256"], hex::encode(sha2::Sha256::digest(&data)));
+    }
+
+    let out = run(&["backups", "list", "--from", &to, "--json"]);
+    assert!(out.status.success());
+    let list = json(&out);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["state"], "good");
+
+    let out = run(&[
+        "backups",
+        "verify",
+        &id,
+        "--from",
+        &to,
+        "--source",
+        &dbs.source_url,
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let verified = json(&out);
+    assert_eq!(verified["ok"], true);
+    assert_eq!(verified["tables"].as_array().unwrap().len(), 6);
+    // The scratch database is gone.
+    let scratch = verified["scratch_database"].as_str().unwrap();
+    let exists: bool = source
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)",
+            &[&scratch],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "{scratch} was left behind");
+
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert!(out.status.success());
+    let restored = connect(&dbs.mirror_url).await;
+    assert_same_tables(&source, &restored).await;
+    // The schema came whole: view, trigger, keys, sequences where the source left them.
+    let row = restored
+        .query_one(
+            "SELECT (SELECT count(*) FROM recent_orders), \
+                    (SELECT count(*) FROM pg_trigger WHERE tgname = 'orders_touch'), \
+                    (SELECT count(*) FROM pg_constraint WHERE contype = 'f'), \
+                    (SELECT last_value FROM orders_id_seq)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let source_row = source
+        .query_one(
+            "SELECT last_value, (SELECT count(*) FROM pg_constraint WHERE contype = 'f') FROM orders_id_seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (source_seq, source_fks): (i64, i64) = (source_row.get(0), source_row.get(1));
+    assert_eq!(row.get::<_, i64>(0), 4990);
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(
+        row.get::<_, i64>(2),
+        source_fks,
+        "every foreign key restored"
+    );
+    assert_eq!(row.get::<_, i64>(3), source_seq);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn stock_gunzip_and_psql_restore_a_backup() {
+    let dbs = test_dbs("backup_stock_restore").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("stock");
+    let out = run(&["backup", "--source", &dbs.source_url, "--to", &url_of(&dir)]);
+    assert!(out.status.success());
+    let folder = backup_folder(&dir);
+    // The README's one line: gunzip -c DIR/*.sql.gz | psql -X -v ON_ERROR_STOP=1 -d URL
+    let psql = clusters().source.bin_dir().join("psql");
+    let script = format!(
+        "gunzip -c '{}'/*.sql.gz | '{}' -X -q -v ON_ERROR_STOP=1 -d '{}'",
+        folder.display(),
+        psql.display(),
+        dbs.mirror_url
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script}");
+    let restored = connect(&dbs.mirror_url).await;
+    assert_same_tables(&source, &restored).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_corrupted_object_is_caught_by_verify_and_never_restored() {
+    let dbs = test_dbs("backup_corrupt").await;
+    sample_source(&dbs.source_url).await;
+    let dir = store_dir("corrupt");
+    let to = url_of(&dir);
+    assert!(
+        run(&["backup", "--source", &dbs.source_url, "--to", &to])
+            .status
+            .success()
+    );
+    let folder = backup_folder(&dir);
+    let victim = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("public.orders."))
+        .unwrap();
+    let mut data = std::fs::read(&victim).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0x55;
+    std::fs::write(&victim, &data).unwrap();
+
+    let out = run(&[
+        "backups",
+        "verify",
+        "--from",
+        &to,
+        "--source",
+        &dbs.source_url,
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("public.orders"),
+        "{stderr}"
+    );
+
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    let restored = connect(&dbs.mirror_url).await;
+    let rows: i64 = restored
+        .query_one("SELECT count(*) FROM orders", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "no row of the corrupt object was committed");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_killed_backup_is_never_listed_as_good_nor_restored() {
+    let dbs = test_dbs("backup_killed").await;
+    let source = connect(&dbs.source_url).await;
+    // Big enough that the backup takes a while: about 150 MB of rows.
+    source
+        .batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, payload text); \
+             INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 1000000) g;",
+        )
+        .await
+        .unwrap();
+    let dir = store_dir("killed");
+    let to = url_of(&dir);
+    let mut child = bite_sync()
+        .args(["backup", "--source", &dbs.source_url, "--to", &to])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once it has started writing data.
+    support::wait_for(
+        "the backup to start writing",
+        Duration::from_secs(60),
+        || {
+            let dir = dir.clone();
+            async move {
+                let started = std::fs::read_dir(&dir).ok()?.flatten().any(|d| {
+                    std::fs::read_dir(d.path())
+                        .map(|f| {
+                            f.flatten()
+                                .any(|f| f.file_name().to_string_lossy().contains("data"))
+                        })
+                        .unwrap_or(false)
+                });
+                started.then_some(())
+            }
+        },
+    )
+    .await;
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    child.wait().unwrap();
+    let folder = backup_folder(&dir);
+    assert!(
+        !folder.join("manifest.json").exists(),
+        "the backup finished before the kill; make the table bigger"
+    );
+
+    // Listed as incomplete (some objects were finished) or not at all (only partial ones),
+    // never as good.
+    let out = run(&["backups", "list", "--from", &to, "--json"]);
+    assert!(out.status.success());
+    let list = json(&out);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "incomplete"),
+        "{list}"
+    );
+
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no finished backup"));
+    let out = run(&[
+        "restore",
+        folder.file_name().unwrap().to_str().unwrap(),
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no manifest"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_tables_backup_brings_its_tables_types_keys_and_foreign_keys() {
+    let dbs = test_dbs("backup_tables").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("tables");
+    let to = url_of(&dir);
+    let out = run(&[
+        "backup",
+        "--source",
+        &dbs.source_url,
+        "--to",
+        &to,
+        "--tables",
+        "customers,orders,everything",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(json(&out)["tables"], 3);
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert!(out.status.success());
+    let restored = connect(&dbs.mirror_url).await;
+    for table in ["public.customers", "public.orders", "public.everything"] {
+        assert_eq!(
+            digest(&source, table).await,
+            digest(&restored, table).await,
+            "{table}"
+        );
+    }
+    let row = restored
+        .query_one(
+            "SELECT to_regclass('public.menu_items') IS NULL, \
+                    (SELECT count(*) FROM pg_constraint WHERE conname = 'orders_customer_id_fkey'), \
+                    (SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'public'::regnamespace), \
+                    (SELECT count(*) FROM pg_type WHERE typname IN ('order_status', 'mood', 'positive_price'))",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "only the tables asked for");
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, i64>(2), 3);
+    assert_eq!(row.get::<_, i64>(3), 3);
+    // Inserting without an id continues after the source's rows.
+    restored
+        .batch_execute("INSERT INTO customers (phone, name) VALUES ('+34 600 000 999', 'New')")
+        .await
+        .expect("the sequence follows the source");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn restore_refuses_a_target_with_tables_unless_clean() {
+    let dbs = test_dbs("backup_clean").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("clean");
+    let to = url_of(&dir);
+    assert!(
+        run(&["backup", "--source", &dbs.source_url, "--to", &to])
+            .status
+            .success()
+    );
+    let target = connect(&dbs.mirror_url).await;
+    target
+        .batch_execute("CREATE TABLE precious (x int); INSERT INTO precious VALUES (1);")
+        .await
+        .unwrap();
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not empty") && stderr.contains("--clean"),
+        "{stderr}"
+    );
+    let still: i64 = target
+        .query_one("SELECT count(*) FROM precious", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "a refused restore touched nothing");
+
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--clean",
+    ]);
+    assert!(out.status.success());
+    let restored = connect(&dbs.mirror_url).await;
+    assert_same_tables(&source, &restored).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn config_mistakes_and_a_missing_pg_dump_are_clear_errors() {
+    let dbs = test_dbs("backup_errors").await;
+    sample_source(&dbs.source_url).await;
+    // No location at all.
+    let out = run(&["backup", "--source", &dbs.source_url]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("backup.url"));
+    // A location of another kind.
+    let out = run(&["backup", "--source", &dbs.source_url, "--to", "ftp://x/y"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("s3://"));
+    // pg_dump that is not there.
+    let dir = store_dir("errors");
+    let mut cmd = bite_sync();
+    let cwd = cmd.get_current_dir().unwrap().to_path_buf();
+    std::fs::write(
+        cwd.join("bite-sync.toml"),
+        format!(
+            "[backup]\nurl = \"{}\"\npg_dump = \"/nonexistent/pg_dump\"\n",
+            url_of(&dir)
+        ),
+    )
+    .unwrap();
+    let out = cmd
+        .args(["backup", "--source", &dbs.source_url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no pg_dump") && stderr.contains("/nonexistent/pg_dump"),
+        "{stderr}"
+    );
+    // Nothing listed from the failed attempt.
+    let out = run(&["backups", "list", "--from", &url_of(&dir), "--json"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+    let _ = std::fs::remove_dir_all(&dir);
+}
