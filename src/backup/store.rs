@@ -2,12 +2,18 @@
 //! (`s3://bucket/prefix`: AWS S3, Cloudflare R2, Backblaze B2, Railway buckets, MinIO).
 //!
 //! Objects are named by keys relative to the location (`20261129T060000Z/manifest.json`).
-//! Large objects are written through an [`ObjectWriter`], in memory bounded by one part
+//! Large objects are written through an [`ObjectWriter`], in memory bounded by a few parts
 //! (S3 multipart upload) no matter how large the object; an object appears only when its
 //! writer finishes (a file is renamed into place, a multipart upload completed), so a killed
 //! backup leaves no half object under its final name.
+//!
+//! This file is the API and the folder backend; `store/s3.rs` is the S3 side (settings and
+//! their environment fallbacks, the multipart upload, error reasons without secrets).
+
+mod s3;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -76,8 +82,16 @@ pub enum StoreError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The S3 settings are incomplete or malformed (no credentials, a bad endpoint).
+    #[error("{store}: {reason}")]
+    Settings {
+        /// The store.
+        store: String,
+        /// What is missing or wrong, and which setting or variable to fix.
+        reason: String,
+    },
     /// The S3 service refused or could not be reached.
-    #[error("{store}: {action} {key}: {reason}")]
+    #[error("{store}: {action}{}: {reason}", with_space(.key))]
     S3 {
         /// The store.
         store: String,
@@ -88,6 +102,15 @@ pub enum StoreError {
         /// The cause, without credentials.
         reason: String,
     },
+}
+
+/// `" key"`, or nothing for an empty key (a listing of everything).
+fn with_space(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!(" {key}")
+    }
 }
 
 /// One stored object.
@@ -117,11 +140,24 @@ pub struct Store {
 #[derive(Debug, Clone)]
 enum Kind {
     File { root: PathBuf },
+    S3(s3::S3Location),
 }
 
 impl Store {
-    /// Opens `file:///dir` (created if missing) or `s3://bucket[/prefix]`.
+    /// Opens `file:///dir` (created if missing) or `s3://bucket[/prefix]`. Opening an S3
+    /// location makes no request: wrong keys or an unreachable endpoint show on first use.
     pub async fn open(url: &str, s3: &S3Settings) -> Result<Store, StoreError> {
+        Self::open_with_env(url, s3, s3::process_env).await
+    }
+
+    /// [`Store::open`] reading `AWS_*` variables through `env` instead of the process
+    /// environment: for callers that hold their own environment, and for tests, which run in
+    /// parallel threads and must not change the process's.
+    pub async fn open_with_env(
+        url: &str,
+        s3: &S3Settings,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Store, StoreError> {
         let bad = |reason: &str| StoreError::BadUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
@@ -145,20 +181,64 @@ impl Store {
                 kind: Kind::File { root },
             });
         }
-        if url.starts_with("s3://") {
-            let _ = s3;
-            return Err(bad("S3 is not built yet"));
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let bad = |reason: String| StoreError::BadUrl {
+                url: s3::redact_url(url),
+                reason,
+            };
+            let parsed = s3::parse_url(rest).map_err(bad)?;
+            let shown = format!("s3://{}{}", parsed.bucket, {
+                let prefix = parsed.prefix.trim_end_matches('/');
+                if prefix.is_empty() {
+                    String::new()
+                } else {
+                    format!("/{prefix}")
+                }
+            });
+            let settings = s3::resolve(s3, env).map_err(|reason| StoreError::Settings {
+                store: shown.clone(),
+                reason,
+            })?;
+            let location =
+                s3::S3Location::new(parsed, settings).map_err(|reason| StoreError::Settings {
+                    store: shown,
+                    reason,
+                })?;
+            return Ok(Store {
+                kind: Kind::S3(location),
+            });
         }
         Err(bad(
             "expected file:///dir or s3://bucket/prefix (any S3-compatible store)",
         ))
     }
 
-    /// The location as a URL, for messages (no credentials).
+    /// The location as a URL, for messages (no credentials): `file:///var/backups`,
+    /// `s3://bucket/prefix`, `s3://bucket/prefix (endpoint http://127.0.0.1:9000)`.
     pub fn describe(&self) -> String {
         match &self.kind {
             Kind::File { root } => format!("file://{}", root.display()),
+            Kind::S3(s3) => s3.describe(),
         }
+    }
+
+    /// How long one S3 request may go unanswered, and a download without receiving a byte
+    /// (default 2 minutes; parts that grow past 8 MiB get proportionally more). A folder
+    /// ignores it.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Store {
+        if let Kind::S3(s3) = &mut self.kind {
+            s3.set_request_timeout(timeout);
+        }
+        self
+    }
+
+    /// Keys per S3 listing request, 1 to 1000 (the default, and S3's maximum); for stores
+    /// that want smaller pages. A folder ignores it.
+    pub fn with_list_page_size(mut self, size: usize) -> Store {
+        if let Kind::S3(s3) = &mut self.kind {
+            s3.set_list_page_size(size);
+        }
+        self
     }
 
     /// Starts writing `key`; nothing is visible under it until [`ObjectWriter::finish`].
@@ -187,6 +267,13 @@ impl Store {
                     },
                 })
             }
+            Kind::S3(s3) => Ok(ObjectWriter {
+                store: self.describe(),
+                key: key.to_owned(),
+                sha: Sha256::new(),
+                size: 0,
+                sink: Sink::S3(Box::new(s3.upload(key))),
+            }),
         }
     }
 
@@ -205,6 +292,7 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.not_found(key)),
                 Err(e) => Err(self.io("read", key, e)),
             },
+            Kind::S3(s3) => s3.get(key).await,
         }
     }
 
@@ -219,6 +307,7 @@ impl Store {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.not_found(key)),
                 Err(e) => Err(self.io("open", key, e)),
             },
+            Kind::S3(s3) => s3.reader(key).await,
         }
     }
 
@@ -245,6 +334,7 @@ impl Store {
                 .await
                 .expect("listing does not panic")
             }
+            Kind::S3(s3) => s3.list(prefix).await,
         }
     }
 
@@ -266,6 +356,7 @@ impl Store {
                 }
                 Ok(())
             }
+            Kind::S3(s3) => s3.delete(key).await,
         }
     }
 
@@ -319,7 +410,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<ObjectInfo>) -> std::io::Result<(
 }
 
 /// Writes one object in bounded memory; see [`Store::writer`]. Dropped unfinished, it leaves
-/// nothing under its key.
+/// nothing under its key (on S3 its multipart upload is aborted in the background).
 pub struct ObjectWriter {
     store: String,
     key: String,
@@ -334,6 +425,7 @@ enum Sink {
         partial: PathBuf,
         path: PathBuf,
     },
+    S3(Box<s3::S3Upload>),
 }
 
 impl ObjectWriter {
@@ -350,6 +442,7 @@ impl ObjectWriter {
                     source,
                 })
             }
+            Sink::S3(upload) => upload.write(data).await,
         }
     }
 
@@ -386,6 +479,7 @@ impl ObjectWriter {
                 }
                 *partial = PathBuf::new();
             }
+            Sink::S3(upload) => upload.finish().await?,
         }
         Ok(written)
     }
@@ -393,12 +487,13 @@ impl ObjectWriter {
 
 impl Drop for ObjectWriter {
     fn drop(&mut self) {
-        match &self.sink {
+        match &mut self.sink {
             Sink::File { partial, .. } => {
                 if !partial.as_os_str().is_empty() {
                     let _ = std::fs::remove_file(partial);
                 }
             }
+            Sink::S3(upload) => upload.abandon(),
         }
     }
 }

@@ -9,17 +9,22 @@
 //! - Every wait is bounded ([`wait_for`]) and says what it waited for when it gives up.
 //! - The `bite-sync` binary runs without the developer's `BITE_*` variables and in an empty
 //!   working dir ([`bite_sync`]), so no local config leaks into a test.
+//! - S3 tests get a real S3 server of their own ([`S3Server`]: s3s-fs in-process, signatures
+//!   checked), started on the test's runtime and stopped when dropped.
 
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use bite_sync::backup::store::S3Settings;
 use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
+use tokio_util::sync::CancellationToken;
 
 /// The source and mirror clusters shared by the tests of one binary.
 pub struct Clusters {
@@ -280,6 +285,153 @@ fn bite_sync_runs_in_a_fresh_empty_dir() {
         assert_eq!(entries, 0, "{} is not empty", dir.display());
     }
     assert!(Path::new(a.get_program()).is_file());
+}
+
+/// An S3 server in this process: s3s-fs storing objects under a temp dir, behind s3s with
+/// SigV4 authentication (one key pair, [`S3Server::ACCESS_KEY`] / [`S3Server::SECRET_KEY`]),
+/// path-style requests only, with one bucket, [`S3Server::BUCKET`]. Dropping it stops the
+/// listener and every connection and removes the files.
+pub struct S3Server {
+    addr: SocketAddr,
+    root: tempfile::TempDir,
+    stop: CancellationToken,
+    accept_task: tokio::task::JoinHandle<()>,
+}
+
+impl S3Server {
+    /// The access key the server accepts.
+    pub const ACCESS_KEY: &str = "bite-sync-test";
+    /// The secret key the server checks signatures with.
+    pub const SECRET_KEY: &str = "test-secret-key-4f1c9a";
+    /// The bucket that exists.
+    pub const BUCKET: &str = "backups";
+
+    /// Starts the server on 127.0.0.1 (a free port), in a task of the current runtime.
+    pub async fn start() -> S3Server {
+        let root = tempfile::Builder::new()
+            .prefix("bite-sync-s3-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("could not create a temp dir for the S3 server: {e}"));
+        // s3s-fs keeps a bucket as a folder under its root.
+        let bucket = root.path().join(Self::BUCKET);
+        if let Err(e) = std::fs::create_dir(&bucket) {
+            panic!("could not create {}: {e}", bucket.display());
+        }
+        let fs = s3s_fs::FileSystem::new(root.path()).unwrap_or_else(|e| {
+            panic!("could not start s3s-fs on {}: {e:?}", root.path().display())
+        });
+        let mut service = s3s::service::S3ServiceBuilder::new(fs);
+        service.set_auth(s3s::auth::SimpleAuth::from_single(
+            Self::ACCESS_KEY,
+            Self::SECRET_KEY,
+        ));
+        let service = service.build();
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap_or_else(|e| panic!("could not listen for the S3 server: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("the S3 server's listener has no address: {e}"));
+        let stop = CancellationToken::new();
+        let accept_task = tokio::spawn(serve_s3(listener, service, stop.clone()));
+        S3Server {
+            addr,
+            root,
+            stop,
+            accept_task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Settings that reach this server with the right keys: path style, region us-east-1.
+    pub fn settings(&self) -> S3Settings {
+        S3Settings {
+            endpoint: Some(self.endpoint()),
+            region: Some("us-east-1".to_owned()),
+            path_style: true,
+            access_key: Some(Self::ACCESS_KEY.to_owned()),
+            secret_key: Some(Self::SECRET_KEY.to_owned()),
+        }
+    }
+
+    /// `s3://backups/<prefix>`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", Self::BUCKET)
+    }
+
+    /// A rust-s3 handle on the bucket, to look at objects behind the store's back (ETags,
+    /// objects outside its prefix).
+    pub fn bucket(&self) -> Box<s3::Bucket> {
+        let region = s3::Region::Custom {
+            region: "us-east-1".to_owned(),
+            endpoint: self.endpoint(),
+        };
+        let credentials = s3::creds::Credentials::new(
+            Some(Self::ACCESS_KEY),
+            Some(Self::SECRET_KEY),
+            None,
+            None,
+            None,
+        )
+        .unwrap_or_else(|e| panic!("test credentials: {e}"));
+        let bucket = s3::Bucket::new(Self::BUCKET, region, credentials)
+            .unwrap_or_else(|e| panic!("a bucket handle for the test server: {e}"));
+        bucket.with_path_style()
+    }
+
+    /// Multipart uploads started and neither completed nor aborted. s3s-fs keeps each as a
+    /// `.upload-<id>.json` file (and its parts as `.upload_id-<id>.part-<n>`) in its root.
+    pub fn pending_uploads(&self) -> usize {
+        let entries = std::fs::read_dir(self.root.path())
+            .unwrap_or_else(|e| panic!("could not read {}: {e}", self.root.path().display()));
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(".upload"))
+            .count()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.accept_task.abort();
+    }
+}
+
+/// Accepts connections until `stop`, serving each (HTTP/1 or 2) in a task that also ends
+/// at `stop`; s3s-fs's own `main.rs` serves the same way.
+async fn serve_s3(
+    listener: tokio::net::TcpListener,
+    service: s3s::service::S3Service,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let http = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        let Ok((socket, _)) = accepted else {
+            // Out of file descriptors and the like: pause instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let connection = http
+            .serve_connection(TokioIo::new(socket), service.clone())
+            .into_owned();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
 }
 
 /// A table with a column of every kind of type bite-sync must carry (enum, domain, arrays of
