@@ -451,7 +451,7 @@ async fn dump_data(
     tasks: &[Task],
 ) -> Result<Vec<(Written, Digest)>, BackupError> {
     let mut order: Vec<usize> = (0..tasks.len()).collect();
-    order.sort_by(|a, b| tasks[*b].bytes.cmp(&tasks[*a].bytes));
+    order.sort_by_key(|i| std::cmp::Reverse(tasks[*i].bytes));
     let queue = Arc::new(std::sync::Mutex::new(order.into_iter()));
     let planned = Arc::new(planned.to_vec());
     let tasks_arc = Arc::new(tasks.to_vec());

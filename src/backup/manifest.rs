@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn object_names_sort_in_restore_order_and_are_safe() {
-        let mut names = vec![
+        let mut names = [
             "3-sequences.sql.gz".to_owned(),
             "2-post-data.sql.gz".to_owned(),
             data_object_name(1, "public", "Order Items/../x", 0),

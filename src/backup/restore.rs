@@ -260,7 +260,7 @@ pub async fn restore(
         .filter(|o| o.kind == ObjectKind::Data)
         .cloned()
         .collect();
-    data.sort_by(|a, b| b.size.cmp(&a.size));
+    data.sort_by_key(|o| std::cmp::Reverse(o.size));
     let columns: Arc<std::collections::HashMap<String, (String, String)>> = Arc::new(
         m.tables
             .iter()

@@ -101,7 +101,7 @@ pub async fn find_pg_dump(
         looked: if configured.is_some() {
             candidates[0].display().to_string()
         } else {
-            format!("/usr/lib/postgresql/*/bin and PATH")
+            "/usr/lib/postgresql/*/bin and PATH".to_string()
         },
     }))
 }
