@@ -458,6 +458,32 @@ pub enum BenchCommand {
     Sync(SyncBenchArgs),
     /// `bite-sync run` against native logical replication: catch-up, WAN, lag, memory
     Replication(ReplicationBenchArgs),
+    /// `bite-sync backup` and `restore` against `pg_dump | gzip` and `gunzip | psql`
+    Backup(BackupBenchArgs),
+}
+
+/// `bite-sync bench backup`.
+#[derive(Debug, Args, Clone)]
+pub struct BackupBenchArgs {
+    /// Customers to generate
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub customers: u64,
+
+    /// Orders to generate (three items each)
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub orders: u64,
+
+    /// Parallel jobs for bite-sync
+    #[arg(long, default_value_t = 2)]
+    pub jobs: u16,
+
+    /// Rounds; each time printed is the median of its rounds
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: u16,
+
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bite-sync bench sync`.

@@ -179,7 +179,7 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
         Err(code) => return code,
     };
     let jobs = args.jobs.map_or(config.backup.jobs, usize::from);
-    match restore::verify(&store, &args.id, &server, jobs).await {
+    match restore::verify(&store, &args.id, &server, jobs, &config.sync.maintenance_work_mem).await {
         Ok(report) => {
             if args.json {
                 print_json(&report);
@@ -236,6 +236,7 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
         target,
         clean: args.clean,
         jobs: args.jobs.map_or(config.backup.jobs, usize::from),
+        work_mem: config.sync.maintenance_work_mem.clone(),
     };
     match restore::restore(&store, &args.id, &opts).await {
         Ok(report) => {

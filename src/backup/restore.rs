@@ -216,6 +216,9 @@ pub struct RestoreOptions {
     pub clean: bool,
     /// Parallel connections.
     pub jobs: usize,
+    /// `maintenance_work_mem` and `work_mem` of the restore's sessions (index builds, and
+    /// the joins that check foreign keys), e.g. `256MB`.
+    pub work_mem: String,
 }
 
 /// What a restore did.
@@ -253,6 +256,7 @@ pub async fn restore(
         .await
         .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
 
+    tracing::debug!(elapsed = ?started.elapsed(), "schema before data restored");
     // Data, largest objects first.
     let mut data: Vec<Object> = m
         .objects
@@ -285,6 +289,7 @@ pub async fn restore(
     })
     .await?;
 
+    tracing::debug!(elapsed = ?started.elapsed(), "data loaded");
     // Indexes and keys, then foreign keys, in parallel; the rest in order.
     let post = read_text(store, &m, ObjectKind::PostData).await?;
     let (preamble, entries) = schema::split_entries(&post);
@@ -303,6 +308,7 @@ pub async fn restore(
             }
         })
         .await?;
+        tracing::debug!(?phase, elapsed = ?started.elapsed(), "phase done");
     }
     let rest: String = entries
         .iter()
@@ -433,11 +439,19 @@ where
     for _ in 0..jobs {
         let queue = Arc::clone(&queue);
         let target = opts.target.clone();
+        let work_mem = opts.work_mem.clone();
         let f = f.clone();
         workers.spawn(async move {
             let mut client = target.connect().await?;
+            // As the sync engine's builders: nothing is read before the restore ends, so no
+            // commit waits for the disk; indexes sort and foreign keys join in memory; the
+            // jobs are the parallelism.
             client
-                .batch_execute(SESSION_SETTINGS)
+                .batch_execute(&format!(
+                    "{SESSION_SETTINGS}; SET synchronous_commit = off; SET maintenance_work_mem = {mem}; \
+                     SET work_mem = {mem}; SET jit = off; SET max_parallel_maintenance_workers = 0",
+                    mem = crate::pg::ident::literal(&work_mem)
+                ))
                 .await
                 .map_err(query("failed to set up a restore session"))?;
             loop {
@@ -695,6 +709,7 @@ pub async fn verify(
     id: &str,
     server: &DbUrl,
     jobs: usize,
+    work_mem: &str,
 ) -> Result<VerifyReport, RestoreError> {
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
@@ -730,6 +745,7 @@ pub async fn verify(
                 target: target.clone(),
                 clean: false,
                 jobs,
+                work_mem: work_mem.to_owned(),
             },
         )
         .await?;

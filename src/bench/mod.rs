@@ -33,6 +33,7 @@ use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
 pub mod replication;
+pub mod backup;
 
 /// Why the benchmark stopped.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +150,7 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
         None => run_sync(&args.sync, cancel).await,
         Some(BenchCommand::Sync(sync)) => run_sync(sync, cancel).await,
         Some(BenchCommand::Replication(replication)) => replication::run(replication, cancel).await,
+        Some(BenchCommand::Backup(backup)) => backup::run(backup, cancel).await,
     }
 }
 
@@ -480,14 +482,20 @@ fn bite_sync(
     mirror: &str,
     extra: &[&str],
 ) -> Result<Measured, BenchError> {
+    let mut args = vec!["-q", "sync", "--source", source, "--mirror", mirror];
+    args.extend_from_slice(extra);
+    run_self(what, &args)
+}
+
+/// Runs this binary with `args` as a child and measures its wall time and peak RSS.
+fn run_self(what: &str, args: &[&str]) -> Result<Measured, BenchError> {
     let exe = std::env::current_exe().map_err(|source| BenchError::Spawn {
         what: what.into(),
         source,
     })?;
     let started = Instant::now();
     let child = Command::new(exe)
-        .args(["-q", "sync", "--source", source, "--mirror", mirror])
-        .args(extra)
+        .args(args)
         .env_remove("BITE_CONFIG")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
