@@ -37,7 +37,10 @@ impl std::fmt::Debug for S3Settings {
             .field("region", &self.region)
             .field("path_style", &self.path_style)
             .field("access_key", &self.access_key)
-            .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_key",
+                &self.secret_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -206,10 +209,7 @@ impl Store {
     }
 
     /// Streams an object.
-    pub async fn reader(
-        &self,
-        key: &str,
-    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
+    pub async fn reader(&self, key: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
         match &self.kind {
             Kind::File { root } => match tokio::fs::File::open(file_path(root, key)).await {
                 Ok(file) => Ok(Box::new(tokio::io::BufReader::with_capacity(
@@ -342,14 +342,14 @@ impl ObjectWriter {
         self.sha.update(data);
         self.size += data.len() as u64;
         match &mut self.sink {
-            Sink::File { file, .. } => file.write_all(data).await.map_err(|source| {
-                StoreError::Io {
+            Sink::File { file, .. } => {
+                file.write_all(data).await.map_err(|source| StoreError::Io {
                     store: self.store.clone(),
                     action: "write",
                     key: self.key.clone(),
                     source,
-                }
-            }),
+                })
+            }
         }
     }
 

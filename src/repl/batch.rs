@@ -1115,7 +1115,9 @@ mod tests {
         let out = sql(&mut b);
         assert_eq!(out.len(), 1, "{out:#?}");
         assert!(
-            out[0].contains("('1'::bigint, 'done'::public.order_status, NULL::text), ('2', 'paid', NULL)"),
+            out[0].contains(
+                "('1'::bigint, 'done'::public.order_status, NULL::text), ('2', 'paid', NULL)"
+            ),
             "{out:#?}"
         );
         assert_eq!(b.rows(), 0);
