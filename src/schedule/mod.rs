@@ -13,6 +13,7 @@
 //! before a fire time that has passed runs once, straight away, when the loop starts.
 
 pub mod cron;
+pub mod load;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use chrono_tz::Tz;
 use crate::pg::ident::TablePattern;
 
 pub use cron::{CronError, CronSchedule};
+pub use load::{DEFAULT_DIR, ScheduleError, load_dir};
 
 /// One scheduled job.
 #[derive(Debug, Clone)]
