@@ -12,8 +12,12 @@
 //! failed run is recorded and the schedule goes on; a job whose last recorded run started
 //! before a fire time that has passed runs once, straight away, when the loop starts.
 
+pub mod clock;
 pub mod cron;
 pub mod load;
+pub mod log;
+pub mod pg_log;
+pub mod run;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -23,8 +27,12 @@ use chrono_tz::Tz;
 
 use crate::pg::ident::TablePattern;
 
+pub use clock::{Clock, SystemClock, TokioClock};
 pub use cron::{CronError, CronSchedule};
 pub use load::{DEFAULT_DIR, ScheduleError, load_dir};
+pub use log::{MemoryRunLog, RunId, RunLog, RunLogError, RunRecord, RunState};
+pub use pg_log::PgRunLog;
+pub use run::{JobOutcome, JobRunner, run_schedules};
 
 /// One scheduled job.
 #[derive(Debug, Clone)]
