@@ -14,6 +14,7 @@
 
 pub mod clock;
 pub mod cron;
+pub mod list;
 pub mod load;
 pub mod log;
 pub mod pg_log;
