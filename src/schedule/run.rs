@@ -54,7 +54,8 @@ const MAX_SKIPPED_COUNTED: usize = 1_000;
 
 /// Runs every enabled job on its schedule until `cancel` fires, then waits for each job's task
 /// to stop (after its run in progress, if any). Returns only once cancelled, even when no job
-/// is enabled, so a caller can treat it like any other long-running task.
+/// is enabled, so a caller can treat it like any other long-running task. Job names must be
+/// unique ([`super::load_dir`] makes sure): the history is kept by name.
 pub async fn run_schedules(
     jobs: Vec<Job>,
     runner: Arc<dyn JobRunner>,
@@ -112,9 +113,9 @@ impl JobTask {
             && missed(job, Some(last.started_at), now)
         {
             let due = next_fire(job, last.started_at).unwrap_or(now);
-            tracing::info!(last_run = %last.started_at, missed = %due, "a scheduled run was missed while bite-sync was not running: running it now");
+            tracing::info!(last_run = %last.started_at, missed = %due, "a scheduled run was missed while bite-sync was not running: running it now, once");
             let end = self.run_once(due).await;
-            after = self.skip_past(due, end);
+            after = self.skip_past(now, end);
         }
         loop {
             let Some(fire) = next_fire(job, after) else {
@@ -127,12 +128,12 @@ impl JobTask {
                 () = cancel.cancelled() => return,
                 () = self.clock.sleep_until(fire) => {}
             }
-            let late = self.clock.now() - fire;
-            if late > chrono::TimeDelta::minutes(1) {
-                tracing::warn!(scheduled = %fire, late_by = %late, "running late: the machine was asleep or its clock jumped");
+            let woke = self.clock.now();
+            if woke - fire > chrono::TimeDelta::minutes(1) {
+                tracing::warn!(scheduled = %fire, woke = %woke, "running late (the machine was asleep or its clock jumped): running once for every fire time until now");
             }
             let end = self.run_once(fire).await;
-            after = self.skip_past(fire, end);
+            after = self.skip_past(woke.max(fire), end);
         }
     }
 
@@ -168,13 +169,12 @@ impl JobTask {
         finished
     }
 
-    /// Fire times in `(fire, end]` passed while the run for `fire` was going (or before a late
-    /// start): they are skipped, with a warning. Returns where the next fire time is looked
-    /// for from.
-    fn skip_past(&self, fire: DateTime<Utc>, end: DateTime<Utc>) -> DateTime<Utc> {
+    /// Fire times in `(started, end]` passed while a run that started at `started` was going:
+    /// they are skipped, with a warning. Returns where the next fire time is looked for from.
+    fn skip_past(&self, started: DateTime<Utc>, end: DateTime<Utc>) -> DateTime<Utc> {
         let mut skipped = 0;
         let mut first = None;
-        let mut at = fire;
+        let mut at = started;
         while let Some(next) = next_fire(&self.job, at)
             && next <= end
             && skipped < MAX_SKIPPED_COUNTED
@@ -187,12 +187,12 @@ impl JobTask {
             tracing::warn!(
                 skipped,
                 first = %first,
-                run_scheduled = %fire,
+                run_started = %started,
                 run_ended = %end,
                 "the job was still running at its next fire time: skipped (a job never runs twice at once)"
             );
         }
-        end.max(fire)
+        end.max(started)
     }
 }
 
