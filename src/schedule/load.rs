@@ -50,7 +50,7 @@ struct RawFile {
     job: Vec<toml::Table>,
 }
 
-/// One `[[job]]` as written (every key optional here; [`check_job`] says what is missing).
+/// One `[[job]]` as written (every key optional here; checking says what is missing).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawJob {
