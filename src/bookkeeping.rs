@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "replication",
         sql: include_str!("../sql/migrations/0002_replication.sql"),
     },
+    Migration {
+        version: 3,
+        name: "schedules",
+        sql: include_str!("../sql/migrations/0003_schedules.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).
@@ -150,5 +155,29 @@ mod tests {
             assert_eq!(m.version, i as i32 + 1, "migration {} out of order", m.name);
             assert!(!m.sql.trim().is_empty());
         }
+    }
+
+    #[test]
+    fn every_migration_file_is_listed() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .expect("sql/migrations is readable")
+            .map(|e| {
+                e.expect("directory entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .filter(|name| name.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS
+            .iter()
+            .map(|m| format!("{:04}_{}.sql", m.version, m.name))
+            .collect();
+        assert_eq!(
+            files, listed,
+            "a file in sql/migrations is not in MIGRATIONS"
+        );
     }
 }

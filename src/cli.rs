@@ -140,6 +140,40 @@ pub enum Command {
     /// Exit code 0 when everything is OK, 1 otherwise.
     Check(CheckArgs),
 
+    /// List scheduled jobs: when each runs next and how its last run went
+    ///
+    /// Jobs are [[job]] tables in schedules/*.toml (next to the config file, else in the
+    /// working directory); `bite-sync run` runs them. Each has a name, a 5-field crontab
+    /// expression read in its time_zone, a kind (backup, sync, verify or prune) and the kind's
+    /// arguments:
+    ///
+    ///   [[job]]
+    ///   name = "backup"
+    ///   cron = "0 */6 * * *"              # minute hour day-of-month month day-of-week
+    ///   time_zone = "America/Mexico_City" # IANA name; default UTC
+    ///   kind = "backup"
+    ///   to = "s3://my-bucket/bite-sync"   # optional; backup: to, tables; sync: tables;
+    ///                                     # verify: from, backup; prune: from
+    ///   enabled = true                    # optional
+    ///
+    /// Cron is crontab's: ranges (1-5), steps (*/15), lists (1,15), names (mon, jan), 0 or 7
+    /// for Sunday, @hourly/@daily/@weekly/@monthly/@yearly; day-of-month and day-of-week
+    /// both restricted means either. On a DST change a fixed time that does not exist runs
+    /// once right after the jump and one that happens twice runs once.
+    ///
+    /// Every file is checked and every problem listed, each with its file, job and key. The
+    /// last run comes from the mirror's bookkeeping (bite_sync.job_runs); without a reachable
+    /// mirror it shows as unknown and a note on stderr says why.
+    ///
+    /// Examples:
+    ///   bite-sync schedules                      # schedules/*.toml, as text
+    ///   bite-sync schedules --json               # a JSON array, one object per job
+    ///   bite-sync schedules --dir /etc/bite-sync/schedules
+    ///
+    /// Exit codes: 0 listed, 2 a schedule file is invalid (or other usage error).
+    #[command(verbatim_doc_comment)]
+    Schedules(SchedulesArgs),
+
     /// Run bite-sync on two throwaway local databases with a sample restaurant
     ///
     /// Starts a local PostgreSQL pair in a temporary directory (needs PostgreSQL's server
@@ -421,6 +455,28 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
+/// `bite-sync schedules`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SchedulesArgs {
+    /// Directory of schedule files (*.toml)
+    /// [default: schedules/ next to the config file, else in the working directory]
+    #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// The mirror database URL, whose bite_sync.job_runs holds the run history
+    #[arg(
+        long,
+        env = "BITE_MIRROR_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub mirror: Option<String>,
+
+    /// Print a JSON array on stdout, one object per job
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `bite-sync demo`.
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
@@ -588,6 +644,17 @@ mod tests {
             Cli::try_parse_from(["bite-sync", "sync", "--schema-only", "--data-only"]).is_err()
         );
         assert!(Cli::try_parse_from(["bite-sync", "sync", "--jobs", "0"]).is_err());
+    }
+
+    #[test]
+    fn schedules_flags_parse() {
+        let cli = Cli::try_parse_from(["bite-sync", "schedules", "--json", "--dir", "/etc/sched"])
+            .unwrap();
+        let Command::Schedules(args) = cli.command else {
+            panic!("not schedules")
+        };
+        assert!(args.json);
+        assert_eq!(args.dir, Some(PathBuf::from("/etc/sched")));
     }
 
     fn bench(args: &[&str]) -> BenchArgs {

@@ -14,6 +14,7 @@
 //! | [`sample`] | the sample restaurant schema and data generator |
 //! | [`demo`] | `bite-sync demo`: a throwaway source/mirror pair with the sample restaurant |
 //! | [`backup`] | `bite-sync backup`, `backups`, `restore`: dumps to a folder or S3, manifest, retention |
+//! | [`schedule`] | cron schedules (`schedules/*.toml`): DST-correct next fire times, the scheduler loop, `bite-sync schedules` |
 //! | [`bench`] | `bite-sync bench`: bite-sync against `pg_dump \| psql` on the same clusters |
 //! | [`proxy`] | a delaying TCP proxy that simulates a WAN and connection cuts (tests, bench) |
 
@@ -27,6 +28,7 @@ pub mod pg;
 pub mod proxy;
 pub mod repl;
 pub mod sample;
+pub mod schedule;
 pub mod sync;
 
 /// Like `println!`, but a closed standard output (`bite-sync sync --json | head`) is ignored

@@ -9,12 +9,15 @@ use anyhow::Result;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use bite_sync::cli::{BackupsCommand, CheckArgs, Cli, Command, RunArgs, StatusArgs, SyncArgs};
+use bite_sync::cli::{
+    BackupsCommand, CheckArgs, Cli, Command, RunArgs, SchedulesArgs, StatusArgs, SyncArgs,
+};
 use bite_sync::config::{self, Config, ConfigError, LogFormat, Overrides};
 use bite_sync::pg::ident::parse_pattern_list;
 use bite_sync::repl::apply::Limits;
 use bite_sync::repl::daemon::{self, RunOptions};
 use bite_sync::repl::{check, status};
+use bite_sync::schedule;
 use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
                 bite_sync::backup::run_verify(&config, &args).await
             }
             Command::Restore(args) => bite_sync::backup::run_restore(&config, &args).await,
+            Command::Schedules(args) => run_schedules_list(&config, &args).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),
             Command::Bench(args) => report(bite_sync::bench::run(&args, cancel).await),
         }
@@ -80,7 +84,8 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         Command::Run(a) => Some(&a.db),
         Command::Status(a) => Some(&a.db),
         Command::Check(a) => Some(&a.db),
-        Command::Demo(_)
+        Command::Schedules(_)
+        | Command::Demo(_)
         | Command::Bench(_)
         | Command::Backup(_)
         | Command::Backups(_)
@@ -98,6 +103,7 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         }
         Command::Status(a) => o.slot = a.slot.clone(),
         Command::Check(a) => o.replication_tables = list("tables", &a.tables)?,
+        Command::Schedules(a) => o.mirror_url = a.mirror.clone(),
         _ => {}
     }
     if let Command::Sync(args) = &cli.command {
@@ -283,6 +289,51 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
         bite_sync::out!("{}", check::render(&checks));
     }
     if checks.iter().all(|c| c.ok) { 0 } else { 1 }
+}
+
+async fn run_schedules_list(config: &Config, args: &SchedulesArgs) -> u8 {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| schedule::load::default_dir(config.file.as_deref()));
+    // The default directory is optional; one named with --dir must exist.
+    let jobs = if args.dir.is_none() && !dir.exists() {
+        eprintln!(
+            "note: no schedules: {} does not exist (see `bite-sync schedules --help`)",
+            dir.display()
+        );
+        Vec::new()
+    } else {
+        match schedule::load_dir(&dir) {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    };
+    let history = if jobs.is_empty() {
+        None
+    } else {
+        match schedule::list::read_history(config.mirror.as_ref()).await {
+            Ok(history) => Some(history),
+            Err(why) => {
+                eprintln!("note: last runs unknown: {why}");
+                None
+            }
+        }
+    };
+    let now = chrono::Utc::now();
+    if args.json {
+        let entries = schedule::list::entries(&jobs, now, history.as_ref());
+        bite_sync::outln!(
+            "{}",
+            serde_json::to_string_pretty(&entries).expect("entries serialize")
+        );
+    } else {
+        bite_sync::out!("{}", schedule::list::render(&jobs, now, history.as_ref()));
+    }
+    0
 }
 
 fn report<E: std::error::Error>(result: std::result::Result<(), E>) -> u8 {

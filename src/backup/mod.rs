@@ -179,7 +179,15 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
         Err(code) => return code,
     };
     let jobs = args.jobs.map_or(config.backup.jobs, usize::from);
-    match restore::verify(&store, &args.id, &server, jobs, &config.sync.maintenance_work_mem).await {
+    match restore::verify(
+        &store,
+        &args.id,
+        &server,
+        jobs,
+        &config.sync.maintenance_work_mem,
+    )
+    .await
+    {
         Ok(report) => {
             if args.json {
                 print_json(&report);

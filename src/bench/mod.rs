@@ -32,8 +32,8 @@ use crate::pg::cluster::TempCluster;
 use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
-pub mod replication;
 pub mod backup;
+pub mod replication;
 
 /// Why the benchmark stopped.
 #[derive(Debug, thiserror::Error)]
