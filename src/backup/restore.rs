@@ -26,6 +26,8 @@ use super::schema::{self, Phase};
 use super::store::{Store, StoreError};
 use crate::pg::connect::{ConnectError, DbUrl};
 use crate::pg::ident::quote;
+use crate::sync::tasks::{Next, Node, Tasks};
+use std::collections::HashMap;
 
 /// Why a restore, list or verify failed.
 #[derive(Debug, thiserror::Error)]
@@ -257,59 +259,14 @@ pub async fn restore(
         .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
 
     tracing::debug!(elapsed = ?started.elapsed(), "schema before data restored");
-    // Data, largest objects first.
-    let mut data: Vec<Object> = m
-        .objects
-        .iter()
-        .filter(|o| o.kind == ObjectKind::Data)
-        .cloned()
-        .collect();
-    data.sort_by_key(|o| std::cmp::Reverse(o.size));
-    let columns: Arc<std::collections::HashMap<String, (String, String)>> = Arc::new(
-        m.tables
-            .iter()
-            .flat_map(|t| {
-                let q = format!("{}.{}", quote(&t.schema), quote(&t.name));
-                t.objects
-                    .iter()
-                    .map(move |o| (o.clone(), (q.clone(), t.columns.clone())))
-            })
-            .collect(),
-    );
-    let (store_owned, id_owned) = (store.clone(), id.clone());
-    run_parallel(opts, data, move |client, object| {
-        let store = store_owned.clone();
-        let id = id_owned.clone();
-        let columns = Arc::clone(&columns);
-        async move {
-            let (table, cols) = columns.get(&object.name).cloned().unwrap_or_default();
-            load_object(&client, &store, &id, &object, &table, &cols).await?;
-            Ok(client)
-        }
-    })
-    .await?;
-
-    tracing::debug!(elapsed = ?started.elapsed(), "data loaded");
-    // Indexes and keys, then foreign keys, in parallel; the rest in order.
+    // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so a table's
+    // indexes are built while other tables still load, and a foreign key is checked once
+    // its two tables are indexed.
     let post = read_text(store, &m, ObjectKind::PostData).await?;
     let (preamble, entries) = schema::split_entries(&post);
-    for phase in [Phase::Indexes, Phase::ForeignKeys] {
-        let work: Vec<String> = entries
-            .iter()
-            .filter(|e| e.phase == phase)
-            .map(|e| e.sql.clone())
-            .collect();
-        let preamble = preamble.clone();
-        run_parallel(opts, work, move |client, sql| {
-            let preamble = preamble.clone();
-            async move {
-                run_with_retry(&client, &preamble, &sql).await?;
-                Ok(client)
-            }
-        })
-        .await?;
-        tracing::debug!(?phase, elapsed = ?started.elapsed(), "phase done");
-    }
+    let nodes = restore_graph(&m, &entries);
+    run_graph(opts, store, &id, &preamble, nodes).await?;
+    tracing::debug!(elapsed = ?started.elapsed(), "data, indexes and foreign keys done");
     let rest: String = entries
         .iter()
         .filter(|e| e.phase == Phase::Rest)
@@ -419,30 +376,143 @@ async fn prepare_target(
         .map_err(query("failed to clean the target (--clean)"))
 }
 
-/// Runs `work` items on `opts.jobs` connections to the target.
-async fn run_parallel<T, F, Fut>(
+/// One task of a restore.
+#[derive(Debug, Clone)]
+enum Work {
+    /// Load a data object into `table` (quoted) with `columns`.
+    Load {
+        object: Object,
+        table: String,
+        columns: String,
+    },
+    /// A post-data statement.
+    Sql(String),
+}
+
+/// The restore's tasks: every data object; each index or key after its table's data; each
+/// foreign key after both its tables' indexes and keys, and after any earlier foreign key on
+/// either table (they would wait for each other's locks anyway, holding a worker idle).
+/// Entries whose table cannot be told wait for all data, and all indexes.
+fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
+    let index_of: HashMap<(String, String), usize> = m
+        .tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((t.schema.clone(), t.name.clone()), i))
+        .collect();
+    let weight: Vec<u64> = m
+        .tables
+        .iter()
+        .map(|t| {
+            t.objects
+                .iter()
+                .filter_map(|o| m.object(o))
+                .map(|o| o.size)
+                .sum::<u64>()
+                .max(1)
+        })
+        .collect();
+    let mut nodes: Vec<Node<Work>> = Vec::new();
+    let mut data_of: Vec<Vec<usize>> = vec![Vec::new(); m.tables.len()];
+    for (t, table) in m.tables.iter().enumerate() {
+        for name in &table.objects {
+            let Some(object) = m.object(name) else {
+                continue;
+            };
+            data_of[t].push(nodes.len());
+            nodes.push(Node {
+                work: Work::Load {
+                    object: object.clone(),
+                    table: format!("{}.{}", quote(&table.schema), quote(&table.name)),
+                    columns: table.columns.clone(),
+                },
+                after: Vec::new(),
+                cost: object.size,
+            });
+        }
+    }
+    let all_data: Vec<usize> = (0..nodes.len()).collect();
+    let table_of = |sql: &str| {
+        let (target, referenced) = schema::entry_tables(sql);
+        (
+            target.and_then(|t| index_of.get(&t).copied()),
+            referenced.and_then(|r| index_of.get(&r).copied()),
+        )
+    };
+    let mut indexes_of: Vec<Vec<usize>> = vec![Vec::new(); m.tables.len()];
+    let mut all_indexes = Vec::new();
+    for entry in entries.iter().filter(|e| e.phase == Phase::Indexes) {
+        let (target, _) = table_of(&entry.sql);
+        let (after, cost) = match target {
+            Some(t) => (data_of[t].clone(), weight[t] / 2),
+            None => (all_data.clone(), 1),
+        };
+        if let Some(t) = target {
+            indexes_of[t].push(nodes.len());
+        }
+        all_indexes.push(nodes.len());
+        nodes.push(Node {
+            work: Work::Sql(entry.sql.clone()),
+            after,
+            cost,
+        });
+    }
+    let mut last_fk_of: Vec<Option<usize>> = vec![None; m.tables.len()];
+    for entry in entries.iter().filter(|e| e.phase == Phase::ForeignKeys) {
+        let (target, referenced) = table_of(&entry.sql);
+        let me = nodes.len();
+        let (after, cost) = match (target, referenced) {
+            (Some(t), Some(r)) => {
+                let mut after: Vec<usize> = data_of[t].clone();
+                after.extend(&data_of[r]);
+                after.extend(&indexes_of[t]);
+                after.extend(&indexes_of[r]);
+                after.extend(last_fk_of[t]);
+                after.extend(last_fk_of[r]);
+                last_fk_of[t] = Some(me);
+                last_fk_of[r] = Some(me);
+                (after, weight[t] / 2)
+            }
+            _ => {
+                let mut after = all_data.clone();
+                after.extend(&all_indexes);
+                (after, 1)
+            }
+        };
+        nodes.push(Node {
+            work: Work::Sql(entry.sql.clone()),
+            after,
+            cost,
+        });
+    }
+    nodes
+}
+
+/// Runs the graph's tasks on `opts.jobs` connections to the target.
+async fn run_graph(
     opts: &RestoreOptions,
-    work: Vec<T>,
-    f: F,
-) -> Result<(), RestoreError>
-where
-    T: Send + 'static,
-    F: Fn(Client, T) -> Fut + Send + Sync + 'static + Clone,
-    Fut: std::future::Future<Output = Result<Client, RestoreError>> + Send + 'static,
-{
-    if work.is_empty() {
+    store: &Store,
+    id: &str,
+    preamble: &str,
+    nodes: Vec<Node<Work>>,
+) -> Result<(), RestoreError> {
+    if nodes.is_empty() {
         return Ok(());
     }
-    let jobs = opts.jobs.clamp(1, work.len());
-    let queue = Arc::new(std::sync::Mutex::new(work.into_iter()));
+    let jobs = opts.jobs.clamp(1, nodes.len());
+    let tasks = Arc::new(std::sync::Mutex::new(Tasks::new(nodes)));
+    let changed = Arc::new(tokio::sync::Notify::new());
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..jobs {
-        let queue = Arc::clone(&queue);
+        let tasks = Arc::clone(&tasks);
+        let changed = Arc::clone(&changed);
         let target = opts.target.clone();
         let work_mem = opts.work_mem.clone();
-        let f = f.clone();
+        let store = store.clone();
+        let id = id.to_owned();
+        let preamble = preamble.to_owned();
         workers.spawn(async move {
-            let mut client = target.connect().await?;
+            let client = target.connect().await?;
             // As the sync engine's builders: nothing is read before the restore ends, so no
             // commit waits for the disk; indexes sort and foreign keys join in memory; the
             // jobs are the parallelism.
@@ -455,20 +525,51 @@ where
                 .await
                 .map_err(query("failed to set up a restore session"))?;
             loop {
-                let next = queue.lock().expect("queue lock").next();
-                let Some(item) = next else { break };
-                client = f(client, item).await?;
+                // Registered before looking, so a task finishing in between is not missed.
+                let notified = changed.notified();
+                let next = tasks.lock().expect("tasks lock").next_task();
+                let i = match next {
+                    Next::Done => return Ok::<_, RestoreError>(()),
+                    Next::Wait => {
+                        notified.await;
+                        continue;
+                    }
+                    Next::Run(i) => i,
+                };
+                let work = tasks.lock().expect("tasks lock").work(i).clone();
+                let result = match work {
+                    Work::Load {
+                        object,
+                        table,
+                        columns,
+                    } => load_object(&client, &store, &id, &object, &table, &columns).await,
+                    Work::Sql(sql) => run_with_retry(&client, &preamble, &sql).await,
+                };
+                let mut t = tasks.lock().expect("tasks lock");
+                match result {
+                    Ok(()) => t.finished(i),
+                    Err(e) => {
+                        t.stop(i);
+                        drop(t);
+                        changed.notify_waiters();
+                        return Err(e);
+                    }
+                }
+                drop(t);
+                changed.notify_waiters();
             }
-            Ok::<_, RestoreError>(())
         });
     }
+    let mut first_error = None;
     while let Some(joined) = workers.join_next().await {
         if let Err(e) = joined.expect("a restore worker does not panic") {
-            workers.abort_all();
-            return Err(e);
+            first_error.get_or_insert(e);
         }
     }
-    Ok(())
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// One post-data statement; a deadlock between two foreign keys added at once is retried.
@@ -802,6 +903,88 @@ pub async fn digest_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::manifest::{FORMAT, Snapshot, Source, Table};
+
+    fn table(name: &str, objects: &[&str]) -> Table {
+        Table {
+            schema: "public".into(),
+            name: name.into(),
+            columns: "\"id\"".into(),
+            digest: Digest::default(),
+            objects: objects.iter().map(|o| o.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_restore_graph_orders_data_indexes_and_foreign_keys_per_table() {
+        let objects = ["1-a.000", "1-a.001", "1-b.000", "1-c.000"];
+        let m = Manifest {
+            format: FORMAT,
+            id: "20261129T060000Z".into(),
+            bite_sync_version: "0".into(),
+            started_at: String::new(),
+            finished_at: String::new(),
+            source: Source {
+                system_identifier: String::new(),
+                database: String::new(),
+                server_version: String::new(),
+                server_version_num: 150000,
+            },
+            snapshot: Snapshot {
+                time: String::new(),
+                lsn: String::new(),
+            },
+            scope: Scope::Database,
+            compression: "gzip".into(),
+            tables: vec![
+                table("a", &objects[..2]),
+                table("b", &objects[2..3]),
+                table("c", &objects[3..]),
+            ],
+            objects: objects
+                .iter()
+                .map(|o| Object {
+                    name: o.to_string(),
+                    kind: ObjectKind::Data,
+                    size: 10,
+                    sha256: String::new(),
+                })
+                .collect(),
+        };
+        let post = "\
+--\n-- Name: a a_pkey; Type: CONSTRAINT; Schema: public; Owner: -\n--\nALTER TABLE ONLY public.a ADD CONSTRAINT a_pkey PRIMARY KEY (id);\n\
+--\n-- Name: b_i; Type: INDEX; Schema: public; Owner: -\n--\nCREATE INDEX b_i ON public.b USING btree (id);\n\
+--\n-- Name: x; Type: INDEX; Schema: other; Owner: -\n--\nCREATE INDEX x ON other.unknown USING btree (id);\n\
+--\n-- Name: b b_a; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\nALTER TABLE ONLY public.b ADD CONSTRAINT b_a FOREIGN KEY (id) REFERENCES public.a(id);\n\
+--\n-- Name: c c_a; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\nALTER TABLE ONLY public.c ADD CONSTRAINT c_a FOREIGN KEY (id) REFERENCES public.a(id);\n";
+        let (_, entries) = schema::split_entries(post);
+        let nodes = restore_graph(&m, &entries);
+        assert_eq!(nodes.len(), 4 + 3 + 2);
+        let after = |i: usize| {
+            let mut a = nodes[i].after.clone();
+            a.sort();
+            a.dedup();
+            a
+        };
+        // 0, 1: a's chunks; 2: b; 3: c; 4: a_pkey; 5: b_i; 6: unknown; 7: b_a; 8: c_a.
+        assert_eq!(after(4), [0, 1], "a's key after a's data");
+        assert_eq!(after(5), [2], "b's index after b's data only");
+        assert_eq!(
+            after(6),
+            [0, 1, 2, 3],
+            "an unknown table waits for all data"
+        );
+        assert_eq!(
+            after(7),
+            [0, 1, 2, 4, 5],
+            "b -> a after both tables' data and indexes"
+        );
+        assert_eq!(
+            after(8),
+            [0, 1, 3, 4, 7],
+            "c -> a also after the other key on a"
+        );
+    }
 
     #[test]
     fn the_end_marker_is_found_only_on_its_own_line() {

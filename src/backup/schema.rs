@@ -247,8 +247,78 @@ pub fn split_entries(sql: &str) -> (String, Vec<Entry>) {
     (preamble, entries)
 }
 
+/// The table an entry works on and, for a foreign key, the table it references, as
+/// (schema, name), read from pg_dump's `ALTER TABLE ONLY s.t`, `CREATE INDEX ... ON s.t` and
+/// `REFERENCES s.t(...)`. `None` where the SQL does not say.
+pub fn entry_tables(sql: &str) -> (Option<(String, String)>, Option<(String, String)>) {
+    let after = |marker: &str| {
+        sql.find(marker)
+            .and_then(|at| qualified_name(&sql[at + marker.len()..]))
+    };
+    let target = after("ALTER TABLE ONLY ")
+        .or_else(|| after("ALTER TABLE "))
+        .or_else(|| after(" ON ONLY "))
+        .or_else(|| after(" ON "));
+    (target, after(" REFERENCES "))
+}
+
+/// `schema.name` at the start of `text`, either part quoted or not.
+fn qualified_name(text: &str) -> Option<(String, String)> {
+    let (schema, rest) = identifier(text)?;
+    let rest = rest.strip_prefix('.')?;
+    let (name, _) = identifier(rest)?;
+    Some((schema, name))
+}
+
+fn identifier(text: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = text.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = quoted.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '"' {
+                if let Some((_, '"')) = chars.peek() {
+                    out.push('"');
+                    chars.next();
+                } else {
+                    return Some((out, &quoted[i + 1..]));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text
+            .find(|c: char| c.is_whitespace() || matches!(c, '.' | '(' | ';' | ','))
+            .unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_owned(), &text[end..]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn entries_name_their_tables_quoted_or_not() {
+        let own = |s: &str, n: &str| Some((s.to_owned(), n.to_owned()));
+        assert_eq!(
+            entry_tables(
+                "ALTER TABLE ONLY public.orders\n    ADD CONSTRAINT x FOREIGN KEY (customer_id) REFERENCES public.customers(id);"
+            ),
+            (own("public", "orders"), own("public", "customers"))
+        );
+        assert_eq!(
+            entry_tables(
+                "CREATE UNIQUE INDEX \"Idx\" ON \"Sales Dept\".\"Order \"\"Items\"\"\" USING btree (id);"
+            ),
+            (own("Sales Dept", "Order \"Items\""), None)
+        );
+        assert_eq!(
+            entry_tables("CREATE INDEX i ON ONLY public.p USING btree (id);").0,
+            own("public", "p")
+        );
+        assert_eq!(entry_tables("COMMENT ON EXTENSION x IS 'y';").0, None);
+    }
+
     use super::*;
 
     const POST: &str = r#"--
