@@ -247,10 +247,13 @@ pub fn split_entries(sql: &str) -> (String, Vec<Entry>) {
     (preamble, entries)
 }
 
+/// A table as (schema, name), unquoted.
+pub type TableName = (String, String);
+
 /// The table an entry works on and, for a foreign key, the table it references, as
 /// (schema, name), read from pg_dump's `ALTER TABLE ONLY s.t`, `CREATE INDEX ... ON s.t` and
 /// `REFERENCES s.t(...)`. `None` where the SQL does not say.
-pub fn entry_tables(sql: &str) -> (Option<(String, String)>, Option<(String, String)>) {
+pub fn entry_tables(sql: &str) -> (Option<TableName>, Option<TableName>) {
     let after = |marker: &str| {
         sql.find(marker)
             .and_then(|at| qualified_name(&sql[at + marker.len()..]))
@@ -263,7 +266,7 @@ pub fn entry_tables(sql: &str) -> (Option<(String, String)>, Option<(String, Str
 }
 
 /// `schema.name` at the start of `text`, either part quoted or not.
-fn qualified_name(text: &str) -> Option<(String, String)> {
+fn qualified_name(text: &str) -> Option<TableName> {
     let (schema, rest) = identifier(text)?;
     let rest = rest.strip_prefix('.')?;
     let (name, _) = identifier(rest)?;
