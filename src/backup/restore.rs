@@ -537,6 +537,11 @@ async fn run_graph(
                     Next::Run(i) => i,
                 };
                 let work = tasks.lock().expect("tasks lock").work(i).clone();
+                let task_started = Instant::now();
+                let what = match &work {
+                    Work::Load { object, .. } => object.name.clone(),
+                    Work::Sql(sql) => sql.lines().next().unwrap_or_default().to_owned(),
+                };
                 let result = match work {
                     Work::Load {
                         object,
@@ -545,6 +550,7 @@ async fn run_graph(
                     } => load_object(&client, &store, &id, &object, &table, &columns).await,
                     Work::Sql(sql) => run_with_retry(&client, &preamble, &sql).await,
                 };
+                tracing::debug!(task = %what, elapsed = ?task_started.elapsed(), "restore task done");
                 let mut t = tasks.lock().expect("tasks lock");
                 match result {
                     Ok(()) => t.finished(i),
