@@ -324,6 +324,52 @@ pub enum BackupsCommand {
     /// Exit codes: 0 verified, 1 a table differs or it failed, 4 an object is corrupt.
     #[command(verbatim_doc_comment)]
     Verify(BackupsVerifyArgs),
+
+    /// Delete backups the retention policy does not keep
+    ///
+    /// Keeps the newest --keep-last backups, plus the newest backup of each of the last
+    /// --keep-daily days, --keep-weekly ISO weeks and --keep-monthly months that have one
+    /// (UTC). The newest good backup is always kept. Folders of backups that never finished
+    /// are deleted once they are a day old. Defaults: backup.keep_* in bite-sync.toml, else
+    /// 4 last, 7 daily, 4 weekly, 6 monthly.
+    ///
+    /// Examples:
+    ///   bite-sync backups prune --dry-run        # what would go, and why the rest stays
+    ///   bite-sync backups prune --keep-daily 14 --json
+    #[command(verbatim_doc_comment)]
+    Prune(BackupsPruneArgs),
+}
+
+/// `bite-sync backups prune`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct BackupsPruneArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub from: FromArgs,
+
+    /// Keep the newest N backups
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+
+    /// Keep the newest backup of each of the last N days
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+
+    /// Keep the newest backup of each of the last N weeks
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+
+    /// Keep the newest backup of each of the last N months
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+
+    /// Show what would be deleted; delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bite-sync backups list`.

@@ -65,6 +65,14 @@ pub struct RawBackup {
     pub jobs: Option<i64>,
     /// The pg_dump to use.
     pub pg_dump: Option<PathBuf>,
+    /// Retention: the newest N backups.
+    pub keep_last: Option<i64>,
+    /// Retention: the newest of each of the last N days.
+    pub keep_daily: Option<i64>,
+    /// Retention: the newest of each of the last N ISO weeks.
+    pub keep_weekly: Option<i64>,
+    /// Retention: the newest of each of the last N months.
+    pub keep_monthly: Option<i64>,
 }
 
 /// `[source]` / `[mirror]`.
@@ -170,6 +178,8 @@ pub struct BackupSettings {
     pub jobs: usize,
     /// The pg_dump to use; none: found automatically.
     pub pg_dump: Option<PathBuf>,
+    /// What `backups prune` keeps.
+    pub retention: crate::backup::prune::Retention,
 }
 
 /// Validated `[sync]`.
@@ -445,6 +455,28 @@ pub fn resolve(
             where_("backup.url")
         ));
     }
+    let defaults = crate::backup::prune::Retention::default();
+    let mut keep = |key: &str, value: Option<i64>, default: u32| match value {
+        None => default,
+        Some(n) if (0..=10_000).contains(&n) => n as u32,
+        Some(n) => {
+            problems.push(format!(
+                "{}: expected 0 to 10000, got {n}",
+                where_(&format!("backup.{key}"))
+            ));
+            default
+        }
+    };
+    let retention = crate::backup::prune::Retention {
+        keep_last: keep("keep_last", raw.backup.keep_last, defaults.keep_last),
+        keep_daily: keep("keep_daily", raw.backup.keep_daily, defaults.keep_daily),
+        keep_weekly: keep("keep_weekly", raw.backup.keep_weekly, defaults.keep_weekly),
+        keep_monthly: keep(
+            "keep_monthly",
+            raw.backup.keep_monthly,
+            defaults.keep_monthly,
+        ),
+    };
     let backup = BackupSettings {
         url: raw.backup.url,
         s3: crate::backup::store::S3Settings {
@@ -456,6 +488,7 @@ pub fn resolve(
         },
         jobs: backup_jobs,
         pg_dump: raw.backup.pg_dump,
+        retention,
     };
 
     if !problems.is_empty() {

@@ -60,6 +60,9 @@ fn main() -> ExitCode {
             Command::Backups(BackupsCommand::Verify(args)) => {
                 bite_sync::backup::run_verify(&config, &args).await
             }
+            Command::Backups(BackupsCommand::Prune(args)) => {
+                bite_sync::backup::run_prune(&config, &args).await
+            }
             Command::Restore(args) => bite_sync::backup::run_restore(&config, &args).await,
             Command::Schedules(args) => run_schedules_list(&config, &args).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),

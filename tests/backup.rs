@@ -604,3 +604,116 @@ async fn an_s3_backup_round_trips_with_signed_requests() {
     assert!(stderr.contains("SignatureDoesNotMatch"), "{stderr}");
     assert!(!stderr.contains("wrong-secret-value-123"), "{stderr}");
 }
+
+/// Copies a finished backup's folder to another id, as if it had been taken then.
+fn clone_backup(from: &Path, store: &Path, id: &str) {
+    let to = store.join(id);
+    std::fs::create_dir_all(&to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_owned();
+        if name == "manifest.json" {
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            m["id"] = id.into();
+            std::fs::write(to.join(&name), serde_json::to_vec(&m).unwrap()).unwrap();
+        } else {
+            std::fs::copy(&path, to.join(&name)).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn prune_keeps_exactly_what_the_policy_says() {
+    let dbs = test_dbs("backup_prune").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);")
+        .await
+        .unwrap();
+    let dir = store_dir("prune");
+    let to = url_of(&dir);
+    assert!(
+        run(&["backup", "--source", &dbs.source_url, "--to", &to])
+            .status
+            .success()
+    );
+    let real = backup_folder(&dir);
+    // Two backups a day at 00:00 and 12:00 for ten days, ending yesterday.
+    let yesterday = chrono::Utc::now().date_naive() - chrono::Days::new(1);
+    let mut fake = Vec::new();
+    for d in 0..10u64 {
+        let day = yesterday - chrono::Days::new(d);
+        for hour in ["000000", "120000"] {
+            let id = format!("{}T{hour}Z", day.format("%Y%m%d"));
+            clone_backup(&real, &dir, &id);
+            fake.push(id);
+        }
+    }
+    // A backup that died three days ago, and one that may still be running.
+    let dead = format!(
+        "{}T060000Z",
+        (yesterday - chrono::Days::new(2)).format("%Y%m%d")
+    );
+    std::fs::create_dir_all(dir.join(&dead)).unwrap();
+    std::fs::write(dir.join(&dead).join("0-pre-data.sql.gz"), b"x").unwrap();
+    let running = chrono::Utc::now().format("%Y%m%dT%H%M%SZ-9").to_string();
+    std::fs::create_dir_all(dir.join(&running)).unwrap();
+    std::fs::write(dir.join(&running).join("0-pre-data.sql.gz"), b"x").unwrap();
+
+    let policy = [
+        "--keep-last",
+        "3",
+        "--keep-daily",
+        "4",
+        "--keep-weekly",
+        "0",
+        "--keep-monthly",
+        "0",
+    ];
+    let mut args = vec!["backups", "prune", "--from", &to, "--json", "--dry-run"];
+    args.extend(policy);
+    let out = run(&args);
+    assert!(out.status.success());
+    let dry = json(&out);
+    assert_eq!(dry["dry_run"], true);
+    let left = |dir: &Path| {
+        let mut ids: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(left(&dir).len(), 1 + 20 + 2, "a dry run deletes nothing");
+
+    args.retain(|a| *a != "--dry-run");
+    let out = run(&args);
+    assert!(out.status.success());
+    let report = json(&out);
+    // Kept: the real one (newest, today) and yesterday's two (the last 3), and the newest
+    // (12:00) of the two days before that (4 days with today's); the running one.
+    let mut expected = vec![
+        real.file_name().unwrap().to_string_lossy().into_owned(),
+        fake[0].clone(),
+        fake[1].clone(),
+        fake[3].clone(),
+        fake[5].clone(),
+        running.clone(),
+    ];
+    expected.sort();
+    assert_eq!(left(&dir), expected, "{report}");
+    assert_eq!(report["deleted"].as_array().unwrap().len(), 20 - 4);
+    assert_eq!(report["incomplete_deleted"], serde_json::json!([dead]));
+    // What is left still restores.
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

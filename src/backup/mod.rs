@@ -8,16 +8,18 @@
 //! | [`manifest`] | what a backup holds; object names that sort in restore order (pure) |
 //! | [`schema`] | `pg_dump --schema-only` in the snapshot; post-data cut into parallel phases |
 //! | [`dump`] | `bite-sync backup` |
+//! | [`prune`] | `backups prune`: keep-last/daily/weekly/monthly retention |
 //! | [`restore`] | `bite-sync restore`, `backups list`, `backups verify` |
 
 pub mod digest;
 pub mod dump;
 pub mod manifest;
+pub mod prune;
 pub mod restore;
 pub mod schema;
 pub mod store;
 
-use crate::cli::{BackupArgs, BackupsListArgs, BackupsVerifyArgs, RestoreArgs};
+use crate::cli::{BackupArgs, BackupsListArgs, BackupsPruneArgs, BackupsVerifyArgs, RestoreArgs};
 use crate::config::{Config, ConfigError};
 use crate::pg::connect::{DbUrl, Role};
 use crate::pg::ident::parse_pattern_list;
@@ -259,6 +261,57 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
                     report.rows,
                     size(report.bytes),
                     report.duration_ms as f64 / 1000.0
+                );
+            }
+            0
+        }
+        Err(e) => fail(&e, e.exit_code()),
+    }
+}
+
+/// `bite-sync backups prune`.
+pub async fn run_prune(config: &Config, args: &BackupsPruneArgs) -> u8 {
+    let url = match location(config, &args.from.from, "--from") {
+        Ok(u) => u,
+        Err(e) => return fail(&e, 2),
+    };
+    let store = match open_store(&url, config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let base = config.backup.retention;
+    let policy = prune::Retention {
+        keep_last: args.keep_last.unwrap_or(base.keep_last),
+        keep_daily: args.keep_daily.unwrap_or(base.keep_daily),
+        keep_weekly: args.keep_weekly.unwrap_or(base.keep_weekly),
+        keep_monthly: args.keep_monthly.unwrap_or(base.keep_monthly),
+    };
+    match prune::prune(&store, &policy, chrono::Utc::now(), args.dry_run).await {
+        Ok(report) => {
+            if args.json {
+                print_json(&report);
+            } else {
+                let verb = if report.dry_run {
+                    "would delete"
+                } else {
+                    "deleted"
+                };
+                for (id, why) in &report.kept {
+                    crate::outln!("keep    {id}  ({})", why.join(", "));
+                }
+                for id in &report.deleted {
+                    crate::outln!("{verb:<7} {id}");
+                }
+                for id in &report.incomplete_deleted {
+                    crate::outln!("{verb:<7} {id}  (incomplete)");
+                }
+                crate::outln!(
+                    "{} backups kept, {} {verb}, {} incomplete {verb}, {} freed{}",
+                    report.kept.len(),
+                    report.deleted.len(),
+                    report.incomplete_deleted.len(),
+                    size(report.bytes_freed),
+                    if report.dry_run { " (dry run)" } else { "" }
                 );
             }
             0
