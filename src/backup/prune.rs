@@ -44,6 +44,9 @@ impl Default for Retention {
     }
 }
 
+/// The period a backup falls in, for one rule (`2026-11-29`, `2026-W48`, `2026-11`).
+type Bucket = fn(&DateTime<Utc>) -> String;
+
 /// The backups a policy keeps, with why; `backups` are (id, time) of good backups.
 pub fn kept(
     backups: &[(String, DateTime<Utc>)],
@@ -59,7 +62,7 @@ pub fn kept(
     for (id, _) in newest_first.iter().take(policy.keep_last as usize) {
         keep(id, "last".into());
     }
-    let rules: [(&str, u32, fn(&DateTime<Utc>) -> String); 3] = [
+    let rules: [(&str, u32, Bucket); 3] = [
         ("daily", policy.keep_daily, |t| {
             t.format("%Y-%m-%d").to_string()
         }),
