@@ -119,6 +119,7 @@ pub enum Command {
     /// Examples:
     ///   bite-sync restore latest --target postgres://postgres@localhost/bite_restored
     ///   bite-sync restore 20261129T060000Z --from s3://my-bucket/bite-sync --target URL --clean
+    ///   bite-sync restore latest --tables customers,orders --target URL   # just those two
     ///
     /// Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 unreachable,
     /// 4 the backup is corrupt.
@@ -431,7 +432,13 @@ pub struct RestoreArgs {
     #[allow(missing_docs)]
     pub from: FromArgs,
 
-    /// Drop what is in the target first (every schema; a --tables backup's tables only)
+    /// Only these tables of the backup, comma-separated, with their types, sequences, keys,
+    /// indexes, and foreign keys between them [default: everything in the backup]
+    #[arg(long, short = 't', value_name = "LIST")]
+    pub tables: Option<String>,
+
+    /// Drop what is in the target first (every schema; with --tables or a --tables backup,
+    /// those tables only)
     #[arg(long)]
     pub clean: bool,
 

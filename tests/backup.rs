@@ -717,3 +717,99 @@ async fn prune_keeps_exactly_what_the_policy_says() {
     assert!(out.status.success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn some_tables_restore_out_of_a_whole_database_backup() {
+    let dbs = test_dbs("backup_restore_tables").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("restore-tables");
+    let to = url_of(&dir);
+    assert!(
+        run(&["backup", "--source", &dbs.source_url, "--to", &to])
+            .status
+            .success()
+    );
+
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--tables",
+        "customers,orders",
+    ]);
+    assert!(out.status.success());
+    let restored = connect(&dbs.mirror_url).await;
+    for table in ["public.customers", "public.orders"] {
+        assert_eq!(
+            digest(&source, table).await,
+            digest(&restored, table).await,
+            "{table}"
+        );
+    }
+    let row = restored
+        .query_one(
+            "SELECT to_regclass('public.menu_items') IS NULL, \
+                    (SELECT count(*) FROM pg_constraint WHERE conname = 'orders_customer_id_fkey'), \
+                    (SELECT last_value FROM orders_id_seq)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let source_seq: i64 = source
+        .query_one("SELECT last_value FROM orders_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(row.get::<_, bool>(0), "only the tables asked for");
+    assert_eq!(row.get::<_, i64>(1), 1);
+    assert_eq!(row.get::<_, i64>(2), source_seq);
+
+    // Another table into the same database: the ones already there are not in the way.
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--tables",
+        "order_items,menu_items",
+    ]);
+    assert!(out.status.success());
+    for table in ["public.order_items", "public.menu_items"] {
+        assert_eq!(
+            digest(&source, table).await,
+            digest(&restored, table).await,
+            "{table}"
+        );
+    }
+    // A table that is there again is refused, and replaced with --clean.
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--tables",
+        "menu_items",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public.menu_items"));
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--tables",
+        "nope",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -16,7 +16,9 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::digest::{Digest, Digester};
-use super::manifest::{self, MANIFEST, Manifest, Object, ObjectKind, Scope, Table};
+use super::manifest::{
+    self, ForeignKeyDdl, MANIFEST, Manifest, Object, ObjectKind, Scope, Table, TableDdl,
+};
 use super::schema::{self, PgDumpError, Section};
 use super::store::{Store, StoreError, Written};
 use crate::pg::connect::{ConnectError, DbUrl};
@@ -206,6 +208,12 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
         } else {
             Scope::Tables(names.iter().map(ToString::to_string).collect())
         };
+        // Catalog expressions deparsed with every name qualified.
+        control
+            .batch_execute("SET search_path = ''")
+            .await
+            .map_err(query("failed to prepare the catalog reads"))?;
+        let ddls = table_ddls(&control, &names).await?;
         let schema_task = {
             let store = store.clone();
             let id = id.clone();
@@ -216,12 +224,8 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             let generated = match scope {
                 Scope::Database => None,
                 Scope::Tables(_) => {
-                    // Catalog expressions deparsed with every name qualified.
-                    control
-                        .batch_execute("SET search_path = ''")
-                        .await
-                        .map_err(query("failed to prepare the catalog reads"))?;
-                    Some(generated_schema(&control, &names).await?)
+                    let all: Vec<&TableDdl> = ddls.iter().collect();
+                    Some(manifest::generated_schema(&all))
                 }
             };
             tokio::spawn(async move {
@@ -279,6 +283,7 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
                 columns: p.columns.clone(),
                 digest: Digest::default(),
                 objects: Vec::new(),
+                ddl: ddls.iter().find(|d| d.name == p.name.quoted()).cloned(),
             })
             .collect();
         for (task, (written, digest)) in tasks.iter().zip(results) {
@@ -608,55 +613,33 @@ async fn sequences_sql(
     Ok(sql)
 }
 
-/// Pre- and post-data for a `--tables` backup, generated from the catalog: the tables, the
-/// types and sequences they use, their keys and indexes, and foreign keys between them.
-async fn generated_schema(
+/// Each table's schema, generated from the catalog (read one table at a time, so each gets
+/// exactly the types and sequences it uses): what a `--tables` backup restores with, and what
+/// `restore --tables` picks from any backup.
+async fn table_ddls(
     control: &Client,
     names: &[QualifiedName],
-) -> Result<(String, String), BackupError> {
+) -> Result<Vec<TableDdl>, BackupError> {
     use crate::sync::ddl;
-    let cat = catalog::read_tables(control, names)
-        .await
-        .map_err(query("failed to read the tables' definitions"))?;
-    let mut pre = String::from(
-        "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nSELECT pg_catalog.set_config('search_path', '', false);\n",
-    );
-    let mut schemas: Vec<&str> = cat.tables.keys().map(|n| n.schema.as_str()).collect();
-    schemas.extend(cat.types.iter().map(|t| t.name().schema.as_str()));
-    schemas.sort();
-    schemas.dedup();
-    for s in schemas {
-        pre.push_str(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {};\n",
-            crate::pg::ident::quote(s)
-        ));
-    }
-    for t in &cat.types {
-        if let Some(sql) = ddl::create_type(t) {
-            // A type already there (restoring some tables into a database that has them).
-            pre.push_str(&format!(
-                "DO $bite_sync$ BEGIN {sql}; EXCEPTION WHEN duplicate_object THEN NULL; END $bite_sync$;\n"
-            ));
-        }
-    }
-    for s in &cat.sequences {
-        pre.push_str(&ddl::create_sequence(s));
-        pre.push_str(";\n");
-    }
-    for (name, def) in &cat.tables {
-        pre.push_str(&ddl::create_table(def, name));
-        pre.push_str(";\n");
-    }
-    let mut post = String::from(
-        "SET client_encoding = 'UTF8';\nSELECT pg_catalog.set_config('search_path', '', false);\n",
-    );
-    for (name, def) in &cat.tables {
+    let mut out = Vec::new();
+    for name in names {
+        let cat = catalog::read_tables(control, std::slice::from_ref(name))
+            .await
+            .map_err(query(format!("failed to read the definition of {name}")))?;
+        let Some(def) = cat.tables.get(name) else {
+            continue;
+        };
+        let mut schemas: Vec<String> = vec![name.schema.clone()];
+        schemas.extend(cat.types.iter().map(|t| t.name().schema.clone()));
+        schemas.sort();
+        schemas.dedup();
+        let mut keys = Vec::new();
         for c in def
             .constraints
             .iter()
             .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
         {
-            post.push_str(&format!(
+            keys.push(format!(
                 "--\n-- Name: {}; Type: CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
                 c.name,
                 name.schema,
@@ -664,25 +647,48 @@ async fn generated_schema(
             ));
         }
         for i in &def.indexes {
-            post.push_str(&format!(
+            keys.push(format!(
                 "--\n-- Name: {}; Type: INDEX; Schema: {}; Owner: -\n--\n{};\n",
                 i.name,
                 name.schema,
                 ddl::create_index(name, i)
             ));
         }
+        out.push(TableDdl {
+            name: name.quoted(),
+            schemas,
+            // A type already there (restoring some tables into a database that has them).
+            types: cat
+                .types
+                .iter()
+                .filter_map(ddl::create_type)
+                .map(|sql| {
+                    format!(
+                        "DO $bite_sync$ BEGIN {sql}; EXCEPTION WHEN duplicate_object THEN NULL; END $bite_sync$;\n"
+                    )
+                })
+                .collect(),
+            sequences: cat
+                .sequences
+                .iter()
+                .map(|s| (s.name.quoted(), format!("{};\n", ddl::create_sequence(s))))
+                .collect(),
+            create: format!("{};\n", ddl::create_table(def, name)),
+            keys,
+            foreign_keys: def
+                .foreign_keys
+                .iter()
+                .map(|fk| ForeignKeyDdl {
+                    references: fk.referenced.quoted(),
+                    sql: format!(
+                        "--\n-- Name: {}; Type: FK CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
+                        fk.name,
+                        name.schema,
+                        ddl::add_foreign_key(name, fk, &fk.referenced)
+                    ),
+                })
+                .collect(),
+        });
     }
-    for (name, def) in &cat.tables {
-        for fk in &def.foreign_keys {
-            if cat.tables.contains_key(&fk.referenced) {
-                post.push_str(&format!(
-                    "--\n-- Name: {}; Type: FK CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
-                    fk.name,
-                    name.schema,
-                    ddl::add_foreign_key(name, fk, &fk.referenced)
-                ));
-            }
-        }
-    }
-    Ok((pre, post))
+    Ok(out)
 }

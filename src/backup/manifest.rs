@@ -96,6 +96,83 @@ pub struct Table {
     pub digest: Digest,
     /// Its data objects (one, or one per chunk of a large table).
     pub objects: Vec<String>,
+    /// Its schema as bite-sync generates it, for `restore --tables` (absent in backups made
+    /// before bite-sync wrote it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<TableDdl>,
+}
+
+/// One table's schema, generated from the source's catalog.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableDdl {
+    /// The table, quoted (`"public"."orders"`).
+    pub name: String,
+    /// Schemas it and its types live in.
+    pub schemas: Vec<String>,
+    /// Its types (enums, domains), dependencies first, each guarded against existing.
+    pub types: Vec<String>,
+    /// Its sequences: (quoted name, `CREATE SEQUENCE IF NOT EXISTS`).
+    pub sequences: Vec<(String, String)>,
+    /// `CREATE TABLE` with columns, defaults and checks.
+    pub create: String,
+    /// Keys and indexes, as pg_dump-style entries.
+    pub keys: Vec<String>,
+    /// Its foreign keys.
+    pub foreign_keys: Vec<ForeignKeyDdl>,
+}
+
+/// A foreign key of a [`TableDdl`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignKeyDdl {
+    /// The table it references, quoted.
+    pub references: String,
+    /// The statement, as a pg_dump-style entry.
+    pub sql: String,
+}
+
+/// Pre- and post-data for a set of tables from their generated schema: their schemas, types,
+/// sequences and tables, then keys and indexes, and the foreign keys between them.
+pub fn generated_schema(tables: &[&TableDdl]) -> (String, String) {
+    let mut pre = String::from(
+        "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nSELECT pg_catalog.set_config('search_path', '', false);\n",
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    let mut schemas: Vec<&String> = tables.iter().flat_map(|t| &t.schemas).collect();
+    schemas.sort();
+    schemas.dedup();
+    for s in schemas {
+        pre.push_str(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};\n",
+            crate::pg::ident::quote(s)
+        ));
+    }
+    for t in tables {
+        for sql in t.types.iter().chain(t.sequences.iter().map(|(_, sql)| sql)) {
+            if seen.insert(sql.clone()) {
+                pre.push_str(sql);
+            }
+        }
+    }
+    for t in tables {
+        pre.push_str(&t.create);
+    }
+    let mut post = String::from(
+        "SET client_encoding = 'UTF8';\nSELECT pg_catalog.set_config('search_path', '', false);\n",
+    );
+    for t in tables {
+        for k in &t.keys {
+            post.push_str(k);
+        }
+    }
+    let names: std::collections::BTreeSet<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    for t in tables {
+        for fk in &t.foreign_keys {
+            if names.contains(fk.references.as_str()) {
+                post.push_str(&fk.sql);
+            }
+        }
+    }
+    (pre, post)
 }
 
 impl Table {
@@ -227,6 +304,7 @@ mod tests {
                     checksum: 0xdead_beef,
                 },
                 objects: vec![data_object_name(0, "public", "orders", 0)],
+                ddl: None,
             }],
             objects: vec![Object {
                 name: data_object_name(0, "public", "orders", 0),

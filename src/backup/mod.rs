@@ -232,9 +232,15 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
         let target = DbUrl::parse(Role::Mirror, &args.target).map_err(|e| ConfigError {
             problems: vec![format!("--target: {e}")],
         })?;
-        Ok::<_, ConfigError>((url, target))
+        let tables = match &args.tables {
+            Some(t) => parse_pattern_list(t).map_err(|e| ConfigError {
+                problems: vec![format!("--tables: {e}")],
+            })?,
+            None => Vec::new(),
+        };
+        Ok::<_, ConfigError>((url, target, tables))
     })();
-    let (url, target) = match prepared {
+    let (url, target, tables) = match prepared {
         Ok(p) => p,
         Err(e) => return fail(&e, 2),
     };
@@ -246,6 +252,7 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
         target,
         clean: args.clean,
         jobs: args.jobs.map_or(config.backup.jobs, usize::from),
+        tables,
         work_mem: config.sync.maintenance_work_mem.clone(),
     };
     match restore::restore(&store, &args.id, &opts).await {

@@ -21,11 +21,11 @@ use tokio_postgres::error::SqlState;
 
 use super::digest::{Digest, Digester};
 use super::dump::SESSION_SETTINGS;
-use super::manifest::{MANIFEST, Manifest, Object, ObjectKind, Scope};
+use super::manifest::{MANIFEST, Manifest, Object, ObjectKind, Scope, TableDdl, generated_schema};
 use super::schema::{self, Phase};
 use super::store::{Store, StoreError};
 use crate::pg::connect::{ConnectError, DbUrl};
-use crate::pg::ident::quote;
+use crate::pg::ident::{literal, quote};
 use crate::sync::tasks::{Next, Node, Tasks};
 use std::collections::HashMap;
 
@@ -218,6 +218,8 @@ pub struct RestoreOptions {
     pub clean: bool,
     /// Parallel connections.
     pub jobs: usize,
+    /// Only these tables (empty: everything in the backup).
+    pub tables: Vec<crate::pg::ident::TablePattern>,
     /// `maintenance_work_mem` and `work_mem` of the restore's sessions (index builds, and
     /// the joins that check foreign keys), e.g. `256MB`.
     pub work_mem: String,
@@ -248,11 +250,24 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
-    let m = manifest(store, &id).await?;
+    let whole = manifest(store, &id).await?;
+    let (m, generated) = if opts.tables.is_empty() {
+        (whole, None)
+    } else {
+        let (m, ddls) = subset(whole, &opts.tables)?;
+        let refs: Vec<&TableDdl> = ddls.iter().collect();
+        (m, Some(generated_schema(&refs)))
+    };
     let control = opts.target.connect().await?;
     prepare_target(&control, &m, opts).await?;
 
-    let pre = read_text(store, &m, ObjectKind::PreData).await?;
+    let (pre, post) = match generated {
+        Some(pair) => pair,
+        None => (
+            read_text(store, &m, ObjectKind::PreData).await?,
+            read_text(store, &m, ObjectKind::PostData).await?,
+        ),
+    };
     control
         .batch_execute(&schema::without_meta_commands(&pre))
         .await
@@ -262,7 +277,6 @@ pub async fn restore(
     // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so a table's
     // indexes are built while other tables still load, and a foreign key is checked once
     // its two tables are indexed.
-    let post = read_text(store, &m, ObjectKind::PostData).await?;
     let (preamble, entries) = schema::split_entries(&post);
     let nodes = restore_graph(&m, &entries);
     run_graph(opts, store, &id, &preamble, nodes).await?;
@@ -278,7 +292,21 @@ pub async fn restore(
             .await
             .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
     }
-    let sequences = read_text(store, &m, ObjectKind::Sequences).await?;
+    let mut sequences = read_text(store, &m, ObjectKind::Sequences).await?;
+    if !opts.tables.is_empty() {
+        // Only the sequences of the tables restored.
+        let wanted: Vec<String> = m
+            .tables
+            .iter()
+            .filter_map(|t| t.ddl.as_ref())
+            .flat_map(|d| d.sequences.iter().map(|(name, _)| literal(name)))
+            .collect();
+        sequences = sequences
+            .lines()
+            .filter(|l| !l.starts_with("SELECT") || wanted.iter().any(|w| l.contains(w.as_str())))
+            .flat_map(|l| [l, "\n"])
+            .collect();
+    }
     control
         .batch_execute(&sequences)
         .await
@@ -291,6 +319,52 @@ pub async fn restore(
         bytes: m.size(),
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The backup narrowed to the tables `patterns` name: its manifest with only them (scope
+/// `Tables`, so only they must be absent from the target), and their generated schema.
+fn subset(
+    m: Manifest,
+    patterns: &[crate::pg::ident::TablePattern],
+) -> Result<(Manifest, Vec<TableDdl>), RestoreError> {
+    let entries: Vec<crate::sync::catalog::TableEntry> = m
+        .tables
+        .iter()
+        .map(|t| crate::sync::catalog::TableEntry {
+            name: crate::pg::ident::QualifiedName::new(&t.schema, &t.name),
+            kind: 'r',
+        })
+        .collect();
+    let selected = crate::sync::plan::resolve(&entries, &["public".to_owned()], patterns, &[])
+        .map_err(|e| RestoreError::NoBackup(format!("backup {}: {e}", m.id)))?;
+    let mut m = m;
+    m.tables.retain(|t| {
+        selected
+            .iter()
+            .any(|s| s.name.schema == t.schema && s.name.name == t.name)
+    });
+    let mut ddls = Vec::new();
+    for t in &m.tables {
+        match &t.ddl {
+            Some(d) => ddls.push(d.clone()),
+            None => {
+                return Err(RestoreError::NoBackup(format!(
+                    "backup {}: it was made by a bite-sync without per-table schemas, so it can only be restored whole (drop --tables)",
+                    m.id
+                )));
+            }
+        }
+    }
+    let keep: std::collections::BTreeSet<&String> =
+        m.tables.iter().flat_map(|t| &t.objects).collect();
+    m.objects = m
+        .objects
+        .iter()
+        .filter(|o| o.kind == ObjectKind::Sequences || keep.contains(&o.name))
+        .cloned()
+        .collect();
+    m.scope = Scope::Tables(m.tables.iter().map(|t| t.display_name()).collect());
+    Ok((m, ddls))
 }
 
 /// Refuses a target in use, or with `--clean` drops what the backup will create.
@@ -852,6 +926,7 @@ pub async fn verify(
                 target: target.clone(),
                 clean: false,
                 jobs,
+                tables: Vec::new(),
                 work_mem: work_mem.to_owned(),
             },
         )
@@ -918,6 +993,7 @@ mod tests {
             columns: "\"id\"".into(),
             digest: Digest::default(),
             objects: objects.iter().map(|o| o.to_string()).collect(),
+            ddl: None,
         }
     }
 
