@@ -50,7 +50,7 @@ pub enum Work {
         work_mem: String,
     },
     /// `bite-sync sync`.
-    Sync(SyncOptions),
+    Sync(Box<SyncOptions>),
     /// `bite-sync backups prune --from <location>`.
     Prune {
         /// Where the backups are.
@@ -72,13 +72,13 @@ pub enum JobError {
     Config(#[from] ConfigError),
     /// The backup store could not be opened.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<StoreError>),
     /// The backup failed.
     #[error(transparent)]
-    Backup(#[from] BackupError),
+    Backup(Box<BackupError>),
     /// The check could not restore or compare the backup.
     #[error(transparent)]
-    Verify(#[from] RestoreError),
+    Verify(Box<RestoreError>),
     /// The check restored the backup and some tables differ from its manifest.
     #[error(
         "backup {id} does not restore to what it holds: {} differ from the manifest (restore an earlier backup if this one is needed)",
@@ -92,12 +92,37 @@ pub enum JobError {
     },
     /// The sync failed.
     #[error(transparent)]
-    Sync(#[from] SyncError),
+    Sync(Box<SyncError>),
     /// This build cannot prune yet.
     #[error(
         "prune is not available in this build yet: no backup was deleted (disable the job with enabled = false until bite-sync is upgraded)"
     )]
     PruneUnavailable,
+}
+
+// Boxed: the causes are large, and a `Result` of them is passed around on every run.
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        JobError::Store(Box::new(e))
+    }
+}
+
+impl From<BackupError> for JobError {
+    fn from(e: BackupError) -> Self {
+        JobError::Backup(Box::new(e))
+    }
+}
+
+impl From<RestoreError> for JobError {
+    fn from(e: RestoreError) -> Self {
+        JobError::Verify(Box::new(e))
+    }
+}
+
+impl From<SyncError> for JobError {
+    fn from(e: SyncError) -> Self {
+        JobError::Sync(Box::new(e))
+    }
 }
 
 /// The job's work with the configuration's defaults, or what is missing for it. `init` is
@@ -141,7 +166,7 @@ pub fn plan(job: &Job, config: &Config, init: bool) -> Result<Work, JobError> {
             options.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
             options.mode = Mode::Full;
             options.init = init;
-            Work::Sync(options)
+            Work::Sync(Box::new(options))
         }
         JobKind::Prune { from } => Work::Prune {
             location: location(from, "from")?,

@@ -42,7 +42,7 @@ enum Conn {
     Fixed(Arc<Client>),
     /// A connection to `url`, made again when lost.
     Reconnecting {
-        url: DbUrl,
+        url: Box<DbUrl>,
         /// `None` before the first connect, when the log started without one.
         client: Mutex<Option<Arc<Client>>>,
     },
@@ -61,7 +61,7 @@ impl PgRunLog {
     pub fn reconnecting(url: DbUrl, client: Option<Client>) -> PgRunLog {
         PgRunLog {
             conn: Conn::Reconnecting {
-                url,
+                url: Box::new(url),
                 client: Mutex::new(client.map(Arc::new)),
             },
         }
