@@ -421,6 +421,11 @@ pub struct RunArgs {
     /// Publication on the source [default: replication.publication, else bite_sync]
     #[arg(long, env = "BITE_PUBLICATION", value_name = "NAME")]
     pub publication: Option<String>,
+
+    /// Directory of schedule files (*.toml) whose jobs to run
+    /// [default: schedules/ next to the config file, else in the working directory]
+    #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
+    pub schedules: Option<PathBuf>,
 }
 
 /// `bite-sync status`.
