@@ -346,6 +346,21 @@ async fn without_bookkeeping_on_the_mirror_the_history_stays_in_memory_and_the_m
 }
 
 #[tokio::test]
+async fn an_unreachable_mirror_only_costs_the_history_not_the_daemon() {
+    let ws = Workspace::new();
+    ws.config(&config(
+        CLOSED,
+        CLOSED,
+        "[backup]\nurl = \"file:///nonexistent/never-used\"\n",
+    ))
+    .schedule("b.toml", &yearly("yearly-backup", "kind = \"backup\""));
+    let mut daemon = Daemon::start(&ws, &[]);
+    daemon.wait_for_log("the mirror is unreachable").await;
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+}
+
+#[tokio::test]
 async fn a_bad_schedule_file_exits_2_naming_it_before_connecting_anywhere() {
     let ws = Workspace::new();
     ws.config(&config(

@@ -8,6 +8,9 @@
 //! turn a production database into a "mirror"); without it, and without a mirror at all, the
 //! history is kept in memory: runs still happen and are logged, but a run missed while
 //! bite-sync was down is not made up at the next start, since nothing remembers the last one.
+//! A mirror that does not answer at start is tried again at each run and its
+//! `bite_sync.job_runs` used as it then is (a passing outage should not cost the history for
+//! as long as the daemon runs; a missed run cannot be made up this time, though).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::jobs::ConfigRunner;
+use super::pg_log::STATEMENT_TIMEOUT;
 use super::{Job, MemoryRunLog, PgRunLog, RunLog, SystemClock, next_fire, run_schedules};
 use crate::bookkeeping::{self, BookkeepingError};
 use crate::config::Config;
@@ -66,36 +70,45 @@ pub async fn open_history(mirror: Option<&DbUrl>, init: bool) -> Arc<dyn RunLog>
         );
         return Arc::new(MemoryRunLog::new());
     };
-    let mut client = match url.connect().await {
-        Ok(client) => client,
-        Err(e) => {
-            // Likely a passing outage: keep trying on each run rather than give up on the
-            // history for as long as the daemon runs.
-            tracing::warn!(
-                error = %error_chain(&e),
-                "the mirror is unreachable: runs are recorded in its bite_sync.job_runs once it answers, and a run missed while bite-sync was down is not made up this time"
-            );
-            return Arc::new(PgRunLog::reconnecting(url.clone(), None));
-        }
-    };
-    match prepare(&mut client, init).await {
-        Ok(true) => {
+    let opened = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+        let mut client = url.connect().await.map_err(|e| error_chain(&e))?;
+        let prepared = prepare(&mut client, init).await;
+        Ok::<_, String>((client, prepared))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(format!(
+            "the mirror did not answer within {} s",
+            STATEMENT_TIMEOUT.as_secs()
+        ))
+    });
+    match opened {
+        Ok((client, Ok(true))) => {
             tracing::info!(mirror = %url.target(), "run history in the mirror's bite_sync.job_runs");
             Arc::new(PgRunLog::reconnecting(url.clone(), Some(client)))
         }
-        Ok(false) => {
+        Ok((_, Ok(false))) => {
             tracing::warn!(
                 mirror = %url.target(),
                 "the mirror has no bite_sync bookkeeping, so the run history is kept in memory and lost at exit (a run missed while bite-sync is down is not made up): to keep it in the mirror's bite_sync.job_runs, start once with --init (or run `bite-sync sync --init`)"
             );
             Arc::new(MemoryRunLog::new())
         }
-        Err(e) => {
+        Ok((_, Err(e))) => {
             tracing::warn!(
                 error = %error_chain(&e),
                 "could not set up the run history on the mirror: it is kept in memory and lost at exit"
             );
             Arc::new(MemoryRunLog::new())
+        }
+        Err(why) => {
+            // Likely a passing outage: keep trying on each run rather than give up on the
+            // history for as long as the daemon runs.
+            tracing::warn!(
+                error = %why,
+                "the mirror is unreachable: runs are recorded in its bite_sync.job_runs once it answers, and a run missed while bite-sync was down is not made up this time"
+            );
+            Arc::new(PgRunLog::reconnecting(url.clone(), None))
         }
     }
 }
