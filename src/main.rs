@@ -288,7 +288,7 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
     };
     schedules_cancel.cancel();
     if let Some(scheduler) = scheduler {
-        tracing::debug!("stopping the schedules (a job in progress is finished first)");
+        tracing::info!("stopping the schedules (a job in progress is finished first)");
         if let Err(e) = scheduler.await {
             tracing::error!(error = %e, "the scheduler's task failed");
         }
