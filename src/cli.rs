@@ -60,7 +60,7 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Sync(SyncArgs),
 
-    /// Keep the mirror in step with the local database, continuously (the daemon)
+    /// Keep the mirror in step with the local database, continuously, and run the scheduled jobs (the daemon)
     ///
     /// Streams the source's changes (logical replication, dialing out only) and applies them
     /// to the mirror in batches, each recorded with the source position it reaches, so a
@@ -72,11 +72,23 @@ pub enum Command {
     /// Tables come from --tables or replication.tables in bite-sync.toml. Check the set-up
     /// first with `bite-sync check`; watch it with `bite-sync status`.
     ///
+    /// It also runs the scheduled jobs of schedules/*.toml (see `bite-sync schedules --help`),
+    /// checked before anything connects: a bad file or a job the configuration cannot run
+    /// exits 2 naming the file, the job and the key. A job never runs twice at once; one whose
+    /// last run was missed while bite-sync was down runs once at start. Every run (start,
+    /// end, outcome, size) is recorded in the mirror's bite_sync.job_runs when the mirror has
+    /// bite-sync's bookkeeping (or --init creates it); otherwise in memory, with a warning.
+    /// Without tables to replicate it runs the schedules only. SIGTERM or Ctrl-C lets a backup
+    /// or backup check in progress finish (a sync in progress is abandoned, leaving the mirror
+    /// as it was).
+    ///
     /// Examples:
     ///   bite-sync run --init --tables customers,menu_items,orders,order_items
     ///   bite-sync run                            # tables, slot and URLs from bite-sync.toml
+    ///   bite-sync run --schedules /etc/bite-sync/schedules
     ///
-    /// Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration error.
+    /// Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration error (also:
+    /// neither tables to replicate nor scheduled jobs).
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
 
@@ -474,6 +486,11 @@ pub struct RunArgs {
     /// Publication on the source [default: replication.publication, else bite_sync]
     #[arg(long, env = "BITE_PUBLICATION", value_name = "NAME")]
     pub publication: Option<String>,
+
+    /// Directory of schedule files (*.toml) whose jobs to run
+    /// [default: schedules/ next to the config file, else in the working directory]
+    #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
+    pub schedules: Option<PathBuf>,
 }
 
 /// `bite-sync status`.

@@ -228,13 +228,80 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
 }
 
 async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) -> u8 {
-    let (source, mirror) = match config.require_both() {
-        Ok(pair) => pair,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
+    // Everything that can be wrong with the files or the settings is said before anything
+    // connects anywhere.
+    let loaded =
+        match schedule::load::load_configured(args.schedules.as_deref(), config.file.as_deref()) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        };
+    let replicate = !config.replication.tables.is_empty();
+    if !replicate && loaded.jobs.is_empty() {
+        eprintln!(
+            "error: nothing to run: no tables to replicate (pass --tables customers,orders or set replication.tables in bite-sync.toml) and no scheduled jobs ([[job]] tables in {}/*.toml)",
+            loaded.dir.display()
+        );
+        return 2;
+    }
+    if let Err(e) = schedule::jobs::check(&loaded.jobs, config, args.init) {
+        eprintln!("error: {e}");
+        return 2;
+    }
+    let replication = if replicate {
+        match replication_options(config, args) {
+            Ok(opts) => Some(opts),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
+    } else {
+        tracing::info!("no tables to replicate (replication.tables): running the schedules only");
+        None
+    };
+
+    // The scheduler stops with the daemon, and also when replication ends on its own (an
+    // error), so that the process exits with replication's code.
+    let schedules_cancel = cancel.child_token();
+    let scheduler = schedule::daemon::start(
+        loaded.jobs,
+        &loaded.dir,
+        Arc::new(config.clone()),
+        args.init,
+        schedules_cancel.clone(),
+    );
+    let code = match replication {
+        Some(opts) => {
+            let observer = sync::progress::on_stderr(true);
+            match daemon::run(&opts, observer, cancel).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("error: {}", bite_sync::error_chain(&e));
+                    e.exit_code() as u8
+                }
+            }
+        }
+        None => {
+            cancel.cancelled().await;
+            0
         }
     };
+    schedules_cancel.cancel();
+    if let Some(scheduler) = scheduler {
+        tracing::info!("stopping the schedules (a job in progress is finished first)");
+        if let Err(e) = scheduler.await {
+            tracing::error!(error = %e, "the scheduler's task failed");
+        }
+    }
+    code
+}
+
+/// `bite-sync run`'s replication settings, or which URL is missing.
+fn replication_options(config: &Config, args: &RunArgs) -> Result<RunOptions, ConfigError> {
+    let (source, mirror) = config.require_both()?;
     let settings = &config.replication;
     let mut opts = RunOptions::new(source, mirror, settings.tables.clone());
     opts.slot = settings.slot.clone();
@@ -248,14 +315,7 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
     opts.jobs = config.sync.jobs;
     opts.lock_timeout = config.sync.lock_timeout;
     opts.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
-    let observer = sync::progress::on_stderr(true);
-    match daemon::run(&opts, observer, cancel).await {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("error: {}", bite_sync::error_chain(&e));
-            e.exit_code() as u8
-        }
-    }
+    Ok(opts)
 }
 
 async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
@@ -295,24 +355,20 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
 }
 
 async fn run_schedules_list(config: &Config, args: &SchedulesArgs) -> u8 {
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| schedule::load::default_dir(config.file.as_deref()));
     // The default directory is optional; one named with --dir must exist.
-    let jobs = if args.dir.is_none() && !dir.exists() {
-        eprintln!(
-            "note: no schedules: {} does not exist (see `bite-sync schedules --help`)",
-            dir.display()
-        );
-        Vec::new()
-    } else {
-        match schedule::load_dir(&dir) {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 2;
+    let jobs = match schedule::load::load_configured(args.dir.as_deref(), config.file.as_deref()) {
+        Ok(loaded) => {
+            if loaded.missing_default {
+                eprintln!(
+                    "note: no schedules: {} does not exist (see `bite-sync schedules --help`)",
+                    loaded.dir.display()
+                );
             }
+            loaded.jobs
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
         }
     };
     let history = if jobs.is_empty() {

@@ -8,8 +8,11 @@ use std::process::{Command, Output};
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
 
+use std::time::Duration;
+
+use bite_sync::pg::connect::{DbUrl, Role};
 use bite_sync::schedule::{JobOutcome, PgRunLog, RunLog, RunState};
-use support::{bite_sync, connect, test_dbs};
+use support::{bite_sync, connect, test_dbs, wait_for};
 
 const GOOD: &str = r#"
 [[job]]
@@ -286,4 +289,89 @@ async fn last_runs_come_from_the_mirrors_bookkeeping() {
         "{}",
         stdout(&out)
     );
+}
+
+/// Ends every other session on `db` of the admin's cluster (the mirror restarting, a failover,
+/// a proxy dropping idle connections) and waits until they are gone.
+async fn kill_other_sessions(admin: &tokio_postgres::Client, db: &str) {
+    admin
+        .execute(
+            "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the killed sessions to be gone",
+        Duration::from_secs(10),
+        || async {
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_catalog.pg_backend_pid()",
+                    &[&db],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_reconnecting_history_outlives_its_connection_and_a_fixed_one_does_not() {
+    let dbs = test_dbs("schedules_reconnect").await;
+    let mut admin = connect(&dbs.mirror_url).await;
+    bite_sync::bookkeeping::migrate(&mut admin).await.unwrap();
+    let url = DbUrl::parse(Role::Mirror, &dbs.mirror_url).unwrap();
+    let fixed = PgRunLog::new(connect(&dbs.mirror_url).await);
+    let log = PgRunLog::reconnecting(url.clone(), Some(url.connect().await.unwrap()));
+
+    let t0 = Utc.with_ymd_and_hms(2026, 3, 7, 2, 30, 0).unwrap();
+    let first = log.record_start("nightly", t0).await.unwrap();
+    assert_eq!(fixed.last_run("nightly").await.unwrap().unwrap().id, first);
+
+    kill_other_sessions(&admin, &dbs.name).await;
+    let lost = fixed.last_run("nightly").await;
+    assert!(
+        lost.is_err(),
+        "a fixed log cannot outlive its connection: {lost:?}"
+    );
+    // The run that started before the connection died is still completed...
+    let outcome = JobOutcome {
+        bytes: Some(42),
+        detail: "done".into(),
+    };
+    log.record_end(first, t0 + TimeDelta::minutes(3), Ok(outcome))
+        .await
+        .unwrap();
+    // ... and the next one recorded, after another loss.
+    kill_other_sessions(&admin, &dbs.name).await;
+    let t1 = t0 + TimeDelta::days(1);
+    let second = log.record_start("nightly", t1).await.unwrap();
+    kill_other_sessions(&admin, &dbs.name).await;
+    let last = log.last_run("nightly").await.unwrap().unwrap();
+    assert_eq!((last.id, last.started_at), (second, t1));
+
+    let rows: Vec<(String, Option<i64>)> = admin
+        .query(
+            "SELECT outcome, bytes FROM bite_sync.job_runs ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        [("ok".to_string(), Some(42)), ("running".to_string(), None)]
+    );
+
+    // A log that starts while the mirror is away connects on first use.
+    let lazy = PgRunLog::reconnecting(url, None);
+    assert_eq!(lazy.last_run("nightly").await.unwrap().unwrap().id, second);
 }

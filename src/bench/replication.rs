@@ -1144,10 +1144,12 @@ impl Daemon {
         };
         let exe = std::env::current_exe().map_err(spawn)?;
         let stderr = File::create(log).map_err(spawn)?;
-        // In the log dir: no bite-sync.toml from the caller's directory changes the run.
+        // In the log dir: no bite-sync.toml or schedules from the caller's directory change
+        // the run (nor a scheduled backup compete with it).
         let child = Command::new(exe)
             .args(args)
             .env_remove("BITE_CONFIG")
+            .env_remove("BITE_SCHEDULES_DIR")
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

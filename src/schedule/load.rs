@@ -29,6 +29,39 @@ pub fn default_dir(config_file: Option<&Path>) -> PathBuf {
     }
 }
 
+/// The jobs of the schedules directory in use, and which directory that is.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The directory read (or looked for).
+    pub dir: PathBuf,
+    /// Its jobs, in file order.
+    pub jobs: Vec<Job>,
+    /// The default directory does not exist (so there are no jobs).
+    pub missing_default: bool,
+}
+
+/// Reads `explicit` (`--dir`, `--schedules`, `BITE_SCHEDULES_DIR`), which must exist, or the
+/// [`default_dir`] for `config_file`, whose absence only means no jobs.
+pub fn load_configured(
+    explicit: Option<&Path>,
+    config_file: Option<&Path>,
+) -> Result<Loaded, ScheduleError> {
+    let dir = explicit.map_or_else(|| default_dir(config_file), Path::to_path_buf);
+    if explicit.is_none() && !dir.exists() {
+        return Ok(Loaded {
+            dir,
+            jobs: Vec::new(),
+            missing_default: true,
+        });
+    }
+    let jobs = load_dir(&dir)?;
+    Ok(Loaded {
+        dir,
+        jobs,
+        missing_default: false,
+    })
+}
+
 /// The committed example files, which a test loads.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (

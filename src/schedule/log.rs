@@ -122,6 +122,34 @@ pub enum RunLogError {
     /// `record_end` for a run that was never started (or whose row was deleted).
     #[error("no run {0} in the history")]
     UnknownRun(RunId),
+    /// The mirror could not be reached to (re)open the history's connection.
+    #[error("failed to connect to the mirror for the run history")]
+    Connect(#[source] Box<crate::pg::connect::ConnectError>),
+    /// The mirror did not answer in time.
+    #[error("the mirror did not answer within {} s", .0.as_secs())]
+    TimedOut(std::time::Duration),
+}
+
+impl RunLogError {
+    /// Whether the connection, rather than the statement, failed: closed, reset, the server
+    /// shutting down or not answering. Worth connecting again and retrying.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            RunLogError::Query { source, .. } => {
+                source.is_closed()
+                    || source.as_db_error().is_none_or(|db| {
+                        // Class 08: connection exception; 57P01-57P03: the server shutting
+                        // down or restarting (57014, a cancelled statement, is not one).
+                        let code = db.code().code();
+                        code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+                    })
+            }
+            RunLogError::TimedOut(_) => true,
+            RunLogError::Connect(_) | RunLogError::BadRow { .. } | RunLogError::UnknownRun(_) => {
+                false
+            }
+        }
+    }
 }
 
 /// Where runs are recorded. Object-safe (boxed futures) so the scheduler holds an

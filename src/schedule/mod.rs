@@ -6,6 +6,9 @@
 //! [`missed`]. [`run::run_schedules`] is the loop around them, with the clock ([`clock`]), the
 //! run history ([`log`], [`pg_log`]) and the work itself ([`run::JobRunner`]) injected, so it
 //! is tested in paused time without a database. [`list`] is `bite-sync schedules`.
+//! [`jobs`] is the work behind each kind of job (a backup, a check, a sync, a prune) with the
+//! configuration's defaults, and [`daemon`] starts it all inside `bite-sync run`, with the
+//! history on the mirror when there is one.
 //!
 //! Invariants of the loop: a job never runs twice at once (a fire time that comes while its
 //! previous run is still going is skipped, with a warning); a disabled job never runs; a
@@ -14,6 +17,8 @@
 
 pub mod clock;
 pub mod cron;
+pub mod daemon;
+pub mod jobs;
 pub mod list;
 pub mod load;
 pub mod log;
