@@ -813,3 +813,73 @@ async fn some_tables_restore_out_of_a_whole_database_backup() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_killed_mid_upload_to_s3_is_never_listed_as_good() {
+    let dbs = test_dbs("backup_s3_killed").await;
+    let source = connect(&dbs.source_url).await;
+    // Big enough for multipart uploads (8 MiB parts) of several chunks.
+    source
+        .batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, payload text); \
+             INSERT INTO big SELECT g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) \
+             FROM generate_series(1, 800000) g;",
+        )
+        .await
+        .unwrap();
+    let server = support::S3Server::start().await;
+    let config = format!(
+        "[backup]\nurl = \"{}\"\nendpoint = \"{}\"\npath_style = true\naccess_key = \"{}\"\nsecret_key = \"{}\"\n",
+        server.url("killed"),
+        server.endpoint(),
+        support::S3Server::ACCESS_KEY,
+        support::S3Server::SECRET_KEY
+    );
+    let mut cmd = bite_sync();
+    let cwd = cmd.get_current_dir().unwrap().to_path_buf();
+    std::fs::write(cwd.join("bite-sync.toml"), &config).unwrap();
+    let mut child = cmd
+        .args(["backup", "--source", &dbs.source_url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it while a multipart upload is open.
+    support::wait_for(
+        "a multipart upload to start",
+        Duration::from_secs(60),
+        || {
+            let pending = server.pending_uploads();
+            async move { (pending > 0).then_some(()) }
+        },
+    )
+    .await;
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = bite_sync();
+        let cwd = cmd.get_current_dir().unwrap().to_path_buf();
+        std::fs::write(cwd.join("bite-sync.toml"), &config).unwrap();
+        cmd.args(["backups", "list", "--json"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = json(&out);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "incomplete"),
+        "{list}"
+    );
+}
