@@ -5,12 +5,14 @@
 //! |---|---|
 //! | [`store`] | where objects live: a folder or an S3-compatible bucket, in bounded memory |
 //! | [`digest`] | row count and order-independent checksum of a table's COPY text (pure) |
+//! | [`crypt`] | optional age encryption of objects: keys, the gzip-then-age encoder, the decrypting reader |
 //! | [`manifest`] | what a backup holds; object names that sort in restore order (pure) |
 //! | [`schema`] | `pg_dump --schema-only` in the snapshot; post-data cut into parallel phases |
 //! | [`dump`] | `bite-sync backup` |
 //! | [`prune`] | `backups prune`: keep-last/daily/weekly/monthly retention |
 //! | [`restore`] | `bite-sync restore`, `backups list`, `backups verify` |
 
+pub mod crypt;
 pub mod digest;
 pub mod dump;
 pub mod manifest;
