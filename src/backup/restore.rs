@@ -87,7 +87,7 @@ pub enum RestoreError {
     },
     /// The identity given is not the one the backup was encrypted to.
     #[error(
-        "backup {id}: this backup was encrypted to {recipient}, the identity given does not match (it is the key of {given})"
+        "backup {id}: this backup was encrypted to {recipient}, the identity given does not match (its public key is {given})"
     )]
     WrongIdentity {
         /// The backup.
