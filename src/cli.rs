@@ -116,7 +116,7 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Backup(BackupArgs),
 
-    /// List, verify and prune backups
+    /// List, verify and prune backups; make a key for encrypted ones
     #[command(subcommand)]
     Backups(BackupsCommand),
 
@@ -126,15 +126,16 @@ pub enum Command {
     /// adds foreign keys, like `pg_restore --jobs`. Every object's SHA-256 is checked as it
     /// streams in; a corrupt object is never committed. Refuses a target that already has
     /// tables unless --clean, which drops every schema of the target first (the backup's
-    /// tables only, for a --tables backup).
+    /// tables only, for a --tables backup). An encrypted backup needs its identity:
+    /// backup.identity_file or BITE_BACKUP_IDENTITY.
     ///
     /// Examples:
     ///   bite-sync restore latest --target postgres://postgres@localhost/bite_restored
     ///   bite-sync restore 20261129T060000Z --from s3://my-bucket/bite-sync --target URL --clean
     ///   bite-sync restore latest --tables customers,orders --target URL   # just those two
     ///
-    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 unreachable,
-    /// 4 the backup is corrupt.
+    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error (or no or the wrong
+    /// identity), 3 unreachable, 4 the backup is corrupt.
     #[command(verbatim_doc_comment)]
     Restore(RestoreArgs),
 
@@ -334,7 +335,10 @@ pub enum BackupsCommand {
     ///   bite-sync backups verify                 # the newest backup
     ///   bite-sync backups verify 20261129T060000Z --json
     ///
-    /// Exit codes: 0 verified, 1 a table differs or it failed, 4 an object is corrupt.
+    /// An encrypted backup needs its identity: backup.identity_file or BITE_BACKUP_IDENTITY.
+    ///
+    /// Exit codes: 0 verified, 1 a table differs or it failed, 2 no or the wrong identity,
+    /// 4 an object is corrupt.
     #[command(verbatim_doc_comment)]
     Verify(BackupsVerifyArgs),
 
@@ -351,6 +355,27 @@ pub enum BackupsCommand {
     ///   bite-sync backups prune --keep-daily 14 --json
     #[command(verbatim_doc_comment)]
     Prune(BackupsPruneArgs),
+
+    /// Make a new age key pair for encrypted backups: the identity (secret) on stdout or in
+    /// --out FILE (mode 0600), its public key on stderr
+    ///
+    /// The public key goes in backup.encrypt_to on the machine that backs up; the identity
+    /// (backup.identity_file or BITE_BACKUP_IDENTITY) is needed only to restore or verify,
+    /// so keep it elsewhere. `age-keygen` makes the same kind of key.
+    ///
+    /// Examples:
+    ///   bite-sync backups keygen --out bite-backup-key.txt
+    ///   bite-sync backups keygen > key.txt
+    #[command(verbatim_doc_comment)]
+    Keygen(BackupsKeygenArgs),
+}
+
+/// `bite-sync backups keygen`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct BackupsKeygenArgs {
+    /// Write the identity to this new file (mode 0600; an existing file is never overwritten)
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// `bite-sync backups prune`.

@@ -73,6 +73,10 @@ pub struct RawBackup {
     pub keep_weekly: Option<i64>,
     /// Retention: the newest of each of the last N months.
     pub keep_monthly: Option<i64>,
+    /// age recipient (public key) every backup object is encrypted to.
+    pub encrypt_to: Option<String>,
+    /// File holding the age identity (secret key) for restore and verify.
+    pub identity_file: Option<PathBuf>,
 }
 
 /// `[source]` / `[mirror]`.
@@ -180,6 +184,11 @@ pub struct BackupSettings {
     pub pg_dump: Option<PathBuf>,
     /// What `backups prune` keeps.
     pub retention: crate::backup::prune::Retention,
+    /// Encrypt every object to this age recipient; none: not encrypted.
+    pub encrypt_to: Option<crate::backup::crypt::Recipient>,
+    /// The age identity's file for restore and verify (read only then, so a machine that
+    /// only backs up never needs it; `BITE_BACKUP_IDENTITY` wins).
+    pub identity_file: Option<PathBuf>,
 }
 
 /// Validated `[sync]`.
@@ -477,6 +486,11 @@ pub fn resolve(
             defaults.keep_monthly,
         ),
     };
+    let encrypt_to = raw.backup.encrypt_to.as_deref().and_then(|text| {
+        crate::backup::crypt::Recipient::parse(text)
+            .map_err(|e| problems.push(format!("{}: {e}", where_("backup.encrypt_to"))))
+            .ok()
+    });
     let backup = BackupSettings {
         url: raw.backup.url,
         s3: crate::backup::store::S3Settings {
@@ -489,6 +503,8 @@ pub fn resolve(
         jobs: backup_jobs,
         pg_dump: raw.backup.pg_dump,
         retention,
+        encrypt_to,
+        identity_file: raw.backup.identity_file,
     };
 
     if !problems.is_empty() {
@@ -703,6 +719,31 @@ mod tests {
             "b.toml: replication.batch_delay",
         ] {
             assert!(text.contains(key), "missing {key} in {text}");
+        }
+    }
+
+    #[test]
+    fn a_bad_recipient_is_named_by_its_key_and_a_secret_is_not_echoed() {
+        let identity = crate::backup::crypt::Identity::generate();
+        let good = format!(
+            "[backup]\nencrypt_to = \"{}\"\nidentity_file = \"/keys/bite.txt\"\n",
+            identity.recipient()
+        );
+        let config = resolve(None, parse(&good).unwrap(), Overrides::default()).unwrap();
+        assert_eq!(config.backup.encrypt_to, Some(identity.recipient()));
+        assert_eq!(
+            config.backup.identity_file.as_deref(),
+            Some(Path::new("/keys/bite.txt"))
+        );
+
+        let text = identity.file_text(chrono::Utc::now());
+        let secret = text.lines().last().unwrap();
+        for value in ["age1typo", secret] {
+            let raw = parse(&format!("[backup]\nencrypt_to = \"{value}\"\n")).unwrap();
+            let err = resolve(Some("c.toml".into()), raw, Overrides::default()).unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains("c.toml: backup.encrypt_to"), "{msg}");
+            assert!(!msg.contains(&secret[16..]), "the secret leaked: {msg}");
         }
     }
 

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             Command::Backups(BackupsCommand::Prune(args)) => {
                 bite_sync::backup::run_prune(&config, &args).await
             }
+            Command::Backups(BackupsCommand::Keygen(args)) => bite_sync::backup::run_keygen(&args),
             Command::Restore(args) => bite_sync::backup::run_restore(&config, &args).await,
             Command::Schedules(args) => run_schedules_list(&config, &args).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),

@@ -718,6 +718,278 @@ async fn prune_keeps_exactly_what_the_policy_says() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `bite-sync` run in a directory whose `bite-sync.toml` is `config`.
+fn with_config(config: &str) -> std::process::Command {
+    let cmd = bite_sync();
+    let cwd = cmd.get_current_dir().unwrap().to_path_buf();
+    std::fs::write(cwd.join("bite-sync.toml"), config).unwrap();
+    cmd
+}
+
+fn run_cmd(mut cmd: std::process::Command, args: &[&str]) -> Output {
+    let out = cmd.args(args).output().expect("bite-sync runs");
+    eprintln!(
+        "bite-sync {}\n-- stdout:\n{}\n-- stderr:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Count of tables in the target's public schema: what a refused restore must not touch.
+async fn table_count(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn an_encrypted_backup_hides_its_rows_and_restores_only_with_its_identity() {
+    use bite_sync::backup::crypt::Identity;
+    let dbs = test_dbs("backup_encrypted").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("encrypted");
+    let to = url_of(&dir);
+    let identity = Identity::generate();
+    let recipient = identity.recipient().to_string();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("key.txt");
+    std::fs::write(&key_file, identity.file_text(chrono::Utc::now())).unwrap();
+
+    // The machine that backs up knows only the public key.
+    let out = run_cmd(
+        with_config(&format!(
+            "[backup]\nurl = \"{to}\"\nencrypt_to = \"{recipient}\"\n"
+        )),
+        &["backup", "--source", &dbs.source_url, "--json"],
+    );
+    assert!(out.status.success());
+    let id = json(&out)["id"].as_str().unwrap().to_owned();
+    let folder = backup_folder(&dir);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["encryption"], "age");
+    assert_eq!(manifest["recipient"], recipient.as_str());
+    let objects = manifest["objects"].as_array().unwrap();
+    assert!(objects.len() >= 9, "{objects:?}");
+    for object in objects {
+        let name = object["name"].as_str().unwrap();
+        assert!(name.ends_with(".sql.gz.age"), "{name}");
+        let data = std::fs::read(folder.join(name)).unwrap();
+        // The manifest's size and SHA-256 are of the stored, encrypted bytes.
+        assert_eq!(object["size"], data.len() as u64);
+        use sha2::Digest as _;
+        assert_eq!(object["sha256"], hex::encode(sha2::Sha256::digest(&data)));
+        assert!(data.starts_with(b"age-encryption.org/v1\n"), "{name}");
+        assert_ne!(&data[..2], &[0x1f, 0x8b], "{name} is plain gzip");
+        for plain in [&b"row 250"[..], b"CREATE TABLE", b"setval"] {
+            assert!(
+                !data.windows(plain.len()).any(|w| w == plain),
+                "{name} shows {:?}",
+                String::from_utf8_lossy(plain)
+            );
+        }
+    }
+    // Still listed (the manifest needs no key).
+    let out = run(&["backups", "list", "--from", &to, "--json"]);
+    assert_eq!(json(&out)[0]["state"], "good");
+
+    // No identity: a clear refusal, and the target untouched.
+    let mirror = connect(&dbs.mirror_url).await;
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("encrypted")
+            && stderr.contains("backup.identity_file")
+            && stderr.contains("BITE_BACKUP_IDENTITY")
+            && stderr.contains(&recipient),
+        "{stderr}"
+    );
+    assert_eq!(table_count(&mirror).await, 0);
+
+    // Another identity: refused, naming the recipient it needs; its secret never shown.
+    let other = Identity::generate().file_text(chrono::Utc::now());
+    let other_secret = other.lines().last().unwrap().to_owned();
+    let mut cmd = bite_sync();
+    cmd.env("BITE_BACKUP_IDENTITY", &other);
+    let out = run_cmd(
+        cmd,
+        &[
+            "restore",
+            &id,
+            "--from",
+            &to,
+            "--target",
+            &dbs.mirror_url,
+            "--clean",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("this backup was encrypted to {recipient}"))
+            && stderr.contains("does not match"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&other_secret[16..]), "{stderr}");
+    assert_eq!(table_count(&mirror).await, 0);
+
+    // The identity from backup.identity_file: verify proves it restores.
+    let out = run_cmd(
+        with_config(&format!(
+            "[backup]\nurl = \"{to}\"\nidentity_file = \"{}\"\n",
+            key_file.display()
+        )),
+        &["backups", "verify", "--source", &dbs.source_url, "--json"],
+    );
+    assert!(out.status.success());
+    let verified = json(&out);
+    assert_eq!(verified["ok"], true);
+    assert_eq!(verified["tables"].as_array().unwrap().len(), 6);
+
+    // The identity from BITE_BACKUP_IDENTITY: restore brings every row back.
+    let mut cmd = bite_sync();
+    cmd.env(
+        "BITE_BACKUP_IDENTITY",
+        identity.file_text(chrono::Utc::now()),
+    );
+    let out = run_cmd(
+        cmd,
+        &["restore", &id, "--from", &to, "--target", &dbs.mirror_url],
+    );
+    assert!(out.status.success());
+    assert_same_tables(&source, &mirror).await;
+
+    // An altered byte in an encrypted object: corrupt (exit 4), as for a plain one.
+    let victim = objects
+        .iter()
+        .map(|o| folder.join(o["name"].as_str().unwrap()))
+        .find(|p| p.to_string_lossy().contains("public.orders."))
+        .unwrap();
+    let mut data = std::fs::read(&victim).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0x55;
+    std::fs::write(&victim, &data).unwrap();
+    let out = run_cmd(
+        with_config(&format!(
+            "[backup]\nurl = \"{to}\"\nidentity_file = \"{}\"\n",
+            key_file.display()
+        )),
+        &["backups", "verify", "--source", &dbs.source_url],
+    );
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("public.orders"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README's stock restore of an encrypted backup:
+/// `for f in DIR/*.age; do age -d -i key.txt "$f"; done | gunzip -c | psql ...`. With the
+/// `age` CLI when it is installed; otherwise each object is decrypted by the age crate into a
+/// file first, which checks the same thing (standard age files, in glob order, whose
+/// plaintexts concatenate into one gzip stream psql runs).
+#[tokio::test]
+async fn stock_age_gunzip_and_psql_restore_an_encrypted_backup() {
+    use bite_sync::backup::crypt::{self, Identity};
+    let dbs = test_dbs("backup_stock_age").await;
+    let source = sample_source(&dbs.source_url).await;
+    let dir = store_dir("stock-age");
+    let identity = Identity::generate();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("key.txt");
+    std::fs::write(&key_file, identity.file_text(chrono::Utc::now())).unwrap();
+    let out = run_cmd(
+        with_config(&format!(
+            "[backup]\nencrypt_to = \"{}\"\n",
+            identity.recipient()
+        )),
+        &["backup", "--source", &dbs.source_url, "--to", &url_of(&dir)],
+    );
+    assert!(out.status.success());
+    let folder = backup_folder(&dir);
+    let psql = clusters().source.bin_dir().join("psql");
+    let has_age = std::process::Command::new("age")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let decrypt = if has_age {
+        format!("age -d -i '{}' \"$f\"", key_file.display())
+    } else {
+        eprintln!("no `age` on PATH: decrypting with the age crate instead of the CLI");
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "age") {
+                let plain = crypt::decrypt(&std::fs::read(&path).unwrap(), &identity).unwrap();
+                std::fs::write(path.with_extension("age.plain"), plain).unwrap();
+            }
+        }
+        "cat \"$f.plain\"".to_owned()
+    };
+    let script = format!(
+        "for f in '{}'/*.age; do {decrypt}; done | gunzip -c | '{}' -X -q -v ON_ERROR_STOP=1 -d '{}'",
+        folder.display(),
+        psql.display(),
+        dbs.mirror_url
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script}");
+    let restored = connect(&dbs.mirror_url).await;
+    assert_same_tables(&source, &restored).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn keygen_writes_a_private_identity_and_prints_its_public_key() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let keys = tempfile::tempdir().unwrap();
+    let path = keys.path().join("key.txt");
+    let out = run(&["backups", "keygen", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty(), "the secret went to the file only");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let identity = bite_sync::backup::crypt::Identity::parse(&text, "key.txt").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("Public key: {}", identity.recipient())),
+        "{stderr}"
+    );
+    // Never overwrites a key: it may be the only way into old backups.
+    let out = run(&["backups", "keygen", "--out", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    // Without --out: the identity on stdout, readable by `age -d -i`.
+    let out = run(&["backups", "keygen"]);
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    bite_sync::backup::crypt::Identity::parse(&printed, "stdout").unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("AGE-SECRET-KEY"));
+}
+
 #[tokio::test]
 async fn some_tables_restore_out_of_a_whole_database_backup() {
     let dbs = test_dbs("backup_restore_tables").await;

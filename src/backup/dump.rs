@@ -1,20 +1,20 @@
 //! `bite-sync backup`: one consistent snapshot, tables dumped in parallel (large ones in
-//! chunks of pages), gzip streamed straight into the store, the manifest last.
+//! chunks of pages), gzip (then age, with `backup.encrypt_to`) streamed straight into the
+//! store, the manifest last.
 //!
 //! Memory stays bounded whatever the table size: rows flow from `COPY ... TO STDOUT` through
-//! the compressor into an [`ObjectWriter`] that holds at most a part or two.
+//! the [`Encoder`] into an [`ObjectWriter`](super::store::ObjectWriter) that holds at most a
+//! part or two.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use futures_util::{StreamExt, pin_mut};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use super::crypt::{Encoder, Recipient};
 use super::digest::{Digest, Digester};
 use super::manifest::{
     self, ForeignKeyDdl, MANIFEST, Manifest, Object, ObjectKind, Scope, Table, TableDdl,
@@ -28,7 +28,7 @@ use crate::sync::plan::{self, PlanError};
 
 /// gzip level: 6 is gzip's own default; the benchmark compares sizes with `gzip -6`.
 const LEVEL: u32 = 6;
-/// Compressed bytes gathered before they go to the store.
+/// Stored bytes gathered before they go to the store.
 const FLUSH_BYTES: usize = 512 * 1024;
 /// Settings every dump and verify session uses, so COPY prints values the same way on both
 /// sides (the checksums compare text).
@@ -49,6 +49,8 @@ pub struct BackupOptions {
     pub chunk_bytes: u64,
     /// `[backup] pg_dump`.
     pub pg_dump: Option<PathBuf>,
+    /// `[backup] encrypt_to`: every object is age-encrypted to it after compression.
+    pub encrypt_to: Option<Recipient>,
 }
 
 impl BackupOptions {
@@ -61,6 +63,7 @@ impl BackupOptions {
             jobs: 2,
             chunk_bytes: 32 * 1024 * 1024,
             pg_dump: None,
+            encrypt_to: None,
         }
     }
 }
@@ -220,6 +223,7 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             let source_url = opts.source.clone();
             let snapshot = snapshot.clone();
             let pg_dump = opts.pg_dump.clone();
+            let encrypt_to = opts.encrypt_to.clone();
             let major = (source.server_version_num / 10_000) as u32;
             let generated = match scope {
                 Scope::Database => None,
@@ -251,29 +255,37 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
                     }
                 };
                 let mut objects = Vec::new();
-                for (name, kind, sql) in [
-                    ("0-pre-data.sql.gz", ObjectKind::PreData, pre),
-                    ("2-post-data.sql.gz", ObjectKind::PostData, post),
-                ] {
-                    let written = put_gzip(&store, &format!("{id}/{name}"), sql.as_bytes()).await?;
-                    objects.push(object(name, kind, written));
+                for (kind, sql) in [(ObjectKind::PreData, pre), (ObjectKind::PostData, post)] {
+                    let name = manifest::schema_object_name(kind, encrypt_to.is_some());
+                    let written =
+                        put_encoded(&store, &id, &name, encrypt_to.as_ref(), sql.as_bytes())
+                            .await?;
+                    objects.push(object(&name, kind, written));
                 }
                 Ok::<_, BackupError>(objects)
             })
         };
 
-        let tasks = chunk_tasks(&planned, opts.chunk_bytes, source.server_version_num);
+        let tasks = chunk_tasks(
+            &planned,
+            opts.chunk_bytes,
+            source.server_version_num,
+            opts.encrypt_to.is_some(),
+        );
         let results = dump_data(opts, store, &id, &snapshot, &planned, &tasks).await?;
         let mut objects = schema_task.await.expect("the schema task does not panic")?;
 
         let sequences = sequences_sql(&control, &names, opts.tables.is_empty()).await?;
-        let written = put_gzip(
+        let name = manifest::schema_object_name(ObjectKind::Sequences, opts.encrypt_to.is_some());
+        let written = put_encoded(
             store,
-            &format!("{id}/3-sequences.sql.gz"),
+            &id,
+            &name,
+            opts.encrypt_to.as_ref(),
             sequences.as_bytes(),
         )
         .await?;
-        objects.push(object("3-sequences.sql.gz", ObjectKind::Sequences, written));
+        objects.push(object(&name, ObjectKind::Sequences, written));
 
         let mut tables: Vec<Table> = planned
             .iter()
@@ -306,6 +318,8 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             snapshot: snapshot_info.clone(),
             scope,
             compression: "gzip".into(),
+            encryption: opts.encrypt_to.as_ref().map(|_| manifest::Encryption::Age),
+            recipient: opts.encrypt_to.as_ref().map(ToString::to_string),
             tables,
             objects,
         };
@@ -363,12 +377,16 @@ fn object(name: &str, kind: ObjectKind, written: Written) -> Object {
     }
 }
 
-/// Compresses a small text and stores it.
-async fn put_gzip(store: &Store, key: &str, data: &[u8]) -> Result<Written, BackupError> {
-    let mut encoder = GzEncoder::new(Vec::new(), Compression::new(LEVEL));
-    encoder.write_all(data).expect("writing to memory");
-    let bytes = encoder.finish().expect("writing to memory");
-    Ok(store.put(key, &bytes).await?)
+/// Compresses (and encrypts, with a recipient) a small text and stores it as `id/name`.
+async fn put_encoded(
+    store: &Store,
+    id: &str,
+    name: &str,
+    recipient: Option<&Recipient>,
+    data: &[u8],
+) -> Result<Written, BackupError> {
+    let bytes = Encoder::encode(LEVEL, recipient, data);
+    Ok(store.put(&format!("{id}/{name}"), &bytes).await?)
 }
 
 /// Columns, size and pages of each table, in the snapshot.
@@ -411,7 +429,12 @@ async fn plan_tables(
 
 /// The data objects: one per table, or page ranges of a large plain table (TID range scans
 /// need PostgreSQL 14), largest first so the long ones start early.
-fn chunk_tasks(planned: &[Planned], chunk_bytes: u64, server_version_num: i32) -> Vec<Task> {
+fn chunk_tasks(
+    planned: &[Planned],
+    chunk_bytes: u64,
+    server_version_num: i32,
+    encrypted: bool,
+) -> Vec<Task> {
     let mut tasks = Vec::new();
     for (i, t) in planned.iter().enumerate() {
         let chunks = if t.kind == 'r' && server_version_num >= 140_000 && chunk_bytes > 0 {
@@ -422,7 +445,7 @@ fn chunk_tasks(planned: &[Planned], chunk_bytes: u64, server_version_num: i32) -
         if chunks <= 1 || t.blocks < chunks {
             tasks.push(Task {
                 table: i,
-                object: manifest::data_object_name(i, &t.name.schema, &t.name.name, 0),
+                object: manifest::data_object_name(i, &t.name.schema, &t.name.name, 0, encrypted),
                 pages: None,
                 bytes: t.bytes,
             });
@@ -438,7 +461,13 @@ fn chunk_tasks(planned: &[Planned], chunk_bytes: u64, server_version_num: i32) -
             };
             tasks.push(Task {
                 table: i,
-                object: manifest::data_object_name(i, &t.name.schema, &t.name.name, c as usize),
+                object: manifest::data_object_name(
+                    i,
+                    &t.name.schema,
+                    &t.name.name,
+                    c as usize,
+                    encrypted,
+                ),
                 pages: Some((from, to)),
                 bytes: t.bytes / chunks,
             });
@@ -469,6 +498,7 @@ async fn dump_data(
         let tasks = Arc::clone(&tasks_arc);
         let store = store.clone();
         let source = opts.source.clone();
+        let encrypt_to = opts.encrypt_to.clone();
         let snapshot = snapshot.to_owned();
         let id = id.to_owned();
         workers.spawn(async move {
@@ -487,7 +517,9 @@ async fn dump_data(
                 let task = &tasks[i];
                 let table = &planned[task.table];
                 let started = Instant::now();
-                let result = dump_object(&client, &store, id.as_str(), table, task).await?;
+                let result =
+                    dump_object(&client, &store, id.as_str(), table, task, encrypt_to.as_ref())
+                        .await?;
                 tracing::debug!(object = %task.object, rows = result.1.rows, bytes = result.0.size, elapsed = ?started.elapsed(), "stored");
                 done.push((i, result));
             }
@@ -515,13 +547,15 @@ async fn dump_data(
         .collect())
 }
 
-/// Streams one table (or chunk) as a gzip'd `COPY ... FROM stdin` script into the store.
+/// Streams one table (or chunk) as a gzip'd (and maybe encrypted) `COPY ... FROM stdin`
+/// script into the store.
 async fn dump_object(
     client: &Client,
     store: &Store,
     id: &str,
     table: &Planned,
     task: &Task,
+    encrypt_to: Option<&Recipient>,
 ) -> Result<(Written, Digest), BackupError> {
     let qualified = table.name.quoted();
     let select = match (task.pages, table.kind) {
@@ -544,28 +578,27 @@ async fn dump_object(
         .map_err(query(format!("failed to read {}", table.name)))?;
     pin_mut!(stream);
     let mut writer = store.writer(&format!("{id}/{}", task.object)).await?;
-    let mut encoder = GzEncoder::new(Vec::with_capacity(FLUSH_BYTES * 2), Compression::new(LEVEL));
-    encoder
-        .write_all(
-            format!(
-                "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nCOPY {qualified} ({}) FROM stdin;\n",
-                table.columns
-            )
-            .as_bytes(),
+    let mut encoder = Encoder::new(LEVEL, encrypt_to);
+    let mut part = Vec::with_capacity(FLUSH_BYTES * 2);
+    encoder.write(
+        format!(
+            "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nCOPY {qualified} ({}) FROM stdin;\n",
+            table.columns
         )
-        .expect("writing to memory");
+        .as_bytes(),
+    );
     let mut digester = Digester::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(query(format!("failed to read {}", table.name)))?;
         digester.update(&chunk);
-        encoder.write_all(&chunk).expect("writing to memory");
-        if encoder.get_ref().len() >= FLUSH_BYTES {
-            writer.write(encoder.get_ref()).await?;
-            encoder.get_mut().clear();
+        encoder.write(&chunk);
+        if encoder.pending() >= FLUSH_BYTES {
+            encoder.drain(&mut part);
+            writer.write(&part).await?;
         }
     }
-    encoder.write_all(b"\\.\n\n").expect("writing to memory");
-    let rest = encoder.finish().expect("writing to memory");
+    encoder.write(b"\\.\n\n");
+    let rest = encoder.finish();
     writer.write(&rest).await?;
     let written = writer.finish().await?;
     Ok((written, digester.finish()))

@@ -9,8 +9,10 @@
 //! - `manifest.json`, written only once every other object is stored.
 //!
 //! Names sort in restore order, so `gunzip -c DIR/*.sql.gz | psql` restores a backup with
-//! stock tools. A folder without `manifest.json` is an incomplete backup: never listed as
-//! good, never restored.
+//! stock tools. An encrypted backup's objects end in `.sql.gz.age` (gzip, then age); its
+//! manifest stays plain (it holds no row data) and records the recipient, and its sizes and
+//! SHA-256 are of the encrypted bytes, so integrity is checked without the key. A folder
+//! without `manifest.json` is an incomplete backup: never listed as good, never restored.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +45,12 @@ pub struct Manifest {
     pub scope: Scope,
     /// `gzip`.
     pub compression: String,
+    /// Encrypted after compression, or not (absent in older manifests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+    /// The age recipient (public key) an encrypted backup was encrypted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<String>,
     /// Tables, in the order their data objects are named.
     pub tables: Vec<Table>,
     /// Every object but the manifest, in name order.
@@ -209,6 +217,14 @@ pub enum ObjectKind {
     Sequences,
 }
 
+/// How a backup's objects are encrypted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    /// age (<https://age-encryption.org/v1>), to an X25519 recipient.
+    Age,
+}
+
 impl Manifest {
     /// All stored bytes (the manifest's own not counted).
     pub fn size(&self) -> u64 {
@@ -242,9 +258,32 @@ impl Manifest {
     }
 }
 
+/// What object names end with: `.sql.gz`, or `.sql.gz.age` when encrypted (so the stock
+/// restore's glob picks exactly the objects).
+pub fn suffix(encrypted: bool) -> &'static str {
+    if encrypted { ".sql.gz.age" } else { ".sql.gz" }
+}
+
+/// The name of the pre-data, post-data or sequences object.
+pub fn schema_object_name(kind: ObjectKind, encrypted: bool) -> String {
+    let base = match kind {
+        ObjectKind::PreData => "0-pre-data",
+        ObjectKind::PostData => "2-post-data",
+        ObjectKind::Sequences => "3-sequences",
+        ObjectKind::Data => unreachable!("data objects are named by data_object_name"),
+    };
+    format!("{base}{}", suffix(encrypted))
+}
+
 /// The name of a table's data object: sorts after the pre-data and before the post-data,
 /// keeps the table's order, and is a safe file name whatever the table is called.
-pub fn data_object_name(index: usize, schema: &str, table: &str, chunk: usize) -> String {
+pub fn data_object_name(
+    index: usize,
+    schema: &str,
+    table: &str,
+    chunk: usize,
+    encrypted: bool,
+) -> String {
     let mut safe: String = format!("{schema}.{table}")
         .chars()
         .map(|c| {
@@ -256,7 +295,7 @@ pub fn data_object_name(index: usize, schema: &str, table: &str, chunk: usize) -
         })
         .collect();
     safe.truncate(80);
-    format!("1-data-{index:04}-{safe}.{chunk:03}.sql.gz")
+    format!("1-data-{index:04}-{safe}.{chunk:03}{}", suffix(encrypted))
 }
 
 /// A backup id for a start time: UTC, to the second, sortable (`20261129T060000Z`).
@@ -295,6 +334,8 @@ mod tests {
             },
             scope: Scope::Tables(vec!["public.orders".into()]),
             compression: "gzip".into(),
+            encryption: None,
+            recipient: None,
             tables: vec![Table {
                 schema: "public".into(),
                 name: "orders".into(),
@@ -303,11 +344,11 @@ mod tests {
                     rows: 2,
                     checksum: 0xdead_beef,
                 },
-                objects: vec![data_object_name(0, "public", "orders", 0)],
+                objects: vec![data_object_name(0, "public", "orders", 0, false)],
                 ddl: None,
             }],
             objects: vec![Object {
-                name: data_object_name(0, "public", "orders", 0),
+                name: data_object_name(0, "public", "orders", 0, false),
                 kind: ObjectKind::Data,
                 size: 120,
                 sha256: "ab".repeat(32),
@@ -345,9 +386,9 @@ mod tests {
         let mut names = [
             "3-sequences.sql.gz".to_owned(),
             "2-post-data.sql.gz".to_owned(),
-            data_object_name(1, "public", "Order Items/../x", 0),
-            data_object_name(0, "public", "orders", 1),
-            data_object_name(0, "public", "orders", 0),
+            data_object_name(1, "public", "Order Items/../x", 0, false),
+            data_object_name(0, "public", "orders", 1, false),
+            data_object_name(0, "public", "orders", 0, false),
             "0-pre-data.sql.gz".to_owned(),
         ];
         names.sort();
@@ -357,6 +398,46 @@ mod tests {
         assert_eq!(names[3], "1-data-0001-public.Order_Items_.._x.000.sql.gz");
         assert_eq!(names[4], "2-post-data.sql.gz");
         assert!(!names[3].contains('/') && !names[3].contains(' '));
+    }
+
+    #[test]
+    fn encrypted_names_sort_the_same_and_end_in_age() {
+        let mut names = [
+            schema_object_name(ObjectKind::Sequences, true),
+            schema_object_name(ObjectKind::PostData, true),
+            data_object_name(0, "public", "orders", 1, true),
+            data_object_name(0, "public", "orders", 0, true),
+            schema_object_name(ObjectKind::PreData, true),
+        ];
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "0-pre-data.sql.gz.age",
+                "1-data-0000-public.orders.000.sql.gz.age",
+                "1-data-0000-public.orders.001.sql.gz.age",
+                "2-post-data.sql.gz.age",
+                "3-sequences.sql.gz.age",
+            ]
+        );
+        assert_eq!(
+            schema_object_name(ObjectKind::PreData, false),
+            "0-pre-data.sql.gz"
+        );
+    }
+
+    #[test]
+    fn encryption_is_recorded_and_older_manifests_still_parse() {
+        let mut m = sample();
+        let plain = serde_json::to_value(&m).unwrap();
+        assert!(plain.get("encryption").is_none(), "{plain}");
+        // A manifest written before encryption existed has neither key.
+        assert_eq!(Manifest::parse(plain.to_string().as_bytes()).unwrap(), m);
+        m.encryption = Some(Encryption::Age);
+        m.recipient = Some("age1example".into());
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"encryption\":\"age\""), "{json}");
+        assert_eq!(Manifest::parse(json.as_bytes()).unwrap(), m);
     }
 
     #[test]

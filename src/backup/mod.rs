@@ -5,12 +5,14 @@
 //! |---|---|
 //! | [`store`] | where objects live: a folder or an S3-compatible bucket, in bounded memory |
 //! | [`digest`] | row count and order-independent checksum of a table's COPY text (pure) |
+//! | [`crypt`] | optional age encryption of objects: keys, the gzip-then-age encoder, the decrypting reader |
 //! | [`manifest`] | what a backup holds; object names that sort in restore order (pure) |
 //! | [`schema`] | `pg_dump --schema-only` in the snapshot; post-data cut into parallel phases |
 //! | [`dump`] | `bite-sync backup` |
 //! | [`prune`] | `backups prune`: keep-last/daily/weekly/monthly retention |
 //! | [`restore`] | `bite-sync restore`, `backups list`, `backups verify` |
 
+pub mod crypt;
 pub mod digest;
 pub mod dump;
 pub mod manifest;
@@ -19,7 +21,10 @@ pub mod restore;
 pub mod schema;
 pub mod store;
 
-use crate::cli::{BackupArgs, BackupsListArgs, BackupsPruneArgs, BackupsVerifyArgs, RestoreArgs};
+use crate::cli::{
+    BackupArgs, BackupsKeygenArgs, BackupsListArgs, BackupsPruneArgs, BackupsVerifyArgs,
+    RestoreArgs,
+};
 use crate::config::{Config, ConfigError};
 use crate::pg::connect::{DbUrl, Role};
 use crate::pg::ident::parse_pattern_list;
@@ -60,6 +65,14 @@ fn size(bytes: u64) -> String {
     crate::repl::status::human_bytes(i64::try_from(bytes).unwrap_or(i64::MAX))
 }
 
+/// The identity for restore and verify: `BITE_BACKUP_IDENTITY`, else `backup.identity_file`.
+fn identity(config: &Config) -> Result<Option<crypt::Identity>, u8> {
+    crypt::Identity::load(config.backup.identity_file.as_deref(), |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| fail(&e, 2))
+}
+
 async fn open_store(url: &str, config: &Config) -> Result<store::Store, u8> {
     store::Store::open(url, &config.backup.s3)
         .await
@@ -91,6 +104,7 @@ pub async fn run_backup(config: &Config, args: &BackupArgs) -> u8 {
     opts.tables = tables;
     opts.jobs = args.jobs.map_or(config.backup.jobs, usize::from);
     opts.pg_dump = config.backup.pg_dump.clone();
+    opts.encrypt_to = config.backup.encrypt_to.clone();
     match dump::backup(&opts, &store).await {
         Ok(report) => {
             if args.json {
@@ -180,6 +194,10 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let identity = match identity(config) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     let jobs = args.jobs.map_or(config.backup.jobs, usize::from);
     match restore::verify(
         &store,
@@ -187,6 +205,7 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
         &server,
         jobs,
         &config.sync.maintenance_work_mem,
+        identity.as_ref(),
     )
     .await
     {
@@ -248,12 +267,17 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let identity = match identity(config) {
+        Ok(i) => i,
+        Err(code) => return code,
+    };
     let opts = restore::RestoreOptions {
         target,
         clean: args.clean,
         jobs: args.jobs.map_or(config.backup.jobs, usize::from),
         tables,
         work_mem: config.sync.maintenance_work_mem.clone(),
+        identity,
     };
     match restore::restore(&store, &args.id, &opts).await {
         Ok(report) => {
@@ -325,4 +349,40 @@ pub async fn run_prune(config: &Config, args: &BackupsPruneArgs) -> u8 {
         }
         Err(e) => fail(&e, e.exit_code()),
     }
+}
+
+/// `bite-sync backups keygen`: a new age identity on stdout (or `--out FILE`, mode 0600), its
+/// public key on stderr.
+pub fn run_keygen(args: &BackupsKeygenArgs) -> u8 {
+    let identity = crypt::Identity::generate();
+    let text = identity.file_text(chrono::Utc::now());
+    match &args.out {
+        None => crate::outln!("{}", text.trim_end()),
+        Some(path) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // create_new: never overwrite a key that may still be the only way into old backups.
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()));
+            if let Err(e) = written {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    2
+                } else {
+                    1
+                };
+            }
+        }
+    }
+    eprintln!("Public key: {}", identity.recipient());
+    eprintln!(
+        "Put the public key in bite-sync.toml on the machine that backs up ([backup] encrypt_to = \"{}\").\n\
+         Keep the identity somewhere else (a password manager, the machine you restore from): without it no encrypted backup can be restored.",
+        identity.recipient()
+    );
+    0
 }

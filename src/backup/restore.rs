@@ -4,6 +4,10 @@
 //! parallel, then indexes and keys in parallel, foreign keys in parallel, and the rest of the
 //! schema in order. Every object's SHA-256 is checked as it streams in; a data object whose
 //! bytes do not match is rolled back (its `COPY` never commits) and the restore fails.
+//!
+//! An encrypted backup (its manifest says `"encryption": "age"`) needs the identity whose
+//! recipient the manifest names; that is checked before the target is touched. Each object
+//! is then hashed as stored, decrypted, and decompressed, in that order, as it streams.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,13 +19,16 @@ use bytes::Bytes;
 use futures_util::SinkExt;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use super::crypt::{self, Identity};
 use super::digest::{Digest, Digester};
 use super::dump::SESSION_SETTINGS;
-use super::manifest::{MANIFEST, Manifest, Object, ObjectKind, Scope, TableDdl, generated_schema};
+use super::manifest::{
+    Encryption, MANIFEST, Manifest, Object, ObjectKind, Scope, TableDdl, generated_schema,
+};
 use super::schema::{self, Phase};
 use super::store::{Store, StoreError};
 use crate::pg::connect::{ConnectError, DbUrl};
@@ -69,6 +76,29 @@ pub enum RestoreError {
         /// What differs.
         reason: String,
     },
+    /// The backup is encrypted and no identity was given.
+    #[error(
+        "backup {id} is encrypted (age, to {recipient}): give its identity with backup.identity_file in bite-sync.toml or the {env} environment variable",
+        env = crypt::IDENTITY_ENV
+    )]
+    NoIdentity {
+        /// The backup.
+        id: String,
+        /// Whom it was encrypted to.
+        recipient: String,
+    },
+    /// The identity given is not the one the backup was encrypted to.
+    #[error(
+        "backup {id}: this backup was encrypted to {recipient}, the identity given does not match (its public key is {given})"
+    )]
+    WrongIdentity {
+        /// The backup.
+        id: String,
+        /// Whom it was encrypted to.
+        recipient: String,
+        /// The given identity's public key.
+        given: String,
+    },
     /// The target has tables and `--clean` was not given.
     #[error(
         "the target database {target} is not empty ({tables}); restore into an empty database, or add --clean to drop {what} first"
@@ -84,9 +114,11 @@ pub enum RestoreError {
 }
 
 impl RestoreError {
-    /// 3 for what may pass on retry, 4 for a corrupt backup, 1 otherwise.
+    /// 3 for what may pass on retry, 4 for a corrupt backup, 2 for a missing or wrong key,
+    /// 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
+            RestoreError::NoIdentity { .. } | RestoreError::WrongIdentity { .. } => 2,
             RestoreError::Connect(e) if e.is_transient() => 3,
             RestoreError::Store(StoreError::S3 { .. } | StoreError::Io { .. }) => 3,
             RestoreError::Corrupt { .. } | RestoreError::BadManifest { .. } => 4,
@@ -223,6 +255,38 @@ pub struct RestoreOptions {
     /// `maintenance_work_mem` and `work_mem` of the restore's sessions (index builds, and
     /// the joins that check foreign keys), e.g. `256MB`.
     pub work_mem: String,
+    /// The key for encrypted backups (`backup.identity_file` / `BITE_BACKUP_IDENTITY`).
+    pub identity: Option<Identity>,
+}
+
+/// The identity to decrypt `m`'s objects with: `None` for a backup that is not encrypted;
+/// an error when it is and the identity is missing or not the one it was encrypted to.
+pub fn decryption_key(
+    m: &Manifest,
+    identity: Option<&Identity>,
+) -> Result<Option<Identity>, RestoreError> {
+    let Some(Encryption::Age) = m.encryption else {
+        return Ok(None);
+    };
+    let recipient = m
+        .recipient
+        .clone()
+        .unwrap_or_else(|| "an unrecorded recipient".into());
+    let Some(identity) = identity else {
+        return Err(RestoreError::NoIdentity {
+            id: m.id.clone(),
+            recipient,
+        });
+    };
+    let given = identity.recipient().to_string();
+    if m.recipient.as_ref().is_some_and(|r| *r != given) {
+        return Err(RestoreError::WrongIdentity {
+            id: m.id.clone(),
+            recipient,
+            given,
+        });
+    }
+    Ok(Some(identity.clone()))
 }
 
 /// What a restore did.
@@ -251,6 +315,8 @@ pub async fn restore(
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
     let whole = manifest(store, &id).await?;
+    // Before the target is touched (--clean drops it).
+    let key = decryption_key(&whole, opts.identity.as_ref())?;
     let (m, generated) = if opts.tables.is_empty() {
         (whole, None)
     } else {
@@ -264,8 +330,8 @@ pub async fn restore(
     let (pre, post) = match generated {
         Some(pair) => pair,
         None => (
-            read_text(store, &m, ObjectKind::PreData).await?,
-            read_text(store, &m, ObjectKind::PostData).await?,
+            read_text(store, &m, ObjectKind::PreData, key.as_ref()).await?,
+            read_text(store, &m, ObjectKind::PostData, key.as_ref()).await?,
         ),
     };
     control
@@ -279,7 +345,7 @@ pub async fn restore(
     // its two tables are indexed.
     let (preamble, entries) = schema::split_entries(&post);
     let nodes = restore_graph(&m, &entries);
-    run_graph(opts, store, &id, &preamble, nodes).await?;
+    run_graph(opts, store, &id, key.as_ref(), &preamble, nodes).await?;
     tracing::debug!(elapsed = ?started.elapsed(), "data, indexes and foreign keys done");
     let rest: String = entries
         .iter()
@@ -292,7 +358,7 @@ pub async fn restore(
             .await
             .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
     }
-    let mut sequences = read_text(store, &m, ObjectKind::Sequences).await?;
+    let mut sequences = read_text(store, &m, ObjectKind::Sequences, key.as_ref()).await?;
     if !opts.tables.is_empty() {
         // Only the sequences of the tables restored.
         let wanted: Vec<String> = m
@@ -567,6 +633,7 @@ async fn run_graph(
     opts: &RestoreOptions,
     store: &Store,
     id: &str,
+    key: Option<&Identity>,
     preamble: &str,
     nodes: Vec<Node<Work>>,
 ) -> Result<(), RestoreError> {
@@ -584,6 +651,7 @@ async fn run_graph(
         let work_mem = opts.work_mem.clone();
         let store = store.clone();
         let id = id.to_owned();
+        let key = key.cloned();
         let preamble = preamble.to_owned();
         workers.spawn(async move {
             let client = target.connect().await?;
@@ -621,7 +689,18 @@ async fn run_graph(
                         object,
                         table,
                         columns,
-                    } => load_object(&client, &store, &id, &object, &table, &columns).await,
+                    } => {
+                        load_object(
+                            &client,
+                            &store,
+                            &id,
+                            key.as_ref(),
+                            &object,
+                            &table,
+                            &columns,
+                        )
+                        .await
+                    }
                     Work::Sql(sql) => run_with_retry(&client, &preamble, &sql).await,
                 };
                 tracing::debug!(task = %what, elapsed = ?task_started.elapsed(), "restore task done");
@@ -675,6 +754,7 @@ async fn load_object(
     client: &Client,
     store: &Store,
     id: &str,
+    key: Option<&Identity>,
     object: &Object,
     table: &str,
     columns: &str,
@@ -687,7 +767,20 @@ async fn load_object(
     let raw = store.reader(&format!("{id}/{}", object.name)).await?;
     let hashing = Hashing::new(raw);
     let state = hashing.state();
-    let mut decoder = GzipDecoder::new(BufReader::with_capacity(256 * 1024, hashing));
+    let stored = BufReader::with_capacity(256 * 1024, hashing);
+    let (compressed, unreadable): (Box<dyn AsyncBufRead + Send + Unpin>, _) = match key {
+        None => (Box::new(stored), "cannot be decompressed"),
+        Some(key) => {
+            let plain = crypt::decrypting(stored, key)
+                .await
+                .map_err(|e| decrypt_error(id, &object.name, key, e))?;
+            (
+                Box::new(BufReader::with_capacity(256 * 1024, plain)),
+                "cannot be decrypted or decompressed",
+            )
+        }
+    };
+    let mut decoder = GzipDecoder::new(compressed);
     decoder.multiple_members(true);
     let mut text = BufReader::with_capacity(256 * 1024, decoder);
     // The script's header, up to its COPY line.
@@ -697,7 +790,7 @@ async fn load_object(
         let n = text
             .read_line(&mut line)
             .await
-            .map_err(|e| corrupt(format!("cannot be decompressed: {e}")))?;
+            .map_err(|e| corrupt(format!("{unreadable}: {e}")))?;
         if n == 0 {
             return Err(corrupt("it ends before its COPY line".into()));
         }
@@ -717,7 +810,7 @@ async fn load_object(
         let n = text
             .read(&mut buf)
             .await
-            .map_err(|e| corrupt(format!("cannot be decompressed: {e}")))?;
+            .map_err(|e| corrupt(format!("{unreadable}: {e}")))?;
         if n == 0 {
             break;
         }
@@ -770,8 +863,30 @@ fn find_end_marker(data: &[u8]) -> Option<usize> {
         .map(|at| at + 1)
 }
 
-/// Reads a whole (small) object of `kind`, decompressed, after checking its SHA-256.
-async fn read_text(store: &Store, m: &Manifest, kind: ObjectKind) -> Result<String, RestoreError> {
+/// A decryption failure as the restore reports it: another key, or a damaged object.
+fn decrypt_error(id: &str, object: &str, key: &Identity, e: crypt::DecryptError) -> RestoreError {
+    match e {
+        crypt::DecryptError::WrongIdentity => RestoreError::WrongIdentity {
+            id: id.to_owned(),
+            recipient: "another recipient".into(),
+            given: key.recipient().to_string(),
+        },
+        crypt::DecryptError::Damaged(reason) => RestoreError::Corrupt {
+            id: id.to_owned(),
+            object: object.to_owned(),
+            reason: format!("cannot be decrypted: {reason}"),
+        },
+    }
+}
+
+/// Reads a whole (small) object of `kind`, decrypted and decompressed, after checking its
+/// SHA-256.
+async fn read_text(
+    store: &Store,
+    m: &Manifest,
+    kind: ObjectKind,
+    key: Option<&Identity>,
+) -> Result<String, RestoreError> {
     let Some(object) = m.objects.iter().find(|o| o.kind == kind) else {
         return Ok(String::new());
     };
@@ -789,7 +904,16 @@ async fn read_text(store: &Store, m: &Manifest, kind: ObjectKind) -> Result<Stri
             ),
         });
     }
-    let mut decoder = GzipDecoder::new(&data[..]);
+    let decrypted;
+    let compressed = match key {
+        None => &data[..],
+        Some(key) => {
+            decrypted = crypt::decrypt(&data, key)
+                .map_err(|e| decrypt_error(&m.id, &object.name, key, e))?;
+            &decrypted[..]
+        }
+    };
+    let mut decoder = GzipDecoder::new(compressed);
     decoder.multiple_members(true);
     let mut text = String::new();
     decoder
@@ -891,10 +1015,13 @@ pub async fn verify(
     server: &DbUrl,
     jobs: usize,
     work_mem: &str,
+    identity: Option<&Identity>,
 ) -> Result<VerifyReport, RestoreError> {
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
     let m = manifest(store, &id).await?;
+    // Before a scratch database is made for nothing.
+    decryption_key(&m, identity)?;
     // Unique per run: two verifications of one backup may run at once (a schedule and a
     // person); an old one left by a crash has another name and is dropped by hand.
     let nonce = std::time::SystemTime::now()
@@ -928,6 +1055,7 @@ pub async fn verify(
                 jobs,
                 tables: Vec::new(),
                 work_mem: work_mem.to_owned(),
+                identity: identity.cloned(),
             },
         )
         .await?;
@@ -1018,6 +1146,8 @@ mod tests {
             },
             scope: Scope::Database,
             compression: "gzip".into(),
+            encryption: None,
+            recipient: None,
             tables: vec![
                 table("a", &objects[..2]),
                 table("b", &objects[2..3]),

@@ -61,6 +61,9 @@ pub enum Work {
 /// Why a job cannot run, or why a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// The backup identity could not be read.
+    #[error(transparent)]
+    Key(#[from] crate::backup::crypt::KeyError),
     /// Neither the job nor the configuration says where the backups are.
     #[error("no backup location: set {key} in the job, or backup.url in bite-sync.toml")]
     NoLocation {
@@ -231,7 +234,15 @@ impl ConfigRunner {
                 work_mem,
             } => {
                 let store = Store::open(&location, &self.config.backup.s3).await?;
-                let report = restore::verify(&store, &backup, &server, jobs, &work_mem).await?;
+                // An encrypted backup needs the identity (BITE_BACKUP_IDENTITY, else
+                // backup.identity_file); a plain one does not.
+                let identity = crate::backup::crypt::Identity::load(
+                    self.config.backup.identity_file.as_deref(),
+                    |k| std::env::var(k).ok(),
+                )?;
+                let report =
+                    restore::verify(&store, &backup, &server, jobs, &work_mem, identity.as_ref())
+                        .await?;
                 if !report.ok {
                     return Err(JobError::Differs {
                         id: report.id,
