@@ -75,7 +75,12 @@ fn main() -> ExitCode {
 
 /// Flags that override the config file.
 fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
-    let mut o = Overrides::default();
+    let mut o = Overrides {
+        alert_webhook: std::env::var("BITE_ALERT_WEBHOOK")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        ..Overrides::default()
+    };
     let list = |flag: &str, text: &Option<String>| match text {
         None => Ok(None),
         Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
