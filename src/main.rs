@@ -324,12 +324,24 @@ fn replication_options(config: &Config, args: &RunArgs) -> Result<RunOptions, Co
 }
 
 async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
-    let report = status::status(
+    let mut report = status::status(
         config.source.as_ref(),
         config.mirror.as_ref(),
         &config.replication.slot,
     )
     .await;
+    let jobs =
+        match schedule::load::load_configured(args.schedules.as_deref(), config.file.as_deref()) {
+            Ok(loaded) => loaded.jobs,
+            Err(e) => {
+                report
+                    .warnings
+                    .push(format!("cannot read the schedules: {e}"));
+                report.healthy = false;
+                Vec::new()
+            }
+        };
+    status::add_schedules(&mut report, config.mirror.as_ref(), &jobs, config).await;
     if args.json {
         bite_sync::outln!(
             "{}",
