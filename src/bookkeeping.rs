@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "schedules",
         sql: include_str!("../sql/migrations/0003_schedules.sql"),
     },
+    Migration {
+        version: 4,
+        name: "alerts",
+        sql: include_str!("../sql/migrations/0004_alerts.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).

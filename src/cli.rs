@@ -532,6 +532,11 @@ pub struct StatusArgs {
     /// Print JSON on stdout
     #[arg(long)]
     pub json: bool,
+
+    /// Directory of schedule files whose jobs' runs and backups to check
+    /// [default: schedules/ next to the config file, else in the working directory]
+    #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
+    pub schedules: Option<PathBuf>,
 }
 
 /// `bite-sync check`.

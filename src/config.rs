@@ -43,6 +43,17 @@ pub struct RawConfig {
     /// `[backup]`
     #[serde(default)]
     pub backup: RawBackup,
+    /// `[alerts]`
+    #[serde(default)]
+    pub alerts: RawAlerts,
+}
+
+/// `[alerts]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlerts {
+    /// Where alerts are POSTed (JSON with a Slack-compatible `text`).
+    pub webhook_url: Option<String>,
 }
 
 /// `[backup]`.
@@ -150,6 +161,8 @@ pub struct Overrides {
     pub slot: Option<String>,
     /// `--publication`.
     pub publication: Option<String>,
+    /// `BITE_ALERT_WEBHOOK`.
+    pub alert_webhook: Option<String>,
 }
 
 /// The validated configuration.
@@ -169,6 +182,8 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     /// `[backup]` settings.
     pub backup: BackupSettings,
+    /// `[alerts]`: where alerts go, if anywhere.
+    pub alert_webhook: Option<crate::alert::WebhookUrl>,
 }
 
 /// Validated `[backup]`.
@@ -507,6 +522,19 @@ pub fn resolve(
         identity_file: raw.backup.identity_file,
     };
 
+    let alert_webhook = match (overrides.alert_webhook, raw.alerts.webhook_url) {
+        (Some(u), _) => Some((u, "BITE_ALERT_WEBHOOK".to_string())),
+        (None, Some(u)) => Some((u, where_("alerts.webhook_url"))),
+        (None, None) => None,
+    }
+    .and_then(|(url, from)| match crate::alert::WebhookUrl::parse(&url) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            problems.push(format!("{from}: {e}"));
+            None
+        }
+    });
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -530,6 +558,7 @@ pub fn resolve(
         },
         log_format,
         backup,
+        alert_webhook,
     })
 }
 

@@ -18,6 +18,7 @@
 //! | [`bench`] | `bite-sync bench`: bite-sync against `pg_dump \| psql` on the same clusters |
 //! | [`proxy`] | a delaying TCP proxy that simulates a WAN and connection cuts (tests, bench) |
 
+pub mod alert;
 pub mod backup;
 pub mod bench;
 pub mod bookkeeping;

@@ -76,7 +76,12 @@ fn main() -> ExitCode {
 
 /// Flags that override the config file.
 fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
-    let mut o = Overrides::default();
+    let mut o = Overrides {
+        alert_webhook: std::env::var("BITE_ALERT_WEBHOOK")
+            .ok()
+            .filter(|v| !v.is_empty()),
+        ..Overrides::default()
+    };
     let list = |flag: &str, text: &Option<String>| match text {
         None => Ok(None),
         Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
@@ -320,12 +325,24 @@ fn replication_options(config: &Config, args: &RunArgs) -> Result<RunOptions, Co
 }
 
 async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
-    let report = status::status(
+    let mut report = status::status(
         config.source.as_ref(),
         config.mirror.as_ref(),
         &config.replication.slot,
     )
     .await;
+    let jobs =
+        match schedule::load::load_configured(args.schedules.as_deref(), config.file.as_deref()) {
+            Ok(loaded) => loaded.jobs,
+            Err(e) => {
+                report
+                    .warnings
+                    .push(format!("cannot read the schedules: {e}"));
+                report.healthy = false;
+                Vec::new()
+            }
+        };
+    status::add_schedules(&mut report, config.mirror.as_ref(), &jobs, config).await;
     if args.json {
         bite_sync::outln!(
             "{}",

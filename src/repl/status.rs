@@ -23,6 +23,12 @@ pub struct Status {
     pub mirror: Option<MirrorSide>,
     /// Why it could not.
     pub mirror_error: Option<String>,
+    /// Each scheduled job's latest run, when the mirror keeps the run history.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub jobs: Vec<JobRunStatus>,
+    /// Each backup job's newest backup, when `backup.url` and a backup job are configured.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub backups: Vec<crate::alert::freshness::BackupFreshness>,
     /// Things that need attention.
     pub warnings: Vec<String>,
     /// Nothing needs attention.
@@ -113,6 +119,8 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         source_error: None,
         mirror: None,
         mirror_error: None,
+        jobs: Vec::new(),
+        backups: Vec::new(),
         warnings: Vec::new(),
         healthy: false,
     };
@@ -128,6 +136,99 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
     status.healthy =
         status.source.is_some() && status.mirror.is_some() && status.warnings.is_empty();
     status
+}
+
+/// One job's latest run.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRunStatus {
+    /// The job.
+    pub job: String,
+    /// Its kind, when its schedule file is known.
+    pub kind: Option<String>,
+    /// `running`, `ok` or `failed`.
+    pub state: String,
+    /// When it started (RFC 3339, UTC).
+    pub started: String,
+    /// When it finished.
+    pub finished: Option<String>,
+    /// Its summary or error.
+    pub detail: Option<String>,
+}
+
+impl JobRunStatus {
+    /// The warning a failed latest run calls for.
+    pub fn warning(&self) -> Option<String> {
+        (self.state == "failed").then(|| {
+            format!(
+                "{}job \"{}\" failed at {}: {}",
+                self.kind
+                    .as_ref()
+                    .map(|k| format!("{k} "))
+                    .unwrap_or_default(),
+                self.job,
+                self.finished.as_deref().unwrap_or(&self.started),
+                self.detail.as_deref().unwrap_or("no detail recorded")
+            )
+        })
+    }
+}
+
+/// Adds the schedules' part: each job's latest run from the mirror's `bite_sync.job_runs`
+/// (if it has one) and the freshness of each enabled backup job's backups when `backup.url`
+/// is configured. A failed latest run or a stale backup is a warning and makes the status
+/// unhealthy; a store that cannot be read is a warning too. Nothing here fails.
+pub async fn add_schedules(
+    status: &mut Status,
+    mirror: Option<&DbUrl>,
+    jobs: &[crate::schedule::Job],
+    config: &crate::config::Config,
+) {
+    let now = chrono::Utc::now();
+    let runs = async {
+        let url = mirror?;
+        let client = url.connect().await.ok()?;
+        crate::schedule::pg_log::last_runs(&client).await.ok()?
+    };
+    let freshness = async {
+        if config.backup.url.is_none() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (job, url) in crate::alert::freshness::backup_jobs(jobs, config) {
+            out.push(crate::alert::freshness::check(job, &url, config, now).await);
+        }
+        out
+    };
+    let (runs, backups) = tokio::join!(runs, freshness);
+    let ts =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut runs: Vec<_> = runs.unwrap_or_default().into_values().collect();
+    runs.sort_by(|a, b| a.job.cmp(&b.job));
+    status.jobs = runs
+        .into_iter()
+        .map(|r| JobRunStatus {
+            kind: jobs
+                .iter()
+                .find(|j| j.name == r.job)
+                .map(|j| j.kind.name().to_string()),
+            job: r.job,
+            state: r.state.as_str().to_string(),
+            started: ts(r.started_at),
+            finished: r.finished_at.map(ts),
+            detail: r.detail,
+        })
+        .collect();
+    status.backups = backups;
+    let extra: Vec<String> = status
+        .jobs
+        .iter()
+        .filter_map(JobRunStatus::warning)
+        .chain(status.backups.iter().filter_map(|b| b.warning()))
+        .collect();
+    if !extra.is_empty() {
+        status.healthy = false;
+        status.warnings.extend(extra);
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -353,6 +454,34 @@ pub fn render(status: &Status) -> String {
             status.mirror_error.as_deref().unwrap_or("?")
         )),
     }
+    if !status.jobs.is_empty() {
+        out.push_str("jobs\n");
+        for j in &status.jobs {
+            out.push_str(&format!(
+                "    {:<28} {} {}{}\n",
+                j.job,
+                j.state,
+                j.finished.as_deref().unwrap_or(&j.started),
+                j.detail
+                    .as_ref()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if !status.backups.is_empty() {
+        out.push_str("backups\n");
+        for b in &status.backups {
+            out.push_str(&format!(
+                "    {:<28} newest {}{}\n",
+                b.job,
+                b.newest.as_deref().unwrap_or("none"),
+                b.age_seconds
+                    .map(|a| format!(" ({} old)", crate::alert::freshness::human_duration(a)))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     if status.warnings.is_empty() {
         out.push_str("healthy\n");
     } else {
@@ -366,6 +495,27 @@ pub fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_latest_run_is_a_warning_naming_the_job() {
+        let run = JobRunStatus {
+            job: "backup".into(),
+            kind: Some("backup".into()),
+            state: "failed".into(),
+            started: "2026-03-08T06:00:00Z".into(),
+            finished: Some("2026-03-08T06:01:00Z".into()),
+            detail: Some("disk full".into()),
+        };
+        assert_eq!(
+            run.warning().as_deref(),
+            Some("backup job \"backup\" failed at 2026-03-08T06:01:00Z: disk full")
+        );
+        let ok = JobRunStatus {
+            state: "ok".into(),
+            ..run
+        };
+        assert_eq!(ok.warning(), None);
+    }
 
     #[test]
     fn bytes_read_like_a_person_would_write_them() {
@@ -407,6 +557,8 @@ mod tests {
                 }],
             }),
             mirror_error: None,
+            jobs: Vec::new(),
+            backups: Vec::new(),
             warnings: Vec::new(),
             healthy: false,
         };
@@ -436,6 +588,8 @@ mod tests {
             source_error: None,
             mirror: None,
             mirror_error: Some("x".into()),
+            jobs: Vec::new(),
+            backups: Vec::new(),
             warnings: Vec::new(),
             healthy: false,
         };

@@ -23,7 +23,10 @@ use tracing::Instrument as _;
 
 use super::jobs::ConfigRunner;
 use super::pg_log::STATEMENT_TIMEOUT;
+use super::run::{JobOutcome, JobRunner};
 use super::{Job, MemoryRunLog, PgRunLog, RunLog, SystemClock, next_fire, run_schedules};
+use crate::alert::freshness::{self, backup_jobs};
+use crate::alert::{Alerter, IncidentStore, MemoryIncidents, Observation, PgIncidents};
 use crate::bookkeeping::{self, BookkeepingError};
 use crate::config::Config;
 use crate::error_chain;
@@ -64,11 +67,16 @@ pub fn announce(jobs: &[Job], dir: &Path, now: DateTime<Utc>) {
 /// Where the run history is kept (see the module docs). Never fails: without a usable
 /// mirror the history is kept in memory, with a log line saying why and what to do.
 pub async fn open_history(mirror: Option<&DbUrl>, init: bool) -> Arc<dyn RunLog> {
+    open_history_where(mirror, init).await.0
+}
+
+/// [`open_history`], and whether the mirror's bookkeeping is usable (alert state goes there too).
+async fn open_history_where(mirror: Option<&DbUrl>, init: bool) -> (Arc<dyn RunLog>, bool) {
     let Some(url) = mirror else {
         tracing::info!(
             "no mirror configured: the run history is kept in memory and lost at exit, so a run missed while bite-sync is down is not made up; set mirror.url (or --mirror) to keep it in the mirror's bite_sync.job_runs"
         );
-        return Arc::new(MemoryRunLog::new());
+        return (Arc::new(MemoryRunLog::new()), false);
     };
     let opened = tokio::time::timeout(STATEMENT_TIMEOUT, async {
         let mut client = url.connect().await.map_err(|e| error_chain(&e))?;
@@ -85,21 +93,24 @@ pub async fn open_history(mirror: Option<&DbUrl>, init: bool) -> Arc<dyn RunLog>
     match opened {
         Ok((client, Ok(true))) => {
             tracing::info!(mirror = %url.target(), "run history in the mirror's bite_sync.job_runs");
-            Arc::new(PgRunLog::reconnecting(url.clone(), Some(client)))
+            (
+                Arc::new(PgRunLog::reconnecting(url.clone(), Some(client))),
+                true,
+            )
         }
         Ok((_, Ok(false))) => {
             tracing::warn!(
                 mirror = %url.target(),
                 "the mirror has no bite_sync bookkeeping, so the run history is kept in memory and lost at exit (a run missed while bite-sync is down is not made up): to keep it in the mirror's bite_sync.job_runs, start once with --init (or run `bite-sync sync --init`)"
             );
-            Arc::new(MemoryRunLog::new())
+            (Arc::new(MemoryRunLog::new()), false)
         }
         Ok((_, Err(e))) => {
             tracing::warn!(
                 error = %error_chain(&e),
                 "could not set up the run history on the mirror: it is kept in memory and lost at exit"
             );
-            Arc::new(MemoryRunLog::new())
+            (Arc::new(MemoryRunLog::new()), false)
         }
         Err(why) => {
             // Likely a passing outage: keep trying on each run rather than give up on the
@@ -108,7 +119,7 @@ pub async fn open_history(mirror: Option<&DbUrl>, init: bool) -> Arc<dyn RunLog>
                 error = %why,
                 "the mirror is unreachable: runs are recorded in its bite_sync.job_runs once it answers, and a run missed while bite-sync was down is not made up this time"
             );
-            Arc::new(PgRunLog::reconnecting(url.clone(), None))
+            (Arc::new(PgRunLog::reconnecting(url.clone(), None)), true)
         }
     }
 }
@@ -139,15 +150,122 @@ pub fn start(
     }
     announce(&jobs, dir, Utc::now());
     let task = async move {
-        let log = tokio::select! {
-            log = open_history(config.mirror.as_ref(), init) => log,
+        let (log, on_mirror) = tokio::select! {
+            opened = open_history_where(config.mirror.as_ref(), init) => opened,
             () = cancel.cancelled() => return,
         };
-        let runner = Arc::new(ConfigRunner::new(config, init, cancel.clone()));
+        let mut runner: Arc<dyn JobRunner> =
+            Arc::new(ConfigRunner::new(Arc::clone(&config), init, cancel.clone()));
+        let mut alerts = None;
+        if let Some(webhook) = config.alert_webhook.clone() {
+            let store: Arc<dyn IncidentStore> = match (&config.mirror, on_mirror) {
+                (Some(url), true) => Arc::new(PgIncidents::new(url.clone())),
+                _ => Arc::new(MemoryIncidents::default()),
+            };
+            tracing::info!(webhook = %webhook, "alerts go to the webhook");
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let alerter = Alerter::new(store, webhook);
+            alerts = Some(tokio::spawn(
+                alert_task(
+                    alerter,
+                    rx,
+                    jobs.clone(),
+                    Arc::clone(&config),
+                    cancel.clone(),
+                )
+                .instrument(tracing::info_span!("alerts")),
+            ));
+            runner = Arc::new(AlertingRunner { inner: runner, tx });
+        }
         run_schedules(jobs, runner, log, Arc::new(SystemClock), cancel).await;
+        if let Some(alerts) = alerts
+            && let Err(e) = alerts.await
+        {
+            tracing::error!(error = %e, "the alerts' task failed");
+        }
         tracing::info!("schedules stopped");
     };
     Some(tokio::spawn(
         task.instrument(tracing::info_span!("schedules")),
     ))
+}
+
+/// How often backup freshness is checked besides after each backup job's run.
+pub const FRESHNESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// What the alert task is asked to do.
+enum AlertWork {
+    /// A run finished.
+    Run(Observation),
+    /// A backup job ran: check freshness now.
+    CheckBackups,
+}
+
+/// Passes each finished run to the alert task. Sending never waits on the webhook: alerting
+/// happens in its own task so that a slow webhook does not delay the run's record.
+struct AlertingRunner {
+    inner: Arc<dyn JobRunner>,
+    tx: tokio::sync::mpsc::Sender<AlertWork>,
+}
+
+impl JobRunner for AlertingRunner {
+    fn run<'a>(
+        &'a self,
+        job: &'a Job,
+    ) -> futures_util::future::BoxFuture<'a, Result<JobOutcome, String>> {
+        Box::pin(async move {
+            let outcome = self.inner.run(job).await;
+            let mut work = vec![AlertWork::Run(Observation::run(&job.name, &outcome))];
+            if matches!(job.kind, super::JobKind::Backup { .. }) {
+                work.push(AlertWork::CheckBackups);
+            }
+            for w in work {
+                if self.tx.try_send(w).is_err() {
+                    tracing::warn!("the alert queue is full or closed: this run is not alerted on");
+                }
+            }
+            outcome
+        })
+    }
+}
+
+/// Applies observations and checks backup freshness every [`FRESHNESS_INTERVAL`] until
+/// `cancel`.
+async fn alert_task(
+    alerter: Alerter,
+    mut rx: tokio::sync::mpsc::Receiver<AlertWork>,
+    jobs: Vec<Job>,
+    config: Arc<Config>,
+    cancel: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(FRESHNESS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let work = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+            _ = ticker.tick() => AlertWork::CheckBackups,
+        };
+        match work {
+            AlertWork::Run(o) => alerter.observe(&o, Utc::now()).await,
+            AlertWork::CheckBackups => {
+                for (job, url) in backup_jobs(&jobs, &config) {
+                    let now = Utc::now();
+                    let check = freshness::check(job, &url, &config, now).await;
+                    match Observation::freshness(&check) {
+                        Some(o) => alerter.observe(&o, now).await,
+                        None => tracing::warn!(
+                            job = %job.name,
+                            problem = check.problem.as_deref().unwrap_or("?"),
+                            "cannot check the backups' freshness"
+                        ),
+                    }
+                }
+            }
+        }
+    }
 }
