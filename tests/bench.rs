@@ -95,3 +95,39 @@ fn bench_replication_json_has_every_measure() {
         "{report}"
     );
 }
+
+#[test]
+fn bench_backup_runs_every_step_and_prints_its_targets() {
+    let out = bite_sync()
+        .args([
+            "bench",
+            "backup",
+            "--customers",
+            "100",
+            "--orders",
+            "1000",
+            "--json",
+        ])
+        .output()
+        .expect("bite-sync runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench backup failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    for key in [
+        "a_pg_dump_gzip",
+        "b_bite_sync_backup",
+        "c_gunzip_psql",
+        "d_bite_sync_restore",
+        "backup_time_ratio",
+        "backup_size_ratio",
+        "restore_time_ratio",
+        "peak_rss_mib",
+    ] {
+        assert!(!report[key].is_null(), "no {key} in {report}");
+    }
+    assert!(report["b_mib"].as_f64().unwrap() > 0.0);
+}

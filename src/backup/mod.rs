@@ -39,6 +39,16 @@ fn location(config: &Config, flag: &Option<String>, name: &str) -> Result<String
         })
 }
 
+/// `--tables`, split; none: every table.
+fn tables_flag(list: &Option<String>) -> Result<Vec<crate::pg::ident::TablePattern>, ConfigError> {
+    match list {
+        Some(t) => parse_pattern_list(t).map_err(|e| ConfigError {
+            problems: vec![format!("--tables: {e}")],
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
 fn source_url(config: &Config, flag: &Option<String>) -> Result<DbUrl, ConfigError> {
     match flag {
         Some(url) => DbUrl::parse(Role::Source, url).map_err(|e| ConfigError {
@@ -84,12 +94,7 @@ pub async fn run_backup(config: &Config, args: &BackupArgs) -> u8 {
     let prepared = (|| {
         let url = location(config, &args.to, "--to")?;
         let source = source_url(config, &args.source)?;
-        let tables = match &args.tables {
-            Some(t) => parse_pattern_list(t).map_err(|e| ConfigError {
-                problems: vec![format!("--tables: {e}")],
-            })?,
-            None => Vec::new(),
-        };
+        let tables = tables_flag(&args.tables)?;
         Ok::<_, ConfigError>((url, source, tables))
     })();
     let (url, source, tables) = match prepared {
@@ -251,12 +256,7 @@ pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
         let target = DbUrl::parse(Role::Mirror, &args.target).map_err(|e| ConfigError {
             problems: vec![format!("--target: {e}")],
         })?;
-        let tables = match &args.tables {
-            Some(t) => parse_pattern_list(t).map_err(|e| ConfigError {
-                problems: vec![format!("--tables: {e}")],
-            })?,
-            None => Vec::new(),
-        };
+        let tables = tables_flag(&args.tables)?;
         Ok::<_, ConfigError>((url, target, tables))
     })();
     let (url, target, tables) = match prepared {

@@ -12,8 +12,8 @@
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BenchError, EmptyTarget, Measured, TABLES, checkpoint, connect_url, count_rows, median,
-    print_report, run_self, sample_source, shell, start_clusters, stop_clusters, tool,
+    BenchError, EmptyTarget, Measured, Prepared, checkpoint, connect_url, median, prepare,
+    print_report, run_self, shell, start_clusters, stop_clusters, tool,
 };
 use crate::cli::BackupBenchArgs;
 
@@ -90,25 +90,12 @@ async fn bench(
     work: &std::path::Path,
 ) -> Result<BackupBenchReport, BenchError> {
     let bin = source_cluster.bin_dir().to_path_buf();
-    let source = sample_source(source_cluster, "bite", args.customers, args.orders).await?;
-    source
-        .batch_execute("VACUUM ANALYZE")
-        .await
-        .map_err(BenchError::Generate)?;
-    let source_mib: f64 = source
-        .query_one(
-            "SELECT pg_database_size(current_database())::float8 / 1048576",
-            &[],
-        )
-        .await
-        .map_err(|e| BenchError::Check("the source size".into(), e))?
-        .get(0);
-    let rows = count_rows(&source, &TABLES).await?;
-    let src = source_cluster.url("bite");
-    let clusters = [
-        source_cluster.url("postgres"),
-        mirror_cluster.url("postgres"),
-    ];
+    let Prepared {
+        source_mib,
+        rows,
+        src,
+        clusters,
+    } = prepare(source_cluster, mirror_cluster, args.customers, args.orders).await?;
     let admin = connect_url(&clusters[1]).await?;
     let jobs = args.jobs.to_string();
     let dump_file = work.join("dump.sql.gz");

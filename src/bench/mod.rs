@@ -205,25 +205,12 @@ async fn bench(
     mirror_cluster: &TempCluster,
 ) -> Result<BenchReport, BenchError> {
     let bin = source_cluster.bin_dir().to_path_buf();
-    let source = sample_source(source_cluster, "bite", args.customers, args.orders).await?;
-    source
-        .batch_execute("VACUUM ANALYZE")
-        .await
-        .map_err(BenchError::Generate)?;
-    let source_mib: f64 = source
-        .query_one(
-            "SELECT pg_database_size(current_database())::float8 / 1048576",
-            &[],
-        )
-        .await
-        .map_err(|e| BenchError::Check("the source size".into(), e))?
-        .get(0);
-    let rows = count_rows(&source, &TABLES).await?;
-    let src = source_cluster.url("bite");
-    let clusters = [
-        source_cluster.url("postgres"),
-        mirror_cluster.url("postgres"),
-    ];
+    let Prepared {
+        source_mib,
+        rows,
+        src,
+        clusters,
+    } = prepare(source_cluster, mirror_cluster, args.customers, args.orders).await?;
     let jobs = args.jobs.to_string();
 
     // A and B refresh two tables of an existing, indexed mirror database.
@@ -321,6 +308,48 @@ async fn bench(
         b_bite_sync_refresh: b,
         c_pg_dump_full: c,
         d_bite_sync_full: d,
+    })
+}
+
+/// The sample restaurant on the source, vacuumed and analyzed, with what the reports show.
+struct Prepared {
+    /// The source database's size in MiB.
+    source_mib: f64,
+    /// Rows per sample table.
+    rows: Vec<(String, i64)>,
+    /// The source database's URL.
+    src: String,
+    /// Admin URLs of the source and mirror clusters.
+    clusters: [String; 2],
+}
+
+async fn prepare(
+    source_cluster: &TempCluster,
+    mirror_cluster: &TempCluster,
+    customers: u64,
+    orders: u64,
+) -> Result<Prepared, BenchError> {
+    let source = sample_source(source_cluster, "bite", customers, orders).await?;
+    source
+        .batch_execute("VACUUM ANALYZE")
+        .await
+        .map_err(BenchError::Generate)?;
+    let source_mib: f64 = source
+        .query_one(
+            "SELECT pg_database_size(current_database())::float8 / 1048576",
+            &[],
+        )
+        .await
+        .map_err(|e| BenchError::Check("the source size".into(), e))?
+        .get(0);
+    Ok(Prepared {
+        source_mib,
+        rows: count_rows(&source, &TABLES).await?,
+        src: source_cluster.url("bite"),
+        clusters: [
+            source_cluster.url("postgres"),
+            mirror_cluster.url("postgres"),
+        ],
     })
 }
 
