@@ -4,72 +4,14 @@
 
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bite_sync::alert::{Alerter, Observation, PgIncidents, Retry, WebhookUrl};
 use bite_sync::backup::manifest::{self, Manifest};
 use bite_sync::pg::connect::{DbUrl, Role};
 use chrono::Utc;
-use support::{bite_sync, connect, test_dbs};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-/// A webhook that answers 200 to every POST and keeps each body.
-struct FakeWebhook {
-    url: String,
-    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl FakeWebhook {
-    async fn start() -> FakeWebhook {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/services/T0/B0/SECRET",
-            listener.local_addr().unwrap()
-        );
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let seen = Arc::clone(&bodies);
-        tokio::spawn(async move {
-            loop {
-                let (mut sock, _) = listener.accept().await.unwrap();
-                let seen = Arc::clone(&seen);
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = sock.read(&mut buf).await.unwrap();
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                        let text = String::from_utf8_lossy(&got).to_string();
-                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                            let len: usize = head
-                                .lines()
-                                .find_map(|l| l.strip_prefix("Content-Length: "))
-                                .map_or(0, |l| l.trim().parse().unwrap());
-                            if body.len() >= len {
-                                assert!(head.starts_with("POST /services/T0/B0/SECRET HTTP/1.1"));
-                                seen.lock()
-                                    .unwrap()
-                                    .push(serde_json::from_str(body).unwrap());
-                                let _ = sock
-                                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                                    .await;
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        FakeWebhook { url, bodies }
-    }
-
-    fn bodies(&self) -> Vec<serde_json::Value> {
-        self.bodies.lock().unwrap().clone()
-    }
-}
+use support::{FakeWebhook, bite_sync, connect, test_dbs};
 
 fn alerter(mirror_url: &str, webhook: &FakeWebhook) -> Alerter {
     let store = PgIncidents::new(DbUrl::parse(Role::Mirror, mirror_url).unwrap());

@@ -514,3 +514,52 @@ async fn when_replication_stops_with_an_error_the_schedules_do_not_keep_the_daem
 fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_scheduled_job_calls_the_alert_webhook_once() {
+    let dbs = test_dbs("run_sched_alert").await;
+    let (mirror, seeded) = mirror_with_history(&dbs, &["check"]).await;
+    let webhook = support::FakeWebhook::start().await;
+    let ws = Workspace::new();
+    let empty = ws.store("still-empty");
+    ws.config(&config(
+        &dbs.source_url,
+        &dbs.mirror_url,
+        &format!("[alerts]\nwebhook_url = \"{}\"\n", webhook.url),
+    ))
+    .schedule(
+        "check.toml",
+        &yearly(
+            "check",
+            &format!("kind = \"verify\"\nfrom = \"{empty}\"\nbackup = \"latest\""),
+        ),
+    );
+
+    let mut daemon = Daemon::start(&ws, &[]);
+    let (outcome, _, _) = finished_run(&mirror, "check", seeded).await;
+    assert_eq!(outcome, "failed");
+    let bodies = wait_for("the alert", Duration::from_secs(30), || {
+        let bodies = webhook.bodies();
+        async move { (!bodies.is_empty()).then_some(bodies) }
+    })
+    .await;
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(bodies[0]["incident"], "job:check");
+    assert_eq!(bodies[0]["state"], "open");
+    assert!(bodies[0]["text"].as_str().unwrap().contains("check"));
+    assert!(daemon.is_running(), "{}", daemon.log());
+    assert!(
+        !daemon.log().contains("SECRET"),
+        "the webhook's token is in the log"
+    );
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+    let opened: i64 = mirror
+        .query_one(
+            "SELECT count(*) FROM bite_sync.alerts WHERE incident = 'job:check' AND notified_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(opened, 1);
+}

@@ -472,3 +472,67 @@ VALUES
   '1970-01-01 00:00:00+00', '-1 day', '[]', '[]', '00000000-0000-0000-0000-000000000000', '\x', '::1', '{{1,2},{3,4}}',
   '{"\\"}', 'sad', '{ok,ok}', 0, '{}', 'z');
 "#;
+
+/// A webhook that answers 200 to every POST and keeps each body.
+pub struct FakeWebhook {
+    /// Its URL (a Slack-like path with a token in it).
+    pub url: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl FakeWebhook {
+    /// Starts it on 127.0.0.1 in a task of the current runtime.
+    pub async fn start() -> FakeWebhook {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "http://{}/services/T0/B0/SECRET",
+            listener.local_addr().unwrap()
+        );
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&bodies);
+        tokio::spawn(async move {
+            loop {
+                let (mut sock, _) = listener.accept().await.unwrap();
+                let seen = std::sync::Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = tokio::io::AsyncReadExt::read(&mut sock, &mut buf)
+                            .await
+                            .unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&got).to_string();
+                        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("Content-Length: "))
+                                .map_or(0, |l| l.trim().parse().unwrap());
+                            if body.len() >= len {
+                                assert!(head.starts_with("POST /services/T0/B0/SECRET HTTP/1.1"));
+                                seen.lock()
+                                    .unwrap()
+                                    .push(serde_json::from_str(body).unwrap());
+                                let _ = tokio::io::AsyncWriteExt::write_all(
+                                    &mut sock,
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                                )
+                                .await;
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        FakeWebhook { url, bodies }
+    }
+
+    /// The JSON bodies received so far.
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
