@@ -562,6 +562,18 @@ pub fn resolve(
     })
 }
 
+impl BackupSettings {
+    /// The identity that decrypts encrypted backups: `BITE_BACKUP_IDENTITY`, else
+    /// `identity_file`; none when neither is set.
+    pub fn identity(
+        &self,
+    ) -> Result<Option<crate::backup::crypt::Identity>, crate::backup::crypt::KeyError> {
+        crate::backup::crypt::Identity::load(self.identity_file.as_deref(), |k| {
+            std::env::var(k).ok()
+        })
+    }
+}
+
 impl Config {
     /// The source URL, or a configuration error saying every way to set it.
     pub fn require_source(&self) -> Result<DbUrl, ConfigError> {

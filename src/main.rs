@@ -185,12 +185,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
             return 2;
         }
     };
-    let mut opts = SyncOptions::new(source, mirror);
-    opts.tables = config.sync.tables.clone();
-    opts.exclude = config.sync.exclude.clone();
-    opts.jobs = config.sync.jobs;
-    opts.lock_timeout = config.sync.lock_timeout;
-    opts.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
+    let mut opts = SyncOptions::configured(source, mirror, &config.sync);
     opts.dry_run = args.dry_run;
     opts.init = args.init;
     opts.mode = if args.schema_only {

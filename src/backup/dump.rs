@@ -66,6 +66,17 @@ impl BackupOptions {
             encrypt_to: None,
         }
     }
+
+    /// The whole database with `[backup]`'s jobs, pg_dump and encryption: what
+    /// `bite-sync backup` and a scheduled backup start from.
+    pub fn configured(source: DbUrl, settings: &crate::config::BackupSettings) -> BackupOptions {
+        BackupOptions {
+            jobs: settings.jobs,
+            pg_dump: settings.pg_dump.clone(),
+            encrypt_to: settings.encrypt_to.clone(),
+            ..BackupOptions::new(source)
+        }
+    }
 }
 
 /// What a backup did.

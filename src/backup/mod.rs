@@ -77,10 +77,7 @@ fn size(bytes: u64) -> String {
 
 /// The identity for restore and verify: `BITE_BACKUP_IDENTITY`, else `backup.identity_file`.
 fn identity(config: &Config) -> Result<Option<crypt::Identity>, u8> {
-    crypt::Identity::load(config.backup.identity_file.as_deref(), |k| {
-        std::env::var(k).ok()
-    })
-    .map_err(|e| fail(&e, 2))
+    config.backup.identity().map_err(|e| fail(&e, 2))
 }
 
 async fn open_store(url: &str, config: &Config) -> Result<store::Store, u8> {
@@ -105,11 +102,9 @@ pub async fn run_backup(config: &Config, args: &BackupArgs) -> u8 {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let mut opts = dump::BackupOptions::new(source);
+    let mut opts = dump::BackupOptions::configured(source, &config.backup);
     opts.tables = tables;
     opts.jobs = args.jobs.map_or(config.backup.jobs, usize::from);
-    opts.pg_dump = config.backup.pg_dump.clone();
-    opts.encrypt_to = config.backup.encrypt_to.clone();
     match dump::backup(&opts, &store).await {
         Ok(report) => {
             if args.json {

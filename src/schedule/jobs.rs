@@ -24,7 +24,7 @@ use crate::backup::restore::{self, RestoreError};
 use crate::backup::store::{Store, StoreError};
 use crate::config::{Config, ConfigError};
 use crate::pg::connect::DbUrl;
-use crate::sync::{self, Mode, SyncError, SyncOptions};
+use crate::sync::{self, SyncError, SyncOptions};
 
 /// A job's work with every default filled in.
 #[derive(Debug, Clone)]
@@ -135,10 +135,8 @@ pub fn plan(job: &Job, config: &Config, init: bool) -> Result<Work, JobError> {
     Ok(match &job.kind {
         JobKind::Backup { to, tables } => {
             let location = location(to, "to")?;
-            let mut options = BackupOptions::new(config.require_source()?);
+            let mut options = BackupOptions::configured(config.require_source()?, &config.backup);
             options.tables = tables.clone();
-            options.jobs = config.backup.jobs;
-            options.pg_dump = config.backup.pg_dump.clone();
             Work::Backup { location, options }
         }
         JobKind::Verify { from, backup } => Work::Verify {
@@ -152,17 +150,10 @@ pub fn plan(job: &Job, config: &Config, init: bool) -> Result<Work, JobError> {
             let (source, mirror) = config.require_both()?;
             // Like `bite-sync sync --tables`: the job's tables replace sync.tables, and
             // sync.exclude still applies.
-            let mut options = SyncOptions::new(source, mirror);
-            options.tables = if tables.is_empty() {
-                config.sync.tables.clone()
-            } else {
-                tables.clone()
-            };
-            options.exclude = config.sync.exclude.clone();
-            options.jobs = config.sync.jobs;
-            options.lock_timeout = config.sync.lock_timeout;
-            options.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
-            options.mode = Mode::Full;
+            let mut options = SyncOptions::configured(source, mirror, &config.sync);
+            if !tables.is_empty() {
+                options.tables = tables.clone();
+            }
             options.init = init;
             Work::Sync(Box::new(options))
         }
@@ -236,10 +227,7 @@ impl ConfigRunner {
                 let store = Store::open(&location, &self.config.backup.s3).await?;
                 // An encrypted backup needs the identity (BITE_BACKUP_IDENTITY, else
                 // backup.identity_file); a plain one does not.
-                let identity = crate::backup::crypt::Identity::load(
-                    self.config.backup.identity_file.as_deref(),
-                    |k| std::env::var(k).ok(),
-                )?;
+                let identity = self.config.backup.identity()?;
                 let report =
                     restore::verify(&store, &backup, &server, jobs, &work_mem, identity.as_ref())
                         .await?;
@@ -371,6 +359,23 @@ pg_dump = "/opt/pg/bin/pg_dump"
     }
 
     #[test]
+    fn a_scheduled_backup_is_encrypted_like_a_manual_one() {
+        let recipient = crate::backup::crypt::Identity::generate().recipient();
+        let config = config(&format!("{FULL}encrypt_to = \"{recipient}\"\n"));
+        let backup = job(
+            "b",
+            JobKind::Backup {
+                to: None,
+                tables: vec![],
+            },
+        );
+        let Work::Backup { options, .. } = plan(&backup, &config, false).unwrap() else {
+            panic!("not a backup")
+        };
+        assert_eq!(options.encrypt_to, Some(recipient));
+    }
+
+    #[test]
     fn a_sync_takes_the_sync_settings_and_its_tables_replace_the_configured_ones() {
         let config = config(FULL);
         let configured = job("s", JobKind::Sync { tables: vec![] });
@@ -384,7 +389,7 @@ pg_dump = "/opt/pg/bin/pg_dump"
             (3, "64MB")
         );
         assert!(options.init && !options.dry_run);
-        assert_eq!(options.mode, Mode::Full);
+        assert_eq!(options.mode, crate::sync::Mode::Full);
 
         let own = vec![parse_pattern("orders").unwrap()];
         let named = job(

@@ -92,6 +92,23 @@ impl SyncOptions {
             snapshot: None,
         }
     }
+
+    /// Every table `[sync]` selects, with its jobs, lock timeout and index memory: what
+    /// `bite-sync sync` and a scheduled sync start from.
+    pub fn configured(
+        source: DbUrl,
+        mirror: DbUrl,
+        settings: &crate::config::SyncSettings,
+    ) -> Self {
+        Self {
+            tables: settings.tables.clone(),
+            exclude: settings.exclude.clone(),
+            jobs: settings.jobs,
+            lock_timeout: settings.lock_timeout,
+            maintenance_work_mem: settings.maintenance_work_mem.clone(),
+            ..Self::new(source, mirror)
+        }
+    }
 }
 
 /// What a run did (or, for `--dry-run`, would do). Serialized for `--json`.
