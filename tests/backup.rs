@@ -64,6 +64,22 @@ async fn assert_same_tables(source: &tokio_postgres::Client, restored: &tokio_po
     }
 }
 
+/// Runs `pipeline | psql -X -q -v ON_ERROR_STOP=1 -d target` (the stock-tool restore) and
+/// asserts it succeeded.
+fn into_psql(pipeline: &str, target: &str) {
+    let psql = clusters().source.bin_dir().join("psql");
+    let script = format!(
+        "{pipeline} | '{}' -X -q -v ON_ERROR_STOP=1 -d '{target}'",
+        psql.display()
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script}");
+}
+
 fn store_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "bite-sync-backup-test-{name}-{}",
@@ -219,19 +235,10 @@ async fn stock_gunzip_and_psql_restore_a_backup() {
     assert!(out.status.success());
     let folder = backup_folder(&dir);
     // The README's one line: gunzip -c DIR/*.sql.gz | psql -X -v ON_ERROR_STOP=1 -d URL
-    let psql = clusters().source.bin_dir().join("psql");
-    let script = format!(
-        "gunzip -c '{}'/*.sql.gz | '{}' -X -q -v ON_ERROR_STOP=1 -d '{}'",
-        folder.display(),
-        psql.display(),
-        dbs.mirror_url
+    into_psql(
+        &format!("gunzip -c '{}'/*.sql.gz", folder.display()),
+        &dbs.mirror_url,
     );
-    let status = std::process::Command::new("sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "{script}");
     let restored = connect(&dbs.mirror_url).await;
     assert_same_tables(&source, &restored).await;
     let _ = std::fs::remove_dir_all(&dir);
@@ -924,7 +931,6 @@ async fn stock_age_gunzip_and_psql_restore_an_encrypted_backup() {
     );
     assert!(out.status.success());
     let folder = backup_folder(&dir);
-    let psql = clusters().source.bin_dir().join("psql");
     let has_age = std::process::Command::new("age")
         .arg("--version")
         .output()
@@ -942,18 +948,13 @@ async fn stock_age_gunzip_and_psql_restore_an_encrypted_backup() {
         }
         "cat \"$f.plain\"".to_owned()
     };
-    let script = format!(
-        "for f in '{}'/*.age; do {decrypt}; done | gunzip -c | '{}' -X -q -v ON_ERROR_STOP=1 -d '{}'",
-        folder.display(),
-        psql.display(),
-        dbs.mirror_url
+    into_psql(
+        &format!(
+            "for f in '{}'/*.age; do {decrypt}; done | gunzip -c",
+            folder.display()
+        ),
+        &dbs.mirror_url,
     );
-    let status = std::process::Command::new("sh")
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "{script}");
     let restored = connect(&dbs.mirror_url).await;
     assert_same_tables(&source, &restored).await;
     let _ = std::fs::remove_dir_all(&dir);
