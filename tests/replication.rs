@@ -6,23 +6,16 @@
 
 mod support;
 
-use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
 use bite_sync::proxy::Proxy;
 use support::{
-    EVERY_TYPE_ROWS, EVERY_TYPE_SCHEMA, TestDbs, bite_sync, connect, test_dbs, wait_for,
+    Daemon, EVERY_TYPE_ROWS, EVERY_TYPE_SCHEMA, TestDbs, bite_sync, connect, test_dbs, wait_for,
 };
 
 /// A running `bite-sync run`; killed (and its log printed) if the test ends without stopping it.
-struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Daemon {
     fn start(dbs: &TestDbs, tables: &str, extra: &[&str]) -> Daemon {
         Daemon::start_via(dbs, (&dbs.source_url, &dbs.mirror_url), tables, extra)
@@ -34,7 +27,7 @@ impl Daemon {
             .get_current_dir()
             .expect("bite_sync() sets a working dir")
             .join("daemon.log");
-        let mut daemon = Daemon { child: None, log };
+        let mut daemon = Daemon::new(log);
         let mut args = vec!["--init"];
         args.extend_from_slice(extra);
         daemon.spawn(dbs, urls, tables, &args);
@@ -77,65 +70,10 @@ impl Daemon {
         self.child = Some(child);
     }
 
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
     fn kill9(&mut self) {
         let mut child = self.child.take().expect("running");
         let _ = child.kill();
         let _ = child.wait();
-    }
-
-    /// SIGTERM, then the exit code (waits at most `within`).
-    fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let pid = self.pid();
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
-        self.exit_code(within)
-    }
-
-    /// Waits for the daemon to exit and returns its code; kills it after `within`.
-    fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("running");
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- bite-sync run log ----\n{}", self.log());
-        }
     }
 }
 

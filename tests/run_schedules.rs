@@ -5,22 +5,16 @@
 
 mod support;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{TestDbs, bite_sync, connect, test_dbs, wait_for};
+use support::{Daemon, TestDbs, bite_sync, connect, test_dbs, wait_for};
 
 /// A URL nothing listens on: whatever uses it fails at once with "connection refused".
 const CLOSED: &str = "postgres://bite@127.0.0.1:1/bite?sslmode=disable";
 
 /// A running `bite-sync run`; killed (and its log printed) if the test ends without stopping it.
-struct Daemon {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
 impl Daemon {
     /// Starts `bite-sync run <args>` in the workspace, logging to a file there.
     fn start(ws: &Workspace, args: &[&str]) -> Daemon {
@@ -40,45 +34,6 @@ impl Daemon {
         }
     }
 
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    /// SIGTERM, then the exit code (waits at most `within`).
-    fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let pid = self.child.as_ref().expect("running").id();
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-        }
-        self.exit_code(within)
-    }
-
-    /// Waits for the daemon to exit and returns its code; kills it after `within`.
-    fn exit_code(&mut self, within: Duration) -> Option<i32> {
-        let mut child = self.child.take().expect("running");
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
-    }
-
     /// Waits until the log holds `text`.
     async fn wait_for_log(&self, text: &str) {
         wait_for(
@@ -87,18 +42,6 @@ impl Daemon {
             || async { self.log().contains(text).then_some(()) },
         )
         .await;
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- bite-sync run log ----\n{}", self.log());
-        }
     }
 }
 

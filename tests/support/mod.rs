@@ -536,3 +536,74 @@ impl FakeWebhook {
         self.bodies.lock().unwrap().clone()
     }
 }
+
+/// A `bite-sync run` process started by a test, its stderr in `log`: killed (and its log
+/// printed) if the test ends, or panics, without stopping it. Each test file starts it its
+/// own way (`Daemon::new` with the spawned child).
+pub struct Daemon {
+    /// The process, while it runs.
+    pub child: Option<std::process::Child>,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// A daemon logging to `log`, not started yet.
+    pub fn new(log: PathBuf) -> Daemon {
+        Daemon { child: None, log }
+    }
+
+    /// Still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then the exit code (waits at most `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let pid = self.pid();
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+        self.exit_code(within)
+    }
+
+    /// Waits for the daemon to exit and returns its code; kills it after `within`.
+    pub fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- bite-sync run log ----\n{}", self.log());
+        }
+    }
+}
