@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "alerts",
         sql: include_str!("../sql/migrations/0004_alerts.sql"),
     },
+    Migration {
+        version: 5,
+        name: "relay",
+        sql: include_str!("../sql/migrations/0005_relay.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).

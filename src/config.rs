@@ -46,6 +46,12 @@ pub struct RawConfig {
     /// `[alerts]`
     #[serde(default)]
     pub alerts: RawAlerts,
+    /// `[relay]`
+    #[serde(default)]
+    pub relay: crate::relay::settings::RawRelay,
+    /// `[delivery]`
+    #[serde(default)]
+    pub delivery: crate::relay::settings::RawDelivery,
 }
 
 /// `[alerts]`.
@@ -184,6 +190,11 @@ pub struct Config {
     pub backup: BackupSettings,
     /// `[alerts]`: where alerts go, if anywhere.
     pub alert_webhook: Option<crate::alert::WebhookUrl>,
+    /// `[relay]` as written: resolved with the environment by
+    /// [`crate::relay::settings::RelaySettings::resolve`] when the relay runs.
+    pub relay: crate::relay::settings::RawRelay,
+    /// `[delivery]` as written (see [`crate::relay::settings::DeliverySettings::resolve`]).
+    pub delivery: crate::relay::settings::RawDelivery,
 }
 
 /// Validated `[backup]`.
@@ -559,6 +570,8 @@ pub fn resolve(
         log_format,
         backup,
         alert_webhook,
+        relay: raw.relay,
+        delivery: raw.delivery,
     })
 }
 

@@ -16,6 +16,7 @@
 //! | [`backup`] | `bite-sync backup`, `backups`, `restore`: dumps to a folder or S3, manifest, retention |
 //! | [`schedule`] | cron schedules (`schedules/*.toml`): DST-correct next fire times, the scheduler loop, `bite-sync schedules` |
 //! | [`bench`] | `bite-sync bench`: bite-sync against `pg_dump \| psql` on the same clusters |
+//! | [`relay`] | `bite-sync relay`: the WhatsApp webhook endpoint, its durable inbox, delivery to the backend, the AI fallback |
 //! | [`proxy`] | a delaying TCP proxy that simulates a WAN and connection cuts (tests, bench) |
 
 pub mod alert;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod pg;
 pub mod proxy;
+pub mod relay;
 pub mod repl;
 pub mod sample;
 pub mod schedule;

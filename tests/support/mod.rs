@@ -186,6 +186,9 @@ pub fn bite_sync() -> Command {
             cmd.env_remove(key);
         }
     }
+    for key in RELAY_ENV {
+        cmd.env_remove(key);
+    }
     cmd.current_dir(fresh_work_dir());
     cmd
 }
@@ -607,3 +610,195 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// One request a [`FakeHttp`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// Path and query, e.g. `/v25.0/106540352242922/messages`.
+    pub uri: String,
+    /// Header names lower-case.
+    pub headers: Vec<(String, String)>,
+    /// The raw body.
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON (panics if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} {}: body is not JSON ({e}): {}",
+                self.method,
+                self.uri,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// How a [`FakeHttp`] answers: status and JSON body for a request.
+pub type Responder = std::sync::Arc<dyn Fn(&Recorded) -> (u16, serde_json::Value) + Send + Sync>;
+
+/// A real HTTP server on 127.0.0.1 that records every request and answers with a
+/// [`Responder`] that a test can swap at any time (the backend goes down, a provider fails).
+/// `stop` closes the port (connection refused); `start_again` listens on the same port.
+pub struct FakeHttp {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    addr: SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
+    responder: std::sync::Arc<std::sync::Mutex<Responder>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl FakeHttp {
+    /// Starts a server answering 200 `{}` to everything.
+    pub async fn start() -> FakeHttp {
+        FakeHttp::with(|_| (200, serde_json::json!({}))).await
+    }
+
+    /// Starts a server answering with `respond`.
+    pub async fn with(
+        respond: impl Fn(&Recorded) -> (u16, serde_json::Value) + Send + Sync + 'static,
+    ) -> FakeHttp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut fake = FakeHttp {
+            url: format!("http://{addr}"),
+            addr,
+            requests: Default::default(),
+            responder: std::sync::Arc::new(std::sync::Mutex::new(std::sync::Arc::new(respond))),
+            task: None,
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let requests = std::sync::Arc::clone(&self.requests);
+        let responder = std::sync::Arc::clone(&self.responder);
+        let app = axum::Router::new().fallback(
+            move |method: axum::http::Method,
+                  uri: axum::http::Uri,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let requests = std::sync::Arc::clone(&requests);
+                let responder = std::sync::Arc::clone(&responder);
+                async move {
+                    let recorded = Recorded {
+                        method: method.to_string(),
+                        uri: uri.to_string(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| {
+                                (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned())
+                            })
+                            .collect(),
+                        body: body.to_vec(),
+                    };
+                    let respond = std::sync::Arc::clone(&*responder.lock().unwrap());
+                    let (status, json) = respond(&recorded);
+                    requests.lock().unwrap().push(recorded);
+                    (
+                        axum::http::StatusCode::from_u16(status).unwrap(),
+                        axum::Json(json),
+                    )
+                }
+            },
+        );
+        self.task = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }));
+    }
+
+    /// Answers from now on with `respond`.
+    pub fn respond(
+        &self,
+        respond: impl Fn(&Recorded) -> (u16, serde_json::Value) + Send + Sync + 'static,
+    ) {
+        *self.responder.lock().unwrap() = std::sync::Arc::new(respond);
+    }
+
+    /// Every request so far, oldest first.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Requests whose path starts with `prefix`.
+    pub fn requests_to(&self, prefix: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.uri.starts_with(prefix))
+            .collect()
+    }
+
+    /// Closes the port: connections are refused until [`FakeHttp::start_again`].
+    pub fn stop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port (the recorded requests are kept).
+    pub async fn start_again(&mut self) {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("could not listen on {} again: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+impl Drop for FakeHttp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The WhatsApp relay's and delivery's environment variables: removed from every test's
+/// `bite-sync` so a developer's own settings never leak in.
+pub const RELAY_ENV: &[&str] = &[
+    "DATABASE_URL",
+    "WHATSAPP_VERIFY_TOKEN",
+    "WHATSAPP_ACCESS_TOKEN",
+    "META_APP_SECRET",
+    "WHATSAPP_PHONE_NUMBER_ID",
+    "OPENAI_API_KEY",
+    "GEMINI_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "LOCAL_BACKEND_URL",
+    "SYNC_API_KEY",
+    "JWT_SECRET",
+    "PORT",
+    "SYNC_ENABLED",
+    "DELIVERY_MODE",
+    "AI_PROVIDER",
+    "AI_DEADLINE",
+    "GRAPH_API_URL",
+    "GRAPH_API_VERSION",
+    "OPENAI_MODEL",
+    "OPENAI_BASE_URL",
+    "GEMINI_MODEL",
+    "GEMINI_BASE_URL",
+    "ANTHROPIC_MODEL",
+    "ANTHROPIC_BASE_URL",
+    "RAILWAY_REPLICA_ID",
+];
