@@ -188,6 +188,45 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Schedules(SchedulesArgs),
 
+    /// Serve WhatsApp Business webhooks (the cloud half, on Railway)
+    ///
+    /// The endpoint Meta calls: `GET /api/webhook` answers Meta's verification with
+    /// WHATSAPP_VERIFY_TOKEN; `POST /api/webhook` checks X-Hub-Signature-256 with
+    /// META_APP_SECRET on the raw body (401 if missing or wrong), stores every message, status
+    /// and change of the batch in the database's durable inbox (bite_sync.inbox, deduplicated
+    /// by WhatsApp's ids) in one transaction, and only then answers 200. A signed body it
+    /// cannot read is kept as a dead letter and answered 200 so Meta does not retry it.
+    ///
+    /// Messages reach the restaurant's backend from the inbox: pulled by `bite-sync run` at
+    /// the restaurant (the default; no open port needed there), or pushed by the relay when
+    /// DELIVERY_MODE=push and LOCAL_BACKEND_URL is reachable from the cloud. A message the
+    /// backend has not taken within 20 s gets one AI reply built from the mirror (OpenAI,
+    /// Gemini or Anthropic, whichever key is set).
+    ///
+    /// Also: `GET /api/sync/health` (200 with mirror freshness; 503 when the database is
+    /// down; Railway's health check), `GET /api/webhook/status` (counters), and
+    /// `POST /api/messages` (the backend sends WhatsApp messages through the relay).
+    ///
+    /// Settings are the old guide's environment variables:
+    ///   DATABASE_URL             the cloud database (required)
+    ///   WHATSAPP_VERIFY_TOKEN    the Verify token typed in Meta's dashboard (required)
+    ///   META_APP_SECRET          the App secret (required)
+    ///   WHATSAPP_ACCESS_TOKEN, WHATSAPP_PHONE_NUMBER_ID   to send replies
+    ///   OPENAI_API_KEY, GEMINI_API_KEY, ANTHROPIC_API_KEY  AI fallback (first set is used)
+    ///   LOCAL_BACKEND_URL, SYNC_API_KEY, SYNC_ENABLED      delivery to the backend
+    ///   JWT_SECRET               accepted on POST /api/messages besides SYNC_API_KEY
+    ///   PORT                     default 5000
+    /// and [relay]/[delivery] in bite-sync.toml for the rest (see bite-sync.example.toml).
+    ///
+    /// Examples:
+    ///   PORT=5000 DATABASE_URL=postgres://… WHATSAPP_VERIFY_TOKEN=… META_APP_SECRET=… bite-sync relay
+    ///   curl 'http://localhost:5000/api/webhook?hub.mode=subscribe&hub.verify_token=…&hub.challenge=42'
+    ///
+    /// Exit codes: 0 stopped by a signal (requests in flight are answered first), 1 failure,
+    /// 2 configuration error (every problem listed), 3 the database is unreachable at start.
+    #[command(verbatim_doc_comment)]
+    Relay(RelayArgs),
+
     /// Run bite-sync on two throwaway local databases with a sample restaurant
     ///
     /// Starts a local PostgreSQL pair in a temporary directory (needs PostgreSQL's server
@@ -575,6 +614,14 @@ pub struct SchedulesArgs {
     /// Print a JSON array on stdout, one object per job
     #[arg(long)]
     pub json: bool,
+}
+
+/// `bite-sync relay`.
+#[derive(Debug, Args, Clone)]
+pub struct RelayArgs {
+    /// Port to listen on [default: 5000]
+    #[arg(long, env = "PORT", value_name = "PORT")]
+    pub port: Option<u16>,
 }
 
 /// `bite-sync demo`.

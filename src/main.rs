@@ -66,6 +66,7 @@ fn main() -> ExitCode {
             Command::Backups(BackupsCommand::Keygen(args)) => bite_sync::backup::run_keygen(&args),
             Command::Restore(args) => bite_sync::backup::run_restore(&config, &args).await,
             Command::Schedules(args) => run_schedules_list(&config, &args).await,
+            Command::Relay(args) => run_relay(&config, &args, cancel).await,
             Command::Demo(args) => report(bite_sync::demo::run(&args, cancel).await),
             Command::Bench(args) => report(bite_sync::bench::run(&args, cancel).await),
         }
@@ -94,6 +95,7 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         Command::Status(a) => Some(&a.db),
         Command::Check(a) => Some(&a.db),
         Command::Schedules(_)
+        | Command::Relay(_)
         | Command::Demo(_)
         | Command::Bench(_)
         | Command::Backup(_)
@@ -406,6 +408,36 @@ async fn run_schedules_list(config: &Config, args: &SchedulesArgs) -> u8 {
         bite_sync::out!("{}", schedule::list::render(&jobs, now, history.as_ref()));
     }
     0
+}
+
+async fn run_relay(
+    config: &Config,
+    args: &bite_sync::cli::RelayArgs,
+    cancel: CancellationToken,
+) -> u8 {
+    use bite_sync::relay::settings::{RelaySettings, process_env};
+    let mut settings = match RelaySettings::resolve(
+        &config.relay,
+        &config.delivery,
+        config.file.as_deref(),
+        &process_env,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if let Some(port) = args.port {
+        settings.port = port;
+    }
+    match bite_sync::relay::run(settings, cancel).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", bite_sync::error_chain(&e));
+            e.exit_code()
+        }
+    }
 }
 
 fn report<E: std::error::Error>(result: std::result::Result<(), E>) -> u8 {

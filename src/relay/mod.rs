@@ -24,5 +24,148 @@
 //!   `UPDATE … WHERE ai_state IS NULL`; only the claimer may send.
 
 pub mod db;
+pub mod inbox;
+pub mod payload;
+pub mod server;
 pub mod settings;
 pub mod signature;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::settings::RelaySettings;
+
+/// The relay could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Missing or bad settings.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The database could not be reached or prepared at start.
+    #[error("the relay's database (DATABASE_URL): {0}")]
+    Database(String),
+    /// The port could not be opened.
+    #[error("cannot listen on port {port}: {source}")]
+    Listen {
+        /// The port.
+        port: u16,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+impl RelayError {
+    /// 2 for configuration, 3 for an unreachable database, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RelayError::Config(_) => 2,
+            RelayError::Database(_) => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Connections for the inbox writers (group commit) and the other routes.
+const WRITERS: usize = 3;
+const POOL_SIZE: usize = 8;
+
+/// Runs the relay until `cancel` fires: prepares the `bite_sync` schema, starts the inbox
+/// writers and the background workers, and serves HTTP on `settings.port` (IPv6 and IPv4).
+/// On cancel it stops accepting, lets requests in flight finish, and returns.
+pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(), RelayError> {
+    settings.require()?;
+    let url = settings.database.clone().expect("required above");
+    {
+        let mut client = url
+            .connect()
+            .await
+            .map_err(|e| RelayError::Database(crate::error_chain(&e)))?;
+        crate::bookkeeping::migrate(&mut client)
+            .await
+            .map_err(|e| RelayError::Database(crate::error_chain(&e)))?;
+    }
+    if !settings.can_send() {
+        tracing::warn!(
+            "WHATSAPP_ACCESS_TOKEN or WHATSAPP_PHONE_NUMBER_ID is not set: the relay stores and delivers webhooks but sends nothing (no AI replies, POST /api/messages answers 503)"
+        );
+    }
+    let settings = Arc::new(settings);
+    let pool = db::pool(&url, POOL_SIZE, Duration::from_secs(10));
+    let workers = cancel.child_token();
+    let stored = Arc::new(tokio::sync::Notify::new());
+    let (store, writer_tasks) = inbox::Store::start(
+        pool.clone(),
+        WRITERS,
+        settings.replica.clone(),
+        Arc::clone(&stored),
+        workers.clone(),
+    );
+    let counters = Arc::new(inbox::Counters::default());
+    let mut background = vec![tokio::spawn(inbox::flush_counters(
+        pool.clone(),
+        Arc::clone(&counters),
+        settings.replica.clone(),
+        workers.clone(),
+    ))];
+    background.extend(start_workers(&pool, &settings, &stored, &workers));
+
+    let state = Arc::new(server::AppState {
+        settings: Arc::clone(&settings),
+        store,
+        pool: pool.clone(),
+        counters,
+    });
+    let app = app(state, &pool, &settings);
+    let listener = listen(settings.port).await?;
+    let addr = listener.local_addr().map_err(RelayError::Serve)?;
+    tracing::info!(%addr, replica = %settings.replica, delivery = ?settings.delivery.mode, "relay listening");
+    let shutdown = cancel.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    // Requests in flight are answered; now the writers finish what they hold and stop.
+    workers.cancel();
+    for task in writer_tasks.into_iter().chain(background) {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    tracing::info!("relay stopped");
+    served.map_err(RelayError::Serve)
+}
+
+/// The whole router: this module's routes plus the workers' own.
+fn app(
+    state: Arc<server::AppState>,
+    pool: &db::Pool,
+    settings: &Arc<RelaySettings>,
+) -> axum::Router {
+    let _ = (pool, settings);
+    server::router(state)
+}
+
+/// The background workers besides the inbox writers (delivery push, AI fallback).
+fn start_workers(
+    pool: &db::Pool,
+    settings: &Arc<RelaySettings>,
+    stored: &Arc<tokio::sync::Notify>,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let _ = (pool, settings, stored, cancel);
+    Vec::new()
+}
+
+/// Listens on `[::]:port` (IPv6 and IPv4, what Railway's private network needs), or on
+/// `0.0.0.0:port` where IPv6 is unavailable.
+async fn listen(port: u16) -> Result<tokio::net::TcpListener, RelayError> {
+    match tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
+        Ok(l) => Ok(l),
+        Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
+            .await
+            .map_err(|source| RelayError::Listen { port, source }),
+    }
+}

@@ -1,0 +1,687 @@
+//! `bite-sync relay` as Meta sees it: real relay processes on loopback, a real PostgreSQL
+//! database for the inbox, Meta's sample payloads signed with a test secret.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use bite_sync::relay::signature::sign;
+use serde_json::{Value, json};
+use support::{Daemon, test_dbs, wait_for};
+
+const VERIFY_TOKEN: &str = "verify-token-3f9a";
+const APP_SECRET: &str = "app-secret-7c1e";
+
+/// The payloads in tests/payloads, by file name.
+fn sample(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/payloads")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+const SAMPLES: &[&str] = &[
+    "text.json",
+    "location.json",
+    "statuses.json",
+    "interactive.json",
+    "image.json",
+    "unsupported.json",
+];
+
+/// A relay process and its base URL.
+struct Relay {
+    daemon: Daemon,
+    url: String,
+}
+
+impl Relay {
+    async fn start(database_url: &str, extra: &[(&str, &str)]) -> Relay {
+        let mut cmd = support::bite_sync();
+        let dir = cmd.get_current_dir().unwrap().to_path_buf();
+        let log = dir.join("relay.log");
+        cmd.arg("relay")
+            .env("DATABASE_URL", database_url)
+            .env("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN)
+            .env("META_APP_SECRET", APP_SECRET)
+            .env("PORT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut daemon = Daemon::new(log);
+        daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
+        let port = wait_for("the relay to listen", Duration::from_secs(30), || {
+            let log = daemon.log();
+            let port = log
+                .lines()
+                .find(|l| l.contains("relay listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|a| a.split_whitespace().next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse::<u16>().ok());
+            if port.is_none() && log.contains("error:") {
+                panic!("the relay failed to start:\n{log}");
+            }
+            async move { port }
+        })
+        .await;
+        Relay {
+            daemon,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn post(&self, body: &[u8], signature: Option<&str>) -> reqwest::Response {
+        let mut req = client()
+            .post(format!("{}/api/webhook", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        if let Some(s) = signature {
+            req = req.header("X-Hub-Signature-256", s);
+        }
+        req.send().await.expect("POST /api/webhook")
+    }
+
+    async fn post_signed(&self, body: &[u8]) -> reqwest::Response {
+        self.post(body, Some(&sign(APP_SECRET.as_bytes(), body)))
+            .await
+    }
+
+    async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = client()
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn metas_verification_echoes_the_challenge_and_refuses_a_wrong_token() {
+    let dbs = test_dbs("relay_verify").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let get = |query: String| {
+        let url = format!("{}/api/webhook?{query}", relay.url);
+        async move { client().get(url).send().await.unwrap() }
+    };
+    let ok = get(format!(
+        "hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444"
+    ))
+    .await;
+    assert_eq!(ok.status(), 200);
+    assert!(
+        ok.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    assert_eq!(
+        ok.text().await.unwrap(),
+        "1158201444",
+        "echoed byte for byte, not JSON"
+    );
+    // A challenge that is not a number stays as it is.
+    let odd = get(format!(
+        "hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=abc%2Fxyz"
+    ))
+    .await;
+    assert_eq!(odd.text().await.unwrap(), "abc/xyz");
+    for bad in [
+        "hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1".to_string(),
+        format!("hub.mode=unsubscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1"),
+        format!("hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}"),
+        "hub.challenge=1".to_string(),
+        format!("hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}x&hub.challenge=1"),
+    ] {
+        assert_eq!(get(bad.clone()).await.status(), 403, "{bad}");
+    }
+    assert!(
+        !relay.daemon.log().contains(VERIFY_TOKEN),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test]
+async fn every_sample_payload_is_stored_once_and_acknowledged() {
+    let dbs = test_dbs("relay_samples").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    for name in SAMPLES {
+        let resp = relay.post_signed(&sample(name)).await;
+        assert_eq!(resp.status(), 200, "{name}");
+    }
+    // Meta's samples: 5 messages, 3 statuses.
+    let rows = db
+        .query(
+            "SELECT kind, dedupe_key, customer, customer_name, item_type, body \
+             FROM bite_sync.inbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let kinds: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(
+        kinds,
+        [
+            "message", "message", "status", "status", "status", "message", "message", "message"
+        ]
+    );
+    let text = &rows[0];
+    assert_eq!(text.get::<_, String>(2), "16505551234");
+    assert_eq!(
+        text.get::<_, Option<String>>(3).as_deref(),
+        Some("Sheena Nelson")
+    );
+    assert_eq!(
+        text.get::<_, Option<String>>(5).as_deref(),
+        Some("Does it come in another color?")
+    );
+    let image = &rows[6];
+    assert_eq!(
+        image.get::<_, Option<String>>(5).as_deref(),
+        Some("¿Tenéis este postre? / 100% sin gluten @ casa"),
+        "escaped characters survive: the signature was checked on the raw bytes"
+    );
+    assert_eq!(
+        rows[7].get::<_, Option<String>>(4).as_deref(),
+        Some("unsupported")
+    );
+    // Meta retries everything: nothing new.
+    for name in SAMPLES {
+        assert_eq!(relay.post_signed(&sample(name)).await.status(), 200);
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 8);
+    let (status, body) = relay.get_json("/api/webhook/status").await;
+    assert_eq!(status, 200);
+    let c = &body["counters"];
+    assert_eq!(c["received"], 8);
+    assert_eq!(c["messages"], 5);
+    assert_eq!(c["statuses"], 3);
+    assert_eq!(c["duplicates"], 8);
+    assert_eq!(c["pending"], 8);
+    assert_eq!(c["dead_lettered"], 0);
+    assert!(c["last_received_at"].is_string());
+    // Every row notified the delivery channel? The message items keep Meta's JSON as sent.
+    let item: Value = db
+        .query_one(
+            "SELECT item FROM bite_sync.inbox WHERE item_type = 'location'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(item["location"]["name"], "Philz Coffee");
+}
+
+#[tokio::test]
+async fn bad_signatures_are_refused_and_nothing_is_stored() {
+    let dbs = test_dbs("relay_signatures").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let body = sample("text.json");
+    let good = sign(APP_SECRET.as_bytes(), &body);
+    let wrong_secret = sign(b"not-the-app-secret", &body);
+    let truncated = good[..good.len() - 2].to_string();
+    let no_prefix = good.trim_start_matches("sha256=").to_string();
+    let sha1 = "sha1=2fd4e1c67a2d28fced849ee1bb76e7391b93eb12".to_string();
+    for (what, sig) in [
+        ("missing", None),
+        ("wrong secret", Some(wrong_secret.as_str())),
+        ("truncated", Some(truncated.as_str())),
+        ("no sha256= prefix", Some(no_prefix.as_str())),
+        ("legacy sha1", Some(sha1.as_str())),
+    ] {
+        assert_eq!(relay.post(&body, sig).await.status(), 401, "{what}");
+    }
+    // Signed, then changed on the way: a re-serialized body does not pass either.
+    let reserialized =
+        serde_json::to_vec(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
+    assert_eq!(relay.post(&reserialized, Some(&good)).await.status(), 401);
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.inbox_dead_letters").await,
+        0
+    );
+    // The failures are counted.
+    wait_for(
+        "the signature failures to be counted",
+        Duration::from_secs(15),
+        || async {
+            let (_, body) = relay.get_json("/api/webhook/status").await;
+            (body["counters"]["signature_failures"] == 6).then_some(())
+        },
+    )
+    .await;
+    let log = relay.daemon.log();
+    assert!(log.contains("webhook refused"), "{log}");
+    assert!(
+        !log.contains(APP_SECRET) && !log.contains(&good[7..]),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_over_4_mb_is_refused_with_413() {
+    let dbs = test_dbs("relay_too_big").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let padding = "x".repeat(5 * 1024 * 1024);
+    let body = json!({"object": "whatsapp_business_account", "entry": [], "pad": padding})
+        .to_string()
+        .into_bytes();
+    let resp = relay.post_signed(&body).await;
+    assert_eq!(resp.status(), 413);
+    // 3 MB (Meta's maximum) is fine.
+    let mut big: Value = serde_json::from_slice(&sample("text.json")).unwrap();
+    big["entry"][0]["changes"][0]["value"]["messages"][0]["text"]["body"] =
+        Value::from("y".repeat(3 * 1024 * 1024));
+    let body = serde_json::to_vec(&big).unwrap();
+    assert_eq!(relay.post_signed(&body).await.status(), 200);
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 1);
+}
+
+#[tokio::test]
+async fn signed_bodies_that_cannot_be_read_are_dead_lettered_and_acknowledged() {
+    let dbs = test_dbs("relay_dead_letters").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let not_json = b"{\"object\": \"whatsapp_business_account\", \"entry\": [".to_vec();
+    let other_shape = br#"{"object":"instagram","entry":[]}"#.to_vec();
+    let half_bad = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+        {"field": "messages", "value": {"messages": [
+            {"from": "34600000001", "timestamp": "1", "type": "text", "text": {"body": "no id"}},
+            {"from": "34600000001", "id": "wamid.kept", "timestamp": "1", "type": "text", "text": {"body": "kept"}}]}}]}]})
+    .to_string()
+    .into_bytes();
+    for body in [&not_json, &other_shape, &half_bad] {
+        assert_eq!(relay.post_signed(body).await.status(), 200);
+    }
+    // Meta would retry nothing, but a retry is kept once.
+    assert_eq!(relay.post_signed(&not_json).await.status(), 200);
+    let reasons: Vec<String> = db
+        .query(
+            "SELECT reason FROM bite_sync.inbox_dead_letters ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].starts_with("not valid JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("\"instagram\""), "{reasons:?}");
+    assert!(reasons[2].contains("messages[0]: no \"id\""), "{reasons:?}");
+    let body: Vec<u8> = db
+        .query_one(
+            "SELECT body FROM bite_sync.inbox_dead_letters ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(body, not_json, "kept byte for byte");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM bite_sync.inbox WHERE dedupe_key = 'wamid.kept'"
+        )
+        .await,
+        1
+    );
+    let (_, status) = relay.get_json("/api/webhook/status").await;
+    assert_eq!(status["counters"]["dead_lettered"], 3);
+}
+
+#[tokio::test]
+async fn the_same_payload_posted_100_times_at_once_is_one_row() {
+    let dbs = test_dbs("relay_concurrent_dupes").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let body = sample("text.json");
+    let posts = (0..100).map(|_| relay.post_signed(&body));
+    let statuses: Vec<u16> = futures_util::future::join_all(posts)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 1);
+    let (_, status) = relay.get_json("/api/webhook/status").await;
+    assert_eq!(status["counters"]["received"], 1);
+    assert_eq!(status["counters"]["duplicates"], 99);
+}
+
+/// A batch like Meta's (up to 1000 updates): every message and status a row, in order.
+#[tokio::test]
+async fn a_batch_of_many_messages_and_statuses_is_stored_whole() {
+    let dbs = test_dbs("relay_batch").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let changes: Vec<Value> = (0..10)
+        .map(|c| {
+            let messages: Vec<Value> = (0..50)
+                .map(|m| json!({"from": format!("3460000{c:04}"), "id": format!("wamid.batch.{c}.{m}"),
+                                 "timestamp": "1749416383", "type": "text", "text": {"body": format!("m{m}")}}))
+                .collect();
+            let statuses: Vec<Value> = (0..50)
+                .map(|s| json!({"id": format!("wamid.out.{c}.{s}"), "status": "delivered",
+                                 "timestamp": "1749416383", "recipient_id": format!("3460000{c:04}")}))
+                .collect();
+            json!({"field": "messages", "value": {"messaging_product": "whatsapp",
+                   "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+                   "contacts": [{"wa_id": format!("3460000{c:04}"), "profile": {"name": format!("C{c}")}}],
+                   "messages": messages, "statuses": statuses}})
+        })
+        .collect();
+    let body =
+        json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": changes}]})
+            .to_string()
+            .into_bytes();
+    assert_eq!(relay.post_signed(&body).await.status(), 200);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM bite_sync.inbox WHERE kind = 'message'"
+        )
+        .await,
+        500
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM bite_sync.inbox WHERE kind = 'status'"
+        )
+        .await,
+        500
+    );
+    // Each customer's messages are in payload order.
+    let out_of_order = count(
+        &db,
+        "SELECT count(*) FROM (SELECT body, lag(body) OVER (PARTITION BY customer ORDER BY id) AS prev \
+         FROM bite_sync.inbox WHERE kind = 'message') x \
+         WHERE substr(body, 2)::int < substr(prev, 2)::int",
+    )
+    .await;
+    assert_eq!(out_of_order, 0);
+    let named = count(
+        &db,
+        "SELECT count(*) FROM bite_sync.inbox WHERE kind = 'message' AND customer_name = 'C' || (right(customer, 4)::int)",
+    )
+    .await;
+    assert_eq!(named, 500);
+}
+
+#[tokio::test]
+async fn health_reports_mirror_freshness_and_503_when_the_database_is_down() {
+    let dbs = test_dbs("relay_health").await;
+    let cluster = &support::clusters().mirror;
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.port()).parse().unwrap();
+    let proxy = bite_sync::proxy::Proxy::start(target).await.unwrap();
+    let via_proxy = format!(
+        "postgres://postgres@{}/{}?sslmode=disable",
+        proxy.addr(),
+        dbs.name
+    );
+    let relay = Relay::start(&via_proxy, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let (status, body) = relay.get_json("/api/sync/health").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["database"], "up");
+    assert_eq!(body["mirror"], json!([]), "no replication yet");
+    db.batch_execute(
+        "INSERT INTO bite_sync.replication_state (slot_name, publication, source_system_identifier, \
+             source_database, lsn, source_commit_time, applied_at) \
+         VALUES ('bite_sync', 'bite_sync', '1', 'bite', '0/16B3748', now() - interval '3 seconds', now())",
+    )
+    .await
+    .unwrap();
+    let (status, body) = relay.get_json("/api/sync/health").await;
+    assert_eq!(status, 200);
+    let mirror = &body["mirror"][0];
+    assert_eq!(mirror["last_lsn"], "0/16B3748");
+    let lag = mirror["lag_seconds"].as_f64().unwrap();
+    assert!((2.5..30.0).contains(&lag), "{lag}");
+    // The database goes away: 503, quickly, and back to 200 when it returns.
+    proxy.set_refusing(true);
+    proxy.cut();
+    let started = std::time::Instant::now();
+    let (status, body) = relay.get_json("/api/sync/health").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["database"], "down");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A webhook meanwhile is not acknowledged (Meta retries it).
+    assert_eq!(relay.post_signed(&sample("text.json")).await.status(), 503);
+    proxy.set_refusing(false);
+    wait_for("health to recover", Duration::from_secs(30), || async {
+        (relay.get_json("/api/sync/health").await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(relay.post_signed(&sample("text.json")).await.status(), 200);
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 1);
+}
+
+/// Killed between storing and answering: every webhook Meta saw acknowledged is in the
+/// inbox, and Meta's retries of all of them (acknowledged or not) add no duplicates.
+#[tokio::test]
+async fn a_relay_killed_mid_flight_loses_nothing_and_retries_are_deduplicated() {
+    let dbs = test_dbs("relay_kill").await;
+    let mut relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let bodies: Vec<Vec<u8>> = (0..400)
+        .map(|i| {
+            json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+                {"field": "messages", "value": {"messages": [
+                    {"from": format!("346{:08}", i % 37), "id": format!("wamid.kill.{i}"),
+                     "timestamp": "1749416383", "type": "text", "text": {"body": "hola"}}]}}]}]})
+            .to_string()
+            .into_bytes()
+        })
+        .collect();
+    let sender = {
+        let url = relay.url.clone();
+        let bodies = bodies.clone();
+        tokio::spawn(async move {
+            let client = client();
+            let mut acked = Vec::new();
+            let sends: Vec<_> = bodies
+                .into_iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    let client = client.clone();
+                    let url = format!("{url}/api/webhook");
+                    Box::pin(async move {
+                        let resp = client
+                            .post(url)
+                            .header("X-Hub-Signature-256", sign(APP_SECRET.as_bytes(), &body))
+                            .body(body)
+                            .send()
+                            .await;
+                        (i, matches!(resp, Ok(r) if r.status() == 200))
+                    })
+                })
+                .collect();
+            let results: Vec<(usize, bool)> = futures_util::stream::iter(sends)
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for (i, ok) in results {
+                if ok {
+                    acked.push(i);
+                }
+            }
+            acked
+        })
+    };
+    // Kill it once some, not all, are in.
+    wait_for("some webhooks stored", Duration::from_secs(30), || async {
+        (count(&db, "SELECT count(*) FROM bite_sync.inbox").await >= 50).then_some(())
+    })
+    .await;
+    let pid = relay.daemon.pid();
+    // SAFETY: killing our own child.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let acked = sender.await.unwrap();
+    assert!(
+        acked.len() < bodies.len(),
+        "the kill came too late to test anything"
+    );
+    let stored: std::collections::HashSet<String> = db
+        .query("SELECT dedupe_key FROM bite_sync.inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for i in &acked {
+        assert!(
+            stored.contains(&format!("wamid.kill.{i}")),
+            "acknowledged webhook {i} was lost"
+        );
+    }
+    // Meta retries everything against a new relay.
+    relay.daemon.exit_code(Duration::from_secs(5));
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    for body in &bodies {
+        assert_eq!(relay.post_signed(body).await.status(), 200);
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.inbox").await,
+        400
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(DISTINCT dedupe_key) FROM bite_sync.inbox"
+        )
+        .await,
+        400
+    );
+}
+
+use futures_util::StreamExt as _;
+
+#[tokio::test]
+async fn two_relays_on_one_database_share_the_inbox() {
+    let dbs = test_dbs("relay_two").await;
+    let a = Relay::start(&dbs.mirror_url, &[("RAILWAY_REPLICA_ID", "replica-a")]).await;
+    let b = Relay::start(&dbs.mirror_url, &[("RAILWAY_REPLICA_ID", "replica-b")]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    // Meta's deliveries land on either replica at random; retries too.
+    let bodies: Vec<Vec<u8>> = (0..100)
+        .map(|i| {
+            json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+                {"field": "messages", "value": {"messages": [
+                    {"from": "34600000001", "id": format!("wamid.two.{i}"),
+                     "timestamp": "1749416383", "type": "text", "text": {"body": "hola"}}]}}]}]})
+            .to_string()
+            .into_bytes()
+        })
+        .collect();
+    // First each replica takes half; then Meta's retries land on the other one.
+    let (first, second) = bodies.split_at(50);
+    for (to_a, to_b) in [(first, second), (second, first)] {
+        let posts = to_a
+            .iter()
+            .map(|body| a.post_signed(body))
+            .chain(to_b.iter().map(|body| b.post_signed(body)));
+        let ok = futures_util::future::join_all(posts)
+            .await
+            .iter()
+            .all(|r| r.status() == 200);
+        assert!(ok);
+    }
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.inbox").await,
+        100
+    );
+    let (_, mut from_a) = a.get_json("/api/webhook/status").await;
+    let (_, mut from_b) = b.get_json("/api/webhook/status").await;
+    for c in [&mut from_a, &mut from_b] {
+        c["counters"]["oldest_pending_seconds"] = Value::Null;
+    }
+    assert_eq!(from_a["counters"]["received"], 100);
+    assert_eq!(from_a["counters"]["duplicates"], 100);
+    assert_eq!(
+        from_a["counters"], from_b["counters"],
+        "one view from every replica"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.relay_counters WHERE replica IN ('replica-a', 'replica-b')").await,
+        2,
+        "both replicas counted duplicates"
+    );
+}
+
+#[tokio::test]
+async fn missing_settings_are_listed_at_once_and_secrets_never_printed() {
+    let out = support::bite_sync()
+        .arg("relay")
+        .env("PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for var in ["DATABASE_URL", "WHATSAPP_VERIFY_TOKEN", "META_APP_SECRET"] {
+        assert!(err.contains(var), "{err}");
+    }
+    // An unreachable database: exit 3, password redacted.
+    let out = support::bite_sync()
+        .arg("relay")
+        .env("PORT", "0")
+        .env(
+            "DATABASE_URL",
+            "postgres://relay:Sup3rSecretPw@127.0.0.1:1/railway?connect_timeout=2",
+        )
+        .env("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN)
+        .env("META_APP_SECRET", APP_SECRET)
+        .env("WHATSAPP_ACCESS_TOKEN", "EAAG-access-token-secret")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    for secret in [
+        "Sup3rSecretPw",
+        VERIFY_TOKEN,
+        APP_SECRET,
+        "EAAG-access-token-secret",
+    ] {
+        assert!(!err.contains(secret), "{secret} printed: {err}");
+    }
+    // A bad value names its variable.
+    let out = support::bite_sync()
+        .arg("relay")
+        .env("PORT", "fivethousand")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PORT"));
+}
+
+#[tokio::test]
+async fn sigterm_answers_requests_in_flight_and_exits_0() {
+    let dbs = test_dbs("relay_sigterm").await;
+    let mut relay = Relay::start(&dbs.mirror_url, &[]).await;
+    assert_eq!(relay.post_signed(&sample("text.json")).await.status(), 200);
+    assert_eq!(relay.daemon.terminate(Duration::from_secs(15)), Some(0));
+}
