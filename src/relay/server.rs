@@ -31,6 +31,9 @@ use crate::relay::payload;
 use crate::relay::settings::RelaySettings;
 use crate::relay::signature;
 
+/// The health route (Railway's health check, see railway.toml).
+pub const HEALTH_PATH: &str = "/api/sync/health";
+
 /// Meta's payloads are up to 3 MB; anything above this is refused with 413.
 pub const BODY_LIMIT: usize = 4 * 1024 * 1024;
 
@@ -55,7 +58,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/webhook", get(verify).post(receive))
-        .route("/api/sync/health", get(health))
+        .route(HEALTH_PATH, get(health))
         .route("/api/webhook/status", get(status))
         .route("/", get(root))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

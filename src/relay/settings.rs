@@ -873,6 +873,19 @@ mod tests {
     }
 
     #[test]
+    fn the_committed_example_resolves() {
+        let raw = crate::config::parse(crate::config::EXAMPLE).unwrap();
+        let env = env_of(&[]);
+        let s = RelaySettings::resolve(&raw.relay, &raw.delivery, None, &env).unwrap();
+        assert_eq!(
+            s.delivery.url.as_deref(),
+            Some("http://localhost:3000/api/cloud-sync/webhook")
+        );
+        assert_eq!(s.ai.deadline, Duration::from_secs(20));
+        assert_eq!(s.send_rate, 80);
+    }
+
+    #[test]
     fn the_backend_url_gets_the_delivery_path() {
         let env = env_of(&[("LOCAL_BACKEND_URL", "http://192.168.1.10:3000/api/")]);
         let d = DeliverySettings::resolve(&RawDelivery::default(), None, &env).unwrap();
