@@ -340,6 +340,7 @@ async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
             }
         };
     status::add_schedules(&mut report, config.mirror.as_ref(), &jobs, config).await;
+    status::add_inbox(&mut report, config.mirror.as_ref()).await;
     if args.json {
         bite_sync::outln!(
             "{}",

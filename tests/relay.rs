@@ -685,3 +685,41 @@ async fn sigterm_answers_requests_in_flight_and_exits_0() {
     assert_eq!(relay.post_signed(&sample("text.json")).await.status(), 200);
     assert_eq!(relay.daemon.terminate(Duration::from_secs(15)), Some(0));
 }
+
+#[tokio::test]
+async fn status_shows_the_inbox_and_warns_when_nothing_takes_it() {
+    let dbs = test_dbs("relay_status_cmd").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    for name in ["text.json", "statuses.json"] {
+        assert_eq!(relay.post_signed(&sample(name)).await.status(), 200);
+    }
+    let status = |dbs_url: String| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            support::bite_sync()
+                .args(["status", "--json", "--mirror", &dbs_url])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = status(dbs.mirror_url.clone()).await;
+    assert_eq!(report["inbox"]["received"], 4, "{report}");
+    assert_eq!(report["inbox"]["pending"], 4);
+    let stale = |r: &Value| {
+        r["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("waiting for the backend"))
+    };
+    assert!(!stale(&report), "{report}");
+    db.batch_execute("UPDATE bite_sync.inbox SET received_at = now() - interval '10 minutes'")
+        .await
+        .unwrap();
+    let report = status(dbs.mirror_url.clone()).await;
+    assert!(stale(&report), "{report}");
+    assert_eq!(report["healthy"], false);
+}

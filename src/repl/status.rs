@@ -29,6 +29,9 @@ pub struct Status {
     /// Each backup job's newest backup, when `backup.url` and a backup job are configured.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub backups: Vec<crate::alert::freshness::BackupFreshness>,
+    /// The WhatsApp relay's inbox on the mirror, when the relay has used it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub inbox: Option<crate::relay::inbox::InboxCounts>,
     /// Things that need attention.
     pub warnings: Vec<String>,
     /// Nothing needs attention.
@@ -121,6 +124,7 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         mirror_error: None,
         jobs: Vec::new(),
         backups: Vec::new(),
+        inbox: None,
         warnings: Vec::new(),
         healthy: false,
     };
@@ -229,6 +233,43 @@ pub async fn add_schedules(
         status.healthy = false;
         status.warnings.extend(extra);
     }
+}
+
+/// Pending WhatsApp items older than this make the status unhealthy: the backend is not
+/// taking them (is `bite-sync run` delivering?).
+const INBOX_STALE_SECONDS: f64 = 300.0;
+
+/// Adds the relay's inbox counters from the mirror, when it has an inbox with anything in it.
+/// Items waiting longer than five minutes are a warning.
+pub async fn add_inbox(status: &mut Status, mirror: Option<&DbUrl>) {
+    let counts = async {
+        let client = mirror?.connect().await.ok()?;
+        let row = client
+            .query_one(
+                "SELECT pg_catalog.to_regclass('bite_sync.inbox') IS NOT NULL",
+                &[],
+            )
+            .await
+            .ok()?;
+        if !row.get::<_, bool>(0) {
+            return None;
+        }
+        crate::relay::inbox::counts(&client).await.ok()
+    }
+    .await;
+    let Some(counts) = counts.filter(|c| c.received > 0 || c.dead_lettered > 0) else {
+        return;
+    };
+    if let Some(age) = counts.oldest_pending_seconds
+        && age > INBOX_STALE_SECONDS
+    {
+        status.warnings.push(format!(
+            "{} WhatsApp item(s) waiting for the backend, the oldest for {:.0} s: is `bite-sync run` delivering (LOCAL_BACKEND_URL), or is the backend down?",
+            counts.pending, age
+        ));
+        status.healthy = false;
+    }
+    status.inbox = Some(counts);
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -453,6 +494,22 @@ pub fn render(status: &Status) -> String {
             "  mirror:  unreachable: {}\n",
             status.mirror_error.as_deref().unwrap_or("?")
         )),
+    }
+    if let Some(i) = &status.inbox {
+        out.push_str(&format!(
+            "whatsapp inbox\n    received {} ({} messages, {} statuses), duplicates {}, dead letters {}\n",
+            i.received, i.messages, i.statuses, i.duplicates, i.dead_lettered
+        ));
+        out.push_str(&format!(
+            "    delivered {}, pending {}{}, answered by AI {}; last received {}, last delivered {}\n",
+            i.delivered,
+            i.pending,
+            i.oldest_pending_seconds
+                .map_or(String::new(), |a| format!(" (oldest {a:.0} s)")),
+            i.answered_by_ai,
+            i.last_received_at.as_deref().unwrap_or("-"),
+            i.last_delivered_at.as_deref().unwrap_or("-"),
+        ));
     }
     if !status.jobs.is_empty() {
         out.push_str("jobs\n");
