@@ -616,6 +616,7 @@ mod tests {
             mirror_error: None,
             jobs: Vec::new(),
             backups: Vec::new(),
+            inbox: None,
             warnings: Vec::new(),
             healthy: false,
         };
@@ -647,6 +648,7 @@ mod tests {
             mirror_error: Some("x".into()),
             jobs: Vec::new(),
             backups: Vec::new(),
+            inbox: None,
             warnings: Vec::new(),
             healthy: false,
         };
