@@ -723,3 +723,44 @@ async fn status_shows_the_inbox_and_warns_when_nothing_takes_it() {
     assert!(stale(&report), "{report}");
     assert_eq!(report["healthy"], false);
 }
+
+#[tokio::test]
+async fn delivered_items_older_than_keep_days_are_pruned_and_pending_ones_never() {
+    let dbs = test_dbs("relay_prune").await;
+    let mut db = support::connect(&dbs.mirror_url).await;
+    bite_sync::bookkeeping::migrate(&mut db).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO bite_sync.inbox (kind, dedupe_key, field, customer, item, delivery_state, received_at) VALUES \
+           ('message', 'old-delivered', 'messages', '1', '{}', 'delivered', now() - interval '40 days'), \
+           ('message', 'old-pending', 'messages', '1', '{}', 'pending', now() - interval '40 days'), \
+           ('message', 'new-delivered', 'messages', '1', '{}', 'delivered', now() - interval '1 day'); \
+         INSERT INTO bite_sync.inbox_dead_letters (reason, body_sha256, body, received_at) VALUES \
+           ('x', 'a', '\\x00', now() - interval '40 days'), ('y', 'b', '\\x01', now())",
+    )
+    .await
+    .unwrap();
+    let _relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let keys = wait_for(
+        "the old delivered item to be pruned",
+        Duration::from_secs(20),
+        || async {
+            let keys: Vec<String> = db
+                .query(
+                    "SELECT dedupe_key FROM bite_sync.inbox ORDER BY dedupe_key",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            (keys.len() == 2).then_some(keys)
+        },
+    )
+    .await;
+    assert_eq!(keys, ["new-delivered", "old-pending"]);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.inbox_dead_letters").await,
+        1
+    );
+}

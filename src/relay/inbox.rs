@@ -331,6 +331,60 @@ pub async fn flush_counters(
     }
 }
 
+/// Deletes what is older than `keep` every ten minutes: delivered inbox items, sent
+/// messages and dead letters (pending items are never deleted, however old). One replica at a
+/// time does it (an advisory lock); rows go in small batches so no lock is held for long.
+pub async fn prune(pool: Pool, keep: Duration, cancel: CancellationToken) {
+    const PRUNE_LOCK: i64 = 0x6269_7465_0005;
+    let keep_secs = keep.as_secs_f64();
+    loop {
+        let result: Result<u64, String> = async {
+            let conn = pool.get().await.map_err(|e| db::describe(&e))?;
+            let q = |e: tokio_postgres::Error| crate::error_chain(&e);
+            let locked: bool = conn
+                .query_one("SELECT pg_catalog.pg_try_advisory_lock($1)", &[&PRUNE_LOCK])
+                .await
+                .map_err(q)?
+                .get(0);
+            if !locked {
+                return Ok(0);
+            }
+            let mut deleted = 0;
+            for sql in [
+                "DELETE FROM bite_sync.inbox WHERE id IN (SELECT id FROM bite_sync.inbox                  WHERE delivery_state = 'delivered'                    AND received_at < now() - make_interval(secs => $1) LIMIT 5000)",
+                "DELETE FROM bite_sync.outbox WHERE id IN (SELECT id FROM bite_sync.outbox                  WHERE created_at < now() - make_interval(secs => $1) LIMIT 5000)",
+                "DELETE FROM bite_sync.inbox_dead_letters WHERE id IN (SELECT id FROM                  bite_sync.inbox_dead_letters WHERE received_at < now() - make_interval(secs => $1) LIMIT 5000)",
+            ] {
+                loop {
+                    let n = conn.execute(sql, &[&keep_secs]).await.map_err(q)?;
+                    deleted += n;
+                    if n < 5000 || cancel.is_cancelled() {
+                        break;
+                    }
+                }
+            }
+            conn.execute("SELECT pg_catalog.pg_advisory_unlock($1)", &[&PRUNE_LOCK])
+                .await
+                .map_err(q)?;
+            Ok(deleted)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                rows = n,
+                keep_days = keep_secs / 86400.0,
+                "pruned old inbox rows"
+            ),
+            Err(e) => tracing::warn!(error = %e, "pruning the inbox failed; trying again later"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// `/api/sync/health`'s view of the mirror's replication bookkeeping.
 #[derive(Debug, Clone, Serialize)]
 pub struct MirrorFreshness {

@@ -113,6 +113,11 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
         settings.replica.clone(),
         workers.clone(),
     ))];
+    background.push(tokio::spawn(inbox::prune(
+        pool.clone(),
+        settings.keep,
+        workers.clone(),
+    )));
     background.extend(start_workers(&pool, &settings, &stored, &workers));
 
     let state = Arc::new(server::AppState {

@@ -28,6 +28,8 @@ pub struct RawRelay {
     pub send_rate: Option<i64>,
     /// Least time between two sends to one customer (Meta: about one every 6 s).
     pub customer_interval: Option<String>,
+    /// Days delivered inbox items, sent messages and dead letters are kept.
+    pub keep_days: Option<i64>,
     /// `[relay.ai]`
     #[serde(default)]
     pub ai: RawAi,
@@ -306,6 +308,8 @@ pub struct RelaySettings {
     pub send_rate: u32,
     /// Least time between two sends to one customer.
     pub customer_interval: Duration,
+    /// How long delivered inbox items, sent messages and dead letters are kept.
+    pub keep: Duration,
     /// This process's name in the bookkeeping (`RAILWAY_REPLICA_ID`, else host and pid).
     pub replica: String,
     /// The AI fallback.
@@ -563,6 +567,17 @@ impl RelaySettings {
             raw.customer_interval.as_ref(),
             Duration::from_secs(6),
         );
+        let keep_days = match raw.keep_days {
+            None => 30,
+            Some(n) if (1..=3650).contains(&n) => n as u64,
+            Some(n) => {
+                p.list.push(format!(
+                    "{}: expected 1 to 3650, got {n}",
+                    p.at("relay.keep_days")
+                ));
+                30
+            }
+        };
         let ai = ai(&raw.ai, &mut p, env);
         let delivery = delivery(raw_delivery, &mut p, env);
         let replica = env("RAILWAY_REPLICA_ID").unwrap_or_else(|| {
@@ -586,6 +601,7 @@ impl RelaySettings {
             jwt_secret: env("JWT_SECRET").map(Secret::new),
             send_rate,
             customer_interval,
+            keep: Duration::from_secs(keep_days * 24 * 3600),
             replica,
             ai,
             delivery,
