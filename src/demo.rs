@@ -7,6 +7,8 @@
 //! move. It shows how to look, then waits for Ctrl-C and removes everything it made. If the process is killed instead, the clusters'
 //! watchdogs stop them and remove their directories.
 
+mod relay;
+
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,9 @@ pub enum DemoError {
     /// Replication failed.
     #[error("the demo replication failed")]
     Replication(#[from] Box<RunError>),
+    /// The WhatsApp relay part failed.
+    #[error("the demo relay: {0}")]
+    Relay(String),
     /// A blocking task panicked or was cancelled.
     #[error("a background task failed")]
     Task(#[from] tokio::task::JoinError),
@@ -179,6 +184,9 @@ async fn demo(
 
     let source_plain = source_cluster.url(DATABASE);
     let mirror_plain = mirror_cluster.url(DATABASE);
+    if !cancel.is_cancelled() {
+        relay::show(&mirror_plain, &mirror_url, cancel).await?;
+    }
     crate::outln!(
         "\nLook around:\n  \
          psql '{source_plain}'   # the source (local database)\n  \

@@ -1,0 +1,409 @@
+//! The whole WhatsApp path through real processes: Meta (the test) → `bite-sync relay` → the
+//! inbox in PostgreSQL → `bite-sync run` (pull delivery) → the restaurant's backend; and the
+//! AI fallback → the Graph API, with the backend, the Graph API and the AI provider as real
+//! HTTP servers on loopback that record every call.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bite_sync::relay::signature::{self, sign};
+use serde_json::{Value, json};
+use support::{Daemon, FakeHttp, test_dbs, wait_for};
+
+const VERIFY_TOKEN: &str = "e2e-verify-token";
+const APP_SECRET: &str = "e2e-app-secret";
+const SYNC_API_KEY: &str = "e2e-sync-api-key";
+const ACCESS_TOKEN: &str = "EAAe2e-access-token";
+const OPENAI_KEY: &str = "sk-e2e-openai-key";
+const PHONE_NUMBER_ID: &str = "106540352242922";
+
+fn sample(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/payloads")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The fakes one test talks to.
+struct World {
+    backend: FakeHttp,
+    graph: FakeHttp,
+    ai: FakeHttp,
+}
+
+impl World {
+    async fn start() -> World {
+        let graph = FakeHttp::with(|r| {
+            let n = r.body.len();
+            (
+                200,
+                json!({"messaging_product": "whatsapp",
+                       "messages": [{"id": format!("wamid.reply.{n}")}]}),
+            )
+        })
+        .await;
+        // The model answers with the context it was given, so a test can see what it got.
+        let ai = FakeHttp::with(|r| {
+            let request = r.json();
+            let system = request["messages"][0]["content"].as_str().unwrap_or("").to_string();
+            (
+                200,
+                json!({"choices": [{"message": {"role": "assistant", "content": format!("AI: {system}")},
+                                    "finish_reason": "stop"}]}),
+            )
+        })
+        .await;
+        World {
+            backend: FakeHttp::start().await,
+            graph,
+            ai,
+        }
+    }
+
+    fn backend_down(&self) {
+        self.backend.respond(|_| (503, json!({"error": "down"})));
+    }
+
+    fn backend_up(&self) {
+        self.backend.respond(|_| (200, json!({"ok": true})));
+    }
+
+    /// The backend's accepted deliveries, each as (idempotency key, body).
+    fn delivered(&self) -> Vec<(String, Value)> {
+        self.backend
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .map(|r| {
+                (
+                    r.header("idempotency-key").unwrap_or("").to_string(),
+                    r.json(),
+                )
+            })
+            .collect()
+    }
+
+    fn graph_sends(&self) -> Vec<Value> {
+        self.graph
+            .requests_to(&format!("/v25.0/{PHONE_NUMBER_ID}/messages"))
+            .iter()
+            .map(|r| r.json())
+            .collect()
+    }
+}
+
+fn spawn(args: &[&str], env: &[(&str, String)], log_name: &str) -> Daemon {
+    let mut cmd = support::bite_sync();
+    let log = cmd.get_current_dir().unwrap().join(log_name);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut daemon = Daemon::new(log);
+    daemon.child = Some(cmd.spawn().expect("spawn bite-sync"));
+    daemon
+}
+
+/// `bite-sync relay` on the test's database, sending to the fakes; the backend is reached by
+/// pull delivery, not by the relay.
+async fn relay(database_url: &str, world: &World) -> (Daemon, String) {
+    let env = [
+        ("DATABASE_URL", database_url.to_string()),
+        ("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN.into()),
+        ("META_APP_SECRET", APP_SECRET.into()),
+        ("WHATSAPP_ACCESS_TOKEN", ACCESS_TOKEN.into()),
+        ("WHATSAPP_PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
+        ("GRAPH_API_URL", world.graph.url.clone()),
+        ("OPENAI_API_KEY", OPENAI_KEY.into()),
+        ("OPENAI_BASE_URL", format!("{}/v1", world.ai.url)),
+        ("AI_DEADLINE", "1s".into()),
+        ("SYNC_API_KEY", SYNC_API_KEY.into()),
+        ("PORT", "0".into()),
+    ];
+    let daemon = spawn(&["relay", "-v"], &env, "relay.log");
+    let port = wait_for("the relay to listen", Duration::from_secs(30), || {
+        let log = daemon.log();
+        let port = log
+            .lines()
+            .find(|l| l.contains("relay listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        if port.is_none() && log.contains("error:") {
+            panic!("the relay failed to start:\n{log}");
+        }
+        async move { port }
+    })
+    .await;
+    (daemon, format!("http://127.0.0.1:{port}"))
+}
+
+/// `bite-sync run` at the restaurant, delivering only.
+fn puller(database_url: &str, world: &World) -> Daemon {
+    let env = [
+        ("LOCAL_BACKEND_URL", format!("{}/api", world.backend.url)),
+        ("SYNC_API_KEY", SYNC_API_KEY.to_string()),
+    ];
+    spawn(&["run", "--mirror", database_url], &env, "run.log")
+}
+
+async fn post(relay_url: &str, body: &[u8]) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{relay_url}/api/webhook"))
+        .header("X-Hub-Signature-256", sign(APP_SECRET.as_bytes(), body))
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("POST /api/webhook")
+        .status()
+        .as_u16()
+}
+
+/// A text message from `wa_id` sent `age` ago.
+fn message(id: &str, wa_id: &str, name: &str, text: &str, age: Duration) -> Vec<u8> {
+    let ts = chrono::Utc::now().timestamp() - age.as_secs() as i64;
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "messages",
+        "value": {"messaging_product": "whatsapp",
+                  "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+                  "contacts": [{"profile": {"name": name}, "wa_id": wa_id}],
+                  "messages": [{"from": wa_id, "id": id, "timestamp": ts.to_string(),
+                                "type": "text", "text": {"body": text}}]}}]}]})
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn metas_samples_are_each_delivered_once_signed_with_the_sync_key() {
+    let dbs = test_dbs("e2e_samples").await;
+    let world = World::start().await;
+    let (_relay, url) = relay(&dbs.mirror_url, &world).await;
+    let _run = puller(&dbs.mirror_url, &world);
+    let names = [
+        "text.json",
+        "location.json",
+        "statuses.json",
+        "interactive.json",
+        "image.json",
+        "unsupported.json",
+    ];
+    for _ in 0..2 {
+        for name in names {
+            assert_eq!(post(&url, &sample(name)).await, 200, "{name}");
+        }
+    }
+    wait_for("8 deliveries", Duration::from_secs(30), || async {
+        (world.delivered().len() >= 8).then_some(())
+    })
+    .await;
+    // A moment more: nothing else arrives.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let delivered = world.delivered();
+    assert_eq!(delivered.len(), 8, "{delivered:#?}");
+    let keys: std::collections::HashSet<&str> = delivered.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys.len(), 8, "each item once");
+    for request in world.backend.requests() {
+        assert_eq!(request.header("x-api-key"), Some(SYNC_API_KEY));
+        assert_eq!(
+            signature::verify(
+                SYNC_API_KEY.as_bytes(),
+                &request.body,
+                request.header(signature::DELIVERY_HEADER).map(str::as_bytes)
+            ),
+            Ok(()),
+            "every delivery carries a valid signature"
+        );
+        assert_eq!(request.uri, "/api/cloud-sync/webhook");
+    }
+    // The backend gets Meta's own envelope with the one item.
+    let text = delivered
+        .iter()
+        .find(|(k, _)| k.starts_with("wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQTRBNjU5OUFFRTAzODEwMTQ0RgA"))
+        .map(|(_, b)| b)
+        .expect("the text sample");
+    let value = &text["entry"][0]["changes"][0]["value"];
+    assert_eq!(value["messages"][0]["text"]["body"], "Does it come in another color?");
+    assert_eq!(value["contacts"][0]["profile"]["name"], "Sheena Nelson");
+    assert_eq!(value["metadata"]["phone_number_id"], "106540352242922");
+    // Meta's samples are from 2025: far too old for an AI reply.
+    assert!(world.graph_sends().is_empty());
+}
+
+#[tokio::test]
+async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_waits() {
+    let dbs = test_dbs("e2e_ai").await;
+    let mirror = support::connect(&dbs.mirror_url).await;
+    bite_sync::sample::load(&mirror, bite_sync::sample::SampleSize::DEMO)
+        .await
+        .unwrap();
+    let row = mirror
+        .query_one(
+            "SELECT regexp_replace(c.phone, '[^0-9]', '', 'g'), c.name, \
+                    (SELECT o.id FROM public.orders o WHERE o.customer_id = c.id ORDER BY o.created_at DESC LIMIT 1) \
+             FROM public.customers c WHERE EXISTS (SELECT 1 FROM public.orders o WHERE o.customer_id = c.id) \
+             ORDER BY c.id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (wa_id, name, last_order): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
+    let world = World::start().await;
+    world.backend_down();
+    let (relay_daemon, url) = relay(&dbs.mirror_url, &world).await;
+    let _run = puller(&dbs.mirror_url, &world);
+
+    // Meta delivers the same message 100 times at once (its retries and other apps').
+    let body = message("wamid.e2e.ai.1", &wa_id, "Ana WhatsApp", "¿Dónde está mi pedido?", Duration::ZERO);
+    let statuses = futures_util::future::join_all((0..100).map(|_| post(&url, &body))).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // A stale one (Meta replaying an old backlog) is never answered.
+    let stale = message("wamid.e2e.stale", "34699999999", "Old", "hola", Duration::from_secs(3600));
+    assert_eq!(post(&url, &stale).await, 200);
+
+    wait_for("the AI reply", Duration::from_secs(30), || async {
+        (!world.graph_sends().is_empty()).then_some(())
+    })
+    .await;
+    // Time for a second reply to show up, if there were one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sends = world.graph_sends();
+    assert_eq!(sends.len(), 1, "one AI reply for 100 copies: {sends:#?}");
+    let reply = &sends[0];
+    assert_eq!(reply["to"], wa_id.as_str());
+    assert_eq!(reply["context"]["message_id"], "wamid.e2e.ai.1");
+    let text = reply["text"]["body"].as_str().unwrap();
+    assert!(text.contains(&name), "the customer's name from the mirror: {text}");
+    assert!(
+        text.contains(&format!("order_id: {last_order}")),
+        "their last order from the mirror: {text}"
+    );
+    let graph_call = &world.graph.requests()[0];
+    assert_eq!(
+        graph_call.header("authorization"),
+        Some(format!("Bearer {ACCESS_TOKEN}").as_str())
+    );
+    let ai_call = &world.ai.requests()[0];
+    assert_eq!(
+        ai_call.header("authorization"),
+        Some(format!("Bearer {OPENAI_KEY}").as_str())
+    );
+    let states: HashMap<String, (String, Option<String>)> = mirror
+        .query("SELECT dedupe_key, delivery_state, ai_state FROM bite_sync.inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(states.len(), 2);
+    assert_eq!(
+        states["wamid.e2e.ai.1"],
+        ("pending".to_string(), Some("answered".to_string())),
+        "answered by AI, still queued for the backend"
+    );
+    assert_eq!(states["wamid.e2e.stale"].1.as_deref(), Some("skipped"));
+
+    // The backend comes back: both delivered, once each, the answered one marked so.
+    world.backend_up();
+    wait_for("the inbox to be delivered", Duration::from_secs(60), || async {
+        let n: i64 = mirror
+            .query_one(
+                "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 2).then_some(())
+    })
+    .await;
+    let answered = world
+        .backend
+        .requests()
+        .into_iter()
+        .rev()
+        .map(|r| r.json())
+        .find(|b| b["entry"][0]["changes"][0]["value"]["messages"][0]["id"] == "wamid.e2e.ai.1")
+        .unwrap();
+    assert_eq!(answered["bite_sync"]["answered_by_ai"], true);
+    let log = relay_daemon.log();
+    for secret in [APP_SECRET, ACCESS_TOKEN, OPENAI_KEY, SYNC_API_KEY, "¿Dónde está mi pedido?"] {
+        assert!(!log.contains(secret), "{secret} in the relay's log");
+    }
+}
+
+#[tokio::test]
+async fn everything_queued_while_the_backend_was_down_arrives_in_order_per_customer() {
+    let dbs = test_dbs("e2e_order").await;
+    let world = World::start().await;
+    world.backend.respond(|_| (500, json!({})));
+    let (_relay, url) = relay(&dbs.mirror_url, &world).await;
+    let mut run = puller(&dbs.mirror_url, &world);
+    // Old enough that no AI reply interferes.
+    let old = Duration::from_secs(3600);
+    for m in 0..8 {
+        for c in 0..6 {
+            let body = message(
+                &format!("wamid.order.{c}.{m}"),
+                &format!("3461000000{c}"),
+                "C",
+                &format!("{m}"),
+                old,
+            );
+            assert_eq!(post(&url, &body).await, 200);
+        }
+    }
+    // The backend refuses for a while; rows are retried, not lost.
+    wait_for("failed attempts", Duration::from_secs(30), || async {
+        (world.backend.requests().len() >= 6).then_some(())
+    })
+    .await;
+    // The daemon at the restaurant is restarted meanwhile (kill -9).
+    // SAFETY: killing our own child.
+    unsafe {
+        libc::kill(run.pid() as i32, libc::SIGKILL);
+    }
+    run.exit_code(Duration::from_secs(5));
+    world.backend_up();
+    let _run = puller(&dbs.mirror_url, &world);
+    let mirror = support::connect(&dbs.mirror_url).await;
+    wait_for("all 48 delivered", Duration::from_secs(90), || async {
+        let n: i64 = mirror
+            .query_one(
+                "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 48).then_some(())
+    })
+    .await;
+    // The accepted deliveries, per customer, in the order the customer wrote.
+    let mut per_customer: HashMap<String, Vec<i64>> = HashMap::new();
+    let requests = world.backend.requests();
+    let mut seen = std::collections::HashSet::new();
+    for r in requests.iter().rev() {
+        // Only the last (accepted) delivery of each key counts; earlier ones were refused.
+        let key = r.header("idempotency-key").unwrap().to_string();
+        if seen.insert(key.clone()) {
+            let body = r.json();
+            let msg = &body["entry"][0]["changes"][0]["value"]["messages"][0];
+            per_customer
+                .entry(msg["from"].as_str().unwrap().to_string())
+                .or_default()
+                .push(msg["text"]["body"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    assert_eq!(per_customer.len(), 6);
+    for (customer, mut bodies) in per_customer {
+        bodies.reverse();
+        assert_eq!(bodies, (0..8).collect::<Vec<i64>>(), "customer {customer}");
+    }
+}
