@@ -14,6 +14,12 @@
 //! | [`payload`] | Meta's envelope → inbox items (pure) |
 //! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
+//! | [`graph`] | the WhatsApp Cloud API client: text, template, mark-as-read; error classes |
+//! | [`ratelimit`] | send slots shared by every replica (`bite_sync.send_slots`) |
+//! | [`ai`] | the AI providers (OpenAI, Gemini, Anthropic): request builders, reply parsers |
+//! | [`fallback`] | the AI fallback worker: one reply, at most, to messages the backend left waiting |
+//! | [`auth`] | `x-api-key` / HS256 JWT checks for the relay's own API |
+//! | [`messages`] | `POST /api/messages`: the backend sends WhatsApp messages through the relay |
 //!
 //! Inbox contract (see `sql/migrations/0005_relay.sql`):
 //! - One row per item, unique `dedupe_key`; a retried webhook adds nothing.
@@ -23,6 +29,12 @@
 //! - AI fallback: `ai_state` moves from null to `claimed` exactly once per message, by one
 //!   `UPDATE … WHERE ai_state IS NULL`; only the claimer may send.
 
+pub mod ai;
+pub mod auth;
 pub mod db;
+pub mod fallback;
+pub mod graph;
+pub mod messages;
+pub mod ratelimit;
 pub mod settings;
 pub mod signature;
