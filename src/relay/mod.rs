@@ -14,6 +14,12 @@
 //! | [`payload`] | Meta's envelope → inbox items (pure) |
 //! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
+//! | [`graph`] | the WhatsApp Cloud API client: text, template, mark-as-read; error classes |
+//! | [`ratelimit`] | send slots shared by every replica (`bite_sync.send_slots`) |
+//! | [`ai`] | the AI providers (OpenAI, Gemini, Anthropic): request builders, reply parsers |
+//! | [`fallback`] | the AI fallback worker: one reply, at most, to messages the backend left waiting |
+//! | [`auth`] | `x-api-key` / HS256 JWT checks for the relay's own API |
+//! | [`messages`] | `POST /api/messages`: the backend sends WhatsApp messages through the relay |
 //!
 //! Inbox contract (see `sql/migrations/0005_relay.sql`):
 //! - One row per item, unique `dedupe_key`; a retried webhook adds nothing.
@@ -23,9 +29,15 @@
 //! - AI fallback: `ai_state` moves from null to `claimed` exactly once per message, by one
 //!   `UPDATE … WHERE ai_state IS NULL`; only the claimer may send.
 
+pub mod ai;
+pub mod auth;
 pub mod db;
+pub mod fallback;
+pub mod graph;
 pub mod inbox;
+pub mod messages;
 pub mod payload;
+pub mod ratelimit;
 pub mod server;
 pub mod settings;
 pub mod signature;
@@ -73,7 +85,8 @@ impl RelayError {
 
 /// Connections for the inbox writers (group commit) and the other routes.
 const WRITERS: usize = 3;
-const POOL_SIZE: usize = 8;
+/// Writers, the AI fallback (up to 5 at once), delivery, health and status, the messages API.
+const POOL_SIZE: usize = 16;
 
 /// Runs the relay until `cancel` fires: prepares the `bite_sync` schema, starts the inbox
 /// writers and the background workers, and serves HTTP on `settings.port` (IPv6 and IPv4).
@@ -160,8 +173,12 @@ fn start_workers(
     stored: &Arc<tokio::sync::Notify>,
     cancel: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let _ = (pool, settings, stored, cancel);
-    Vec::new()
+    let _ = stored;
+    vec![tokio::spawn(fallback::run(
+        pool.clone(),
+        Arc::clone(settings),
+        cancel.clone(),
+    ))]
 }
 
 /// Listens on `[::]:port` (IPv6 and IPv4, what Railway's private network needs), or on
