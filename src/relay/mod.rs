@@ -14,15 +14,17 @@
 //! | [`payload`] | Meta's envelope → inbox items (pure) |
 //! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
+//! | [`deliver`] | inbox rows → the restaurant's backend, at least once, in order per customer (pull and push) |
 //!
 //! Inbox contract (see `sql/migrations/0005_relay.sql`):
 //! - One row per item, unique `dedupe_key`; a retried webhook adds nothing.
-//! - Storing a batch notifies channel [`inbox::CHANNEL`] in the same transaction.
+//! - Storing a batch notifies channel [`deliver::CHANNEL`] in the same transaction.
 //! - Delivery: `delivery_state` pending → delivered on the backend's 2xx; a worker leases rows
 //!   (`lease_until`, `leased_by`); each customer's rows are delivered in `id` order.
 //! - AI fallback: `ai_state` moves from null to `claimed` exactly once per message, by one
 //!   `UPDATE … WHERE ai_state IS NULL`; only the claimer may send.
 
 pub mod db;
+pub mod deliver;
 pub mod settings;
 pub mod signature;
