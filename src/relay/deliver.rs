@@ -850,7 +850,7 @@ impl Pull {
         Ok(Some(Pull { settings, mirror }))
     }
 
-    /// Starts the worker as `pull:<host>`; it stops when `cancel` fires, after the request in
+    /// Starts the worker as `pull:<host>:<pid>`; it stops when `cancel` fires, after the request in
     /// flight (bounded by the request timeout). `init` lets it create bite-sync's bookkeeping.
     pub fn spawn(self, init: bool, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -864,7 +864,7 @@ impl Pull {
             run_worker(
                 db,
                 self.settings,
-                format!("pull:{host}"),
+                format!("pull:{host}:{}", std::process::id()),
                 Arc::new(Notify::new()),
                 cancel,
             )
