@@ -60,7 +60,7 @@ pub enum Command {
     #[command(verbatim_doc_comment)]
     Sync(SyncArgs),
 
-    /// Keep the mirror in step with the local database, continuously, and run the scheduled jobs (the daemon)
+    /// Keep the mirror in step with the local database, continuously, run the scheduled jobs and deliver WhatsApp messages to the backend (the daemon)
     ///
     /// Streams the source's changes (logical replication, dialing out only) and applies them
     /// to the mirror in batches, each recorded with the source position it reaches, so a
@@ -78,17 +78,31 @@ pub enum Command {
     /// last run was missed while bite-sync was down runs once at start. Every run (start,
     /// end, outcome, size) is recorded in the mirror's bite_sync.job_runs when the mirror has
     /// bite-sync's bookkeeping (or --init creates it); otherwise in memory, with a warning.
-    /// Without tables to replicate it runs the schedules only. SIGTERM or Ctrl-C lets a backup
+    /// Without tables to replicate it runs the schedules (and delivery) only. SIGTERM or Ctrl-C lets a backup
     /// or backup check in progress finish (a sync in progress is abandoned, leaving the mirror
     /// as it was).
+    ///
+    /// With LOCAL_BACKEND_URL (or delivery.backend_url) set and SYNC_ENABLED not false, it also
+    /// delivers the WhatsApp messages, statuses and changes that `bite-sync relay` stored in the
+    /// mirror's inbox: each one POSTed to LOCAL_BACKEND_URL + /cloud-sync/webhook in Meta's
+    /// webhook shape, with idempotency-key (the message id) and, with SYNC_API_KEY set,
+    /// x-api-key and x-bite-signature-256 (HMAC-SHA256 of the body). Dialing out only, it
+    /// LISTENs on the mirror for new rows and also looks every second. Delivery is at least
+    /// once and in order per customer: a row the backend refuses (not 2xx, timeout, down) is
+    /// retried after 1 s, 2 s, 4 s ... up to delivery.max_backoff, and holds back that
+    /// customer's later rows only. Several daemons (and the relay in push mode) can deliver
+    /// from one inbox at once. A mirror without the inbox is reported and retried until the
+    /// relay (or --init) creates it. SIGTERM or Ctrl-C finishes the requests in flight.
+    /// Delivery may be all it runs: no tables and no schedules needed.
     ///
     /// Examples:
     ///   bite-sync run --init --tables customers,menu_items,orders,order_items
     ///   bite-sync run                            # tables, slot and URLs from bite-sync.toml
     ///   bite-sync run --schedules /etc/bite-sync/schedules
+    ///   LOCAL_BACKEND_URL=http://localhost:3000/api bite-sync run --mirror URL   # delivery only
     ///
     /// Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration error (also:
-    /// neither tables to replicate nor scheduled jobs).
+    /// no tables to replicate, no scheduled jobs and no delivery).
     #[command(verbatim_doc_comment)]
     Run(RunArgs),
 

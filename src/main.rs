@@ -14,6 +14,7 @@ use bite_sync::cli::{
 };
 use bite_sync::config::{self, Config, ConfigError, LogFormat, Overrides};
 use bite_sync::pg::ident::parse_pattern_list;
+use bite_sync::relay::deliver::Pull;
 use bite_sync::repl::apply::Limits;
 use bite_sync::repl::daemon::{self, RunOptions};
 use bite_sync::repl::{check, status};
@@ -242,9 +243,16 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
             }
         };
     let replicate = !config.replication.tables.is_empty();
-    if !replicate && loaded.jobs.is_empty() {
+    let delivery = match Pull::configured(config) {
+        Ok(delivery) => delivery,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    if !replicate && loaded.jobs.is_empty() && delivery.is_none() {
         eprintln!(
-            "error: nothing to run: no tables to replicate (pass --tables customers,orders or set replication.tables in bite-sync.toml) and no scheduled jobs ([[job]] tables in {}/*.toml)",
+            "error: nothing to run: no tables to replicate (pass --tables customers,orders or set replication.tables in bite-sync.toml), no scheduled jobs ([[job]] tables in {}/*.toml) and no WhatsApp delivery (set LOCAL_BACKEND_URL, with SYNC_ENABLED not false)",
             loaded.dir.display()
         );
         return 2;
@@ -262,9 +270,17 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
             }
         }
     } else {
-        tracing::info!("no tables to replicate (replication.tables): running the schedules only");
+        let what = if delivery.is_some() {
+            "the schedules and delivery"
+        } else {
+            "the schedules"
+        };
+        tracing::info!("no tables to replicate (replication.tables): running {what} only");
         None
     };
+    // Delivery stops with the daemon, and also when replication ends on its own.
+    let delivery_cancel = cancel.child_token();
+    let delivery = delivery.map(|pull| pull.spawn(args.init, delivery_cancel.clone()));
 
     // The scheduler stops with the daemon, and also when replication ends on its own (an
     // error), so that the process exits with replication's code.
@@ -293,6 +309,13 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
         }
     };
     schedules_cancel.cancel();
+    delivery_cancel.cancel();
+    if let Some(delivery) = delivery {
+        tracing::info!("stopping delivery (a request in flight is finished first)");
+        if let Err(e) = delivery.await {
+            tracing::error!(error = %e, "the delivery task failed");
+        }
+    }
     if let Some(scheduler) = scheduler {
         tracing::info!("stopping the schedules (a job in progress is finished first)");
         if let Err(e) = scheduler.await {

@@ -215,7 +215,9 @@ async fn metas_samples_are_each_delivered_once_signed_with_the_sync_key() {
             signature::verify(
                 SYNC_API_KEY.as_bytes(),
                 &request.body,
-                request.header(signature::DELIVERY_HEADER).map(str::as_bytes)
+                request
+                    .header(signature::DELIVERY_HEADER)
+                    .map(str::as_bytes)
             ),
             Ok(()),
             "every delivery carries a valid signature"
@@ -225,11 +227,16 @@ async fn metas_samples_are_each_delivered_once_signed_with_the_sync_key() {
     // The backend gets Meta's own envelope with the one item.
     let text = delivered
         .iter()
-        .find(|(k, _)| k.starts_with("wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQTRBNjU5OUFFRTAzODEwMTQ0RgA"))
+        .find(|(k, _)| {
+            k.starts_with("wamid.HBgLMTY1MDM4Nzk0MzkVAgASGBQzQTRBNjU5OUFFRTAzODEwMTQ0RgA")
+        })
         .map(|(_, b)| b)
         .expect("the text sample");
     let value = &text["entry"][0]["changes"][0]["value"];
-    assert_eq!(value["messages"][0]["text"]["body"], "Does it come in another color?");
+    assert_eq!(
+        value["messages"][0]["text"]["body"],
+        "Does it come in another color?"
+    );
     assert_eq!(value["contacts"][0]["profile"]["name"], "Sheena Nelson");
     assert_eq!(value["metadata"]["phone_number_id"], "106540352242922");
     // Meta's samples are from 2025: far too old for an AI reply.
@@ -260,11 +267,23 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
     let _run = puller(&dbs.mirror_url, &world);
 
     // Meta delivers the same message 100 times at once (its retries and other apps').
-    let body = message("wamid.e2e.ai.1", &wa_id, "Ana WhatsApp", "¿Dónde está mi pedido?", Duration::ZERO);
+    let body = message(
+        "wamid.e2e.ai.1",
+        &wa_id,
+        "Ana WhatsApp",
+        "¿Dónde está mi pedido?",
+        Duration::ZERO,
+    );
     let statuses = futures_util::future::join_all((0..100).map(|_| post(&url, &body))).await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     // A stale one (Meta replaying an old backlog) is never answered.
-    let stale = message("wamid.e2e.stale", "34699999999", "Old", "hola", Duration::from_secs(3600));
+    let stale = message(
+        "wamid.e2e.stale",
+        "34699999999",
+        "Old",
+        "hola",
+        Duration::from_secs(3600),
+    );
     assert_eq!(post(&url, &stale).await, 200);
 
     wait_for("the AI reply", Duration::from_secs(30), || async {
@@ -279,7 +298,10 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
     assert_eq!(reply["to"], wa_id.as_str());
     assert_eq!(reply["context"]["message_id"], "wamid.e2e.ai.1");
     let text = reply["text"]["body"].as_str().unwrap();
-    assert!(text.contains(&name), "the customer's name from the mirror: {text}");
+    assert!(
+        text.contains(&name),
+        "the customer's name from the mirror: {text}"
+    );
     assert!(
         text.contains(&format!("order_id: {last_order}")),
         "their last order from the mirror: {text}"
@@ -295,7 +317,10 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
         Some(format!("Bearer {OPENAI_KEY}").as_str())
     );
     let states: HashMap<String, (String, Option<String>)> = mirror
-        .query("SELECT dedupe_key, delivery_state, ai_state FROM bite_sync.inbox", &[])
+        .query(
+            "SELECT dedupe_key, delivery_state, ai_state FROM bite_sync.inbox",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -311,17 +336,21 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
 
     // The backend comes back: both delivered, once each, the answered one marked so.
     world.backend_up();
-    wait_for("the inbox to be delivered", Duration::from_secs(60), || async {
-        let n: i64 = mirror
-            .query_one(
-                "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n == 2).then_some(())
-    })
+    wait_for(
+        "the inbox to be delivered",
+        Duration::from_secs(60),
+        || async {
+            let n: i64 = mirror
+                .query_one(
+                    "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 2).then_some(())
+        },
+    )
     .await;
     let answered = world
         .backend
@@ -333,7 +362,13 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
         .unwrap();
     assert_eq!(answered["bite_sync"]["answered_by_ai"], true);
     let log = relay_daemon.log();
-    for secret in [APP_SECRET, ACCESS_TOKEN, OPENAI_KEY, SYNC_API_KEY, "¿Dónde está mi pedido?"] {
+    for secret in [
+        APP_SECRET,
+        ACCESS_TOKEN,
+        OPENAI_KEY,
+        SYNC_API_KEY,
+        "¿Dónde está mi pedido?",
+    ] {
         assert!(!log.contains(secret), "{secret} in the relay's log");
     }
 }

@@ -111,15 +111,20 @@ async fn openai(State(seen): State<Shared>, body: Bytes) -> axum::Json<Value> {
     };
     let name = field("Customer", "name").unwrap_or_else(|| "there".into());
     let first = name.split_whitespace().next().unwrap_or("").to_string();
-    let reply = match (field("Recent orders", "order_id"), field("Recent orders", "status")) {
+    let reply = match (
+        field("Recent orders", "order_id"),
+        field("Recent orders", "status"),
+    ) {
         (Some(id), Some(status)) => format!(
             "¡Hola {first}! Tu último pedido, el #{id}, está «{status}». El restaurante te escribirá en cuanto pueda."
         ),
         _ => format!("¡Hola {first}! El restaurante te escribirá en cuanto pueda."),
     };
     seen.lock().expect("demo state").prompts.push(system);
-    axum::Json(json!({"choices": [{"message": {"role": "assistant", "content": reply},
-                                    "finish_reason": "stop"}]}))
+    axum::Json(
+        json!({"choices": [{"message": {"role": "assistant", "content": reply},
+                                    "finish_reason": "stop"}]}),
+    )
 }
 
 /// Runs the WhatsApp part of the demo against the demo's mirror.
@@ -170,10 +175,15 @@ pub async fn show(
             ("SYNC_API_KEY", SYNC_API_KEY.into()),
             ("PORT", port.to_string()),
         ];
-        move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        move |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
     };
-    let settings = RelaySettings::resolve(&RawRelay::default(), &RawDelivery::default(), None, &env)
-        .map_err(|e| DemoError::Relay(e.to_string()))?;
+    let settings =
+        RelaySettings::resolve(&RawRelay::default(), &RawDelivery::default(), None, &env)
+            .map_err(|e| DemoError::Relay(e.to_string()))?;
     let delivery = DeliverySettings::resolve(&RawDelivery::default(), None, &env)
         .map_err(|e| DemoError::Relay(e.to_string()))?;
 
@@ -236,11 +246,23 @@ async fn conversation(
         .build()
         .map_err(|e| DemoError::Relay(e.to_string()))?;
     let base = format!("http://127.0.0.1:{port}");
-    let relay_up = wait("the relay to answer", Duration::from_secs(20), cancel, || {
-        let url = format!("{base}/api/sync/health");
-        let client = client.clone();
-        async move { client.get(url).send().await.ok().filter(|r| r.status().is_success()) }
-    })
+    let relay_up = wait(
+        "the relay to answer",
+        Duration::from_secs(20),
+        cancel,
+        || {
+            let url = format!("{base}/api/sync/health");
+            let client = client.clone();
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+            }
+        },
+    )
     .await;
     if relay_up.is_none() {
         return Err(DemoError::Relay("the relay did not start".into()));
@@ -304,9 +326,7 @@ async fn conversation(
 
     seen.lock().expect("demo state").backend_down = true;
     let text = "¿Dónde está mi pedido?";
-    crate::outln!(
-        "\nThe restaurant's backend goes down. {name} writes again: \"{text}\""
-    );
+    crate::outln!("\nThe restaurant's backend goes down. {name} writes again: \"{text}\"");
     let (status, _) = post(text, 2).await?;
     crate::outln!(
         "  relay answered {status}; the backend does not take the message, so after {AI_DEADLINE} the relay asks the AI,\n  \
@@ -327,25 +347,41 @@ async fn conversation(
 
     seen.lock().expect("demo state").backend_down = false;
     crate::outln!("\nThe backend is back:");
-    let queued = wait("the queued message", Duration::from_secs(30), cancel, || async {
-        let seen = seen.lock().expect("demo state");
-        (seen.delivered.len() >= 2).then(|| seen.delivered[1].clone())
-    })
+    let queued = wait(
+        "the queued message",
+        Duration::from_secs(30),
+        cancel,
+        || async {
+            let seen = seen.lock().expect("demo state");
+            (seen.delivered.len() >= 2).then(|| seen.delivered[1].clone())
+        },
+    )
     .await;
     match queued {
         Some(body) => crate::outln!(
             "  the queued message was delivered, marked answered_by_ai = {}",
             body["bite_sync"]["answered_by_ai"]
         ),
-        None => return Err(DemoError::Relay("the queued message was not delivered".into())),
+        None => {
+            return Err(DemoError::Relay(
+                "the queued message was not delivered".into(),
+            ));
+        }
     }
-    if let Ok(resp) = client.get(format!("{base}/api/webhook/status")).send().await
+    if let Ok(resp) = client
+        .get(format!("{base}/api/webhook/status"))
+        .send()
+        .await
         && let Ok(status) = resp.json::<Value>().await
     {
         let c = &status["counters"];
         crate::outln!(
             "$ curl {base}/api/webhook/status\n  received {}, delivered {}, pending {}, answered by AI {}, duplicates {}",
-            c["received"], c["delivered"], c["pending"], c["answered_by_ai"], c["duplicates"]
+            c["received"],
+            c["delivered"],
+            c["pending"],
+            c["answered_by_ai"],
+            c["duplicates"]
         );
     }
     Ok(())

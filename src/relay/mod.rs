@@ -14,6 +14,7 @@
 //! | [`payload`] | Meta's envelope → inbox items (pure) |
 //! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
+//! | [`deliver`] | inbox rows → the restaurant's backend, at least once, in order per customer (pull and push) |
 //! | [`graph`] | the WhatsApp Cloud API client: text, template, mark-as-read; error classes |
 //! | [`ratelimit`] | send slots shared by every replica (`bite_sync.send_slots`) |
 //! | [`ai`] | the AI providers (OpenAI, Gemini, Anthropic): request builders, reply parsers |
@@ -32,6 +33,7 @@
 pub mod ai;
 pub mod auth;
 pub mod db;
+pub mod deliver;
 pub mod fallback;
 pub mod graph;
 pub mod inbox;
@@ -173,12 +175,19 @@ fn start_workers(
     stored: &Arc<tokio::sync::Notify>,
     cancel: &CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let _ = stored;
-    vec![tokio::spawn(fallback::run(
-        pool.clone(),
-        Arc::clone(settings),
-        cancel.clone(),
-    ))]
+    vec![
+        tokio::spawn(fallback::run(
+            pool.clone(),
+            Arc::clone(settings),
+            cancel.clone(),
+        )),
+        tokio::spawn(deliver::run_push(
+            pool.clone(),
+            Arc::clone(settings),
+            Arc::clone(stored),
+            cancel.clone(),
+        )),
+    ]
 }
 
 /// Listens on `[::]:port` (IPv6 and IPv4, what Railway's private network needs), or on
