@@ -11,6 +11,10 @@
 //! that is what lets a relay on a small database keep up with thousands of webhooks a second
 //! while answering each within Meta's latency budget.
 //!
+//! **Order.** Each customer's rows are delivered in `id` order, so a customer's ids must
+//! follow commit order even when writers (or replicas) commit side by side: each transaction
+//! takes a transaction-scoped advisory lock per customer it stores, in one global order.
+//!
 //! **Dedupe.** The unique `dedupe_key` makes a retried or concurrently repeated webhook add
 //! nothing, across requests, replicas and restarts; `RETURNING` tells which keys are new, so
 //! duplicates are counted (per replica, in `bite_sync.relay_counters`).
@@ -217,6 +221,17 @@ async fn write_batch(
         let item: Vec<serde_json::Value> = items.iter().map(|i| i.item.clone()).collect();
         let contact: Vec<Option<serde_json::Value>> =
             items.iter().map(|i| i.contact.clone()).collect();
+        // Rows of one customer are delivered in id order, so ids must follow commit order:
+        // a transaction storing rows of a customer waits for any other that is storing rows
+        // of the same customer (locks taken in one global order, so never a deadlock).
+        tx.execute(
+            "SELECT pg_catalog.pg_advisory_xact_lock(1651078245, h) \
+             FROM (SELECT DISTINCT pg_catalog.hashtext(c) AS h FROM unnest($1::text[]) AS c \
+                   ORDER BY h) AS x",
+            &[&customer],
+        )
+        .await
+        .map_err(fail("lock the customers"))?;
         let rows = tx
             .query(
                 "INSERT INTO bite_sync.inbox (kind, dedupe_key, wamid, waba_id, field, metadata, \
