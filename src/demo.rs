@@ -184,9 +184,19 @@ async fn demo(
 
     let source_plain = source_cluster.url(DATABASE);
     let mirror_plain = mirror_cluster.url(DATABASE);
-    if !cancel.is_cancelled() {
-        relay::show(&mirror_plain, &mirror_url, cancel).await?;
-    }
+    let relay = if cancel.is_cancelled() {
+        None
+    } else {
+        Some(relay::show(&mirror_plain, &mirror_url, cancel).await?)
+    };
+    let relay_lines = relay.as_ref().map_or(String::new(), |r| {
+        format!(
+            "  curl http://127.0.0.1:{port}/api/webhook/status   # the relay's counters\n  \
+             curl http://127.0.0.1:{port}/api/sync/health\n  \
+             psql '{mirror_plain}' -c 'SELECT id, kind, customer_name, body, delivery_state, ai_state FROM bite_sync.inbox'\n",
+            port = r.port
+        )
+    });
     crate::outln!(
         "\nLook around:\n  \
          psql '{source_plain}'   # the source (local database)\n  \
@@ -195,11 +205,15 @@ async fn demo(
          Try it yourself:\n  \
          bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items --dry-run\n  \
          bite-sync status --source '{source_plain}' --mirror '{mirror_plain}'\n  \
-         psql '{source_plain}' -c \"UPDATE menu_items SET price = price + 1\"   # replication is still running\n"
+         psql '{source_plain}' -c \"UPDATE menu_items SET price = price + 1\"   # replication is still running\n\
+         {relay_lines}"
     );
     if !args.no_wait {
         crate::outln!("Press Ctrl-C to stop the demo and remove its databases.");
         cancel.cancelled().await;
+    }
+    if let Some(relay) = relay {
+        relay.finish().await?;
     }
     replication.stop.cancel();
     match replication.daemon.await? {

@@ -22,6 +22,16 @@ fn demo_syncs_the_sample_restaurant_and_leaves_nothing_running() {
         stdout.contains("The mirror now has 10 VIP customers"),
         "{stdout}"
     );
+    // The WhatsApp part: stored, delivered, answered by the AI while the backend is down.
+    for step in [
+        "relay answered 200",
+        "the backend received it",
+        "WhatsApp reply sent through the Graph API",
+        "marked answered_by_ai = true",
+        "received 2, delivered 2, pending 0, answered by AI 1",
+    ] {
+        assert!(stdout.contains(step), "{step} missing from:\n{stdout}");
+    }
     assert!(
         stdout.contains("Done: nothing is left running."),
         "{stdout}"

@@ -132,7 +132,7 @@ pub async fn show(
     mirror_plain: &str,
     mirror_url: &DbUrl,
     cancel: &CancellationToken,
-) -> Result<(), DemoError> {
+) -> Result<Running, DemoError> {
     let seen: Shared = Arc::default();
     let (backend_addr, backend_task) = serve(
         Router::new()
@@ -207,17 +207,44 @@ pub async fn show(
     .spawn(false, stop.clone());
 
     let result = conversation(port, mirror_url, &seen, cancel).await;
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), pull).await;
-    let relay_result = tokio::time::timeout(Duration::from_secs(10), relay).await;
-    for task in [backend_task, graph_task, ai_task] {
-        task.abort();
+    let running = Running {
+        port,
+        stop,
+        relay,
+        pull,
+        fakes: vec![backend_task, graph_task, ai_task],
+    };
+    if let Err(e) = result {
+        let _ = running.finish().await;
+        return Err(e);
     }
-    result?;
-    match relay_result {
-        Ok(Ok(Ok(()))) | Err(_) => Ok(()),
-        Ok(Ok(Err(e))) => Err(DemoError::Relay(crate::error_chain(&e))),
-        Ok(Err(e)) => Err(DemoError::Relay(e.to_string())),
+    Ok(running)
+}
+
+/// The demo's relay, still serving (until [`Running::finish`]) so the user can try it.
+pub struct Running {
+    /// Its port on this machine.
+    pub port: u16,
+    stop: CancellationToken,
+    relay: tokio::task::JoinHandle<Result<(), crate::relay::RelayError>>,
+    pull: tokio::task::JoinHandle<()>,
+    fakes: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops the relay, the delivery and the stand-ins.
+    pub async fn finish(self) -> Result<(), DemoError> {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.pull).await;
+        let relay_result = tokio::time::timeout(Duration::from_secs(10), self.relay).await;
+        for task in self.fakes {
+            task.abort();
+        }
+        match relay_result {
+            Ok(Ok(Ok(()))) | Err(_) => Ok(()),
+            Ok(Ok(Err(e))) => Err(DemoError::Relay(crate::error_chain(&e))),
+            Ok(Err(e)) => Err(DemoError::Relay(e.to_string())),
+        }
     }
 }
 
