@@ -469,7 +469,7 @@ pub struct InboxCounts {
     /// Waiting for the backend.
     pub pending: i64,
     /// Pending items whose last delivery attempt failed.
-    pub failing: i64,
+    pub failed: i64,
     /// Messages answered by the AI fallback.
     pub answered_by_ai: i64,
     /// AI replies that could not be sent.
@@ -517,7 +517,7 @@ pub async fn counts(client: &tokio_postgres::Client) -> Result<InboxCounts, toki
         statuses: row.get(2),
         delivered: row.get(3),
         pending: row.get(4),
-        failing: row.get(5),
+        failed: row.get(5),
         answered_by_ai: row.get(6),
         ai_failed: row.get(7),
         last_received_at: row.get(8),
