@@ -3,12 +3,11 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use bite_sync::relay::signature::sign;
 use serde_json::{Value, json};
-use support::{Daemon, test_dbs, wait_for};
+use support::{Daemon, count, strings, test_dbs, wait_for};
 
 const VERIFY_TOKEN: &str = "verify-token-3f9a";
 const APP_SECRET: &str = "app-secret-7c1e";
@@ -38,41 +37,14 @@ struct Relay {
 
 impl Relay {
     async fn start(database_url: &str, extra: &[(&str, &str)]) -> Relay {
-        let mut cmd = support::bite_sync();
-        let dir = cmd.get_current_dir().unwrap().to_path_buf();
-        let log = dir.join("relay.log");
-        cmd.arg("relay")
-            .env("DATABASE_URL", database_url)
-            .env("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN)
-            .env("META_APP_SECRET", APP_SECRET)
-            .env("PORT", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let mut daemon = Daemon::new(log);
-        daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
-        let port = wait_for("the relay to listen", Duration::from_secs(30), || {
-            let log = daemon.log();
-            let port = log
-                .lines()
-                .find(|l| l.contains("relay listening"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .and_then(|a| a.split_whitespace().next())
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| p.parse::<u16>().ok());
-            if port.is_none() && log.contains("error:") {
-                panic!("the relay failed to start:\n{log}");
-            }
-            async move { port }
-        })
-        .await;
-        Relay {
-            daemon,
-            url: format!("http://127.0.0.1:{port}"),
-        }
+        let mut env = vec![
+            ("DATABASE_URL", database_url.to_string()),
+            ("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN.to_string()),
+            ("META_APP_SECRET", APP_SECRET.to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        let (daemon, url) = support::start_relay(&env).await;
+        Relay { daemon, url }
     }
 
     async fn post(&self, body: &[u8], signature: Option<&str>) -> reqwest::Response {
@@ -107,10 +79,6 @@ fn client() -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
-}
-
-async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
-    db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test]
@@ -315,16 +283,11 @@ async fn signed_bodies_that_cannot_be_read_are_dead_lettered_and_acknowledged() 
     }
     // Meta would retry nothing, but a retry is kept once.
     assert_eq!(relay.post_signed(&not_json).await.status(), 200);
-    let reasons: Vec<String> = db
-        .query(
-            "SELECT reason FROM bite_sync.inbox_dead_letters ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let reasons = strings(
+        &db,
+        "SELECT reason FROM bite_sync.inbox_dead_letters ORDER BY id",
+    )
+    .await;
     assert_eq!(reasons.len(), 3, "{reasons:?}");
     assert!(reasons[0].starts_with("not valid JSON"), "{reasons:?}");
     assert!(reasons[1].contains("\"instagram\""), "{reasons:?}");
@@ -744,16 +707,11 @@ async fn delivered_items_older_than_keep_days_are_pruned_and_pending_ones_never(
         "the old delivered item to be pruned",
         Duration::from_secs(20),
         || async {
-            let keys: Vec<String> = db
-                .query(
-                    "SELECT dedupe_key FROM bite_sync.inbox ORDER BY dedupe_key",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let keys = strings(
+                &db,
+                "SELECT dedupe_key FROM bite_sync.inbox ORDER BY dedupe_key",
+            )
+            .await;
             (keys.len() == 2).then_some(keys)
         },
     )

@@ -124,25 +124,8 @@ async fn relay(database_url: &str, world: &World) -> (Daemon, String) {
         ("OPENAI_BASE_URL", format!("{}/v1", world.ai.url)),
         ("AI_DEADLINE", "1s".into()),
         ("SYNC_API_KEY", SYNC_API_KEY.into()),
-        ("PORT", "0".into()),
     ];
-    let daemon = spawn(&["relay", "-v"], &env, "relay.log");
-    let port = wait_for("the relay to listen", Duration::from_secs(30), || {
-        let log = daemon.log();
-        let port = log
-            .lines()
-            .find(|l| l.contains("relay listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok());
-        if port.is_none() && log.contains("error:") {
-            panic!("the relay failed to start:\n{log}");
-        }
-        async move { port }
-    })
-    .await;
-    (daemon, format!("http://127.0.0.1:{port}"))
+    support::start_relay(&env).await
 }
 
 /// `bite-sync run` at the restaurant, delivering only.
@@ -152,6 +135,15 @@ fn puller(database_url: &str, world: &World) -> Daemon {
         ("SYNC_API_KEY", SYNC_API_KEY.to_string()),
     ];
     spawn(&["run", "--mirror", database_url], &env, "run.log")
+}
+
+/// Inbox rows the backend has taken.
+async fn delivered(mirror: &tokio_postgres::Client) -> i64 {
+    support::count(
+        mirror,
+        "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
+    )
+    .await
 }
 
 async fn post(relay_url: &str, body: &[u8]) -> u16 {
@@ -339,17 +331,7 @@ async fn with_the_backend_down_the_ai_answers_from_the_mirror_and_the_message_wa
     wait_for(
         "the inbox to be delivered",
         Duration::from_secs(60),
-        || async {
-            let n: i64 = mirror
-                .query_one(
-                    "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (n == 2).then_some(())
-        },
+        || async { (delivered(&mirror).await == 2).then_some(()) },
     )
     .await;
     let answered = world
@@ -409,15 +391,7 @@ async fn everything_queued_while_the_backend_was_down_arrives_in_order_per_custo
     let _run = puller(&dbs.mirror_url, &world);
     let mirror = support::connect(&dbs.mirror_url).await;
     wait_for("all 48 delivered", Duration::from_secs(90), || async {
-        let n: i64 = mirror
-            .query_one(
-                "SELECT count(*) FROM bite_sync.inbox WHERE delivery_state = 'delivered'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (n == 48).then_some(())
+        (delivered(&mirror).await == 48).then_some(())
     })
     .await;
     // The accepted deliveries, per customer, in the order the customer wrote.

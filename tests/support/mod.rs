@@ -802,3 +802,57 @@ pub const RELAY_ENV: &[&str] = &[
     "ANTHROPIC_BASE_URL",
     "RAILWAY_REPLICA_ID",
 ];
+
+/// `SELECT count(*) …` or any query whose first row's first column is a bigint.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    match client.query_one(sql, &[]).await {
+        Ok(row) => row.get(0),
+        Err(e) => panic!("{sql}: {e}"),
+    }
+}
+
+/// The first column of every row, as text.
+pub async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    match client.query(sql, &[]).await {
+        Ok(rows) => rows.iter().map(|r| r.get(0)).collect(),
+        Err(e) => panic!("{sql}: {e}"),
+    }
+}
+
+/// Starts `bite-sync relay` (with `-v`) on a free port with `env` (which must hold its
+/// required variables) and waits until it listens; returns the process and its base URL
+/// (`http://127.0.0.1:PORT`). A relay that exits at start fails the test with its log.
+pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
+    let mut cmd = bite_sync();
+    let log = cmd
+        .get_current_dir()
+        .expect("bite_sync() sets a working dir")
+        .join("relay.log");
+    cmd.args(["relay", "-v"])
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the relay's log"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut daemon = Daemon::new(log);
+    daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
+    let port = wait_for("the relay to listen", Duration::from_secs(30), || {
+        let log = daemon.log();
+        // "relay listening addr=[::]:PORT …"
+        let port = log
+            .lines()
+            .find(|l| l.contains("relay listening"))
+            .and_then(|l| l.split("addr=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        if port.is_none() && log.contains("error:") {
+            panic!("the relay failed to start:\n{log}");
+        }
+        async move { port }
+    })
+    .await;
+    (daemon, format!("http://127.0.0.1:{port}"))
+}
