@@ -14,10 +14,7 @@ const APP_SECRET: &str = "app-secret-7c1e";
 
 /// The payloads in tests/payloads, by file name.
 fn sample(name: &str) -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/payloads")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    support::payload(name)
 }
 
 const SAMPLES: &[&str] = &[

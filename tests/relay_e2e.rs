@@ -21,10 +21,7 @@ const OPENAI_KEY: &str = "sk-e2e-openai-key";
 const PHONE_NUMBER_ID: &str = "106540352242922";
 
 fn sample(name: &str) -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/payloads")
-        .join(name);
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    support::payload(name)
 }
 
 /// The fakes one test talks to.

@@ -399,15 +399,31 @@ impl Worker {
     }
 
     async fn skip(&self, conn: &Conn, row: &Claimed, note: &str) -> Result<(), FallbackError> {
+        self.settle(conn, row, "skipped", note).await
+    }
+
+    /// Ends our claim on `row` with `state` ('skipped' or 'failed') and `note`; a claim taken
+    /// over by another worker is left alone.
+    async fn settle(
+        &self,
+        conn: &Conn,
+        row: &Claimed,
+        state: &'static str,
+        note: &str,
+    ) -> Result<(), FallbackError> {
         conn.execute(
             &format!(
-                "UPDATE bite_sync.inbox SET ai_state = 'skipped', ai_note = $4
+                "UPDATE bite_sync.inbox SET ai_state = $5, ai_note = $4
                   WHERE id = $1 AND ai_state = 'claimed' AND ai_by = $2 AND {TOKEN_SQL} = $3"
             ),
-            &[&row.id, &self.settings.replica, &row.token, &note],
+            &[&row.id, &self.settings.replica, &row.token, &note, &state],
         )
         .await
-        .map_err(query("mark a message skipped"))?;
+        .map_err(query(if state == "failed" {
+            "mark a message failed"
+        } else {
+            "mark a message skipped"
+        }))?;
         Ok(())
     }
 
@@ -651,16 +667,7 @@ impl Worker {
     }
 
     async fn fail(&self, conn: &Conn, row: &Claimed, note: &str) -> Result<(), FallbackError> {
-        conn.execute(
-            &format!(
-                "UPDATE bite_sync.inbox SET ai_state = 'failed', ai_note = $4
-                  WHERE id = $1 AND ai_state = 'claimed' AND ai_by = $2 AND {TOKEN_SQL} = $3"
-            ),
-            &[&row.id, &self.settings.replica, &row.token, &note],
-        )
-        .await
-        .map_err(query("mark a message failed"))?;
-        Ok(())
+        self.settle(conn, row, "failed", note).await
     }
 }
 

@@ -163,28 +163,23 @@ fn read_change(change: &Value, waba_id: Option<&str>, at: &str, parsed: &mut Par
         .and_then(Value::as_array)
         .map(Vec::as_slice)
         .unwrap_or_default();
-    for (i, message) in messages.into_iter().flatten().enumerate() {
-        let at = format!("{at}.value.messages[{i}]");
-        match read_message(message, contacts) {
-            Ok(mut item) => {
-                item.waba_id = waba_id.map(str::to_owned);
-                item.field = field.to_owned();
-                item.metadata = metadata.clone();
-                parsed.items.push(item);
+    let lists: [(&str, Option<&Vec<Value>>, ReadItem); 2] = [
+        ("messages", messages, read_message),
+        ("statuses", statuses, |status, _| read_status(status)),
+    ];
+    for (list, values, read) in lists {
+        for (i, value) in values.into_iter().flatten().enumerate() {
+            match read(value, contacts) {
+                Ok(mut item) => {
+                    item.waba_id = waba_id.map(str::to_owned);
+                    item.field = field.to_owned();
+                    item.metadata = metadata.clone();
+                    parsed.items.push(item);
+                }
+                Err(why) => parsed
+                    .problems
+                    .push(format!("{at}.value.{list}[{i}]: {why}")),
             }
-            Err(why) => parsed.problems.push(format!("{at}: {why}")),
-        }
-    }
-    for (i, status) in statuses.into_iter().flatten().enumerate() {
-        let at = format!("{at}.value.statuses[{i}]");
-        match read_status(status) {
-            Ok(mut item) => {
-                item.waba_id = waba_id.map(str::to_owned);
-                item.field = field.to_owned();
-                item.metadata = metadata.clone();
-                parsed.items.push(item);
-            }
-            Err(why) => parsed.problems.push(format!("{at}: {why}")),
         }
     }
     // System-level errors beside messages or statuses are kept too.
@@ -192,6 +187,9 @@ fn read_change(change: &Value, waba_id: Option<&str>, at: &str, parsed: &mut Par
         parsed.items.push(whole_change(field, waba_id, value));
     }
 }
+
+/// Reads one message (with the change's contacts) or one status.
+type ReadItem = fn(&Value, &[Value]) -> Result<Item, String>;
 
 fn whole_change(field: &str, waba_id: Option<&str>, value: &Map<String, Value>) -> Item {
     let value = Value::Object(value.clone());

@@ -856,3 +856,11 @@ pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
     .await;
     (daemon, format!("http://127.0.0.1:{port}"))
 }
+
+/// A payload from `tests/payloads` (Meta's samples), by file name.
+pub fn payload(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/payloads")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
