@@ -376,12 +376,13 @@ async fn run_status(config: &Config, args: &StatusArgs) -> u8 {
 }
 
 async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
-    let checks = check::check(
+    let mut checks = check::check(
         config.source.as_ref(),
         config.mirror.as_ref(),
         &config.replication.tables,
     )
     .await;
+    check::add_delivery(config, &mut checks).await;
     if args.json {
         bite_sync::outln!(
             "{}",

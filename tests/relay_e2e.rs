@@ -413,3 +413,48 @@ async fn everything_queued_while_the_backend_was_down_arrives_in_order_per_custo
         assert_eq!(bodies, (0..8).collect::<Vec<i64>>(), "customer {customer}");
     }
 }
+
+/// `bite-sync check` at the restaurant covers delivery: the backend answers, deliveries are
+/// signed, the mirror has the inbox.
+#[tokio::test]
+async fn check_reports_what_delivery_needs() {
+    let dbs = test_dbs("e2e_check").await;
+    let mut world = World::start().await;
+    let check = |key: Option<&'static str>, backend: String, mirror: String| async move {
+        let out = tokio::task::spawn_blocking(move || {
+            let mut cmd = support::bite_sync();
+            cmd.args(["check", "--json", "--mirror", &mirror])
+                .env("LOCAL_BACKEND_URL", backend);
+            if let Some(key) = key {
+                cmd.env("SYNC_API_KEY", key);
+            }
+            cmd.output().unwrap()
+        })
+        .await
+        .unwrap();
+        let lines: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        lines
+            .into_iter()
+            .filter(|l| l["side"] == "backend" || l["what"] == "WhatsApp inbox")
+            .map(|l| {
+                (
+                    l["what"].as_str().unwrap().to_string(),
+                    l["ok"].as_bool().unwrap(),
+                )
+            })
+            .collect::<HashMap<String, bool>>()
+    };
+    let backend = format!("{}/api", world.backend.url);
+    let before = check(None, backend.clone(), dbs.mirror_url.clone()).await;
+    assert_eq!(before["reachable"], true);
+    assert_eq!(before["deliveries signed"], false);
+    assert_eq!(before["WhatsApp inbox"], false);
+    let (_relay, _url) = relay(&dbs.mirror_url, &world).await;
+    let after = check(Some(SYNC_API_KEY), backend.clone(), dbs.mirror_url.clone()).await;
+    assert!(after.values().all(|ok| *ok), "{after:?}");
+    // The check only looked: nothing was delivered.
+    assert!(world.backend.requests().iter().all(|r| r.method == "GET"));
+    world.backend.stop();
+    let down = check(Some(SYNC_API_KEY), backend, dbs.mirror_url.clone()).await;
+    assert_eq!(down["reachable"], false);
+}

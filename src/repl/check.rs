@@ -52,6 +52,77 @@ pub async fn check(
     out
 }
 
+/// The WhatsApp delivery checks, when `bite-sync run` is set to deliver (a backend URL is
+/// configured): the backend answers HTTP at all (any status: the check sends a GET, never a
+/// delivery), `SYNC_API_KEY` is set so deliveries are signed, and the mirror has the relay's
+/// inbox. Bad delivery settings are one line saying what is wrong.
+pub async fn add_delivery(config: &crate::config::Config, out: &mut Vec<Check>) {
+    let pull = match crate::relay::deliver::Pull::configured(config) {
+        Ok(Some(pull)) => pull,
+        Ok(None) => return,
+        Err(e) => {
+            out.push(line("backend", "delivery settings", false, e.to_string()));
+            return;
+        }
+    };
+    let url = pull.settings.url.clone().unwrap_or_default();
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build();
+    let reached = match client {
+        Ok(c) => c.get(&url).send().await.map(|r| r.status().as_u16()),
+        Err(e) => Err(e),
+    };
+    out.push(match reached {
+        Ok(status) => line(
+            "backend",
+            "reachable",
+            true,
+            format!("{url} answers (HTTP {status} to a GET)"),
+        ),
+        Err(e) => line(
+            "backend",
+            "reachable",
+            false,
+            format!(
+                "{url}: {}; start the backend, or fix LOCAL_BACKEND_URL / delivery.backend_url",
+                if e.is_timeout() {
+                    "no answer within 5 s".to_string()
+                } else if e.is_connect() {
+                    "cannot connect".to_string()
+                } else {
+                    e.without_url().to_string()
+                }
+            ),
+        ),
+    });
+    out.push(match &pull.settings.api_key {
+        Some(_) => line("backend", "deliveries signed", true, "SYNC_API_KEY is set: x-api-key and x-bite-signature-256 on every delivery"),
+        None => line("backend", "deliveries signed", false, "SYNC_API_KEY is not set: set the same value here and on the relay, so the backend can tell deliveries from anyone else's requests"),
+    });
+    let inbox = async {
+        let client = pull
+            .mirror
+            .connect()
+            .await
+            .map_err(|e| crate::error_chain(&e))?;
+        client
+            .query_one(
+                "SELECT pg_catalog.to_regclass('bite_sync.inbox') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .map_err(|e| crate::error_chain(&e))
+    }
+    .await;
+    out.push(match inbox {
+        Ok(true) => line("mirror", "WhatsApp inbox", true, "bite_sync.inbox exists"),
+        Ok(false) => line("mirror", "WhatsApp inbox", false, "no bite_sync.inbox yet: start `bite-sync relay` on this database once (or `bite-sync run --init`)"),
+        Err(e) => line("mirror", "WhatsApp inbox", false, format!("cannot read it: {e}")),
+    });
+}
+
 async fn setting(client: &Client, name: &str) -> Option<String> {
     client
         .query_one("SELECT pg_catalog.current_setting($1)", &[&name])
