@@ -6,6 +6,8 @@
 //! - `bench replication` ([`replication`]): `bite-sync run` against PostgreSQL's native
 //!   logical replication.
 //! - `bench backup` ([`backup`]): `bite-sync backup` and `restore` against `pg_dump | gzip`.
+//! - `bench relay` ([`relay`]): `bite-sync relay` under signed webhooks against a no-op
+//!   handler.
 //!
 //! This file also holds what both share: the error type, [`Measured`], running commands and
 //! bite-sync child processes (peak RSS from the kernel), checkpoints and row checks.
@@ -34,6 +36,7 @@ use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
 pub mod backup;
+pub mod relay;
 pub mod replication;
 
 /// Why the benchmark stopped.
@@ -152,6 +155,7 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
         Some(BenchCommand::Sync(sync)) => run_sync(sync, cancel).await,
         Some(BenchCommand::Replication(replication)) => replication::run(replication, cancel).await,
         Some(BenchCommand::Backup(backup)) => backup::run(backup, cancel).await,
+        Some(BenchCommand::Relay(relay)) => relay::run(relay, cancel).await,
     }
 }
 
@@ -606,6 +610,25 @@ impl Daemon {
         })
     }
 
+    /// The process's peak RSS so far in MiB (`VmHWM`), while it runs.
+    fn high_water_mib(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// The log so far.
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
     /// Fails, with its log's last lines, once the process has exited.
     fn check_running(&mut self) -> Result<(), BenchError> {
         let exited = match &self.child {
