@@ -1042,7 +1042,7 @@ mod tests {
         for request in &built.requests {
             let end = request.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
             let (head, body) = (
-                std::str::from_utf8(&request[..end]).unwrap(),
+                std::str::from_utf8(&request[..end + 2]).unwrap(),
                 &request[end + 4..],
             );
             assert!(head.starts_with("POST /api/webhook HTTP/1.1\r\n"));
