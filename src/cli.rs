@@ -252,13 +252,17 @@ pub enum Command {
     ///
     /// `bench sync` (the default) races `bite-sync sync` against `pg_dump | psql`;
     /// `bench replication` races `bite-sync run` against PostgreSQL's native logical
-    /// replication and measures catch-up over a WAN, steady-state lag and memory.
+    /// replication and measures catch-up over a WAN, steady-state lag and memory;
+    /// `bench backup` races `bite-sync backup` and `restore` against `pg_dump | gzip` and
+    /// `gunzip | psql`; `bench relay` posts signed webhooks to `bite-sync relay` and to a no-op
+    /// handler: ack latency, loss, peak durable throughput and memory.
     ///
     /// Examples:
     ///   bite-sync bench                          # the sync benchmark, default size
     ///   bite-sync bench sync --rounds 1
     ///   bite-sync bench replication
     ///   bite-sync bench replication --transactions 5000 --duration 10s --json
+    ///   bite-sync bench relay                    # 500 webhooks/s for 60 s, then the peak
     #[command(verbatim_doc_comment)]
     Bench(BenchArgs),
 }
@@ -677,6 +681,37 @@ pub enum BenchCommand {
     Replication(ReplicationBenchArgs),
     /// `bite-sync backup` and `restore` against `pg_dump | gzip` and `gunzip | psql`
     Backup(BackupBenchArgs),
+    /// `bite-sync relay` under signed webhooks, against a no-op handler: latency, loss, peak
+    Relay(RelayBenchArgs),
+}
+
+/// `bite-sync bench relay`.
+#[derive(Debug, Args, Clone)]
+pub struct RelayBenchArgs {
+    /// Webhooks per second in the fixed-rate phase (open loop)
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: u32,
+
+    /// How long the fixed-rate phase runs, for the no-op handler and then the relay
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub duration: std::time::Duration,
+
+    /// How long the peak phase (closed loop, as fast as the relay acknowledges) runs
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_duration_arg)]
+    pub peak_duration: std::time::Duration,
+
+    /// Concurrent keep-alive connections of the load generator
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub connections: u16,
+
+    /// Keep the relay's log (stderr) in this directory [default: a temp dir, removed at the
+    /// end]
+    #[arg(long, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+
+    /// Print the results as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `bite-sync bench backup`.
@@ -865,6 +900,47 @@ mod tests {
             (args.customers, args.orders, args.clients),
             (10_000, 100_000, 2)
         );
+        let Some(BenchCommand::Relay(relay)) = bench(&[
+            "relay",
+            "--rate",
+            "50",
+            "--duration",
+            "3s",
+            "--peak-duration",
+            "1s",
+            "--connections",
+            "8",
+        ])
+        .command
+        else {
+            panic!("not bench relay")
+        };
+        assert_eq!(
+            (
+                relay.rate,
+                relay.duration,
+                relay.peak_duration,
+                relay.connections
+            ),
+            (
+                50,
+                std::time::Duration::from_secs(3),
+                std::time::Duration::from_secs(1),
+                8
+            )
+        );
+        let Some(BenchCommand::Relay(defaults)) = bench(&["relay"]).command else {
+            panic!("not bench relay")
+        };
+        assert_eq!(
+            (defaults.rate, defaults.duration, defaults.peak_duration),
+            (
+                500,
+                std::time::Duration::from_secs(60),
+                std::time::Duration::from_secs(15)
+            )
+        );
+        assert!(Cli::try_parse_from(["bite-sync", "bench", "relay", "--rate", "0"]).is_err());
         // The replication benchmark's flags belong to it, not to `bench` itself.
         assert!(Cli::try_parse_from(["bite-sync", "bench", "--transactions", "5"]).is_err());
         assert!(

@@ -1,6 +1,7 @@
-//! `bite-sync bench replication` through the real binary, at a size small enough for CI: every
-//! step runs, every check passes, and the summary names each measure with its target. The
-//! numbers themselves are the benchmark's business, not this test's.
+//! `bite-sync bench replication`, `backup` and `relay` through the real binary, at a size
+//! small enough for CI: every step runs, every check passes, and the summary names each
+//! measure with its target. The numbers themselves are the benchmark's business, not this
+//! test's; that the relay lost nothing is this test's business.
 
 mod support;
 
@@ -130,4 +131,63 @@ fn bench_backup_runs_every_step_and_prints_its_targets() {
         assert!(!report[key].is_null(), "no {key} in {report}");
     }
     assert!(report["b_mib"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_relay_loses_nothing_and_reports_every_measure() {
+    let out = bite_sync()
+        .args([
+            "bench",
+            "relay",
+            "--rate",
+            "40",
+            "--duration",
+            "2s",
+            "--peak-duration",
+            "1s",
+            "--connections",
+            "8",
+            "--json",
+        ])
+        .output()
+        .expect("bite-sync runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench relay failed\nstdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    // The same 80 webhooks went to the no-op handler and to the relay, all answered 200.
+    for phase in ["noop", "relay"] {
+        let load = &report[phase];
+        assert_eq!(load["webhooks"], 80, "{phase}: {report}");
+        assert_eq!(load["acknowledged"], 80, "{phase}: {report}");
+        assert_eq!(load["other_status"], 0, "{phase}: {report}");
+        assert_eq!(load["transport_errors"], 0, "{phase}: {report}");
+        let p50 = load["latency"]["p50_ms"].as_f64().unwrap_or(0.0);
+        let p99 = load["latency"]["p99_ms"].as_f64().unwrap_or(0.0);
+        assert!(p50 > 0.0 && p50 <= p99, "{phase}: {report}");
+    }
+    // Several items per webhook on average, every one of them in the inbox: zero lost.
+    let items = report["relay"]["items"].as_i64().unwrap_or(0);
+    assert!(items > 80, "{report}");
+    assert_eq!(report["relay_inbox_rows"].as_i64(), Some(items), "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    assert_eq!(report["dead_letters"], 0, "{report}");
+    // The closed loop: everything sent was acknowledged and stored.
+    let peak = &report["peak"];
+    assert!(peak["webhooks"].as_u64().unwrap_or(0) > 0, "{report}");
+    assert_eq!(peak["acknowledged"], peak["webhooks"], "{report}");
+    assert_eq!(report["peak_inbox_rows"], peak["items"], "{report}");
+    assert_eq!(report["peak_all_stored"], true, "{report}");
+    assert!(
+        peak["acknowledged_per_second"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
+    let rss = report["peak_rss_mib"].as_f64().unwrap_or(0.0);
+    assert!(
+        rss > 0.0 && rss >= report["relay_rss_after_b_mib"].as_f64().unwrap_or(f64::MAX),
+        "{report}"
+    );
 }

@@ -5,6 +5,9 @@
 //!   `pg_dump | psql`.
 //! - `bench replication` ([`replication`]): `bite-sync run` against PostgreSQL's native
 //!   logical replication.
+//! - `bench backup` ([`backup`]): `bite-sync backup` and `restore` against `pg_dump | gzip`.
+//! - `bench relay` ([`relay`]): `bite-sync relay` under signed webhooks against a no-op
+//!   handler.
 //!
 //! This file also holds what both share: the error type, [`Measured`], running commands and
 //! bite-sync child processes (peak RSS from the kernel), checkpoints and row checks.
@@ -33,6 +36,7 @@ use crate::pg::connect::{DbUrl, Role};
 use crate::sample::{self, SampleSize};
 
 pub mod backup;
+pub mod relay;
 pub mod replication;
 
 /// Why the benchmark stopped.
@@ -151,6 +155,7 @@ pub async fn run(args: &BenchArgs, cancel: CancellationToken) -> Result<(), Benc
         Some(BenchCommand::Sync(sync)) => run_sync(sync, cancel).await,
         Some(BenchCommand::Replication(replication)) => replication::run(replication, cancel).await,
         Some(BenchCommand::Backup(backup)) => backup::run(backup, cancel).await,
+        Some(BenchCommand::Relay(relay)) => relay::run(relay, cancel).await,
     }
 }
 
@@ -554,6 +559,137 @@ fn run_self(what: &str, args: &[&str]) -> Result<Measured, BenchError> {
         peak_rss_mib: Some(max_rss_kib as f64 / 1024.0),
         all_seconds: vec![seconds],
     })
+}
+
+/// How long a SIGTERM may take to stop a bite-sync child.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A long-running bite-sync child process (`run`, `relay`) whose stderr goes to a log file;
+/// killed if dropped while it runs (a failed step, Ctrl-C).
+struct Daemon {
+    what: String,
+    log: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    /// Starts this binary's `args` (a `bite-sync run`) in `cwd`, logging to `log`.
+    fn start_run(what: &str, log: &Path, cwd: &Path, args: &[&str]) -> Result<Daemon, BenchError> {
+        let exe = std::env::current_exe().map_err(|source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        })?;
+        // In the log dir: no bite-sync.toml or schedules from the caller's directory change
+        // the run (nor a scheduled backup compete with it).
+        let mut command = Command::new(exe);
+        command
+            .args(args)
+            .env_remove("BITE_CONFIG")
+            .env_remove("BITE_SCHEDULES_DIR")
+            .current_dir(cwd);
+        Daemon::spawn(what, log, command)
+    }
+
+    /// Spawns `command` as prepared by the caller, stdin and stdout closed, stderr to `log`.
+    fn spawn(what: &str, log: &Path, mut command: Command) -> Result<Daemon, BenchError> {
+        let spawn = |source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        };
+        let stderr = std::fs::File::create(log).map_err(spawn)?;
+        let child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(spawn)?;
+        Ok(Daemon {
+            what: what.into(),
+            log: log.to_path_buf(),
+            child: Some(child),
+        })
+    }
+
+    /// The process's peak RSS so far in MiB (`VmHWM`), while it runs.
+    fn high_water_mib(&self) -> Option<f64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
+    /// The log so far.
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+    /// Fails, with its log's last lines, once the process has exited.
+    fn check_running(&mut self) -> Result<(), BenchError> {
+        let exited = match &self.child {
+            Some(child) => reap(child.id() as libc::pid_t, false),
+            None => Some((-1, 0)),
+        };
+        match exited {
+            None => Ok(()),
+            Some((code, _)) => {
+                self.child = None;
+                Err(self.failed(&format!("exited with status {code}")))
+            }
+        }
+    }
+
+    /// SIGTERM, as a service manager stops it; it must exit 0 in time. Returns its peak RSS
+    /// in MiB.
+    async fn stop(mut self) -> Result<f64, BenchError> {
+        let Some(child) = self.child.take() else {
+            return Err(self.failed("was not running"));
+        };
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let started = Instant::now();
+        loop {
+            match reap(pid, false) {
+                Some((0, max_rss_kib)) => return Ok(max_rss_kib as f64 / 1024.0),
+                Some((code, _)) => {
+                    return Err(self.failed(&format!("exited with status {code} on SIGTERM")));
+                }
+                None if started.elapsed() > STOP_LIMIT => {
+                    self.child = Some(child);
+                    return Err(BenchError::Timeout {
+                        what: format!("{} to stop on SIGTERM", self.what),
+                        limit: STOP_LIMIT,
+                    });
+                }
+                None => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    fn failed(&self, how: &str) -> BenchError {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        BenchError::Step {
+            what: self.what.clone(),
+            detail: format!("{how}: {}", tail(&log)),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Waits for `pid` and returns (exit code, peak RSS in KiB) from the kernel's accounting.

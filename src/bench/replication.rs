@@ -30,17 +30,16 @@
 //! their peak RSS read from the kernel as in the sync benchmark.
 
 use std::cell::Cell;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use super::{BenchError, Measured, TABLES};
+use super::{BenchError, Daemon, Measured, STOP_LIMIT, TABLES};
 use crate::cli::ReplicationBenchArgs;
 use crate::demo;
 use crate::pg::cluster::TempCluster;
@@ -95,8 +94,6 @@ const POLL: Duration = Duration::from_millis(10);
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// Any wait longer than this means something is broken, not slow.
 const LIMIT: Duration = Duration::from_secs(600);
-/// How long a SIGTERM may take to stop bite-sync.
-const STOP_LIMIT: Duration = Duration::from_secs(60);
 
 /// bite-sync's throughput over native's, at least.
 const TARGET_RATIO: f64 = 1.5;
@@ -757,7 +754,7 @@ impl Bench<'_> {
         if init {
             args.push("--init");
         }
-        Daemon::start(
+        Daemon::start_run(
             &format!("bite-sync run ({what})"),
             &self.logs.join(format!("{n}-{slug}.log")),
             self.logs,
@@ -1050,7 +1047,7 @@ fn lags_of(samples: &[(Duration, Lsn)], applied: &[(Duration, Lsn)]) -> Vec<Opti
 }
 
 /// The nearest-rank percentile `p` (0 < p ≤ 100) of `values`; `None` when empty.
-fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
+pub(super) fn percentile(values: &[Duration], p: f64) -> Option<Duration> {
     let mut sorted = values.to_vec();
     sorted.sort();
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
@@ -1127,103 +1124,6 @@ fn parse_pgbench(stdout: &str) -> Option<PgbenchRun> {
         transactions: transactions?,
         tps: tps?,
     })
-}
-
-/// A `bite-sync run` child process; killed if dropped while it runs (a failed step, Ctrl-C).
-struct Daemon {
-    what: String,
-    log: PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl Daemon {
-    fn start(what: &str, log: &Path, cwd: &Path, args: &[&str]) -> Result<Daemon, BenchError> {
-        let spawn = |source| BenchError::Spawn {
-            what: what.into(),
-            source,
-        };
-        let exe = std::env::current_exe().map_err(spawn)?;
-        let stderr = File::create(log).map_err(spawn)?;
-        // In the log dir: no bite-sync.toml or schedules from the caller's directory change
-        // the run (nor a scheduled backup compete with it).
-        let child = Command::new(exe)
-            .args(args)
-            .env_remove("BITE_CONFIG")
-            .env_remove("BITE_SCHEDULES_DIR")
-            .current_dir(cwd)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(spawn)?;
-        Ok(Daemon {
-            what: what.into(),
-            log: log.to_path_buf(),
-            child: Some(child),
-        })
-    }
-
-    /// Fails, with its log's last lines, once the process has exited.
-    fn check_running(&mut self) -> Result<(), BenchError> {
-        let exited = match &self.child {
-            Some(child) => super::reap(child.id() as libc::pid_t, false),
-            None => Some((-1, 0)),
-        };
-        match exited {
-            None => Ok(()),
-            Some((code, _)) => {
-                self.child = None;
-                Err(self.failed(&format!("exited with status {code}")))
-            }
-        }
-    }
-
-    /// SIGTERM, as a service manager stops it; it must exit 0 in time. Returns its peak RSS
-    /// in MiB.
-    async fn stop(mut self) -> Result<f64, BenchError> {
-        let Some(child) = self.child.take() else {
-            return Err(self.failed("was not running"));
-        };
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: signalling our own child, which has not been reaped.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let started = Instant::now();
-        loop {
-            match super::reap(pid, false) {
-                Some((0, max_rss_kib)) => return Ok(max_rss_kib as f64 / 1024.0),
-                Some((code, _)) => {
-                    return Err(self.failed(&format!("exited with status {code} on SIGTERM")));
-                }
-                None if started.elapsed() > STOP_LIMIT => {
-                    self.child = Some(child);
-                    return Err(BenchError::Timeout {
-                        what: format!("{} to stop on SIGTERM", self.what),
-                        limit: STOP_LIMIT,
-                    });
-                }
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    }
-
-    fn failed(&self, how: &str) -> BenchError {
-        let log = std::fs::read(&self.log).unwrap_or_default();
-        BenchError::Step {
-            what: self.what.clone(),
-            detail: format!("{how}: {}", super::tail(&log)),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// The human-readable result table.
