@@ -695,3 +695,33 @@ async fn the_push_worker_does_nothing_in_pull_mode() {
         .expect("returns at once in pull mode");
     assert!(backend.requests().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_database_connection_is_retried_and_nothing_is_missed() {
+    let dbs = test_dbs("deliver_db_lost").await;
+    let mut client = mirror(&dbs).await;
+    let backend = FakeHttp::start().await;
+    let mut daemon = start(&dbs, &backend.url, "run");
+    ready(&daemon).await;
+    // The cloud database drops the daemon's connection (a restart, a failover).
+    let killed = count(
+        &client,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'bite-sync'",
+    )
+    .await;
+    assert_eq!(killed, 1, "the daemon's one connection");
+    wait_for("the daemon to notice", Duration::from_secs(10), || async {
+        daemon
+            .log()
+            .contains("delivery interrupted; retrying")
+            .then_some(())
+    })
+    .await;
+    // Stored while it may still be reconnecting: the NOTIFY can be missed, the row cannot.
+    store(&mut client, &[("5215500000004".into(), 0)]).await;
+    all_delivered(&client, Duration::from_secs(15)).await;
+    assert!(daemon.is_running());
+    assert_eq!(backend.requests_to(PATH).len(), 1);
+    assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
+}
