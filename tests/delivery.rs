@@ -602,22 +602,73 @@ fn pool(dbs: &TestDbs) -> bite_sync::relay::db::Pool {
     bite_sync::relay::db::pool(&url, 4, Duration::from_secs(5))
 }
 
+/// A backend on loopback that, while `hang` is set, reads each request and never answers
+/// (holding the connection open without blocking any thread), else answers 200. Returns its
+/// URL, when it first received a request while hanging, and how many it answered.
+async fn hanging_backend(
+    hang: Arc<AtomicBool>,
+) -> (String, Arc<Mutex<Option<Instant>>>, Arc<AtomicU8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let entered = Arc::new(Mutex::new(None));
+    let answered = Arc::new(AtomicU8::new(0));
+    let (e, a) = (Arc::clone(&entered), Arc::clone(&answered));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let (hang, e, a) = (Arc::clone(&hang), Arc::clone(&e), Arc::clone(&a));
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head and the body (content-length), then the decision.
+                loop {
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                if hang.load(Ordering::SeqCst) {
+                    e.lock().unwrap().get_or_insert_with(Instant::now);
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+                let _ = socket
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    )
+                    .await;
+            });
+        }
+    });
+    (url, entered, answered)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_push_worker_gives_up_on_a_hanging_backend_after_3s_and_delivers_on_a_later_attempt() {
     let dbs = test_dbs("deliver_push_hang").await;
     let mut client = mirror(&dbs).await;
     let hang = Arc::new(AtomicBool::new(true));
-    let entered = Arc::new(Mutex::new(None::<Instant>));
-    let (h, e) = (Arc::clone(&hang), Arc::clone(&entered));
-    let backend = FakeHttp::with(move |_| {
-        if h.load(Ordering::SeqCst) {
-            e.lock().unwrap().get_or_insert_with(Instant::now);
-            std::thread::sleep(Duration::from_secs(5));
-        }
-        (200, json!({}))
-    })
-    .await;
-    let settings = push_settings(&backend.url, "push");
+    let (backend_url, entered, answered) = hanging_backend(Arc::clone(&hang)).await;
+    let settings = push_settings(&backend_url, "push");
     let wake = Arc::new(tokio::sync::Notify::new());
     let cancel = CancellationToken::new();
     let worker = tokio::spawn(deliver::run_push(
@@ -665,6 +716,7 @@ async fn the_push_worker_gives_up_on_a_hanging_backend_after_3s_and_delivers_on_
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 2);
     assert_eq!(row.get::<_, String>(1), "push:replica-a");
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
 
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(10), worker)
@@ -694,4 +746,34 @@ async fn the_push_worker_does_nothing_in_pull_mode() {
         .await
         .expect("returns at once in pull mode");
     assert!(backend.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_database_connection_is_retried_and_nothing_is_missed() {
+    let dbs = test_dbs("deliver_db_lost").await;
+    let mut client = mirror(&dbs).await;
+    let backend = FakeHttp::start().await;
+    let mut daemon = start(&dbs, &backend.url, "run");
+    ready(&daemon).await;
+    // The cloud database drops the daemon's connection (a restart, a failover).
+    let killed = count(
+        &client,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name = 'bite-sync'",
+    )
+    .await;
+    assert_eq!(killed, 1, "the daemon's one connection");
+    wait_for("the daemon to notice", Duration::from_secs(10), || async {
+        daemon
+            .log()
+            .contains("delivery interrupted; retrying")
+            .then_some(())
+    })
+    .await;
+    // Stored while it may still be reconnecting: the NOTIFY can be missed, the row cannot.
+    store(&mut client, &[("5215500000004".into(), 0)]).await;
+    all_delivered(&client, Duration::from_secs(15)).await;
+    assert!(daemon.is_running());
+    assert_eq!(backend.requests_to(PATH).len(), 1);
+    assert_eq!(daemon.terminate(Duration::from_secs(15)), Some(0));
 }
