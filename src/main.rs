@@ -456,6 +456,7 @@ async fn run_relay(
     if let Some(port) = args.port {
         settings.port = port;
     }
+    settings.alert_webhook = config.alert_webhook.clone();
     match bite_sync::relay::run(settings, cancel).await {
         Ok(()) => 0,
         Err(e) => {

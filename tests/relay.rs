@@ -719,3 +719,64 @@ async fn delivered_items_older_than_keep_days_are_pruned_and_pending_ones_never(
         1
     );
 }
+
+/// A wrong META_APP_SECRET makes every genuine webhook fail: after a window of refusals and no
+/// valid webhook, the alert webhook hears it once; a valid webhook resolves it.
+#[tokio::test]
+async fn a_run_of_signature_failures_alerts_once_and_resolves() {
+    let dbs = test_dbs("relay_signature_alert").await;
+    let hook = support::FakeHttp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bite-sync.toml");
+    std::fs::write(&config, "[relay]\nsignature_alert_window = \"1s\"\n").unwrap();
+    let alert_url = format!("{}/services/T0/B0/SECRETPATH", hook.url);
+    let config_text = config.display().to_string();
+    let relay = Relay::start(
+        &dbs.mirror_url,
+        &[
+            ("BITE_ALERT_WEBHOOK", alert_url.as_str()),
+            ("BITE_CONFIG", config_text.as_str()),
+        ],
+    )
+    .await;
+    let body = sample("text.json");
+    let wrong = sign(b"the-old-app-secret", &body);
+    let alerts = |state: &'static str| {
+        hook.requests()
+            .iter()
+            .map(|r| r.json())
+            .filter(|j| j["state"] == state)
+            .collect::<Vec<_>>()
+    };
+    // Meta keeps retrying, for longer than two windows.
+    for _ in 0..3 {
+        for _ in 0..6 {
+            assert_eq!(relay.post(&body, Some(&wrong)).await.status(), 401);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    wait_for("the alert", Duration::from_secs(15), || async {
+        (!alerts("open").is_empty()).then_some(())
+    })
+    .await;
+    let open = alerts("open");
+    assert_eq!(open.len(), 1, "alerted once, not once per window: {open:?}");
+    assert_eq!(open[0]["incident"], "relay:signature");
+    assert!(
+        open[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("META_APP_SECRET")
+    );
+    // The secret is fixed: a valid webhook resolves it.
+    assert_eq!(relay.post_signed(&body).await.status(), 200);
+    wait_for("the resolution", Duration::from_secs(15), || async {
+        (alerts("resolved").len() == 1).then_some(())
+    })
+    .await;
+    let log = relay.daemon.log();
+    assert!(
+        !log.contains("SECRETPATH"),
+        "the alert URL's path is never logged"
+    );
+}

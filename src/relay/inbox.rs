@@ -79,6 +79,10 @@ pub struct Store {
 pub struct Counters {
     /// Webhooks refused for their signature since the last flush.
     pub signature_failures: AtomicU64,
+    /// Webhooks refused for their signature in the current alert window.
+    pub window_failures: AtomicU64,
+    /// Webhooks with a valid signature in the current alert window.
+    pub window_valid: AtomicU64,
 }
 
 impl Store {

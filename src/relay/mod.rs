@@ -13,6 +13,7 @@
 //! | [`signature`] | `X-Hub-Signature-256` and the delivery signature: HMAC-SHA256, constant time |
 //! | [`payload`] | Meta's envelope → inbox items (pure) |
 //! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
+//! | [`alerts`] | an alert when webhooks keep failing the signature check (a wrong `META_APP_SECRET`) |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
 //! | [`deliver`] | inbox rows → the restaurant's backend, at least once, in order per customer (pull and push) |
 //! | [`graph`] | the WhatsApp Cloud API client: text, template, mark-as-read; error classes |
@@ -31,6 +32,7 @@
 //!   `UPDATE … WHERE ai_state IS NULL`; only the claimer may send.
 
 pub mod ai;
+pub mod alerts;
 pub mod auth;
 pub mod db;
 pub mod deliver;
@@ -128,6 +130,13 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
         settings.replica.clone(),
         workers.clone(),
     ))];
+    background.push(tokio::spawn(alerts::watch_signatures(
+        url.clone(),
+        settings.alert_webhook.clone(),
+        Arc::clone(&counters),
+        settings.signature_alert_window,
+        workers.clone(),
+    )));
     background.push(tokio::spawn(inbox::prune(
         pool.clone(),
         settings.keep,

@@ -114,13 +114,13 @@ async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         .unwrap_or_default();
     let given = headers.get(signature::META_HEADER).map(|v| v.as_bytes());
     if let Err(e) = signature::verify(secret, &body, given) {
-        state
-            .counters
-            .signature_failures
-            .fetch_add(1, Ordering::Relaxed);
+        let counters = &state.counters;
+        counters.signature_failures.fetch_add(1, Ordering::Relaxed);
+        counters.window_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(reason = %e, bytes = body.len(), "webhook refused");
         return (StatusCode::UNAUTHORIZED, json_error(&e.to_string())).into_response();
     }
+    state.counters.window_valid.fetch_add(1, Ordering::Relaxed);
     let (items, dead) = match payload::parse(&body) {
         Ok(parsed) => {
             let dead = (!parsed.problems.is_empty()).then(|| DeadLetter {

@@ -30,6 +30,8 @@ pub struct RawRelay {
     pub customer_interval: Option<String>,
     /// Days delivered inbox items, sent messages and dead letters are kept.
     pub keep_days: Option<i64>,
+    /// A window with signature failures and no valid webhook raises an alert.
+    pub signature_alert_window: Option<String>,
     /// `[relay.ai]`
     #[serde(default)]
     pub ai: RawAi,
@@ -310,6 +312,11 @@ pub struct RelaySettings {
     pub customer_interval: Duration,
     /// How long delivered inbox items, sent messages and dead letters are kept.
     pub keep: Duration,
+    /// Signature failures are judged over windows this long (see `relay::alerts`).
+    pub signature_alert_window: Duration,
+    /// Where alerts go (`[alerts] webhook_url` / `BITE_ALERT_WEBHOOK`); set by the caller from
+    /// the configuration, none here.
+    pub alert_webhook: Option<crate::alert::WebhookUrl>,
     /// This process's name in the bookkeeping (`RAILWAY_REPLICA_ID`, else host and pid).
     pub replica: String,
     /// The AI fallback.
@@ -578,6 +585,18 @@ impl RelaySettings {
                 30
             }
         };
+        let signature_alert_window = p.duration(
+            None,
+            "relay.signature_alert_window",
+            raw.signature_alert_window.as_ref(),
+            Duration::from_secs(60),
+        );
+        if signature_alert_window < Duration::from_secs(1) {
+            p.list.push(format!(
+                "{}: must be at least 1s",
+                p.at("relay.signature_alert_window")
+            ));
+        }
         let ai = ai(&raw.ai, &mut p, env);
         let delivery = delivery(raw_delivery, &mut p, env);
         let replica = env("RAILWAY_REPLICA_ID").unwrap_or_else(|| {
@@ -602,6 +621,8 @@ impl RelaySettings {
             send_rate,
             customer_interval,
             keep: Duration::from_secs(keep_days * 24 * 3600),
+            signature_alert_window,
+            alert_webhook: None,
             replica,
             ai,
             delivery,
