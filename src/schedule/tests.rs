@@ -38,6 +38,14 @@ fn local(t: DateTime<Utc>, tz: &str) -> String {
     t.with_timezone(&tz).format("%m-%d %H:%M %Z").to_string()
 }
 
+/// The fire times in `[from, to)` of `cron` in `tz`, shown in `tz` (`03-08 03:00 EDT`).
+fn local_fires(cron: &str, tz: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<String> {
+    fires_between(&job(cron, tz), from, to)
+        .iter()
+        .map(|t| local(*t, tz))
+        .collect()
+}
+
 #[test]
 fn next_fire_is_strictly_after() {
     let j = job("0 3 * * *", "UTC");
@@ -79,9 +87,12 @@ fn spring_forward_a_daily_time_in_the_gap_fires_once_right_after_the_jump() {
     assert_eq!(fires[1], utc(2026, 3, 8, 7, 0));
 
     // 29 March 2026, Madrid: 02:00 CET becomes 03:00 CEST.
-    let j = job("30 2 * * *", "Europe/Madrid");
-    let fires = fires_between(&j, utc(2026, 3, 28, 0, 0), utc(2026, 3, 31, 0, 0));
-    let shown: Vec<String> = fires.iter().map(|t| local(*t, "Europe/Madrid")).collect();
+    let shown = local_fires(
+        "30 2 * * *",
+        "Europe/Madrid",
+        utc(2026, 3, 28, 0, 0),
+        utc(2026, 3, 31, 0, 0),
+    );
     assert_eq!(
         shown,
         ["03-28 02:30 CET", "03-29 03:00 CEST", "03-30 02:30 CEST"]
@@ -91,36 +102,36 @@ fn spring_forward_a_daily_time_in_the_gap_fires_once_right_after_the_jump() {
 #[test]
 fn spring_forward_a_list_of_hours_keeps_its_time_in_the_gap_too() {
     // Croner alone counts `2,14` as an interval and would drop the 02:30 run on 8 March.
-    let j = job("30 2,14 * * *", "America/New_York");
-    let fires = fires_between(&j, utc(2026, 3, 8, 0, 0), utc(2026, 3, 9, 0, 0));
-    let shown: Vec<String> = fires
-        .iter()
-        .map(|t| local(*t, "America/New_York"))
-        .collect();
+    let shown = local_fires(
+        "30 2,14 * * *",
+        "America/New_York",
+        utc(2026, 3, 8, 0, 0),
+        utc(2026, 3, 9, 0, 0),
+    );
     assert_eq!(shown, ["03-08 03:00 EDT", "03-08 14:30 EDT"]);
 }
 
 #[test]
 fn spring_forward_times_landing_on_one_instant_fire_once() {
     // 02:00 and 02:30 both move to 03:00; 03:00 itself is also scheduled.
-    let j = job("0,30 2,3 * * *", "America/New_York");
-    let fires = fires_between(&j, utc(2026, 3, 8, 5, 0), utc(2026, 3, 8, 9, 0));
-    let shown: Vec<String> = fires
-        .iter()
-        .map(|t| local(*t, "America/New_York"))
-        .collect();
+    let shown = local_fires(
+        "0,30 2,3 * * *",
+        "America/New_York",
+        utc(2026, 3, 8, 5, 0),
+        utc(2026, 3, 8, 9, 0),
+    );
     assert_eq!(shown, ["03-08 03:00 EDT", "03-08 03:30 EDT"]);
 }
 
 #[test]
 fn spring_forward_a_wildcard_schedule_skips_the_missing_hour() {
     // As in cron: `*/15 2` has no 02:xx on the day 02:xx does not exist.
-    let j = job("*/15 2 * * *", "America/New_York");
-    let fires = fires_between(&j, utc(2026, 3, 8, 0, 0), utc(2026, 3, 9, 12, 0));
-    let shown: Vec<String> = fires
-        .iter()
-        .map(|t| local(*t, "America/New_York"))
-        .collect();
+    let shown = local_fires(
+        "*/15 2 * * *",
+        "America/New_York",
+        utc(2026, 3, 8, 0, 0),
+        utc(2026, 3, 9, 12, 0),
+    );
     assert_eq!(
         shown,
         [
@@ -152,9 +163,12 @@ fn fall_back_a_daily_time_in_the_repeated_hour_fires_exactly_once() {
         Some(utc(2026, 11, 2, 6, 30))
     );
     // Madrid, 25 October 2026: 02:00-03:00 twice.
-    let j = job("30 2 * * *", "Europe/Madrid");
-    let fires = fires_between(&j, utc(2026, 10, 24, 0, 0), utc(2026, 10, 27, 0, 0));
-    let shown: Vec<String> = fires.iter().map(|t| local(*t, "Europe/Madrid")).collect();
+    let shown = local_fires(
+        "30 2 * * *",
+        "Europe/Madrid",
+        utc(2026, 10, 24, 0, 0),
+        utc(2026, 10, 27, 0, 0),
+    );
     assert_eq!(
         shown,
         ["10-24 02:30 CEST", "10-25 02:30 CEST", "10-26 02:30 CET"]
