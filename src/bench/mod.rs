@@ -23,7 +23,7 @@
 //! its peak RSS is measured by the kernel (`wait4`'s `ru_maxrss`). Every copy is checked against
 //! the source's row counts, so a fast wrong answer cannot pass.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -190,6 +190,44 @@ async fn stop_clusters(source: TempCluster, mirror: TempCluster) -> Result<(), B
     })
     .await?;
     Ok(())
+}
+
+/// Where a benchmark's logs (and scripts) go: `--log-dir`, created if missing and made
+/// absolute, or a temp dir removed when this is dropped.
+pub(crate) struct LogDir {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl LogDir {
+    pub(crate) fn new(keep: Option<&Path>) -> Result<LogDir, BenchError> {
+        let io = |source| BenchError::Spawn {
+            what: "creating the log directory".into(),
+            source,
+        };
+        match keep {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(io)?;
+                // Absolute: the processes run with it as their working directory.
+                let path = std::fs::canonicalize(dir).map_err(io)?;
+                Ok(LogDir { path, _temp: None })
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("bite-sync-bench-")
+                    .tempdir()
+                    .map_err(io)?;
+                Ok(LogDir {
+                    path: temp.path().to_path_buf(),
+                    _temp: Some(temp),
+                })
+            }
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Prints a benchmark's report: JSON with `--json`, else its text rendering.

@@ -28,7 +28,7 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -163,7 +163,7 @@ pub struct RelayBenchReport {
 
 /// Runs the relay benchmark and prints its results.
 pub async fn run(args: &RelayBenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
-    let logs = LogDir::new(args.log_dir.as_deref())?;
+    let logs = super::LogDir::new(args.log_dir.as_deref())?;
     eprintln!("starting the inbox's cluster...");
     let cluster = tokio::task::spawn_blocking(|| {
         TempCluster::start(&ClusterOptions {
@@ -280,44 +280,6 @@ async fn inbox_rows(db: &tokio_postgres::Client) -> Result<i64, BenchError> {
         .await
         .map_err(|e| BenchError::Check("the inbox's rows".into(), e))?
         .get(0))
-}
-
-/// Where the relay's log goes: `--log-dir`, or a temp dir removed at the end.
-struct LogDir {
-    path: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-}
-
-impl LogDir {
-    fn new(keep: Option<&Path>) -> Result<LogDir, BenchError> {
-        let io = |source| BenchError::Spawn {
-            what: "creating the log directory".into(),
-            source,
-        };
-        match keep {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(io)?;
-                Ok(LogDir {
-                    path: dir.to_path_buf(),
-                    _temp: None,
-                })
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("bite-sync-bench-relay-")
-                    .tempdir()
-                    .map_err(io)?;
-                Ok(LogDir {
-                    path: temp.path().to_path_buf(),
-                    _temp: Some(temp),
-                })
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ pub struct ReplicationReport {
 
 /// Runs the replication benchmark and prints its results.
 pub async fn run(args: &ReplicationBenchArgs, cancel: CancellationToken) -> Result<(), BenchError> {
-    let logs = LogDir::new(args.log_dir.as_deref())?;
+    let logs = super::LogDir::new(args.log_dir.as_deref())?;
     let (source_cluster, mirror_cluster) = super::start_clusters().await?;
     let result = tokio::select! {
         r = bench(args, &source_cluster, &mirror_cluster, logs.path()) => r,
@@ -180,44 +180,6 @@ pub async fn run(args: &ReplicationBenchArgs, cancel: CancellationToken) -> Resu
     super::stop_clusters(source_cluster, mirror_cluster).await?;
     super::print_report(args.json, &result?, render);
     Ok(())
-}
-
-/// Where the bite-sync processes' logs and the pgbench script go: `--log-dir`, or a temp dir
-/// removed at the end.
-struct LogDir {
-    path: PathBuf,
-    _temp: Option<tempfile::TempDir>,
-}
-
-impl LogDir {
-    fn new(keep: Option<&Path>) -> Result<LogDir, BenchError> {
-        let io = |source| BenchError::Spawn {
-            what: "creating the log directory".into(),
-            source,
-        };
-        match keep {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(io)?;
-                // Absolute: the processes run with it as their working directory.
-                let path = std::fs::canonicalize(dir).map_err(io)?;
-                Ok(LogDir { path, _temp: None })
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("bite-sync-bench-")
-                    .tempdir()
-                    .map_err(io)?;
-                Ok(LogDir {
-                    path: temp.path().to_path_buf(),
-                    _temp: Some(temp),
-                })
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// What every step uses.
