@@ -858,7 +858,7 @@ async fn start_relay(database_url: &str, logs: &Path) -> Result<Relay, BenchErro
     let mut daemon = Daemon::spawn(what, &logs.join("relay.log"), command)?;
     let started = std::time::Instant::now();
     loop {
-        if let Some(port) = listening_port(&daemon.log()) {
+        if let Some(port) = crate::relay::listening_port(&daemon.log()) {
             return Ok(Relay {
                 daemon,
                 addr: (Ipv4Addr::LOCALHOST, port).into(),
@@ -873,20 +873,6 @@ async fn start_relay(database_url: &str, logs: &Path) -> Result<Relay, BenchErro
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The port in the relay's `relay listening addr=[::]:PORT` log line.
-fn listening_port(log: &str) -> Option<u16> {
-    log.lines()
-        .find(|l| l.contains("relay listening"))?
-        .split("addr=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .rsplit(':')
-        .next()?
-        .parse()
-        .ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1052,18 +1038,6 @@ mod tests {
             assert!(parse_head(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(parse_head(&vec![b'x'; MAX_HEAD + 1]).is_err());
-    }
-
-    #[test]
-    fn the_port_is_read_from_the_listening_line() {
-        let log =
-            "2025-01-01T00:00:00Z  INFO relay listening addr=[::]:41234 replica=r delivery=Pull\n";
-        assert_eq!(listening_port(log), Some(41234));
-        assert_eq!(
-            listening_port("INFO relay listening addr=0.0.0.0:5000\n"),
-            Some(5000)
-        );
-        assert_eq!(listening_port("INFO starting\n"), None);
     }
 
     fn sample_load(p50: f64, p99: f64, per_second: f64) -> Load {

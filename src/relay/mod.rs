@@ -167,6 +167,21 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
     served.map_err(RelayError::Serve)
 }
 
+/// The port in the relay's `relay listening addr=[::]:PORT` log line (what [`run`] logs once
+/// it listens), for the benchmark and the tests that start a relay with `PORT=0`.
+pub fn listening_port(log: &str) -> Option<u16> {
+    log.lines()
+        .find(|l| l.contains("relay listening"))?
+        .split("addr=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The whole router: this module's routes plus the workers' own.
 fn app(
     state: Arc<server::AppState>,
@@ -207,5 +222,22 @@ async fn listen(port: u16) -> Result<tokio::net::TcpListener, RelayError> {
         Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))
             .await
             .map_err(|source| RelayError::Listen { port, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_is_read_from_the_listening_line() {
+        let log =
+            "2025-01-01T00:00:00Z  INFO relay listening addr=[::]:41234 replica=r delivery=Pull\n";
+        assert_eq!(listening_port(log), Some(41234));
+        assert_eq!(
+            listening_port("INFO relay listening addr=0.0.0.0:5000\n"),
+            Some(5000)
+        );
+        assert_eq!(listening_port("INFO starting\n"), None);
     }
 }

@@ -840,14 +840,7 @@ pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
     daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
     let port = wait_for("the relay to listen", Duration::from_secs(30), || {
         let log = daemon.log();
-        // "relay listening addr=[::]:PORT …"
-        let port = log
-            .lines()
-            .find(|l| l.contains("relay listening"))
-            .and_then(|l| l.split("addr=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok());
+        let port = bite_sync::relay::listening_port(&log);
         if port.is_none() && log.contains("error:") {
             panic!("the relay failed to start:\n{log}");
         }
