@@ -458,3 +458,38 @@ async fn check_reports_what_delivery_needs() {
     let down = check(Some(SYNC_API_KEY), backend, dbs.mirror_url.clone()).await;
     assert!(!down["reachable"]);
 }
+
+/// The backend sends through the relay process: `POST /api/messages` with `x-api-key` reaches
+/// the Graph API with the relay's token; without the key nothing is sent.
+#[tokio::test]
+async fn the_relay_serves_api_messages_for_the_backend() {
+    let dbs = test_dbs("e2e_api_messages").await;
+    let world = World::start().await;
+    let (_relay, url) = relay(&dbs.mirror_url, &world).await;
+    let send = |key: Option<&'static str>| {
+        let mut req = reqwest::Client::new()
+            .post(format!("{url}/api/messages"))
+            .json(&json!({"type": "text", "to": "34612345678", "text": "Tu pedido está listo"}));
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        async move {
+            req.send()
+                .await
+                .expect("POST /api/messages")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(send(None).await, 401);
+    assert!(world.graph_sends().is_empty());
+    assert_eq!(send(Some(SYNC_API_KEY)).await, 200);
+    let sends = world.graph_sends();
+    assert_eq!(sends.len(), 1, "{sends:?}");
+    assert_eq!(sends[0]["to"], "34612345678");
+    assert_eq!(sends[0]["text"]["body"], "Tu pedido está listo");
+    assert_eq!(
+        world.graph.requests()[0].header("authorization"),
+        Some(format!("Bearer {ACCESS_TOKEN}").as_str())
+    );
+}

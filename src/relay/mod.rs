@@ -150,7 +150,7 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
         pool: pool.clone(),
         counters,
     });
-    let app = app(state, &pool, &settings);
+    let app = app(state);
     let listener = listen(settings.port).await?;
     let addr = listener.local_addr().map_err(RelayError::Serve)?;
     tracing::info!(%addr, replica = %settings.replica, delivery = ?settings.delivery.mode, "relay listening");
@@ -182,14 +182,10 @@ pub fn listening_port(log: &str) -> Option<u16> {
         .ok()
 }
 
-/// The whole router: this module's routes plus the workers' own.
-fn app(
-    state: Arc<server::AppState>,
-    pool: &db::Pool,
-    settings: &Arc<RelaySettings>,
-) -> axum::Router {
-    let _ = (pool, settings);
-    server::router(state)
+/// The whole router: the webhook, health and status routes, and `POST /api/messages`.
+fn app(state: Arc<server::AppState>) -> axum::Router {
+    let messages = messages::MessagesState::new(state.pool.clone(), Arc::clone(&state.settings));
+    server::router(state).merge(messages::router(Arc::new(messages)))
 }
 
 /// The background workers besides the inbox writers (delivery push, AI fallback).
