@@ -176,7 +176,7 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 if outcomes.iter().any(|o| o.new > 0) {
-                    self.stored.notify_waiters();
+                    // The push worker: woken now, or finds the permit when it next waits.
                     self.stored.notify_one();
                 }
                 for (job, outcome) in batch.into_iter().zip(outcomes) {

@@ -166,15 +166,7 @@ async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
 
 /// `GET /api/sync/health`: never calls the backend or an AI provider.
 async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let result = tokio::time::timeout(HEALTH_TIMEOUT, async {
-        let conn = state.pool.get().await.map_err(|e| db::describe(&e))?;
-        inbox::freshness(&conn)
-            .await
-            .map_err(|e| crate::error_chain(&e))
-    })
-    .await
-    .unwrap_or_else(|_| Err("the database did not answer in time".into()));
-    match result {
+    match read(&state.pool, inbox::freshness).await {
         Ok(mirror) => (
             StatusCode::OK,
             axum::Json(json!({
@@ -205,14 +197,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /api/webhook/status`
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let result = tokio::time::timeout(HEALTH_TIMEOUT, async {
-        let conn = state.pool.get().await.map_err(|e| db::describe(&e))?;
-        inbox::counts(&conn)
-            .await
-            .map_err(|e| crate::error_chain(&e))
-    })
-    .await
-    .unwrap_or_else(|_| Err("the database did not answer in time".into()));
+    let result = read(&state.pool, inbox::counts).await;
     let s = &state.settings;
     let config = json!({
         "delivery_mode": s.delivery.mode,
@@ -239,6 +224,20 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// Runs `query` on a pooled connection within [`HEALTH_TIMEOUT`], connection wait included;
+/// the error as one line.
+async fn read<T>(
+    pool: &Pool,
+    query: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, String> {
+    tokio::time::timeout(HEALTH_TIMEOUT, async {
+        let conn = pool.get().await.map_err(|e| db::describe(&e))?;
+        query(&conn).await.map_err(|e| crate::error_chain(&e))
+    })
+    .await
+    .unwrap_or_else(|_| Err("the database did not answer in time".into()))
 }
 
 fn json_error(message: &str) -> axum::Json<serde_json::Value> {
