@@ -456,9 +456,12 @@ async fn replica_identity_full_sends_whole_old_rows() {
         .await;
 
     let tip = oid(&writer, "'tip'::regclass").await;
+    // pgoutput sends a Relation again whenever its cache entry was invalidated (an analyze
+    // between the transactions does it), so each message is found by kind, not by position.
     let messages: Vec<&Message> = changes.iter().map(|(_, m)| m).collect();
+    let first = |kind: fn(&Message) -> bool| *messages.iter().find(|m| kind(m)).unwrap();
     assert_eq!(
-        messages[1],
+        first(|m| matches!(m, Message::Relation(_))),
         &Message::Relation(Relation {
             xid: None,
             oid: tip,
@@ -475,7 +478,7 @@ async fn replica_identity_full_sends_whole_old_rows() {
     );
     let row = |amount| Tuple(vec![text("ana"), text(amount), Datum::Null]);
     assert_eq!(
-        messages[5],
+        first(|m| matches!(m, Message::Update { .. })),
         &Message::Update {
             xid: None,
             relation: tip,
@@ -484,7 +487,7 @@ async fn replica_identity_full_sends_whole_old_rows() {
         }
     );
     assert_eq!(
-        messages[8],
+        first(|m| matches!(m, Message::Delete { .. })),
         &Message::Delete {
             xid: None,
             relation: tip,
