@@ -42,6 +42,7 @@ pub mod inbox;
 pub mod messages;
 pub mod payload;
 pub mod ratelimit;
+pub mod raw_json;
 pub mod server;
 pub mod settings;
 pub mod signature;
