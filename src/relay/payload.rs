@@ -151,12 +151,19 @@ struct Frame {
     after: [Span; 3],
     /// The value as sent.
     value: Span,
-    /// The value's members: their text, and where the value of a list starts in it.
-    members: Vec<(Span, usize, Role)>,
+    /// The value's members: their text, and the text up to their value (a list's key part:
+    /// the list itself may be megabytes, and is never copied whole).
+    members: Vec<(Span, Span, Role)>,
     waba_id: Option<String>,
     field: String,
     metadata: Option<Span>,
 }
+
+/// A change holding several items whose envelope besides them is larger than this is kept
+/// whole as one change: each item's envelope would repeat it (megabytes times thousands).
+const FRAME_MAX: usize = 64 * 1024;
+/// When no contact matches an item, the change's contacts go with it unless larger than this.
+const MEMBER_MAX: usize = 4 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -303,19 +310,18 @@ impl Webhook {
             kind => {
                 out.push('{');
                 let mut first = true;
-                for (span, value_at, role) in &frame.members {
-                    let text = self.text(span);
+                for (span, key, role) in &frame.members {
                     let piece = match role {
-                        Role::Keep => Cow::Borrowed(text),
+                        Role::Keep => Cow::Borrowed(self.text(span)),
                         Role::List(k) if *k == kind => {
-                            Cow::Owned(format!("{}[{}]", &text[..*value_at], self.text(&slot.item)))
+                            Cow::Owned(format!("{}[{}]", self.text(key), self.text(&slot.item)))
                         }
                         Role::List(_) | Role::Drop => continue,
                         Role::Contacts => match &slot.contact {
-                            Some(c) => {
-                                Cow::Owned(format!("{}[{}]", &text[..*value_at], self.text(c)))
-                            }
-                            None => Cow::Borrowed(text),
+                            Some(c) => Cow::Owned(format!("{}[{}]", self.text(key), self.text(c))),
+                            // No contact matched: all of them, unless that is a lot to repeat.
+                            None if span.len() > MEMBER_MAX => continue,
+                            None => Cow::Borrowed(self.text(span)),
                         },
                     };
                     if !first {
@@ -448,7 +454,8 @@ fn read_change(
         .enumerate()
         .map(|(i, m)| {
             let span = span_of(text, m.text);
-            (span, m.text.len() - m.value.len(), role_of(i, m))
+            let key = span.start..span.end - m.value.len();
+            (span, key, role_of(i, m))
         })
         .collect();
     let contacts: Vec<&str> = raw_json::get(&members, "contacts")
@@ -497,9 +504,7 @@ fn read_change(
                         .flatten(),
                 )
             {
-                if !ids.contains(&id) {
-                    ids.insert(id);
-                }
+                ids.insert(id);
             }
             w.slots.push(Slot {
                 kind: *kind,
@@ -510,7 +515,26 @@ fn read_change(
             listed += 1;
         }
     }
-    if listed == 0 && problems == 0 {
+    let repeated: usize = frame
+        .members
+        .iter()
+        .filter(|(_, _, role)| *role == Role::Keep)
+        .map(|(span, _, _)| span.len())
+        .sum::<usize>()
+        + frame
+            .before
+            .iter()
+            .chain(&frame.after)
+            .map(|s| s.len())
+            .sum::<usize>();
+    let whole = listed > 1 && repeated > FRAME_MAX;
+    if whole {
+        w.slots.truncate(w.slots.len() - listed);
+        w.problems.push(format!(
+            "{at}: {repeated} bytes besides its {listed} items, too many to repeat with each: kept as one change"
+        ));
+    }
+    if whole || (listed == 0 && problems == 0) {
         w.slots.push(Slot {
             kind: Kind::Change,
             frame: frame_no,
