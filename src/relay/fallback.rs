@@ -33,7 +33,8 @@
 //! - Staff come first: a message staff answered from the WhatsApp Business app (an echo,
 //!   `ai_state = 'staff'`, set by the inbox in the echo's transaction) is never claimed, and a
 //!   claim it overtook loses its token, so nothing is sent after a waiter replied. History
-//!   imports (`history`) and system messages are never `kind = 'message'` rows to answer.
+//!   imports (`history`) are changes, never `kind = 'message'` rows, and system messages are
+//!   stored already `skipped`.
 //! - A customer is one customer across a number or user id change: rows carry the customer key
 //!   of `bite_sync.customer_aliases`, and the context queries are tried with each phone and
 //!   user id the customer is known by.

@@ -858,6 +858,8 @@ pub struct InboxCounts {
     pub answered_by_ai: i64,
     /// AI replies that could not be sent.
     pub ai_failed: i64,
+    /// Messages staff answered from the WhatsApp Business app before the AI did.
+    pub answered_by_staff: i64,
     /// Bodies kept unread (not JSON, not a WhatsApp envelope, malformed parts).
     pub dead_lettered: i64,
     /// Webhooks refused for a missing or wrong signature.
@@ -889,7 +891,8 @@ pub async fn counts(client: &tokio_postgres::Client) -> Result<InboxCounts, toki
                     extract(epoch FROM clock_timestamp() - min(received_at) FILTER (WHERE delivery_state = 'pending'))::float8, \
                     (SELECT count(*) FROM bite_sync.inbox_dead_letters), \
                     (SELECT COALESCE(sum(duplicates), 0)::bigint FROM bite_sync.relay_counters), \
-                    (SELECT COALESCE(sum(signature_failures), 0)::bigint FROM bite_sync.relay_counters) \
+                    (SELECT COALESCE(sum(signature_failures), 0)::bigint FROM bite_sync.relay_counters), \
+                    count(*) FILTER (WHERE ai_state = 'staff') \
                  FROM bite_sync.inbox"
             ),
             &[],
@@ -910,5 +913,6 @@ pub async fn counts(client: &tokio_postgres::Client) -> Result<InboxCounts, toki
         dead_lettered: row.get(11),
         duplicates: row.get(12),
         signature_failures: row.get(13),
+        answered_by_staff: row.get(14),
     })
 }
