@@ -252,7 +252,8 @@ impl Webhook {
         self.slots.is_empty()
     }
 
-    /// Every distinct customer identifier (phone or user id) the items name.
+    /// Every distinct customer identifier (phone or user id) the items name, and the order
+    /// key of items without one (`change:<waba>`, `unknown`): what storing them locks.
     pub fn identifiers(&self) -> &[String] {
         &self.identifiers
     }
@@ -494,6 +495,9 @@ fn read_change(
                 .and_then(raw_json::members)
                 .and_then(|m| raw_json::get(&m, "user_id").and_then(id_text));
             let members = item.unwrap_or_default();
+            if phone.is_none() && user_id.is_none() && contact_user.is_none() {
+                ids.insert("unknown".to_owned());
+            }
             for id in [phone, user_id.or(contact_user)]
                 .into_iter()
                 .flatten()
@@ -535,6 +539,7 @@ fn read_change(
         ));
     }
     if whole || (listed == 0 && problems == 0) {
+        ids.insert(format!("change:{}", frame.waba_id.as_deref().unwrap_or("")));
         w.slots.push(Slot {
             kind: Kind::Change,
             frame: frame_no,
