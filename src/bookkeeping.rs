@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "relay",
         sql: include_str!("../sql/migrations/0005_relay.sql"),
     },
+    Migration {
+        version: 6,
+        name: "inbox_raw",
+        sql: include_str!("../sql/migrations/0006_inbox_raw.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).

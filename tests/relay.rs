@@ -780,3 +780,257 @@ async fn a_run_of_signature_failures_alerts_once_and_resolves() {
         "the alert URL's path is never logged"
     );
 }
+
+/// `/proc/<pid>/status`'s `VmHWM` (peak RSS) or `VmRSS` (now) in MiB.
+fn memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    kib / 1024.0
+}
+
+/// A text message webhook from `from`.
+fn text_webhook(id: &str, from: &str, body: &str) -> Vec<u8> {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+        {"field": "messages", "value": {"messaging_product": "whatsapp",
+            "contacts": [{"wa_id": from, "profile": {"name": "Ana"}}],
+            "messages": [{"from": from, "id": id, "timestamp": "1749416383", "type": "text",
+                          "text": {"body": body}}]}}]}]})
+    .to_string()
+    .into_bytes()
+}
+
+/// Issue 12.1: PostgreSQL cannot store `\u0000` (nor lone surrogates) in `text` or `jsonb`,
+/// and an id too long for the index fails the insert. Posted at once, so they share group
+/// commits with valid webhooks: every one is answered 200, nothing is lost, no valid webhook
+/// pays for a bad one.
+#[tokio::test]
+async fn unstorable_values_are_kept_exactly_and_never_fail_their_neighbours() {
+    let dbs = test_dbs("relay_unstorable").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let with_nul = [
+        // In a string, in a key, in the contact's name, in the id itself, and a lone surrogate.
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messages":[{"from":"34600000101","id":"wamid.nul.body","timestamp":"1","type":"text","text":{"body":"hola\u0000mundo"}}]}}]}]}"#,
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messages":[{"from":"34600000102","id":"wamid.nul.key","timestamp":"1","type":"text","text":{"body":"x"},"odd\u0000key":true}]}}]}]}"#,
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"contacts":[{"wa_id":"34600000103","profile":{"name":"A\u0000B"}}],"messages":[{"from":"34600000103","id":"wamid.nul.name","timestamp":"1","type":"text","text":{"body":"x"}}]}}]}]}"#,
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messages":[{"from":"34600000104","id":"wamid.nul.\u0000","timestamp":"1","type":"text","text":{"body":"x"}}]}}]}]}"#,
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messages":[{"from":"34600000105","id":"wamid.surrogate","timestamp":"1","type":"text","text":{"body":"\ud800 alone"}}]}}]}]}"#,
+    ];
+    // An id no btree index takes (PostgreSQL's limit is 2704 bytes; not compressible).
+    let long_id = format!(
+        "wamid.{}",
+        (0..200u32)
+            .map(|i| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(i.to_be_bytes())))
+            .collect::<String>()
+    );
+    let too_long = text_webhook(&long_id, "34600000106", "long id");
+    let mut bodies: Vec<Vec<u8>> = with_nul.iter().map(|b| b.as_bytes().to_vec()).collect();
+    bodies.push(too_long.clone());
+    let valid: Vec<Vec<u8>> = (0..14)
+        .map(|i| {
+            text_webhook(
+                &format!("wamid.valid.{i}"),
+                &format!("3460000020{i:02}"),
+                "hola",
+            )
+        })
+        .collect();
+    bodies.extend(valid.iter().cloned());
+    for round in 0..2 {
+        let statuses: Vec<u16> =
+            futures_util::future::join_all(bodies.iter().map(|b| relay.post_signed(b)))
+                .await
+                .iter()
+                .map(|r| r.status().as_u16())
+                .collect();
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "round {round}: {statuses:?}\n{}",
+            relay.daemon.log()
+        );
+    }
+    let valid_rows = count(
+        &db,
+        "SELECT count(*) FROM bite_sync.inbox WHERE dedupe_key LIKE 'wamid.valid.%'",
+    )
+    .await;
+    assert_eq!(valid_rows, 14, "every valid neighbour stored");
+    // The NUL and surrogate ones are stored, their exact text kept beside a rendering.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM bite_sync.inbox WHERE dedupe_key LIKE 'wamid.nul.%' OR dedupe_key = 'wamid.surrogate'"
+        )
+        .await,
+        5
+    );
+    let envelope: String = db
+        .query_one(
+            "SELECT envelope FROM bite_sync.inbox WHERE dedupe_key = 'wamid.nul.body'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        envelope.contains(r#""body":"hola\u0000mundo""#),
+        "{envelope}"
+    );
+    let envelope: String = db
+        .query_one(
+            "SELECT envelope FROM bite_sync.inbox WHERE dedupe_key = 'wamid.nul.key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(envelope.contains(r#""odd\u0000key":true"#), "{envelope}");
+    let name: String = db
+        .query_one(
+            "SELECT customer_name FROM bite_sync.inbox WHERE customer = '34600000103'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "A\u{FFFD}B");
+    // The one PostgreSQL cannot index is a dead letter with its original bytes, kept once.
+    let dead: Vec<(String, Vec<u8>)> = db
+        .query("SELECT reason, body FROM bite_sync.inbox_dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].1, too_long);
+    assert!(dead[0].0.contains("cannot store"), "{}", dead[0].0);
+    assert_eq!(count(&db, "SELECT count(*) FROM bite_sync.inbox").await, 19);
+}
+
+/// Issue 12.2: a template going APPROVED → PAUSED → APPROVED is three updates (their entry
+/// times differ); only a true retry collapses.
+#[tokio::test]
+async fn repeated_state_changes_are_each_kept_and_only_retries_collapse() {
+    let dbs = test_dbs("relay_state_changes").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let update = |time: i64, event: &str| {
+        json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "time": time,
+            "changes": [{"field": "message_template_status_update", "value": {
+                "event": event, "message_template_id": 1234567890,
+                "message_template_name": "order_ready", "message_template_language": "es", "reason": null}}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    let approved = update(1749416383, "APPROVED");
+    for body in [
+        &approved,
+        &update(1749416400, "PAUSED"),
+        &approved,
+        &update(1749416500, "APPROVED"),
+    ] {
+        assert_eq!(relay.post_signed(body).await.status(), 200);
+    }
+    let events = strings(
+        &db,
+        "SELECT item->>'event' FROM bite_sync.inbox WHERE kind = 'change' ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        events,
+        ["APPROVED", "PAUSED", "APPROVED"],
+        "the last word is APPROVED"
+    );
+}
+
+/// Issue 12.3: a `value` with `messages` and `errors` is one message, one row, its errors with
+/// it (not a second row and a second delivery under another key).
+#[tokio::test]
+async fn a_message_and_its_errors_are_one_row() {
+    let dbs = test_dbs("relay_message_errors").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let body = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+        {"field": "messages", "value": {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+            "contacts": [{"wa_id": "34600000301", "profile": {"name": "Eva"}}],
+            "messages": [{"from": "34600000301", "id": "wamid.with.errors", "timestamp": "1749416383",
+                          "type": "unsupported", "errors": [{"code": 131051, "title": "Message type unknown"}]}],
+            "errors": [{"code": 131000, "title": "Something went wrong",
+                        "error_data": {"details": "retry"}}]}}]}]})
+    .to_string()
+    .into_bytes();
+    assert_eq!(relay.post_signed(&body).await.status(), 200);
+    let rows: Vec<(String, String)> = db
+        .query("SELECT kind, dedupe_key FROM bite_sync.inbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].0, "message");
+    assert_eq!(rows[0].1, "wamid.with.errors");
+    let envelope: String = db
+        .query_one("SELECT envelope FROM bite_sync.inbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let envelope: Value = serde_json::from_str(&envelope).unwrap();
+    assert_eq!(
+        envelope["entry"][0]["changes"][0]["value"]["errors"][0]["code"], 131000,
+        "the errors travel with the message"
+    );
+}
+
+/// Issue 12.10: one signed 4 MB batch of 100,000 tiny messages. The relay reads and stores it
+/// in bounded chunks: its peak RSS stays under 128 MiB, every message is stored, and the
+/// memory goes back after the burst. Prints the figures (`-- --nocapture`) for the report.
+#[tokio::test]
+async fn a_batch_of_100000_messages_is_stored_in_bounded_memory() {
+    let dbs = test_dbs("relay_huge_batch").await;
+    let relay = Relay::start(&dbs.mirror_url, &[]).await;
+    let db = support::connect(&dbs.mirror_url).await;
+    let body = huge_batch(100_000);
+    assert!(body.len() < 4 * 1024 * 1024, "{} bytes", body.len());
+    let pid = relay.daemon.pid();
+    let before = memory_mib(pid, "VmHWM:");
+    let resp = relay.post_signed(&body).await;
+    assert_eq!(resp.status(), 200, "{}", relay.daemon.log());
+    let peak = memory_mib(pid, "VmHWM:");
+    let after = memory_mib(pid, "VmRSS:");
+    eprintln!(
+        "100,000-message batch ({} bytes): relay peak RSS {peak:.1} MiB (before {before:.1} MiB), RSS after {after:.1} MiB",
+        body.len()
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM bite_sync.inbox").await,
+        100_000
+    );
+    assert!(peak < 128.0, "peak RSS {peak:.1} MiB");
+    assert!(
+        after < before + 32.0,
+        "RSS after the burst {after:.1} MiB, before {before:.1} MiB"
+    );
+}
+
+/// `n` tiny messages (an id and a sender) from 1,000 customers in one webhook.
+fn huge_batch(n: usize) -> Vec<u8> {
+    let mut body = String::from(
+        r#"{"object":"whatsapp_business_account","entry":[{"id":"1","changes":[{"field":"messages","value":{"messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},"messages":["#,
+    );
+    for i in 0..n {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(r#"{{"from":"{}","id":"w{i}"}}"#, i % 1000));
+    }
+    body.push_str("]}}]}]}");
+    body.into_bytes()
+}

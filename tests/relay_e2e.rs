@@ -493,3 +493,386 @@ async fn the_relay_serves_api_messages_for_the_backend() {
         Some(format!("Bearer {ACCESS_TOKEN}").as_str())
     );
 }
+
+/// `bite-sync relay` as [`relay`] does, with `extra` settings.
+async fn relay_with(
+    database_url: &str,
+    world: &World,
+    extra: &[(&str, String)],
+) -> (Daemon, String) {
+    let mut env = vec![
+        ("DATABASE_URL", database_url.to_string()),
+        ("WHATSAPP_VERIFY_TOKEN", VERIFY_TOKEN.into()),
+        ("META_APP_SECRET", APP_SECRET.into()),
+        ("WHATSAPP_ACCESS_TOKEN", ACCESS_TOKEN.into()),
+        ("WHATSAPP_PHONE_NUMBER_ID", PHONE_NUMBER_ID.into()),
+        ("GRAPH_API_URL", world.graph.url.clone()),
+        ("OPENAI_API_KEY", OPENAI_KEY.into()),
+        ("OPENAI_BASE_URL", format!("{}/v1", world.ai.url)),
+        ("AI_DEADLINE", "1s".into()),
+        ("SYNC_API_KEY", SYNC_API_KEY.into()),
+    ];
+    env.extend(extra.iter().cloned());
+    support::start_relay(&env).await
+}
+
+/// Statuses as Meta sends them since v25 (with `contacts`), with an entry `time`, a top-level
+/// key nobody knows yet and numbers no float holds.
+const STATUS_BATCH: &str = r#"{"object":"whatsapp_business_account","x_added_in_v99":{"n":-0},"entry":[{"id":"102290129340398","time":1749416383,"changes":[{"value":{"messaging_product":"whatsapp","metadata":{"display_phone_number":"15550783881","phone_number_id":"106540352242922"},"contacts":[{"profile":{"name":"Sheena Nelson"},"wa_id":"16505551234","user_id":"US.13491208655302741918"},{"profile":{"name":"Luis"},"wa_id":"16505550000"}],"statuses":[{"id":"wamid.out.1","status":"delivered","timestamp":"1749416400","recipient_id":"16505551234","pricing":{"billable":true,"pricing_model":"PMP","category":"utility","type":"regular"},"big":123456789012345678901234567890},{"id":"wamid.out.2","status":"read","timestamp":"1749416401","recipient_id":"16505550000","neg":-0}]},"field":"messages"}]}]}"#;
+
+/// Issue 12.4: each delivery is Meta's envelope narrowed to its one item, every other field
+/// exactly as Meta sent it (entry time, contacts for statuses, unknown keys, numbers).
+#[tokio::test]
+async fn deliveries_are_metas_envelope_narrowed_to_the_item_with_everything_else_as_sent() {
+    let dbs = test_dbs("e2e_whole").await;
+    let world = World::start().await;
+    let backend = format!("{}/api", world.backend.url);
+    let (_relay, url) = relay_with(
+        &dbs.mirror_url,
+        &world,
+        &[
+            ("DELIVERY_MODE", "push".into()),
+            ("LOCAL_BACKEND_URL", backend),
+        ],
+    )
+    .await;
+    assert_eq!(post(&url, STATUS_BATCH.as_bytes()).await, 200);
+    wait_for("2 deliveries", Duration::from_secs(30), || async {
+        (world.delivered().len() >= 2).then_some(())
+    })
+    .await;
+    // Two customers: delivered side by side, in either order.
+    let requests = world.backend.requests();
+    let of = |status: &str| {
+        requests
+            .iter()
+            .find(|r| r.json()["entry"][0]["changes"][0]["value"]["statuses"][0]["id"] == status)
+            .unwrap_or_else(|| panic!("no delivery of {status}"))
+    };
+    for (status, contact) in [("wamid.out.1", "Sheena Nelson"), ("wamid.out.2", "Luis")] {
+        let request = of(status);
+        let text = String::from_utf8(request.body.clone()).unwrap();
+        let body = request.json();
+        let value = &body["entry"][0]["changes"][0]["value"];
+        assert_eq!(value["statuses"].as_array().unwrap().len(), 1, "{text}");
+        assert_eq!(value["statuses"][0]["id"], status);
+        assert_eq!(value["contacts"].as_array().unwrap().len(), 1, "{text}");
+        assert_eq!(value["contacts"][0]["profile"]["name"], contact);
+        assert_eq!(body["entry"][0]["time"], 1749416383, "{text}");
+        assert!(text.contains(r#""x_added_in_v99":{"n":-0}"#), "{text}");
+        assert_eq!(value["metadata"]["phone_number_id"], "106540352242922");
+        assert_eq!(body["bite_sync"]["kind"], "status");
+    }
+    // The items' text is Meta's, byte for byte.
+    let first = String::from_utf8(of("wamid.out.1").body.clone()).unwrap();
+    let item = &STATUS_BATCH[STATUS_BATCH.find(r#"{"id":"wamid.out.1""#).unwrap()..];
+    let item = &item[..item.find(r#",{"id":"wamid.out.2""#).unwrap()];
+    assert!(first.contains(item), "{first}\nhas not\n{item}");
+    assert!(first.contains("123456789012345678901234567890"));
+}
+
+/// Issue 12.5: `DELIVERY_FORMAT=meta` posts exactly a Meta webhook body, signed with
+/// `X-Hub-Signature-256` as Meta signs, at `DELIVERY_PATH` (`/` here): from the relay (push)
+/// and from `bite-sync run` (pull, which then needs `META_APP_SECRET`).
+#[tokio::test]
+async fn the_meta_format_is_a_meta_webhook_signed_with_the_app_secret_push_and_pull() {
+    let dbs = test_dbs("e2e_meta_format").await;
+    let world = World::start().await;
+    let pushing = [
+        ("DELIVERY_MODE", "push".to_string()),
+        ("LOCAL_BACKEND_URL", world.backend.url.clone()),
+        ("DELIVERY_FORMAT", "meta".to_string()),
+        ("DELIVERY_PATH", "/".to_string()),
+    ];
+    let (mut relay, url) = relay_with(&dbs.mirror_url, &world, &pushing).await;
+    assert_eq!(post(&url, &sample("text.json")).await, 200);
+    wait_for("the pushed delivery", Duration::from_secs(30), || async {
+        (world.delivered().len() == 1).then_some(())
+    })
+    .await;
+    relay.terminate(Duration::from_secs(15));
+    // Pull: the daemon refuses to start without the app secret, then delivers with it.
+    let env = |secret: bool| {
+        let mut env = vec![
+            ("LOCAL_BACKEND_URL", world.backend.url.clone()),
+            ("DELIVERY_FORMAT", "meta".to_string()),
+            ("DELIVERY_PATH", "/".to_string()),
+        ];
+        if secret {
+            env.push(("META_APP_SECRET", APP_SECRET.to_string()));
+        }
+        env
+    };
+    let mut refused = spawn(
+        &["run", "--mirror", &dbs.mirror_url],
+        &env(false),
+        "refused.log",
+    );
+    assert_eq!(refused.exit_code(Duration::from_secs(30)), Some(2));
+    assert!(
+        refused.log().contains("META_APP_SECRET"),
+        "{}",
+        refused.log()
+    );
+    let (_relay, url) = relay_with(&dbs.mirror_url, &world, &[]).await;
+    let _run = spawn(&["run", "--mirror", &dbs.mirror_url], &env(true), "run.log");
+    assert_eq!(post(&url, &sample("statuses.json")).await, 200);
+    wait_for("the pulled deliveries", Duration::from_secs(30), || async {
+        (world.delivered().len() == 4).then_some(())
+    })
+    .await;
+    for request in world.backend.requests() {
+        assert_eq!(request.uri, "/");
+        let sig = request.header("x-hub-signature-256").map(str::as_bytes);
+        assert_eq!(
+            signature::verify(APP_SECRET.as_bytes(), &request.body, sig),
+            Ok(()),
+            "signed with META_APP_SECRET exactly as Meta signs"
+        );
+        let body = request.json();
+        assert!(body.get("bite_sync").is_none(), "{body}");
+        assert_eq!(body["object"], "whatsapp_business_account");
+    }
+    let text = world.backend.requests()[0].json();
+    assert_eq!(
+        text,
+        serde_json::from_slice::<Value>(&sample("text.json")).unwrap(),
+        "one message: Meta's body itself"
+    );
+}
+
+/// Issue 12.7: staff answering from the WhatsApp Business app (an `smb_message_echoes` echo)
+/// means no AI reply to that customer, and their waiting messages are marked answered by
+/// staff; `history` imports never get one either; `smb_app_state_sync` is delivered like
+/// other changes.
+#[tokio::test]
+async fn an_echo_from_the_business_app_stops_the_ai_and_history_never_starts_it() {
+    let dbs = test_dbs("e2e_echo").await;
+    let mirror = support::connect(&dbs.mirror_url).await;
+    let world = World::start().await;
+    world.backend_down();
+    let (_relay, url) = relay(&dbs.mirror_url, &world).await;
+    let now = chrono::Utc::now().timestamp();
+    let waiter = "34611000001";
+    let other = "34611000002";
+    for (id, from) in [
+        ("wamid.echo.q1", waiter),
+        ("wamid.echo.q2", waiter),
+        ("wamid.echo.other", other),
+    ] {
+        assert_eq!(
+            post(
+                &url,
+                &message(id, from, "Cliente", "¿Tenéis mesa?", Duration::ZERO)
+            )
+            .await,
+            200
+        );
+    }
+    let echo = json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "smb_message_echoes", "value": {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "message_echoes": [{"from": "15550783881", "to": waiter, "id": "wamid.staff.1",
+                "timestamp": (now + 1).to_string(), "type": "text", "text": {"body": "¡Sí, a las 9!"}}]}}]}]});
+    assert_eq!(post(&url, echo.to_string().as_bytes()).await, 200);
+    // A six-month backfill of the same chats, with recent-looking messages.
+    let history = json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "history", "value": {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "history": [{"metadata": {"phase": 0, "chunk_order": 1, "progress": 100},
+                "threads": [{"id": "34611000003", "messages": [{"from": "34611000003", "id": "wamid.hist.1",
+                    "timestamp": now.to_string(), "type": "text", "text": {"body": "hola"},
+                    "history_context": {"status": "READ"}}]}]}]}}]}]});
+    assert_eq!(post(&url, history.to_string().as_bytes()).await, 200);
+    let sync = json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "smb_app_state_sync", "value": {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "state_sync": [{"type": "contact", "contact": {"full_name": "Ana", "phone_number": "34611000004"},
+                "action": "add", "metadata": {"timestamp": now.to_string()}}]}}]}]});
+    assert_eq!(post(&url, sync.to_string().as_bytes()).await, 200);
+    // The other customer gets the AI's reply; the waiter's customer and the history none.
+    wait_for(
+        "the AI reply to the other customer",
+        Duration::from_secs(30),
+        || async { (!world.graph_sends().is_empty()).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sends = world.graph_sends();
+    assert_eq!(sends.len(), 1, "{sends:#?}");
+    assert_eq!(sends[0]["to"], other);
+    let states = support::strings(
+        &mirror,
+        "SELECT dedupe_key || ' ' || kind || ' ' || coalesce(ai_state, '-') FROM bite_sync.inbox ORDER BY id",
+    )
+    .await;
+    assert_eq!(states[0], "wamid.echo.q1 message staff", "{states:?}");
+    assert_eq!(states[1], "wamid.echo.q2 message staff", "{states:?}");
+    assert_eq!(states[2], "wamid.echo.other message answered", "{states:?}");
+    assert_eq!(states[3], "echo wamid.staff.1 echo -", "{states:?}");
+    assert!(states[4].ends_with(" change -"), "{states:?}");
+    assert!(states[5].ends_with(" change -"), "{states:?}");
+    // Everything reaches the backend when it is back, the echo and the changes too.
+    world.backend_up();
+    let _run = puller(&dbs.mirror_url, &world);
+    wait_for("everything delivered", Duration::from_secs(60), || async {
+        (delivered(&mirror).await == 6).then_some(())
+    })
+    .await;
+    let fields: std::collections::HashSet<String> = world
+        .delivered()
+        .iter()
+        .map(|(_, b)| {
+            b["entry"][0]["changes"][0]["field"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    for field in [
+        "messages",
+        "smb_message_echoes",
+        "history",
+        "smb_app_state_sync",
+    ] {
+        assert!(fields.contains(field), "{field} not delivered: {fields:?}");
+    }
+    let q1 = world
+        .delivered()
+        .into_iter()
+        .find(|(k, _)| k == "wamid.echo.q1")
+        .unwrap();
+    assert_eq!(q1.1["bite_sync"]["answered_by_staff"], true);
+}
+
+/// Issue 12.8: a customer who changes their number (`user_changed_number`), and a username
+/// customer who later shows a phone, stay one customer: one delivery order, and the AI's
+/// context found by the phone or user id the mirror knows them by.
+#[tokio::test]
+async fn a_customer_stays_one_customer_across_number_and_user_id_changes() {
+    let dbs = test_dbs("e2e_identity").await;
+    let mirror = support::connect(&dbs.mirror_url).await;
+    bite_sync::sample::load(&mirror, bite_sync::sample::SampleSize::DEMO)
+        .await
+        .unwrap();
+    let row = mirror
+        .query_one(
+            "SELECT regexp_replace(phone, '[^0-9]', '', 'g'), name FROM public.customers ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (old_phone, name): (String, String) = (row.get(0), row.get(1));
+    let new_phone = "34699000111";
+    let world = World::start().await;
+    world.backend_down();
+    let (_relay, url) = relay(&dbs.mirror_url, &world).await;
+    let now = chrono::Utc::now().timestamp();
+    let change = json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+        "field": "messages", "value": {"messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+            "messages": [{"from": old_phone, "id": "wamid.changed", "timestamp": now.to_string(), "type": "system",
+                "system": {"body": format!("User changed from {old_phone} to {new_phone}"), "wa_id": new_phone,
+                           "type": "user_changed_number"}}]}}]}]});
+    assert_eq!(
+        post(
+            &url,
+            &message("wamid.id.old", &old_phone, &name, "hola", Duration::ZERO)
+        )
+        .await,
+        200
+    );
+    assert_eq!(post(&url, change.to_string().as_bytes()).await, 200);
+    assert_eq!(
+        post(
+            &url,
+            &message(
+                "wamid.id.new",
+                new_phone,
+                &name,
+                "¿y mi pedido?",
+                Duration::ZERO
+            )
+        )
+        .await,
+        200
+    );
+    // A username user: first only a user id, later a phone beside it.
+    let username = |id: &str, phone: Option<&str>| {
+        let mut m = json!({"from_user_id": "US.777", "id": id, "timestamp": now.to_string(), "type": "text", "text": {"body": "hi"}});
+        let mut c = json!({"user_id": "US.777", "profile": {"name": "Zoe", "username": "@zoe"}});
+        if let Some(p) = phone {
+            m["from"] = json!(p);
+            c["wa_id"] = json!(p);
+        }
+        json!({"object": "whatsapp_business_account", "entry": [{"id": "102290129340398", "changes": [{
+            "field": "messages", "value": {"messaging_product": "whatsapp",
+                "metadata": {"display_phone_number": "15550783881", "phone_number_id": PHONE_NUMBER_ID},
+                "contacts": [c], "messages": [m]}}]}]})
+        .to_string()
+        .into_bytes()
+    };
+    assert_eq!(post(&url, &username("wamid.zoe.1", None)).await, 200);
+    assert_eq!(
+        post(&url, &username("wamid.zoe.2", Some("34699000222"))).await,
+        200
+    );
+    let customers = support::strings(
+        &mirror,
+        "SELECT dedupe_key || '=' || customer FROM bite_sync.inbox ORDER BY id",
+    )
+    .await;
+    assert_eq!(
+        customers,
+        [
+            format!("wamid.id.old={old_phone}"),
+            format!("wamid.changed={old_phone}"),
+            format!("wamid.id.new={old_phone}"),
+            "wamid.zoe.1=US.777".to_string(),
+            "wamid.zoe.2=US.777".to_string(),
+        ],
+        "one customer key across the change"
+    );
+    // One AI reply for the customer's burst, to the new number, with the mirror's context
+    // found by the old one; the system message itself is never answered.
+    wait_for("the AI replies", Duration::from_secs(30), || async {
+        (world.graph_sends().len() >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sends = world.graph_sends();
+    assert_eq!(sends.len(), 2, "one per customer: {sends:#?}");
+    let to_new = sends
+        .iter()
+        .find(|s| s["to"] == new_phone)
+        .expect("a reply to the new number");
+    assert_eq!(to_new["context"]["message_id"], "wamid.id.new");
+    let text = to_new["text"]["body"].as_str().unwrap();
+    assert!(
+        text.contains(&name),
+        "the mirror's customer found by the old number: {text}"
+    );
+    assert_eq!(
+        support::strings(&mirror, "SELECT coalesce(ai_state, '-') || ' ' || coalesce(ai_note, '-') FROM bite_sync.inbox WHERE dedupe_key = 'wamid.changed'").await,
+        ["skipped system message"]
+    );
+    // Delivered in order as one customer when the backend is back.
+    world.backend_up();
+    let _run = puller(&dbs.mirror_url, &world);
+    wait_for("everything delivered", Duration::from_secs(60), || async {
+        (delivered(&mirror).await == 5).then_some(())
+    })
+    .await;
+    let order: Vec<String> = world
+        .delivered()
+        .into_iter()
+        .filter(|(_, b)| b["bite_sync"].is_object())
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("wamid.id.") || k == "wamid.changed")
+        .collect();
+    let last_three = &order[order.len() - 3..];
+    assert_eq!(
+        last_three,
+        ["wamid.id.old", "wamid.changed", "wamid.id.new"]
+    );
+}

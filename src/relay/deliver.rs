@@ -62,7 +62,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::db;
-use super::settings::{DeliveryMode, DeliverySettings, RelaySettings, Secret};
+use super::settings::{DeliveryFormat, DeliveryMode, DeliverySettings, RelaySettings, Secret};
 use super::signature;
 use crate::bookkeeping::{self, BookkeepingError};
 use crate::config::{Config, ConfigError};
@@ -125,7 +125,7 @@ WHERE i.id = free.id
   AND (i.lease_until IS NULL OR i.lease_until <= now())
 RETURNING i.id, i.kind, i.dedupe_key, i.waba_id, i.field, i.metadata, i.item, i.contact,
           to_json(i.received_at), i.ai_state IS NOT DISTINCT FROM 'answered', i.ai_reply_wamid,
-          i.attempts";
+          i.attempts, i.envelope, i.ai_state IS NOT DISTINCT FROM 'staff'";
 
 /// The backend took row `$1`: delivered by `$3`, if `$2` still holds its lease.
 pub const MARK_DELIVERED: &str = "\
@@ -245,6 +245,11 @@ pub struct InboxItem {
     pub ai_reply_wamid: Option<String>,
     /// Attempts so far, this one included.
     pub attempts: i32,
+    /// Meta's envelope narrowed to this item, as Meta sent it (none on rows stored before
+    /// bite-sync kept it: [`envelope`] rebuilds one from the columns).
+    pub envelope: Option<String>,
+    /// Staff answered the customer from the WhatsApp Business app (an echo came).
+    pub answered_by_staff: bool,
 }
 
 impl InboxItem {
@@ -262,17 +267,23 @@ impl InboxItem {
             answered_by_ai: row.get(9),
             ai_reply_wamid: row.get(10),
             attempts: row.get(11),
+            envelope: row.get(12),
+            answered_by_staff: row.get(13),
         }
     }
 }
 
-/// The request body for one item: Meta's webhook envelope holding just this item, plus a
-/// `bite_sync` object with the inbox's own facts.
+/// Meta's webhook envelope holding just this item: the text Meta sent, narrowed (see
+/// [`crate::relay::payload`]), or for rows stored before that text was kept, one rebuilt from
+/// the stored columns:
 ///
 /// - 'message': `value = {messaging_product, metadata, contacts: [contact], messages: [item]}`
 /// - 'status': the same with `statuses: [item]` (and no contacts unless stored)
 /// - 'change': `value` = the stored item (Meta's value as sent)
-pub fn envelope(item: &InboxItem) -> Value {
+pub fn meta_body(item: &InboxItem) -> String {
+    if let Some(text) = &item.envelope {
+        return text.clone();
+    }
     let value = match item.kind.as_str() {
         "message" | "status" => {
             let mut value = serde_json::Map::new();
@@ -299,14 +310,44 @@ pub fn envelope(item: &InboxItem) -> Value {
             "id": item.waba_id,
             "changes": [{ "field": item.field, "value": value }],
         }],
-        "bite_sync": {
-            "inbox_id": item.id,
-            "kind": item.kind,
-            "received_at": item.received_at,
-            "answered_by_ai": item.answered_by_ai,
-            "ai_reply_wamid": item.ai_reply_wamid,
-        },
     })
+    .to_string()
+}
+
+/// The `bite_sync` object: the inbox's own facts about the item.
+fn bite_sync_facts(item: &InboxItem) -> Value {
+    json!({
+        "inbox_id": item.id,
+        "kind": item.kind,
+        "received_at": item.received_at,
+        "answered_by_ai": item.answered_by_ai,
+        "ai_reply_wamid": item.ai_reply_wamid,
+        "answered_by_staff": item.answered_by_staff,
+    })
+}
+
+/// The default request body: [`meta_body`] with a `bite_sync` member added at its end (Meta's
+/// members keep their text: numbers are not rewritten).
+pub fn bite_sync_body(item: &InboxItem) -> String {
+    let meta = meta_body(item);
+    let facts = bite_sync_facts(item).to_string();
+    let trimmed = meta.trim_end();
+    match trimmed.strip_suffix('}') {
+        Some(open) => {
+            let empty = open.trim_end().ends_with('{');
+            format!(
+                "{open}{}\"bite_sync\":{facts}}}",
+                if empty { "" } else { "," }
+            )
+        }
+        // Not an object (never stored so): the facts alone, still JSON.
+        None => json!({ "bite_sync": facts }).to_string(),
+    }
+}
+
+/// The request body for one item as a JSON value (the default format).
+pub fn envelope(item: &InboxItem) -> Value {
+    serde_json::from_str(&bite_sync_body(item)).unwrap_or(Value::Null)
 }
 
 /// How long to wait before attempt `attempts + 1` of a row that failed `attempts` times:
@@ -379,10 +420,13 @@ pub struct Poster {
     http: reqwest::Client,
     url: String,
     api_key: Option<Secret>,
+    format: DeliveryFormat,
+    app_secret: Option<Secret>,
 }
 
 impl Poster {
-    /// A poster for `url`, each request given `timeout` in all (connect, send, answer).
+    /// A poster for `url` in the default format, each request given `timeout` in all
+    /// (connect, send, answer).
     pub fn new(url: String, api_key: Option<Secret>, timeout: Duration) -> Poster {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -390,23 +434,63 @@ impl Poster {
             .user_agent(concat!("bite-sync/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client with a timeout builds");
-        Poster { http, url, api_key }
+        Poster {
+            http,
+            url,
+            api_key,
+            format: DeliveryFormat::BiteSync,
+            app_secret: None,
+        }
+    }
+
+    /// The same poster in `format`; the meta format signs with `app_secret`.
+    pub fn with_format(mut self, format: DeliveryFormat, app_secret: Option<Secret>) -> Poster {
+        self.format = format;
+        self.app_secret = app_secret;
+        self
     }
 
     /// Sends one item; never fails, the outcome says how it went.
     pub async fn post(&self, item: &InboxItem) -> Outcome {
-        let body = serde_json::to_vec(&envelope(item)).expect("JSON values serialize");
+        let body = match self.format {
+            DeliveryFormat::BiteSync => bite_sync_body(item),
+            DeliveryFormat::Meta => meta_body(item),
+        }
+        .into_bytes();
         let mut request = self
             .http
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("idempotency-key", &item.dedupe_key)
             .header("x-bite-inbox-id", item.id.to_string());
-        if let Some(key) = &self.api_key {
-            request = request.header("x-api-key", key.expose()).header(
-                signature::DELIVERY_HEADER,
-                signature::sign(key.expose().as_bytes(), &body),
-            );
+        match self.format {
+            DeliveryFormat::BiteSync => {
+                if let Some(key) = &self.api_key {
+                    request = request.header("x-api-key", key.expose()).header(
+                        signature::DELIVERY_HEADER,
+                        signature::sign(key.expose().as_bytes(), &body),
+                    );
+                }
+            }
+            DeliveryFormat::Meta => {
+                // Exactly as Meta signs: HMAC-SHA256 of the body with the app secret.
+                if let Some(secret) = &self.app_secret {
+                    request = request.header(
+                        signature::META_HEADER,
+                        signature::sign(secret.expose().as_bytes(), &body),
+                    );
+                }
+                if let Some(key) = &self.api_key {
+                    request = request.header("x-api-key", key.expose());
+                }
+                // What the bite_sync object would have said, for backends that care.
+                if item.answered_by_ai {
+                    request = request.header("x-bite-answered-by-ai", "true");
+                }
+                if item.answered_by_staff {
+                    request = request.header("x-bite-answered-by-staff", "true");
+                }
+            }
         }
         match request.body(body).send().await {
             Ok(response) if response.status().is_success() => Outcome::Delivered,
@@ -737,7 +821,8 @@ pub async fn run_worker(
         return;
     };
     let worker = Arc::new(Worker {
-        poster: Poster::new(url.clone(), settings.api_key.clone(), settings.timeout),
+        poster: Poster::new(url.clone(), settings.api_key.clone(), settings.timeout)
+            .with_format(settings.format, settings.app_secret.clone()),
         lessee: lessee(&name),
         name,
         lease: settings.timeout + LEASE_MARGIN,
@@ -893,6 +978,8 @@ mod tests {
             answered_by_ai: false,
             ai_reply_wamid: None,
             attempts: 1,
+            envelope: None,
+            answered_by_staff: false,
         }
     }
 
@@ -921,9 +1008,23 @@ mod tests {
                     "received_at": "2026-01-02T03:04:05.123456+00:00",
                     "answered_by_ai": false,
                     "ai_reply_wamid": null,
+                    "answered_by_staff": false,
                 },
             })
         );
+    }
+
+    #[test]
+    fn a_stored_envelope_is_sent_as_meta_wrote_it() {
+        let mut message = item("message");
+        let meta = r#"{"object":"whatsapp_business_account","z":{"big":123456789012345678901234567890,"neg":-0},"entry":[{"id":"1","time":17,"changes":[{"field":"messages","value":{"messages":[{"id":"wamid.HBgM","n":1.0e+400}]}}]}]}"#;
+        message.envelope = Some(meta.to_string());
+        assert_eq!(meta_body(&message), meta, "the meta format is Meta's text");
+        let ours = bite_sync_body(&message);
+        assert!(ours.starts_with(&meta[..meta.len() - 1]), "{ours}");
+        assert!(ours.ends_with(r#","bite_sync":{"ai_reply_wamid":null,"answered_by_ai":false,"answered_by_staff":false,"inbox_id":42,"kind":"message","received_at":"2026-01-02T03:04:05.123456+00:00"}}"#), "{ours}");
+        message.envelope = Some("{ }".into());
+        assert_eq!(envelope(&message)["bite_sync"]["inbox_id"], 42);
     }
 
     #[test]

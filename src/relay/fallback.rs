@@ -30,6 +30,14 @@
 //! - Within one run a send is retried only when Meta certainly did not take it
 //!   ([`GraphError::surely_not_sent`]): a timeout is never retried.
 //! - `delivery_state` is never touched: the backend still gets every message.
+//! - Staff come first: a message staff answered from the WhatsApp Business app (an echo,
+//!   `ai_state = 'staff'`, set by the inbox in the echo's transaction) is never claimed, and a
+//!   claim it overtook loses its token, so nothing is sent after a waiter replied. History
+//!   imports (`history`) are changes, never `kind = 'message'` rows, and system messages are
+//!   stored already `skipped`.
+//! - A customer is one customer across a number or user id change: rows carry the customer key
+//!   of `bite_sync.customer_aliases`, and the context queries are tried with each phone and
+//!   user id the customer is known by.
 //! - Nothing here logs message bodies, customer data, phone numbers, keys or tokens: logs
 //!   carry inbox/outbox ids, states, provider names, status codes and SQLSTATEs.
 //! - The database being down only costs rounds: the loop logs the outage once and goes on.
@@ -437,7 +445,7 @@ impl Worker {
                     AND (id = $2 OR (ai_note = 'superseded' AND delivery_state = 'pending'))
                     AND id > coalesce((SELECT max(id) FROM bite_sync.inbox
                                         WHERE customer = $1 AND id < $2
-                                          AND ai_state IN ('answered', 'sending')), 0)
+                                          AND ai_state IN ('answered', 'sending', 'staff')), 0)
                   ORDER BY id DESC LIMIT $3",
                 &[&row.customer, &row.id, &BURST_MAX],
             )
@@ -479,43 +487,78 @@ impl Worker {
             .collect())
     }
 
+    /// Every key the customer can be found by in the mirror: the message's phone (digits),
+    /// its user id, then the phones and user ids the customer had before (a number change,
+    /// a username user who later showed a phone), newest first.
+    async fn identity_keys(conn: &Conn, row: &Claimed) -> Vec<String> {
+        let mut keys = vec![row.customer_key()];
+        keys.extend(row.user_id.clone());
+        let known = conn
+            .query(
+                "SELECT alias, kind FROM bite_sync.customer_aliases WHERE customer = $1 \
+                 ORDER BY seen_at DESC, alias",
+                &[&row.customer],
+            )
+            .await;
+        for r in known.iter().flatten() {
+            let (alias, kind): (String, String) = (r.get(0), r.get(1));
+            let key = if kind == "phone" {
+                alias.chars().filter(char::is_ascii_digit).collect()
+            } else {
+                alias
+            };
+            if !key.is_empty() {
+                keys.push(key);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        keys.retain(|k| seen.insert(k.clone()));
+        keys
+    }
+
     async fn context(&self, conn: &mut Conn, row: &Claimed) -> String {
-        let key = row.customer_key();
+        let keys = Self::identity_keys(conn, row).await;
         let queries = &self.settings.ai.queries;
         let mut parts: Vec<(&str, Vec<String>)> = Vec::new();
         if let Some(name) = row.name.as_deref().filter(|n| !n.trim().is_empty()) {
             parts.push(("WhatsApp profile", vec![format!("name: {name}")]));
         }
-        for (title, part, sql, param) in [
-            (
-                "Customer",
-                "customer",
-                &queries.customer,
-                Some(key.as_str()),
-            ),
-            (
-                "Recent orders",
-                "orders",
-                &queries.orders,
-                Some(key.as_str()),
-            ),
-            ("Menu", "menu", &queries.menu, None),
+        for (title, part, sql, by_customer) in [
+            ("Customer", "customer", &queries.customer, true),
+            ("Recent orders", "orders", &queries.orders, true),
+            ("Menu", "menu", &queries.menu, false),
         ] {
             if sql.trim().is_empty() {
                 continue;
             }
-            match Self::context_part(conn, sql, param).await {
-                Ok(lines) => parts.push((title, lines)),
-                Err(e) => {
-                    // The SQLSTATE only: a database message may quote a value.
-                    let sqlstate = e.code().map(|c| c.code().to_string());
-                    tracing::warn!(
-                        part,
-                        sqlstate = sqlstate.as_deref().unwrap_or("none"),
-                        "context query failed; replying without it"
-                    );
+            // A customer query is tried with each key the customer is known by until one
+            // finds rows: by phone or by user id, old ones included.
+            let tries: Vec<Option<&str>> = if by_customer {
+                keys.iter().map(|k| Some(k.as_str())).collect()
+            } else {
+                vec![None]
+            };
+            let mut found = Vec::new();
+            for key in tries {
+                match Self::context_part(conn, sql, key).await {
+                    Ok(lines) if !lines.is_empty() => {
+                        found = lines;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // The SQLSTATE only: a database message may quote a value.
+                        let sqlstate = e.code().map(|c| c.code().to_string());
+                        tracing::warn!(
+                            part,
+                            sqlstate = sqlstate.as_deref().unwrap_or("none"),
+                            "context query failed; replying without it"
+                        );
+                        break;
+                    }
                 }
             }
+            parts.push((title, found));
         }
         render_context(&parts, self.settings.ai.max_context_chars)
     }

@@ -11,8 +11,9 @@
 //! | [`settings`] | the old guide's environment variables, `[relay]` and `[delivery]` |
 //! | [`db`] | the connection pool to `DATABASE_URL` |
 //! | [`signature`] | `X-Hub-Signature-256` and the delivery signature: HMAC-SHA256, constant time |
-//! | [`payload`] | Meta's envelope → inbox items (pure) |
-//! | [`inbox`] | storing items (group commit, dedupe), counters, dead letters |
+//! | [`raw_json`] | JSON text read as sent, without a tree: members, elements, lenient strings (pure) |
+//! | [`payload`] | Meta's envelope → inbox items, each with Meta's envelope narrowed to it (pure) |
+//! | [`inbox`] | storing items (group commit in bounded chunks, dedupe, customer aliases), counters, dead letters |
 //! | [`alerts`] | an alert when webhooks keep failing the signature check (a wrong `META_APP_SECRET`) |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
 //! | [`deliver`] | inbox rows → the restaurant's backend, at least once, in order per customer (pull and push) |
@@ -42,6 +43,7 @@ pub mod inbox;
 pub mod messages;
 pub mod payload;
 pub mod ratelimit;
+pub mod raw_json;
 pub mod server;
 pub mod settings;
 pub mod signature;

@@ -26,8 +26,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::relay::db::{self, Pool};
-use crate::relay::inbox::{self, Counters, DeadLetter, Store};
-use crate::relay::payload;
+use crate::relay::inbox::{self, Counters, Store};
 use crate::relay::settings::RelaySettings;
 use crate::relay::signature;
 
@@ -121,26 +120,7 @@ async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         return (StatusCode::UNAUTHORIZED, json_error(&e.to_string())).into_response();
     }
     state.counters.window_valid.fetch_add(1, Ordering::Relaxed);
-    let (items, dead) = match payload::parse(&body) {
-        Ok(parsed) => {
-            let dead = (!parsed.problems.is_empty()).then(|| DeadLetter {
-                reason: parsed.problems.join("; "),
-                body: body.to_vec(),
-            });
-            (parsed.items, dead)
-        }
-        Err(e) => (
-            Vec::new(),
-            Some(DeadLetter {
-                reason: e.to_string(),
-                body: body.to_vec(),
-            }),
-        ),
-    };
-    if let Some(dead) = &dead {
-        tracing::warn!(reason = %dead.reason, "webhook kept as a dead letter");
-    }
-    let stored = tokio::time::timeout(STORE_TIMEOUT, state.store.store(items, dead)).await;
+    let stored = tokio::time::timeout(STORE_TIMEOUT, state.store.store_webhook(body)).await;
     match stored {
         Ok(Ok(stored)) => {
             tracing::debug!(

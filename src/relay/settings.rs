@@ -83,8 +83,12 @@ pub struct RawAi {
 pub struct RawDelivery {
     /// The backend's base URL (env `LOCAL_BACKEND_URL`), e.g. "http://localhost:3000/api".
     pub backend_url: Option<String>,
-    /// Appended to backend_url (default "/cloud-sync/webhook").
+    /// Appended to backend_url (default "/cloud-sync/webhook"; env `DELIVERY_PATH`; "/" allowed).
     pub path: Option<String>,
+    /// "bite-sync" (Meta's envelope plus a `bite_sync` object, signed with SYNC_API_KEY) or
+    /// "meta" (exactly Meta's webhook body, signed with META_APP_SECRET as Meta signs)
+    /// (env `DELIVERY_FORMAT`).
+    pub format: Option<String>,
     /// "pull" (bite-sync run delivers) or "push" (the relay delivers) (env `DELIVERY_MODE`).
     pub mode: Option<String>,
     /// Per-request timeout (push: at most 3s).
@@ -268,6 +272,18 @@ pub enum DeliveryMode {
     Push,
 }
 
+/// What a delivery's body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeliveryFormat {
+    /// Meta's envelope narrowed to the item, plus a `bite_sync` object; `x-api-key` and
+    /// `x-bite-signature-256` (HMAC with `SYNC_API_KEY`).
+    BiteSync,
+    /// Exactly a Meta webhook body narrowed to the item, with `X-Hub-Signature-256` (HMAC
+    /// with `META_APP_SECRET`), so a backend written for Meta's webhooks takes it unchanged.
+    Meta,
+}
+
 /// How inbox rows reach the backend.
 #[derive(Debug, Clone)]
 pub struct DeliverySettings {
@@ -279,6 +295,11 @@ pub struct DeliverySettings {
     pub mode: DeliveryMode,
     /// `SYNC_API_KEY`: sent as `x-api-key` and the key of the body's HMAC signature.
     pub api_key: Option<Secret>,
+    /// The body's shape and signature.
+    pub format: DeliveryFormat,
+    /// `META_APP_SECRET`: signs deliveries in the `meta` format (the daemon that delivers
+    /// needs it then, like the relay).
+    pub app_secret: Option<Secret>,
     /// Per-request timeout.
     pub timeout: Duration,
     /// Longest wait between two attempts of one row.
@@ -423,15 +444,14 @@ fn delivery(raw: &RawDelivery, p: &mut Problems<'_>, env: Env<'_>) -> DeliverySe
         (None, Some(v)) => Some((v.clone(), p.at("delivery.backend_url"))),
         (None, None) => None,
     };
-    let path = raw
-        .path
-        .clone()
-        .unwrap_or_else(|| "/cloud-sync/webhook".into());
+    let (path, path_from) = match (env("DELIVERY_PATH"), &raw.path) {
+        (Some(v), _) => (v.trim().to_string(), "DELIVERY_PATH".to_string()),
+        (None, Some(v)) => (v.clone(), p.at("delivery.path")),
+        (None, None) => ("/cloud-sync/webhook".into(), String::new()),
+    };
     if !path.starts_with('/') {
-        p.list.push(format!(
-            "{}: must start with /, got {path:?}",
-            p.at("delivery.path")
-        ));
+        p.list
+            .push(format!("{path_from}: must start with /, got {path:?}"));
     }
     let url = base.and_then(|(text, from)| match http_url(&text) {
         Ok(u) => Some(format!("{u}{path}")),
@@ -457,6 +477,30 @@ fn delivery(raw: &RawDelivery, p: &mut Problems<'_>, env: Env<'_>) -> DeliverySe
             }
         },
     };
+    let format = match (env("DELIVERY_FORMAT"), &raw.format) {
+        (Some(v), _) => Some((v, "DELIVERY_FORMAT".to_string())),
+        (None, Some(v)) => Some((v.clone(), p.at("delivery.format"))),
+        (None, None) => None,
+    };
+    let format = match format {
+        None => DeliveryFormat::BiteSync,
+        Some((v, from)) => match v.trim().to_ascii_lowercase().as_str() {
+            "bite-sync" | "bite_sync" => DeliveryFormat::BiteSync,
+            "meta" => DeliveryFormat::Meta,
+            _ => {
+                p.list.push(format!(
+                    "{from}: expected \"bite-sync\" or \"meta\", got {v:?}"
+                ));
+                DeliveryFormat::BiteSync
+            }
+        },
+    };
+    let app_secret = env("META_APP_SECRET").map(Secret::new);
+    if format == DeliveryFormat::Meta && app_secret.is_none() && url.is_some() {
+        p.list.push(
+            "META_APP_SECRET is not set: the meta delivery format signs every delivery with it (X-Hub-Signature-256, as Meta signs); set it where the deliveries are made (bite-sync run, or the relay in push mode) to the app secret the backend checks".into(),
+        );
+    }
     let timeout = p.duration(
         None,
         "delivery.timeout",
@@ -480,6 +524,8 @@ fn delivery(raw: &RawDelivery, p: &mut Problems<'_>, env: Env<'_>) -> DeliverySe
         url,
         mode,
         api_key: env("SYNC_API_KEY").map(Secret::new),
+        format,
+        app_secret,
         timeout,
         max_backoff,
     }
@@ -920,6 +966,41 @@ mod tests {
         );
         assert_eq!(s.ai.deadline, Duration::from_secs(20));
         assert_eq!(s.send_rate, 80);
+    }
+
+    #[test]
+    fn the_meta_format_needs_the_app_secret_and_takes_any_path() {
+        let env = env_of(&[
+            ("LOCAL_BACKEND_URL", "http://127.0.0.1:8000"),
+            ("DELIVERY_FORMAT", "meta"),
+            ("DELIVERY_PATH", "/"),
+        ]);
+        let e = DeliverySettings::resolve(&RawDelivery::default(), None, &env).unwrap_err();
+        assert!(e.to_string().contains("META_APP_SECRET"), "{e}");
+        let env = env_of(&[
+            ("LOCAL_BACKEND_URL", "http://127.0.0.1:8000"),
+            ("DELIVERY_FORMAT", "Meta"),
+            ("DELIVERY_PATH", "/"),
+            ("META_APP_SECRET", "s3cret"),
+        ]);
+        let d = DeliverySettings::resolve(&RawDelivery::default(), None, &env).unwrap();
+        assert_eq!(d.format, DeliveryFormat::Meta);
+        assert_eq!(d.url.as_deref(), Some("http://127.0.0.1:8000/"));
+        assert!(!format!("{d:?}").contains("s3cret"));
+        let raw = RawDelivery {
+            format: Some("xml".into()),
+            path: Some("webhook".into()),
+            ..RawDelivery::default()
+        };
+        let e = DeliverySettings::resolve(&raw, Some(std::path::Path::new("b.toml")), &env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("b.toml: delivery.format") && e.contains("b.toml: delivery.path"),
+            "{e}"
+        );
+        let d = DeliverySettings::resolve(&RawDelivery::default(), None, &env_of(&[])).unwrap();
+        assert_eq!(d.format, DeliveryFormat::BiteSync, "the default stays");
     }
 
     #[test]
