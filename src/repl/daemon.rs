@@ -319,6 +319,8 @@ struct Feed {
     /// A keepalive's position not yet recorded as reached (idle advances are rate-limited).
     idle_target: Lsn,
     last_idle: Instant,
+    /// The last "caught up" mark on the mirror: when, and at which committed position.
+    caught_up_mark: Option<(Instant, Lsn)>,
 }
 
 impl Feed {
@@ -426,6 +428,7 @@ async fn session(
         last_message: Instant::now(),
         idle_target: start,
         last_idle: Instant::now(),
+        caught_up_mark: None,
     };
     let mut last_sequences: Option<Instant> = None;
     let mut last_wal_check: Option<Instant> = None;
@@ -456,6 +459,14 @@ async fn session(
                     return Err(RunError::Silent(opts.silence_limit));
                 }
                 feed.advance_idle(&mut applier, false).await?;
+                if applier.is_idle()
+                    && feed.caught_up_mark.is_none_or(|(at, lsn)| {
+                        lsn < applier.committed() || at.elapsed() >= crate::bookkeeping::CAUGHT_UP_INTERVAL
+                    })
+                {
+                    applier.mark_caught_up().await?;
+                    feed.caught_up_mark = Some((Instant::now(), applier.committed()));
+                }
                 if applier.is_idle() && last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
                     sequences::catch_up(applier.source(), applier.mirror(), &names)
                         .await

@@ -622,6 +622,8 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     /// The raw body.
     pub body: Vec<u8>,
+    /// When its body had arrived.
+    pub at: std::time::Instant,
 }
 
 impl Recorded {
@@ -705,6 +707,7 @@ impl FakeHttp {
                             })
                             .collect(),
                         body: body.to_vec(),
+                        at: std::time::Instant::now(),
                     };
                     let respond = std::sync::Arc::clone(&*responder.lock().unwrap());
                     let (status, json) = respond(&recorded);
