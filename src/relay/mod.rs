@@ -107,6 +107,7 @@ const POOL_SIZE: usize = 16;
 /// On cancel it stops accepting, lets requests in flight finish, and returns.
 pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(), RelayError> {
     settings.require()?;
+    body::return_large_buffers_to_the_system();
     let url = settings.database.clone().expect("required above");
     {
         let mut client = url

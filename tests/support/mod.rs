@@ -804,6 +804,9 @@ pub const RELAY_ENV: &[&str] = &[
     "ANTHROPIC_MODEL",
     "ANTHROPIC_BASE_URL",
     "RAILWAY_REPLICA_ID",
+    "META_APP_SECRET_PREVIOUS",
+    "SYNC_API_KEY_PREVIOUS",
+    "JWT_SECRET_PREVIOUS",
 ];
 
 /// `SELECT count(*) …` or any query whose first row's first column is a bigint.
@@ -826,6 +829,15 @@ pub async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
 /// required variables) and waits until it listens; returns the process and its base URL
 /// (`http://127.0.0.1:PORT`). A relay that exits at start fails the test with its log.
 pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
+    start_relay_with(env, |_| {}).await
+}
+
+/// [`start_relay`], with `configure` applied to the command before it is spawned (a lower
+/// descriptor limit, say).
+pub async fn start_relay_with(
+    env: &[(&str, String)],
+    configure: impl FnOnce(&mut Command),
+) -> (Daemon, String) {
     let mut cmd = bite_sync();
     let log = cmd
         .get_current_dir()
@@ -839,6 +851,7 @@ pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    configure(&mut cmd);
     let mut daemon = Daemon::new(log);
     daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
     let port = wait_for("the relay to listen", Duration::from_secs(30), || {
