@@ -719,6 +719,8 @@ impl FakeHttp {
                 }
             },
         );
+        // Media uploads are larger than axum's default limit of 2 MB.
+        let app = app.layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
         self.task = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         }));
