@@ -926,6 +926,7 @@ mod tests {
         assert_eq!(s.ai.deadline, Duration::from_secs(20));
         assert_eq!(s.ai.fresh_for, Duration::from_secs(600));
         assert!(!s.can_send());
+        assert!(s.app_secret_previous.is_none() && s.delivery.api_key_previous.is_none());
     }
 
     #[test]
@@ -975,6 +976,8 @@ mod tests {
                 deadline: Some("soon".into()),
                 ..RawAi::default()
             },
+            header_timeout: Some("5ms".into()),
+            jwt_max_lifetime: Some("forever".into()),
             ..RawRelay::default()
         };
         let e = RelaySettings::resolve(
@@ -993,6 +996,8 @@ mod tests {
             "SYNC_ENABLED",
             "AI_PROVIDER",
             "b.toml: relay.ai.deadline",
+            "b.toml: relay.header_timeout: expected 100ms to 1h",
+            "b.toml: relay.jwt_max_lifetime",
         ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
@@ -1009,6 +1014,8 @@ mod tests {
         );
         assert_eq!(s.ai.deadline, Duration::from_secs(20));
         assert_eq!(s.send_rate, 80);
+        assert_eq!(s.jwt_max_lifetime, Duration::from_secs(3600));
+        assert_eq!(s.http, HttpTimeouts::default());
     }
 
     #[test]
