@@ -463,6 +463,7 @@ async fn session(
                     && feed.caught_up_mark.is_none_or(|(at, lsn)| {
                         lsn < applier.committed() || at.elapsed() >= crate::bookkeeping::CAUGHT_UP_INTERVAL
                     })
+                    && caught_up(&applier, feed.received).await?
                 {
                     applier.mark_caught_up().await?;
                     feed.caught_up_mark = Some((Instant::now(), applier.committed()));
@@ -491,6 +492,23 @@ async fn session(
             feed.confirm(applier.committed(), false).await?;
         }
     }
+}
+
+/// Whether the mirror holds everything the source has written: nothing is pending here and
+/// the stream has brought us to the source's current WAL position (a backlog still being
+/// decoded on the source is not caught up, though the applier is idle meanwhile).
+async fn caught_up(applier: &Applier, received: Lsn) -> Result<bool, RunError> {
+    let end: String = applier
+        .source()
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|source| RunError::Query {
+            context: "failed to read the source's WAL position".into(),
+            source,
+        })?
+        .get(0);
+    let end: Lsn = end.parse().unwrap_or(Lsn(u64::MAX));
+    Ok(received.max(applier.committed()) >= end)
 }
 
 /// Warns when the slot may retain less than a fifth of `max_slot_wal_keep_size` more before
