@@ -273,8 +273,8 @@ mod tests {
         );
         let hour = sign_jwt(&json!({"exp": NOW + HOUR}), b"s");
         assert!(verify_jwt(&hour, b"s", NOW, HOUR).is_ok());
-        // iat counts: issued 10 minutes ago for a day is too long, though 23h50 remain... and
-        // issued 50 minutes ago for an hour is fine with 10 minutes left.
+        // iat counts: a day-long token issued ten minutes ago is too long, though less than a
+        // day is left of it; an hour-long one issued fifty minutes ago is fine.
         let day = sign_jwt(
             &json!({"iat": NOW - 600, "exp": NOW - 600 + 24 * HOUR}),
             b"s",
