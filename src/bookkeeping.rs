@@ -53,7 +53,19 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "inbox_raw",
         sql: include_str!("../sql/migrations/0006_inbox_raw.sql"),
     },
+    Migration {
+        version: 7,
+        name: "relay_sends",
+        sql: include_str!("../sql/migrations/0007_relay_sends.sql"),
+    },
 ];
+
+/// While caught up, `bite-sync run` renews `replication_state.caught_up_at` this often (and
+/// at once after applying a batch).
+pub const CAUGHT_UP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A `caught_up_at` younger than this means the mirror is not behind (the relay's health
+/// check reports lag 0): three renewals may be missed before it stops meaning that.
+pub const CAUGHT_UP_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Advisory lock key for migrations (any constant shared by all bite-sync processes).
 const MIGRATION_LOCK: i64 = 0x6269_7465_0001;

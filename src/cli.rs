@@ -218,8 +218,9 @@ pub enum Command {
     /// Gemini or Anthropic, whichever key is set).
     ///
     /// Also: `GET /api/sync/health` (200 with mirror freshness; 503 when the database is
-    /// down; Railway's health check), `GET /api/webhook/status` (counters), and
-    /// `POST /api/messages` (the backend sends WhatsApp messages through the relay).
+    /// down; Railway's health check), `GET /api/webhook/status` (counters), and for the
+    /// backend `POST /api/messages` and Meta's own `POST /{version}/{phone_number_id}/messages`
+    /// and `/media` (send WhatsApp messages through the relay, without Meta's token).
     ///
     /// Settings are the old guide's environment variables:
     ///   DATABASE_URL             the cloud database (required)
@@ -229,6 +230,8 @@ pub enum Command {
     ///   OPENAI_API_KEY, GEMINI_API_KEY, ANTHROPIC_API_KEY  AI fallback (first set is used)
     ///   LOCAL_BACKEND_URL, SYNC_API_KEY, SYNC_ENABLED      delivery to the backend
     ///   JWT_SECRET               accepted on POST /api/messages besides SYNC_API_KEY
+    ///   META_APP_SECRET_PREVIOUS, SYNC_API_KEY_PREVIOUS, JWT_SECRET_PREVIOUS
+    ///                            also accepted while a secret is rotated (README)
     ///   PORT                     default 5000
     /// and [relay]/[delivery] in bite-sync.toml for the rest (see bite-sync.example.toml).
     ///

@@ -190,4 +190,18 @@ fn bench_relay_loses_nothing_and_reports_every_measure() {
         rss > 0.0 && rss >= report["relay_rss_after_b_mib"].as_f64().unwrap_or(f64::MAX),
         "{report}"
     );
+    // D: every large forged body refused, and the fresh relay's memory measured.
+    let bodies = &report["bodies"];
+    assert_eq!(bodies["refused"], 30, "{report}");
+    assert_eq!(bodies["other_status"], 0, "{report}");
+    assert_eq!(bodies["transport_errors"], 0, "{report}");
+    let peak = bodies["peak_rss_mib"].as_f64().unwrap_or(0.0);
+    assert!(
+        peak > 0.0 && peak >= bodies["rss_before_mib"].as_f64().unwrap_or(f64::MAX),
+        "{report}"
+    );
+    assert!(
+        bodies["rss_after_mib"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
 }

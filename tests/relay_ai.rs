@@ -727,19 +727,31 @@ async fn without_a_token_the_worker_does_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_to_one_customer_are_spaced_by_the_interval() {
     let (dbs, c) = mirror("send_slots_spacing").await;
+    let graph = fake_graph().await;
+    let mut setup = Setup::new(&dbs.mirror_url, &graph.url);
+    setup.customer_interval = "2s";
+    let settings = setup.settings();
+    let queued = |r: ratelimit::Reservation| match r {
+        ratelimit::Reservation::Queued(wait) => wait,
+        other => panic!("refused: {other:?}"),
+    };
+    let reserve = |who: &'static str| {
+        let (c, settings) = (&c, &settings);
+        async move {
+            queued(
+                ratelimit::reserve(c, settings, Some(who), Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let (first, second, third, other) = (
+        reserve(ANA).await,
+        reserve(ANA).await,
+        reserve(ANA).await,
+        reserve(LUIS).await,
+    );
     let interval = Duration::from_secs(2);
-    let first = ratelimit::reserve(&c, ANA, interval, Duration::ZERO)
-        .await
-        .unwrap();
-    let second = ratelimit::reserve(&c, ANA, interval, Duration::ZERO)
-        .await
-        .unwrap();
-    let third = ratelimit::reserve(&c, ANA, interval, Duration::ZERO)
-        .await
-        .unwrap();
-    let other = ratelimit::reserve(&c, LUIS, interval, Duration::ZERO)
-        .await
-        .unwrap();
     assert_eq!(first, Duration::ZERO);
     assert!(
         second > Duration::from_millis(1900) && second <= interval,
@@ -751,11 +763,8 @@ async fn sends_to_one_customer_are_spaced_by_the_interval() {
     );
     assert_eq!(other, Duration::ZERO, "customers do not share slots");
 
-    // Through the API: two texts to one customer go at least the interval apart.
-    let graph = fake_graph().await;
-    let mut setup = Setup::new(&dbs.mirror_url, &graph.url);
-    setup.customer_interval = "2s";
-    let api = serve(setup.settings()).await;
+    // Through the API (another customer): two texts go at least the interval apart.
+    let api = serve(settings).await;
     let http = reqwest::Client::new();
     let text = json!({"type":"text","to":"34677777777","text":"Tu pedido está listo"});
     let r = post(&http, &api, &text, Some(API_KEY)).await;

@@ -37,6 +37,7 @@ use crate::sample::{self, SampleSize};
 
 pub mod backup;
 pub mod relay;
+pub mod relay_bodies;
 pub mod replication;
 
 /// Why the benchmark stopped.
@@ -650,11 +651,16 @@ impl Daemon {
 
     /// The process's peak RSS so far in MiB (`VmHWM`), while it runs.
     fn high_water_mib(&self) -> Option<f64> {
+        self.status_mib("VmHWM:")
+    }
+
+    /// A `kB` line of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`) in MiB, while it runs.
+    fn status_mib(&self, key: &str) -> Option<f64> {
         let pid = self.child.as_ref()?.id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kib: f64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(key))?
             .trim()
             .strip_suffix("kB")?
             .trim()

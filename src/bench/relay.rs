@@ -21,6 +21,9 @@
 //! cannot hide the queue that builds behind it: the webhooks due meanwhile count their wait.
 //! How late the generator sent (its own lateness) is reported too.
 //!
+//! - **D**: a fresh relay takes 30 concurrent 4 MiB bodies with a wrong signature; its peak
+//!   RSS ([`super::relay_bodies`]).
+//!
 //! The inbox is on a durable throwaway cluster (`fsync=on`), like the other benchmarks'; its
 //! statements over 100 ms and its checkpoints are logged, and with `--log-dir` its log is kept
 //! beside the relay's. The relay's peak RSS is the kernel's `VmHWM` from `/proc/<pid>/status`
@@ -159,6 +162,8 @@ pub struct RelayBenchReport {
     pub relay_rss_after_b_mib: f64,
     /// The relay's peak RSS over B and C in MiB (`VmHWM`; target ≤ 50).
     pub peak_rss_mib: f64,
+    /// D: large bodies with a wrong signature, on a fresh relay.
+    pub bodies: super::relay_bodies::BodiesReport,
 }
 
 /// Runs the relay benchmark and prints its results.
@@ -255,6 +260,12 @@ async fn bench(
     // own address space's peak; the shutdown that follows allocates nothing of note.
     let peak_rss_mib = relay.daemon.high_water_mib().unwrap_or(0.0);
     relay.daemon.stop().await?;
+    eprintln!(
+        "D: a fresh bite-sync relay, {} concurrent {} MiB bodies with a wrong signature",
+        super::relay_bodies::CONCURRENT,
+        super::relay_bodies::BODY_BYTES / (1024 * 1024)
+    );
+    let bodies = super::relay_bodies::run(&cluster.url(DATABASE), logs).await?;
     Ok(RelayBenchReport {
         rate: args.rate,
         duration_seconds: args.duration.as_secs_f64(),
@@ -271,6 +282,7 @@ async fn bench(
         dead_letters,
         relay_rss_after_b_mib,
         peak_rss_mib,
+        bodies,
     })
 }
 
@@ -833,14 +845,14 @@ impl NoopServer {
 }
 
 /// A `bite-sync relay` child and where it listens.
-struct Relay {
-    daemon: Daemon,
-    addr: SocketAddr,
+pub(super) struct Relay {
+    pub(super) daemon: Daemon,
+    pub(super) addr: SocketAddr,
 }
 
 /// Starts this binary's `relay` on `database_url` with `PORT=0` and nothing else from this
 /// process's environment (no delivery, no AI, no config file), and waits until it listens.
-async fn start_relay(database_url: &str, logs: &Path) -> Result<Relay, BenchError> {
+pub(super) async fn start_relay(database_url: &str, logs: &Path) -> Result<Relay, BenchError> {
     let what = "bite-sync relay";
     let exe = std::env::current_exe().map_err(|source| BenchError::Spawn {
         what: what.into(),
@@ -973,6 +985,7 @@ pub fn render(r: &RelayBenchReport) -> String {
         r.peak_rss_mib,
         verdict(r.peak_rss_mib > 0.0 && r.peak_rss_mib <= TARGET_RSS_MIB),
     ));
+    out.push_str(&super::relay_bodies::render(&r.bodies));
     out
 }
 
@@ -1080,6 +1093,17 @@ mod tests {
             dead_letters: 0,
             relay_rss_after_b_mib: 15.0,
             peak_rss_mib: 20.0,
+            bodies: super::super::relay_bodies::BodiesReport {
+                concurrent: 30,
+                body_bytes: 4 * 1024 * 1024,
+                refused: 30,
+                other_status: 0,
+                transport_errors: 0,
+                seconds: 1.5,
+                rss_before_mib: 12.0,
+                peak_rss_mib: 61.0,
+                rss_after_mib: 14.0,
+            },
         };
         let text = render(&report);
         for line in [
@@ -1091,6 +1115,8 @@ mod tests {
             "A  no-op axum handler, 500/s",
             "B  bite-sync relay, 500/s",
             "inbox after B: 140 rows for 140 items sent",
+            "D  a fresh relay, 30 concurrent 4 MiB bodies with a wrong signature: 30 refused (401)",
+            "peak RSS (D) = 61.0 MiB  (target < 128: ok)",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
@@ -1099,7 +1125,8 @@ mod tests {
         report.lost = 3;
         report.peak_all_stored = false;
         report.peak_rss_mib = 51.0;
+        report.bodies.peak_rss_mib = 130.0;
         let text = render(&report);
-        assert_eq!(text.matches("MISSED").count(), 5, "{text}");
+        assert_eq!(text.matches("MISSED").count(), 6, "{text}");
     }
 }

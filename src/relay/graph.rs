@@ -271,18 +271,41 @@ pub fn parse_response(status: u16, body: &[u8]) -> Result<Sent, GraphError> {
     }
 }
 
+/// Meta's answer as it came: status and body bytes.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// The HTTP status.
+    pub status: u16,
+    /// `Content-Type`, when given.
+    pub content_type: Option<String>,
+    /// The body.
+    pub body: bytes::Bytes,
+}
+
+impl Reply {
+    /// What the answer says about the message ([`parse_response`]).
+    pub fn outcome(&self) -> Result<Sent, GraphError> {
+        parse_response(self.status, &self.body)
+    }
+}
+
+/// The largest answer read from the Graph API (Meta's are a few hundred bytes).
+const MAX_REPLY: usize = 1024 * 1024;
+
 /// Sends to one business number. Cheap to clone (the HTTP client is shared).
 #[derive(Clone)]
 pub struct GraphClient {
     http: reqwest::Client,
-    url: String,
+    base: String,
+    version: String,
+    phone_number_id: String,
     token: Secret,
 }
 
 impl std::fmt::Debug for GraphClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GraphClient")
-            .field("url", &self.url)
+            .field("url", &self.url(&self.version, "messages"))
             .field("token", &self.token)
             .finish()
     }
@@ -304,10 +327,9 @@ impl GraphClient {
             .expect("a reqwest client with rustls builds");
         GraphClient {
             http,
-            url: format!(
-                "{}/{version}/{phone_number_id}/messages",
-                base.trim_end_matches('/')
-            ),
+            base: base.trim_end_matches('/').to_string(),
+            version: version.to_string(),
+            phone_number_id: phone_number_id.to_string(),
             token,
         }
     }
@@ -326,20 +348,84 @@ impl GraphClient {
         ))
     }
 
+    /// The business number's id (`WHATSAPP_PHONE_NUMBER_ID`).
+    pub fn phone_number_id(&self) -> &str {
+        &self.phone_number_id
+    }
+
+    /// The configured Graph API version, e.g. `v25.0`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    fn url(&self, version: &str, edge: &str) -> String {
+        format!("{}/{version}/{}/{edge}", self.base, self.phone_number_id)
+    }
+
     /// POSTs one request body built by [`text_request`], [`template_request`] or
     /// [`read_request`].
     pub async fn send(&self, request: &Value) -> Result<Sent, GraphError> {
-        let sent = self
+        let body = serde_json::to_vec(request).expect("a JSON value serializes");
+        self.post(&self.version, "messages", "application/json", body.into())
+            .await?
+            .outcome()
+    }
+
+    /// POSTs a `/messages` body as it is, under API `version`; Meta's answer as it came
+    /// (errors only when no answer came).
+    pub async fn post_messages(
+        &self,
+        version: &str,
+        body: bytes::Bytes,
+    ) -> Result<Reply, GraphError> {
+        self.post(version, "messages", "application/json", body.into())
+            .await
+    }
+
+    /// POSTs a `/media` upload (a multipart body, streamed) under API `version`.
+    pub async fn post_media(
+        &self,
+        version: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<Reply, GraphError> {
+        self.post(version, "media", content_type, body).await
+    }
+
+    async fn post(
+        &self,
+        version: &str,
+        edge: &str,
+        content_type: &str,
+        body: reqwest::Body,
+    ) -> Result<Reply, GraphError> {
+        let mut sent = self
             .http
-            .post(&self.url)
+            .post(self.url(version, edge))
             .bearer_auth(self.token.expose())
-            .json(request)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body)
             .send()
             .await
             .map_err(network)?;
         let status = sent.status().as_u16();
-        let body = sent.bytes().await.map_err(network)?;
-        parse_response(status, &body)
+        let content_type = sent
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = Vec::new();
+        while let Some(chunk) = sent.chunk().await.map_err(network)? {
+            if body.len() + chunk.len() > MAX_REPLY {
+                return Err(GraphError::Http { status });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Reply {
+            status,
+            content_type,
+            body: body.into(),
+        })
     }
 }
 

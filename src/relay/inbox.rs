@@ -784,7 +784,9 @@ pub async fn prune(pool: Pool, keep: Duration, cancel: CancellationToken) {
     }
 }
 
-/// `/api/sync/health`'s view of the mirror's replication bookkeeping.
+/// `/api/sync/health`'s view of the mirror's replication bookkeeping. Public (Railway's
+/// health check): positions and times only, never the daemon's error text, which can name
+/// hosts, tables and values.
 #[derive(Debug, Clone, Serialize)]
 pub struct MirrorFreshness {
     /// The slot whose state this is.
@@ -795,28 +797,37 @@ pub struct MirrorFreshness {
     pub last_commit_time: Option<String>,
     /// When the daemon last applied or confirmed a position.
     pub last_applied_at: String,
-    /// Seconds between the last applied transaction's source commit and now.
+    /// How far the mirror is behind the source, in seconds: 0 while the daemon reports it
+    /// holds everything (a "caught up" mark younger than [`crate::bookkeeping::CAUGHT_UP_FRESH`]); after an older
+    /// mark, the time since it (the mirror was complete then); while catching up, the time
+    /// since the last applied transaction committed on the source.
     pub lag_seconds: Option<f64>,
-    /// Seconds since the daemon last applied or confirmed anything (is it alive?).
+    /// Seconds since the daemon last applied, confirmed or reported anything (is it alive?).
     pub seconds_since_applied: f64,
-    /// The daemon's last error, if it has one now.
-    pub last_error: Option<String>,
+    /// Whether the daemon reports an error now (`bite-sync status` at the restaurant says
+    /// which).
+    pub failing: bool,
 }
 
 /// Mirror freshness per slot (empty when `bite-sync run` has never replicated here).
 pub async fn freshness(
     client: &tokio_postgres::Client,
 ) -> Result<Vec<MirrorFreshness>, tokio_postgres::Error> {
+    let fresh = crate::bookkeeping::CAUGHT_UP_FRESH.as_secs_f64();
     let rows = client
         .query(
             "SELECT slot_name, lsn::text, \
                     to_char(source_commit_time AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
                     to_char(applied_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-                    extract(epoch FROM clock_timestamp() - source_commit_time)::float8, \
-                    extract(epoch FROM clock_timestamp() - applied_at)::float8, \
-                    last_error \
+                    CASE WHEN caught_up_at >= applied_at \
+                              AND clock_timestamp() - caught_up_at <= make_interval(secs => $1) THEN 0 \
+                         WHEN caught_up_at >= applied_at \
+                              THEN extract(epoch FROM clock_timestamp() - caught_up_at) \
+                         ELSE extract(epoch FROM clock_timestamp() - source_commit_time) END::float8, \
+                    extract(epoch FROM clock_timestamp() - greatest(applied_at, caught_up_at))::float8, \
+                    COALESCE(last_error IS NOT NULL AND last_error_at > greatest(applied_at, caught_up_at), false) \
              FROM bite_sync.replication_state ORDER BY slot_name",
-            &[],
+            &[&fresh],
         )
         .await?;
     Ok(rows
@@ -828,7 +839,7 @@ pub async fn freshness(
             last_applied_at: r.get(3),
             lag_seconds: r.get::<_, Option<f64>>(4).map(round_ms),
             seconds_since_applied: round_ms(r.get(5)),
-            last_error: r.get(6),
+            failing: r.get(6),
         })
         .collect())
 }

@@ -16,13 +16,18 @@
 //! | [`inbox`] | storing items (group commit in bounded chunks, dedupe, customer aliases), counters, dead letters |
 //! | [`alerts`] | an alert when webhooks keep failing the signature check (a wrong `META_APP_SECRET`) |
 //! | [`server`] | the axum routes: `/api/webhook`, `/api/sync/health`, `/api/webhook/status` |
+//! | [`connections`] | accepting HTTP connections: timeouts, a limit from the descriptor limit, room for new requests |
+//! | [`body`] | reading request bodies: size, time and memory bounds |
 //! | [`deliver`] | inbox rows → the restaurant's backend, at least once, in order per customer (pull and push) |
 //! | [`graph`] | the WhatsApp Cloud API client: text, template, mark-as-read; error classes |
 //! | [`ratelimit`] | send slots shared by every replica (`bite_sync.send_slots`) |
 //! | [`ai`] | the AI providers (OpenAI, Gemini, Anthropic): request builders, reply parsers |
 //! | [`fallback`] | the AI fallback worker: one reply, at most, to messages the backend left waiting |
-//! | [`auth`] | `x-api-key` / HS256 JWT checks for the relay's own API |
+//! | [`auth`] | `x-api-key` / bearer key / HS256 JWT checks for the relay's own API |
 //! | [`messages`] | `POST /api/messages`: the backend sends WhatsApp messages through the relay |
+//! | [`graph_compat`] | `POST /{version}/{phone_number_id}/messages` and `/media`: Meta's API, through the relay |
+//! | [`outbox`] | the backend's sends in `bite_sync.outbox`, and their `Idempotency-Key` |
+//! | [`secrets`] | secret rotation: which value (current or `*_PREVIOUS`) verifies requests |
 //!
 //! Inbox contract (see `sql/migrations/0005_relay.sql`):
 //! - One row per item, unique `dedupe_key`; a retried webhook adds nothing.
@@ -35,15 +40,20 @@
 pub mod ai;
 pub mod alerts;
 pub mod auth;
+pub mod body;
+pub mod connections;
 pub mod db;
 pub mod deliver;
 pub mod fallback;
 pub mod graph;
+pub mod graph_compat;
 pub mod inbox;
 pub mod messages;
+pub mod outbox;
 pub mod payload;
 pub mod ratelimit;
 pub mod raw_json;
+pub mod secrets;
 pub mod server;
 pub mod settings;
 pub mod signature;
@@ -99,6 +109,7 @@ const POOL_SIZE: usize = 16;
 /// On cancel it stops accepting, lets requests in flight finish, and returns.
 pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(), RelayError> {
     settings.require()?;
+    body::return_large_buffers_to_the_system();
     let url = settings.database.clone().expect("required above");
     {
         let mut client = url
@@ -145,21 +156,42 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
         workers.clone(),
     )));
     background.extend(start_workers(&pool, &settings, &stored, &workers));
+    let uses = Arc::new(secrets::Uses::default());
+    background.push(tokio::spawn(secrets::flush(
+        pool.clone(),
+        Arc::clone(&uses),
+        settings.replica.clone(),
+        workers.clone(),
+    )));
 
     let state = Arc::new(server::AppState {
         settings: Arc::clone(&settings),
         store,
         pool: pool.clone(),
         counters,
+        budget: body::Budget::new(server::BODY_BUDGET),
+        uses,
     });
     let app = app(state);
+    let nofile = connections::descriptor_limit();
+    let max_connections = connections::max_connections(nofile);
+    if max_connections == connections::MIN_CONNECTIONS {
+        tracing::warn!(
+            nofile,
+            "the descriptor limit (ulimit -n) is too low for a public server; raise it"
+        );
+    }
     let listener = listen(settings.port).await?;
     let addr = listener.local_addr().map_err(RelayError::Serve)?;
-    tracing::info!(%addr, replica = %settings.replica, delivery = ?settings.delivery.mode, "relay listening");
-    let shutdown = cancel.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    tracing::info!(%addr, replica = %settings.replica, delivery = ?settings.delivery.mode, max_connections, "relay listening");
+    let served = connections::serve(
+        listener,
+        app,
+        max_connections,
+        settings.http,
+        cancel.clone(),
+    )
+    .await;
     // Requests in flight are answered; now the writers finish what they hold and stop.
     workers.cancel();
     for task in writer_tasks.into_iter().chain(background) {
@@ -184,9 +216,12 @@ pub fn listening_port(log: &str) -> Option<u16> {
         .ok()
 }
 
-/// The whole router: the webhook, health and status routes, and `POST /api/messages`.
+/// The whole router: the webhook, health and status routes, `POST /api/messages` and the
+/// Graph-compatible routes.
 fn app(state: Arc<server::AppState>) -> axum::Router {
-    let messages = messages::MessagesState::new(state.pool.clone(), Arc::clone(&state.settings));
+    let mut messages =
+        messages::MessagesState::new(state.pool.clone(), Arc::clone(&state.settings));
+    messages.uses = Arc::clone(&state.uses);
     server::router(state).merge(messages::router(Arc::new(messages)))
 }
 

@@ -10,7 +10,13 @@
 //! The webhook is answered 200 only after its items are committed ([`inbox::Store`]); a
 //! signed body that cannot be read is committed as a dead letter and also answered 200, so
 //! Meta does not retry it for a week. Nothing is done before the signature is checked: the
-//! relay is on the public internet with no firewall in front.
+//! relay is on the public internet with no firewall in front. The signature header's form is
+//! checked before the body is read, the body is verified as it streams in, and bodies being
+//! read hold at most [`BODY_BUDGET`] bytes together ([`body`]).
+//!
+//! Health and status are public: they say "database unreachable" when it is, never the
+//! database's host, name, user or error (those go to the log), and show no secret, only
+//! which value of each secret verifies requests during a rotation ([`secrets`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,15 +24,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::relay::body::{self, BodyError, Budget};
 use crate::relay::db::{self, Pool};
 use crate::relay::inbox::{self, Counters, Store};
+use crate::relay::secrets::{self, Rotated, Uses};
 use crate::relay::settings::RelaySettings;
 use crate::relay::signature;
 
@@ -35,6 +43,12 @@ pub const HEALTH_PATH: &str = "/api/sync/health";
 
 /// Meta's payloads are up to 3 MB; anything above this is refused with 413.
 pub const BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Bytes that webhook bodies being read may hold together: a dozen of the largest at once,
+/// so a burst of large (forged or unsigned) bodies cannot take the relay's memory; Meta's
+/// real webhooks are a few kilobytes.
+pub const BODY_BUDGET: usize = 12 * BODY_LIMIT;
+/// What public answers say when the database cannot be used (the detail is logged).
+pub const DATABASE_UNREACHABLE: &str = "database unreachable";
 
 /// How long a request waits for the database before answering 503 (Meta then retries).
 const STORE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -51,6 +65,10 @@ pub struct AppState {
     pub pool: Pool,
     /// In-memory counters.
     pub counters: Arc<Counters>,
+    /// Memory for webhook bodies being read.
+    pub budget: Budget,
+    /// Which value of each secret verified requests.
+    pub uses: Arc<Uses>,
 }
 
 /// The router with every route of this module.
@@ -60,7 +78,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(HEALTH_PATH, get(health))
         .route("/api/webhook/status", get(status))
         .route("/", get(root))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
 
@@ -104,21 +121,12 @@ async fn verify(
 }
 
 /// `POST /api/webhook`
-async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let secret = state
-        .settings
-        .app_secret
-        .as_ref()
-        .map(|s| s.expose().as_bytes())
-        .unwrap_or_default();
-    let given = headers.get(signature::META_HEADER).map(|v| v.as_bytes());
-    if let Err(e) = signature::verify(secret, &body, given) {
-        let counters = &state.counters;
-        counters.signature_failures.fetch_add(1, Ordering::Relaxed);
-        counters.window_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(reason = %e, bytes = body.len(), "webhook refused");
-        return (StatusCode::UNAUTHORIZED, json_error(&e.to_string())).into_response();
-    }
+async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    // Held until the answer: the body's bytes live that long.
+    let (body, _reserved) = match read_signed(&state, &headers, body).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
     state.counters.window_valid.fetch_add(1, Ordering::Relaxed);
     let stored = tokio::time::timeout(STORE_TIMEOUT, state.store.store_webhook(body)).await;
     match stored {
@@ -130,7 +138,12 @@ async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
             );
             (StatusCode::OK, "EVENT_RECEIVED").into_response()
         }
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, json_error(&e.to_string())).into_response(),
+        // The writer logged the cause; Meta (and whoever else posts here) learns only this.
+        Ok(Err(_)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json_error(DATABASE_UNREACHABLE),
+        )
+            .into_response(),
         Err(_) => {
             tracing::warn!(
                 "storing a webhook took longer than {STORE_TIMEOUT:?}; answering 503 so Meta retries"
@@ -140,6 +153,92 @@ async fn receive(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
                 json_error("the database did not answer in time"),
             )
                 .into_response()
+        }
+    }
+}
+
+/// The body of a webhook whose `X-Hub-Signature-256` matches it (under `META_APP_SECRET` or,
+/// during a rotation, `META_APP_SECRET_PREVIOUS`), with the memory it holds; or the answer
+/// refusing it. Checked before reading: the declared size (413) and the header's form (401).
+/// Read within the memory budget (503 when it stays full) and the body timeout (408), and
+/// verified as it streams in (401).
+async fn read_signed(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Bytes, body::Reserved), Response> {
+    let settings = &state.settings;
+    let refuse = |e: signature::SignatureError, bytes: usize| {
+        let counters = &state.counters;
+        counters.signature_failures.fetch_add(1, Ordering::Relaxed);
+        counters.window_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(reason = %e, bytes, "webhook refused");
+        (StatusCode::UNAUTHORIZED, json_error(&e.to_string())).into_response()
+    };
+    let declared = body::declared_length(headers);
+    if declared.is_some_and(|n| n > BODY_LIMIT) {
+        return Err(too_large());
+    }
+    let expected =
+        signature::parse_header(headers.get(signature::META_HEADER).map(|v| v.as_bytes()))
+            .map_err(|e| refuse(e, declared.unwrap_or(0)))?;
+    let deadline = tokio::time::Instant::now() + settings.http.body;
+    let reserved = state
+        .budget
+        .reserve(declared.unwrap_or(BODY_LIMIT), deadline)
+        .await
+        .map_err(body_refused)?;
+    let secrets: Vec<&[u8]> = [&settings.app_secret, &settings.app_secret_previous]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().as_bytes())
+        .collect();
+    let mut verifier = signature::Verifier::new(&secrets);
+    let bytes = body::read(body, BODY_LIMIT, declared, deadline, |chunk| {
+        verifier.update(chunk)
+    })
+    .await
+    .map_err(body_refused)?;
+    match verifier.finish(&expected) {
+        Ok(which) => {
+            // The secrets are [current, previous], either one missing.
+            let previous = which > 0 || settings.app_secret.is_none();
+            state.uses.record(Rotated::MetaAppSecret, previous);
+            if previous {
+                tracing::debug!("webhook verified with META_APP_SECRET_PREVIOUS");
+            }
+            Ok((bytes, reserved))
+        }
+        Err(e) => Err(refuse(e, bytes.len())),
+    }
+}
+
+fn too_large() -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        json_error(&format!("the body is larger than {BODY_LIMIT} bytes")),
+    )
+        .into_response()
+}
+
+/// The answer to a webhook body that could not be read.
+fn body_refused(e: BodyError) -> Response {
+    match e {
+        BodyError::TooLarge(_) => too_large(),
+        BodyError::Timeout(_) => {
+            (StatusCode::REQUEST_TIMEOUT, json_error(&e.to_string())).into_response()
+        }
+        BodyError::Busy => {
+            tracing::warn!("webhook bodies fill the memory budget; answering 503 so Meta retries");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                json_error(&e.to_string()),
+            )
+                .into_response()
+        }
+        BodyError::Broken(_) => {
+            (StatusCode::BAD_REQUEST, json_error(&e.to_string())).into_response()
         }
     }
 }
@@ -165,7 +264,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
                 axum::Json(json!({
                     "status": "unavailable",
                     "database": "down",
-                    "error": e,
+                    "error": DATABASE_UNREACHABLE,
                     "version": env!("CARGO_PKG_VERSION"),
                     "replica": state.settings.replica,
                 })),
@@ -177,7 +276,13 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 
 /// `GET /api/webhook/status`
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let result = read(&state.pool, inbox::counts).await;
+    let result = read(&state.pool, async |client| {
+        Ok((
+            inbox::counts(client).await?,
+            secrets::last_hour(client).await?,
+        ))
+    })
+    .await;
     let s = &state.settings;
     let config = json!({
         "delivery_mode": s.delivery.mode,
@@ -188,22 +293,56 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         "ai_deadline_seconds": s.ai.deadline.as_secs_f64(),
     });
     match result {
-        Ok(mut counts) => {
+        Ok((mut counts, uses)) => {
             // This replica's failures not yet flushed.
             counts.signature_failures +=
                 state.counters.signature_failures.load(Ordering::Relaxed) as i64;
             (
                 StatusCode::OK,
-                axum::Json(json!({ "status": "ok", "counters": counts, "config": config, "replica": s.replica })),
+                axum::Json(json!({
+                    "status": "ok",
+                    "counters": counts,
+                    "secrets": rotation(s, &uses),
+                    "config": config,
+                    "replica": s.replica,
+                })),
             )
                 .into_response()
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({ "status": "unavailable", "error": e, "config": config, "replica": s.replica })),
-        )
-            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "status: database unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(json!({ "status": "unavailable", "error": DATABASE_UNREACHABLE, "config": config, "replica": s.replica })),
+            )
+                .into_response()
+        }
     }
+}
+
+/// For each rotatable secret: whether this replica has a previous value, and how many
+/// requests each value verified in the last hour (every replica). Never a value.
+fn rotation(s: &RelaySettings, uses: &[secrets::SecretUse]) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for secret in Rotated::ALL {
+        let (current, previous) = match secret {
+            Rotated::MetaAppSecret => (&s.app_secret, &s.app_secret_previous),
+            Rotated::SyncApiKey => (&s.delivery.api_key, &s.delivery.api_key_previous),
+            Rotated::JwtSecret => (&s.jwt_secret, &s.jwt_secret_previous),
+        };
+        let used = uses.iter().find(|u| u.secret == secret.name());
+        out.insert(
+            secret.name().to_string(),
+            json!({
+                "set": current.is_some(),
+                "previous_set": previous.is_some(),
+                "verified_last_hour": used.map_or(0, |u| u.current_last_hour),
+                "verified_by_previous_last_hour": used.map_or(0, |u| u.previous_last_hour),
+                "previous_last_used_at": used.and_then(|u| u.previous_last_used_at.clone()),
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
 }
 
 /// Runs `query` on a pooled connection within [`HEALTH_TIMEOUT`], connection wait included;

@@ -32,6 +32,14 @@ pub struct RawRelay {
     pub keep_days: Option<i64>,
     /// A window with signature failures and no valid webhook raises an alert.
     pub signature_alert_window: Option<String>,
+    /// Longest lifetime of a JWT accepted by the relay's API (from `iat`, else from now).
+    pub jwt_max_lifetime: Option<String>,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Option<String>,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Option<String>,
+    /// How long an idle keep-alive connection is kept open.
+    pub idle_timeout: Option<String>,
     /// `[relay.ai]`
     #[serde(default)]
     pub ai: RawAi,
@@ -300,6 +308,9 @@ pub struct DeliverySettings {
     /// `META_APP_SECRET`: signs deliveries in the `meta` format (the daemon that delivers
     /// needs it then, like the relay).
     pub app_secret: Option<Secret>,
+    /// `SYNC_API_KEY_PREVIOUS`: during a rotation, still accepted from the backend (never
+    /// used to sign).
+    pub api_key_previous: Option<Secret>,
     /// Per-request timeout.
     pub timeout: Duration,
     /// Longest wait between two attempts of one row.
@@ -317,6 +328,8 @@ pub struct RelaySettings {
     pub verify_token: Option<Secret>,
     /// `META_APP_SECRET`.
     pub app_secret: Option<Secret>,
+    /// `META_APP_SECRET_PREVIOUS`: during a rotation, webhooks signed with it are accepted too.
+    pub app_secret_previous: Option<Secret>,
     /// `WHATSAPP_ACCESS_TOKEN`.
     pub access_token: Option<Secret>,
     /// `WHATSAPP_PHONE_NUMBER_ID`.
@@ -327,6 +340,12 @@ pub struct RelaySettings {
     pub graph_api_version: String,
     /// `JWT_SECRET`: HS256 tokens accepted by `POST /api/messages`.
     pub jwt_secret: Option<Secret>,
+    /// `JWT_SECRET_PREVIOUS`: during a rotation, tokens signed with it are accepted too.
+    pub jwt_secret_previous: Option<Secret>,
+    /// Longest lifetime of an accepted JWT (`relay.jwt_max_lifetime`).
+    pub jwt_max_lifetime: Duration,
+    /// Timeouts of the relay's HTTP connections.
+    pub http: HttpTimeouts,
     /// Sends per second for the business number.
     pub send_rate: u32,
     /// Least time between two sends to one customer.
@@ -344,6 +363,29 @@ pub struct RelaySettings {
     pub ai: AiSettings,
     /// Delivery to the backend.
     pub delivery: DeliverySettings,
+}
+
+/// Timeouts of the relay's HTTP connections (`relay.header_timeout`, `body_timeout`,
+/// `idle_timeout`): a client that is slow or silent gives its connection back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// From a request's first byte to the end of its headers.
+    pub header: Duration,
+    /// Reading a request's body.
+    pub body: Duration,
+    /// Between two requests on a keep-alive connection (longer than Railway's edge keeps
+    /// one, so the edge never reuses a connection the relay is closing).
+    pub idle: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> HttpTimeouts {
+        HttpTimeouts {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+            idle: Duration::from_secs(75),
+        }
+    }
 }
 
 /// Where a problem is: the environment variable or the file's key.
@@ -526,6 +568,7 @@ fn delivery(raw: &RawDelivery, p: &mut Problems<'_>, env: Env<'_>) -> DeliverySe
         api_key: env("SYNC_API_KEY").map(Secret::new),
         format,
         app_secret,
+        api_key_previous: env("SYNC_API_KEY_PREVIOUS").map(Secret::new),
         timeout,
         max_backoff,
     }
@@ -643,6 +686,19 @@ impl RelaySettings {
                 p.at("relay.signature_alert_window")
             ));
         }
+        let jwt_max_lifetime = p.duration(
+            None,
+            "relay.jwt_max_lifetime",
+            raw.jwt_max_lifetime.as_ref(),
+            Duration::from_secs(3600),
+        );
+        if jwt_max_lifetime < Duration::from_secs(60) {
+            p.list.push(format!(
+                "{}: must be at least 1m",
+                p.at("relay.jwt_max_lifetime")
+            ));
+        }
+        let http = http_timeouts(raw, &mut p);
         let ai = ai(&raw.ai, &mut p, env);
         let delivery = delivery(raw_delivery, &mut p, env);
         let replica = env("RAILWAY_REPLICA_ID").unwrap_or_else(|| {
@@ -659,11 +715,15 @@ impl RelaySettings {
             database,
             verify_token: env("WHATSAPP_VERIFY_TOKEN").map(Secret::new),
             app_secret: env("META_APP_SECRET").map(Secret::new),
+            app_secret_previous: env("META_APP_SECRET_PREVIOUS").map(Secret::new),
             access_token: env("WHATSAPP_ACCESS_TOKEN").map(Secret::new),
             phone_number_id,
             graph_api_url,
             graph_api_version,
             jwt_secret: env("JWT_SECRET").map(Secret::new),
+            jwt_secret_previous: env("JWT_SECRET_PREVIOUS").map(Secret::new),
+            jwt_max_lifetime,
+            http,
             send_rate,
             customer_interval,
             keep: Duration::from_secs(keep_days * 24 * 3600),
@@ -699,6 +759,35 @@ impl RelaySettings {
     /// Whether the relay can send WhatsApp messages (token and phone number id set).
     pub fn can_send(&self) -> bool {
         self.access_token.is_some() && self.phone_number_id.is_some()
+    }
+}
+
+fn http_timeouts(raw: &RawRelay, p: &mut Problems<'_>) -> HttpTimeouts {
+    let default = HttpTimeouts::default();
+    let mut timeout = |key: &str, value: Option<&String>, default: Duration| {
+        let d = p.duration(None, key, value, default);
+        if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+            p.list.push(format!("{}: expected 100ms to 1h", p.at(key)));
+            return default;
+        }
+        d
+    };
+    HttpTimeouts {
+        header: timeout(
+            "relay.header_timeout",
+            raw.header_timeout.as_ref(),
+            default.header,
+        ),
+        body: timeout(
+            "relay.body_timeout",
+            raw.body_timeout.as_ref(),
+            default.body,
+        ),
+        idle: timeout(
+            "relay.idle_timeout",
+            raw.idle_timeout.as_ref(),
+            default.idle,
+        ),
     }
 }
 
@@ -883,6 +972,7 @@ mod tests {
         assert_eq!(s.ai.deadline, Duration::from_secs(20));
         assert_eq!(s.ai.fresh_for, Duration::from_secs(600));
         assert!(!s.can_send());
+        assert!(s.app_secret_previous.is_none() && s.delivery.api_key_previous.is_none());
     }
 
     #[test]
@@ -932,6 +1022,8 @@ mod tests {
                 deadline: Some("soon".into()),
                 ..RawAi::default()
             },
+            header_timeout: Some("5ms".into()),
+            jwt_max_lifetime: Some("forever".into()),
             ..RawRelay::default()
         };
         let e = RelaySettings::resolve(
@@ -950,6 +1042,8 @@ mod tests {
             "SYNC_ENABLED",
             "AI_PROVIDER",
             "b.toml: relay.ai.deadline",
+            "b.toml: relay.header_timeout: expected 100ms to 1h",
+            "b.toml: relay.jwt_max_lifetime",
         ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
@@ -966,6 +1060,8 @@ mod tests {
         );
         assert_eq!(s.ai.deadline, Duration::from_secs(20));
         assert_eq!(s.send_rate, 80);
+        assert_eq!(s.jwt_max_lifetime, Duration::from_secs(3600));
+        assert_eq!(s.http, HttpTimeouts::default());
     }
 
     #[test]

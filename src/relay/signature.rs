@@ -2,6 +2,11 @@
 //! in constant time) and the relay's own signature on what it delivers to the backend
 //! (`X-Bite-Signature-256`, keyed with `SYNC_API_KEY`, same `sha256=<hex>` form so a backend
 //! can check it the way it would check Meta's).
+//!
+//! A webhook's body is checked as it streams in ([`Verifier`]): the header is read first (a
+//! missing or malformed one refuses the request before a byte of the body is read), each
+//! chunk goes through the MAC as it arrives, and during a secret rotation the body is checked
+//! against the current and the previous secret at once.
 
 use hmac::{KeyInit, Mac};
 use sha2::Sha256;
@@ -36,20 +41,61 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Checks a `sha256=<hex>` header value against `body`, in constant time.
-pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> Result<(), SignatureError> {
+/// The 32 bytes a `sha256=<64 hex digits>` header value names.
+pub fn parse_header(header: Option<&[u8]>) -> Result<[u8; 32], SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
     let hex_part = header
         .strip_prefix(b"sha256=")
         .ok_or(SignatureError::Malformed)?;
-    if hex_part.len() != 64 {
-        return Err(SignatureError::Malformed);
+    let mut expected = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut expected).map_err(|_| SignatureError::Malformed)?;
+    Ok(expected)
+}
+
+/// Checks a `sha256=<hex>` header value against `body`, in constant time.
+pub fn verify(secret: &[u8], body: &[u8], header: Option<&[u8]>) -> Result<(), SignatureError> {
+    let expected = parse_header(header)?;
+    let mut verifier = Verifier::new(&[secret]);
+    verifier.update(body);
+    verifier.finish(&expected).map(drop)
+}
+
+/// HMAC-SHA256 of a body fed in chunks, under one or more secrets at once (the current one
+/// first, then the previous one during a rotation).
+#[derive(Clone)]
+pub struct Verifier {
+    macs: Vec<HmacSha256>,
+}
+
+impl Verifier {
+    /// A verifier for `secrets`, in order of preference.
+    pub fn new(secrets: &[&[u8]]) -> Verifier {
+        Verifier {
+            macs: secrets
+                .iter()
+                .map(|s| HmacSha256::new_from_slice(s).expect("HMAC takes any key length"))
+                .collect(),
+        }
     }
-    let expected = hex::decode(hex_part).map_err(|_| SignatureError::Malformed)?;
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(body);
-    mac.verify_slice(&expected)
-        .map_err(|_| SignatureError::Mismatch)
+
+    /// Adds the next chunk of the body.
+    pub fn update(&mut self, chunk: &[u8]) {
+        for mac in &mut self.macs {
+            mac.update(chunk);
+        }
+    }
+
+    /// Which secret (its index) signed the body as `expected` says; every secret is compared,
+    /// in constant time, so the time taken does not tell which one matched.
+    pub fn finish(self, expected: &[u8; 32]) -> Result<usize, SignatureError> {
+        let mut matched = None;
+        for (i, mac) in self.macs.into_iter().enumerate() {
+            if mac.verify_slice(expected).is_ok() && matched.is_none() {
+                matched = Some(i);
+            }
+        }
+        matched.ok_or(SignatureError::Mismatch)
+    }
 }
 
 /// Constant-time equality for tokens (`hub.verify_token`, `x-api-key`).
@@ -105,6 +151,25 @@ mod tests {
             verify(b"s", body, Some(b"sha1=abc")),
             Err(SignatureError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_body_in_chunks_verifies_as_a_whole_under_either_secret() {
+        let body = br#"{"object":"whatsapp_business_account","entry":[]}"#;
+        let header = sign(b"old", body);
+        let expected = parse_header(Some(header.as_bytes())).unwrap();
+        let mut v = Verifier::new(&[b"new", b"old"]);
+        for chunk in body.chunks(7) {
+            v.update(chunk);
+        }
+        assert_eq!(v.clone().finish(&expected), Ok(1));
+        let new = parse_header(Some(sign(b"new", body).as_bytes())).unwrap();
+        assert_eq!(v.clone().finish(&new), Ok(0));
+        let other = parse_header(Some(sign(b"other", body).as_bytes())).unwrap();
+        assert_eq!(v.finish(&other), Err(SignatureError::Mismatch));
+        let mut only_new = Verifier::new(&[b"new"]);
+        only_new.update(body);
+        assert_eq!(only_new.finish(&expected), Err(SignatureError::Mismatch));
     }
 
     #[test]

@@ -594,6 +594,20 @@ impl Applier {
         Ok(())
     }
 
+    /// Records on the mirror that it holds everything the source has sent (the daemon is idle
+    /// and streaming), so the relay's health check can say the lag is 0 rather than count
+    /// from the last transaction's commit time.
+    pub async fn mark_caught_up(&mut self) -> Result<(), ApplyFailure> {
+        self.mirror
+            .execute(
+                "UPDATE bite_sync.replication_state SET caught_up_at = now() WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(query("failed to record on the mirror that it is caught up"))?;
+        Ok(())
+    }
+
     /// Rolls back a mirror transaction left open by a large source transaction (shutdown in
     /// the middle of one); the position stays at the last commit.
     pub async fn abandon(&mut self) {

@@ -319,6 +319,8 @@ struct Feed {
     /// A keepalive's position not yet recorded as reached (idle advances are rate-limited).
     idle_target: Lsn,
     last_idle: Instant,
+    /// The last "caught up" mark on the mirror: when, and at which committed position.
+    caught_up_mark: Option<(Instant, Lsn)>,
 }
 
 impl Feed {
@@ -426,6 +428,7 @@ async fn session(
         last_message: Instant::now(),
         idle_target: start,
         last_idle: Instant::now(),
+        caught_up_mark: None,
     };
     let mut last_sequences: Option<Instant> = None;
     let mut last_wal_check: Option<Instant> = None;
@@ -456,6 +459,15 @@ async fn session(
                     return Err(RunError::Silent(opts.silence_limit));
                 }
                 feed.advance_idle(&mut applier, false).await?;
+                if applier.is_idle()
+                    && feed.caught_up_mark.is_none_or(|(at, lsn)| {
+                        lsn < applier.committed() || at.elapsed() >= crate::bookkeeping::CAUGHT_UP_INTERVAL
+                    })
+                    && caught_up(&applier, feed.received).await?
+                {
+                    applier.mark_caught_up().await?;
+                    feed.caught_up_mark = Some((Instant::now(), applier.committed()));
+                }
                 if applier.is_idle() && last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
                     sequences::catch_up(applier.source(), applier.mirror(), &names)
                         .await
@@ -480,6 +492,23 @@ async fn session(
             feed.confirm(applier.committed(), false).await?;
         }
     }
+}
+
+/// Whether the mirror holds everything the source has written: nothing is pending here and
+/// the stream has brought us to the source's current WAL position (a backlog still being
+/// decoded on the source is not caught up, though the applier is idle meanwhile).
+async fn caught_up(applier: &Applier, received: Lsn) -> Result<bool, RunError> {
+    let end: String = applier
+        .source()
+        .query_one("SELECT pg_catalog.pg_current_wal_lsn()::text", &[])
+        .await
+        .map_err(|source| RunError::Query {
+            context: "failed to read the source's WAL position".into(),
+            source,
+        })?
+        .get(0);
+    let end: Lsn = end.parse().unwrap_or(Lsn(u64::MAX));
+    Ok(received.max(applier.committed()) >= end)
 }
 
 /// Warns when the slot may retain less than a fifth of `max_slot_wal_keep_size` more before

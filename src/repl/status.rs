@@ -32,6 +32,10 @@ pub struct Status {
     /// The WhatsApp relay's inbox on the mirror, when the relay has used it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub inbox: Option<crate::relay::inbox::InboxCounts>,
+    /// Which value of the relay's secrets verified requests in the last hour (a rotation in
+    /// progress: the `*_PREVIOUS` value still in use), when the relay recorded any.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub relay_secrets: Vec<crate::relay::secrets::SecretUse>,
     /// Things that need attention.
     pub warnings: Vec<String>,
     /// Nothing needs attention.
@@ -125,6 +129,7 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         jobs: Vec::new(),
         backups: Vec::new(),
         inbox: None,
+        relay_secrets: Vec::new(),
         warnings: Vec::new(),
         healthy: false,
     };
@@ -254,12 +259,19 @@ pub async fn add_inbox(status: &mut Status, mirror: Option<&DbUrl>) {
         if !row.get::<_, bool>(0) {
             return None;
         }
-        crate::relay::inbox::counts(&client).await.ok()
+        let secrets = crate::relay::secrets::last_hour(&client)
+            .await
+            .unwrap_or_default();
+        Some((crate::relay::inbox::counts(&client).await.ok()?, secrets))
     }
     .await;
-    let Some(counts) = counts.filter(|c| c.received > 0 || c.dead_lettered > 0) else {
+    let Some((counts, secrets)) = counts else {
         return;
     };
+    status.relay_secrets = secrets;
+    if counts.received == 0 && counts.dead_lettered == 0 {
+        return;
+    }
     if let Some(age) = counts.oldest_pending_seconds
         && age > INBOX_STALE_SECONDS
     {
@@ -511,6 +523,20 @@ pub fn render(status: &Status) -> String {
             i.last_delivered_at.as_deref().unwrap_or("-"),
         ));
     }
+    for s in status
+        .relay_secrets
+        .iter()
+        .filter(|s| s.previous_last_used_at.is_some())
+    {
+        out.push_str(&format!(
+            "relay secret {}: the previous value ({}_PREVIOUS) verified {} request(s) in the last hour, the current one {}; last use of the previous {}\n",
+            s.secret,
+            s.secret,
+            s.previous_last_hour,
+            s.current_last_hour,
+            s.previous_last_used_at.as_deref().unwrap_or("-"),
+        ));
+    }
     if !status.jobs.is_empty() {
         out.push_str("jobs\n");
         for j in &status.jobs {
@@ -617,6 +643,7 @@ mod tests {
             jobs: Vec::new(),
             backups: Vec::new(),
             inbox: None,
+            relay_secrets: Vec::new(),
             warnings: Vec::new(),
             healthy: false,
         };
@@ -624,6 +651,28 @@ mod tests {
         assert_eq!(w.len(), 2, "{w:#?}");
         assert!(w[0].contains("invalidated"));
         assert!(w[1].contains("orders is paused: type changed"));
+        // A rotation in progress says how much the previous value is still used.
+        let mut status = status;
+        status.relay_secrets = vec![
+            crate::relay::secrets::SecretUse {
+                secret: "SYNC_API_KEY".into(),
+                current_last_hour: 40,
+                previous_last_hour: 2,
+                previous_last_used_at: Some("2026-12-04T10:15Z".into()),
+            },
+            crate::relay::secrets::SecretUse {
+                secret: "META_APP_SECRET".into(),
+                current_last_hour: 9,
+                previous_last_hour: 0,
+                previous_last_used_at: None,
+            },
+        ];
+        let text = render(&status);
+        assert!(
+            text.contains("relay secret SYNC_API_KEY: the previous value (SYNC_API_KEY_PREVIOUS) verified 2 request(s) in the last hour, the current one 40; last use of the previous 2026-12-04T10:15Z"),
+            "{text}"
+        );
+        assert!(!text.contains("relay secret META_APP_SECRET"), "{text}");
     }
 
     #[test]
@@ -649,6 +698,7 @@ mod tests {
             jobs: Vec::new(),
             backups: Vec::new(),
             inbox: None,
+            relay_secrets: Vec::new(),
             warnings: Vec::new(),
             healthy: false,
         };

@@ -622,6 +622,8 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
     /// The raw body.
     pub body: Vec<u8>,
+    /// When its body had arrived.
+    pub at: std::time::Instant,
 }
 
 impl Recorded {
@@ -705,6 +707,7 @@ impl FakeHttp {
                             })
                             .collect(),
                         body: body.to_vec(),
+                        at: std::time::Instant::now(),
                     };
                     let respond = std::sync::Arc::clone(&*responder.lock().unwrap());
                     let (status, json) = respond(&recorded);
@@ -716,6 +719,8 @@ impl FakeHttp {
                 }
             },
         );
+        // Media uploads are larger than axum's default limit of 2 MB.
+        let app = app.layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
         self.task = Some(tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         }));
@@ -801,6 +806,9 @@ pub const RELAY_ENV: &[&str] = &[
     "ANTHROPIC_MODEL",
     "ANTHROPIC_BASE_URL",
     "RAILWAY_REPLICA_ID",
+    "META_APP_SECRET_PREVIOUS",
+    "SYNC_API_KEY_PREVIOUS",
+    "JWT_SECRET_PREVIOUS",
 ];
 
 /// `SELECT count(*) …` or any query whose first row's first column is a bigint.
@@ -823,6 +831,15 @@ pub async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
 /// required variables) and waits until it listens; returns the process and its base URL
 /// (`http://127.0.0.1:PORT`). A relay that exits at start fails the test with its log.
 pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
+    start_relay_with(env, |_| {}).await
+}
+
+/// [`start_relay`], with `configure` applied to the command before it is spawned (a lower
+/// descriptor limit, say).
+pub async fn start_relay_with(
+    env: &[(&str, String)],
+    configure: impl FnOnce(&mut Command),
+) -> (Daemon, String) {
     let mut cmd = bite_sync();
     let log = cmd
         .get_current_dir()
@@ -836,6 +853,7 @@ pub async fn start_relay(env: &[(&str, String)]) -> (Daemon, String) {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    configure(&mut cmd);
     let mut daemon = Daemon::new(log);
     daemon.child = Some(cmd.spawn().expect("spawn bite-sync relay"));
     let port = wait_for("the relay to listen", Duration::from_secs(30), || {
