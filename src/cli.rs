@@ -620,14 +620,9 @@ pub struct SchedulesArgs {
     #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
     pub dir: Option<PathBuf>,
 
-    /// The mirror database URL, whose bite_sync.job_runs holds the run history
-    #[arg(
-        long,
-        env = "BITE_MIRROR_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
-    pub mirror: Option<String>,
+    /// The databases the jobs use (their last runs are in the mirror's bite_sync.job_runs)
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 
     /// Print a JSON array on stdout, one object per job
     #[arg(long)]

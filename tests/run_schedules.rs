@@ -342,7 +342,7 @@ async fn a_job_that_could_never_run_is_an_error_at_start() {
     let log = daemon.log();
     assert!(
         log.contains(
-            "schedules/backup.toml: job \"backup\": no backup location: set to in the job, or backup.url in bite-sync.toml"
+            "schedules/backup.toml: job \"backup\": no backup location: set to in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL"
         ),
         "{log}"
     );

@@ -62,15 +62,17 @@ pub fn load_configured(
     })
 }
 
-/// The committed example files, which a test loads.
+/// The committed example files, which a test loads. They live in `schedules.example/`, not
+/// in the [`DEFAULT_DIR`], so a checkout of the project runs no jobs nobody asked for; copy the
+/// directory to `schedules/` to use them.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
-        "schedules/backup.toml",
-        include_str!("../../schedules/backup.toml"),
+        "schedules.example/backup.toml",
+        include_str!("../../schedules.example/backup.toml"),
     ),
     (
-        "schedules/sync.toml",
-        include_str!("../../schedules/sync.toml"),
+        "schedules.example/sync.toml",
+        include_str!("../../schedules.example/sync.toml"),
     ),
 ];
 
@@ -525,7 +527,7 @@ mod tests {
         let backup = by_name("backup");
         assert_eq!(backup.cron.text(), "0 */6 * * *");
         assert_eq!(backup.time_zone, chrono_tz::America::Mexico_City);
-        assert_eq!(backup.file, PathBuf::from("schedules/backup.toml"));
+        assert_eq!(backup.file, PathBuf::from("schedules.example/backup.toml"));
         assert!(backup.enabled);
         assert_eq!(by_name("verify").cron.text(), "30 4 * * *");
         assert_eq!(
