@@ -539,6 +539,7 @@ async fn run_relay(
     if let Some(port) = args.port {
         settings.port = port;
     }
+    settings.bind = args.bind;
     settings.alert_webhook = config.alert_webhook.clone();
     match bite_sync::relay::run(settings, cancel).await {
         Ok(()) => 0,

@@ -255,6 +255,16 @@ async fn a_failing_job_is_recorded_as_failed_and_the_daemon_keeps_running() {
     daemon
         .wait_for_log("job failed; its schedule goes on")
         .await;
+    // How long it took reads as a duration, not chrono's ISO 8601 (`took=PT0.0019S`).
+    let log = daemon.log();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains(" took=") && !failed.contains("took=PT"),
+        "{failed}"
+    );
     assert!(daemon.is_running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }

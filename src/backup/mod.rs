@@ -332,10 +332,8 @@ pub async fn run_prune(config: &Config, args: &BackupsPruneArgs) -> u8 {
                     crate::outln!("{verb:<7} {id}  (incomplete)");
                 }
                 crate::outln!(
-                    "{} backups kept, {} {verb}, {} incomplete {verb}, {} freed{}",
-                    report.kept.len(),
-                    report.deleted.len(),
-                    report.incomplete_deleted.len(),
+                    "{}, {} freed{}",
+                    report.counts(),
                     size(report.bytes_freed),
                     if report.dry_run { " (dry run)" } else { "" }
                 );

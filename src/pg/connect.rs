@@ -583,7 +583,71 @@ impl DbUrl {
             }
             None => connecting.await,
         };
-        result.map_err(|source| self.connect_error(self.classify(&source), Some(source.into())))
+        match result {
+            Ok(pair) => Ok(pair),
+            Err(source) => {
+                let mut failure = self.classify(&source);
+                // A reply that made no sense to the PostgreSQL client may come from a server of
+                // another kind (a web server on that port): asking it directly tells them apart.
+                if matches!(
+                    failure,
+                    ConnectFailure::Other
+                        | ConnectFailure::Reset
+                        | ConnectFailure::TlsNotSupported { .. }
+                        | ConnectFailure::TlsHandshake { .. }
+                ) && let Some(other) = self.probe_protocol().await
+                {
+                    failure = other;
+                }
+                Err(self.connect_error(failure, Some(source.into())))
+            }
+        }
+    }
+
+    /// Asks the TCP endpoint what it is, the way a PostgreSQL client opens (an SSLRequest), and
+    /// reads the first bytes of the answer: [`ConnectFailure::NotPostgres`] when it is not
+    /// PostgreSQL's one-byte `S`/`N` (or an error message), none when it is or nothing came.
+    async fn probe_protocol(&self) -> Option<ConnectFailure> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        const WAIT: Duration = Duration::from_secs(3);
+        let Endpoint::Tcp {
+            host,
+            hostaddr,
+            port,
+        } = self.endpoint_to_dial()
+        else {
+            return None;
+        };
+        let probe = async {
+            let mut stream = match hostaddr {
+                Some(ip) => tokio::net::TcpStream::connect((ip, port)).await,
+                None => tokio::net::TcpStream::connect((host.as_str(), port)).await,
+            }
+            .ok()?;
+            stream.write_all(&SSL_REQUEST).await.ok()?;
+            let mut answer = [0u8; 5];
+            let mut read = 0;
+            while read < answer.len() {
+                match stream.read(&mut answer[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+                if matches!(answer[0], b'S' | b'N' | b'E') {
+                    return None;
+                }
+            }
+            Some(answer[..read].to_vec())
+        };
+        let answer = tokio::time::timeout(WAIT, probe).await.ok().flatten()?;
+        match answer.as_slice() {
+            [] => None,
+            [b'S' | b'N' | b'E', ..] => None,
+            http if http.starts_with(b"HTTP/") || b"HTTP/".starts_with(http) => {
+                Some(ConnectFailure::NotPostgres { http: true })
+            }
+            _ => Some(ConnectFailure::NotPostgres { http: false }),
+        }
     }
 
     /// The error for a failed connection to this URL: names role, endpoint, database and user.
@@ -1042,6 +1106,11 @@ pub enum ConnectFailure {
         /// The sslmode in effect.
         ssl_mode: SslMode,
     },
+    /// Something else answers on that port: it does not speak PostgreSQL's protocol.
+    NotPostgres {
+        /// It answered HTTP: a web server.
+        http: bool,
+    },
     /// The server refused with another SQLSTATE.
     Rejected,
     /// Anything else.
@@ -1209,6 +1278,16 @@ impl fmt::Display for ConnectFailure {
                 "the TLS handshake failed (sslmode={ssl_mode}): check that host and port \
                  belong to a PostgreSQL server"
             ),
+            ConnectFailure::NotPostgres { http: true } => f.write_str(
+                "not a PostgreSQL server: something answering HTTP (a web server) listens on \
+                 that port: check the host and port in the URL (PostgreSQL's default port is \
+                 5432; on Railway, use the database's TCP proxy host and port, not a web \
+                 domain)",
+            ),
+            ConnectFailure::NotPostgres { http: false } => f.write_str(
+                "not a PostgreSQL server: what listens on that port does not speak PostgreSQL's \
+                 protocol: check the host and port in the URL",
+            ),
             ConnectFailure::Rejected => f.write_str("the server refused the connection"),
             ConnectFailure::Other => f.write_str("the connection failed"),
         }
@@ -1250,6 +1329,7 @@ impl ConnectFailure {
             | ConnectFailure::CertificateNotYetValid { .. }
             | ConnectFailure::CertificateInvalid { .. }
             | ConnectFailure::TlsHandshake { .. }
+            | ConnectFailure::NotPostgres { .. }
             | ConnectFailure::Rejected
             | ConnectFailure::Other => false,
         }

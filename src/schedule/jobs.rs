@@ -276,12 +276,7 @@ impl ConfigRunner {
                 .await?;
                 Ok(JobOutcome {
                     bytes: Some(report.bytes_freed),
-                    detail: format!(
-                        "prune: {} backups kept, {} deleted, {} incomplete deleted",
-                        report.kept.len(),
-                        report.deleted.len(),
-                        report.incomplete_deleted.len()
-                    ),
+                    detail: format!("prune: {}", report.counts()),
                 })
             }
         }

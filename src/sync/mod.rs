@@ -253,7 +253,7 @@ pub enum SyncError {
         source: tokio_postgres::Error,
     },
     /// Tables that `bite-sync run` keeps in step: a one-off copy would race the stream.
-    #[error("{} replicated continuously by `bite-sync run` (slot {slot}): a one-off sync would conflict with the stream; leave {} out (the daemon copies a table again by itself when it must)", .tables.join(", "), if .tables.len() == 1 { "it" } else { "them" })]
+    #[error("{} {} replicated continuously by `bite-sync run` (slot {slot}): a one-off sync would conflict with the stream; leave {} out (the daemon copies a table again by itself when it must)", .tables.join(", "), if .tables.len() == 1 { "is" } else { "are" }, if .tables.len() == 1 { "it" } else { "them" })]
     Replicated {
         /// The tables, as a user would type them.
         tables: Vec<String>,
