@@ -586,7 +586,7 @@ impl DbUrl {
         match result {
             Ok(pair) => Ok(pair),
             Err(source) => {
-                let mut failure = self.classify(&source);
+                let failure = self.classify(&source);
                 // A reply that made no sense to the PostgreSQL client may come from a server of
                 // another kind (a web server on that port): asking it directly tells them apart.
                 if matches!(
@@ -597,7 +597,8 @@ impl DbUrl {
                         | ConnectFailure::TlsHandshake { .. }
                 ) && let Some(other) = self.probe_protocol().await
                 {
-                    failure = other;
+                    // The client's own words ("server does not support TLS") would mislead.
+                    return Err(self.connect_error(other, None));
                 }
                 Err(self.connect_error(failure, Some(source.into())))
             }
