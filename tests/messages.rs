@@ -295,3 +295,163 @@ async fn a_restore_target_is_called_the_restore_target_and_one_backup_is_singula
     );
 }
 
+
+/// A child on a pseudo-terminal (what a person at a terminal gives it: progress bars are
+/// drawn), with everything it writes collected.
+struct OnTerminal {
+    child: std::process::Child,
+    output: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OnTerminal {
+    fn spawn(mut cmd: Command) -> OnTerminal {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (0, 0);
+        let mut size = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two new descriptors, which are then owned by the Files below.
+        let opened = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &mut size,
+            )
+        };
+        assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned by nothing else.
+        let (master, slave) = unsafe {
+            (
+                std::fs::File::from_raw_fd(master),
+                std::fs::File::from_raw_fd(slave),
+            )
+        };
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        let child = cmd.spawn().expect("bite-sync starts");
+        drop(cmd);
+        let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&output);
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut master = master;
+            let mut buf = [0u8; 4096];
+            // Reading fails (EIO) once the child and every copy of the terminal are gone.
+            while let Ok(n) = master.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        OnTerminal {
+            child,
+            output,
+            reader: Some(reader),
+        }
+    }
+
+    /// What was written so far, without terminal control sequences.
+    fn text(&self) -> String {
+        strip_ansi(&String::from_utf8_lossy(&self.output.lock().unwrap()))
+    }
+}
+
+/// Text without ANSI escape sequences (colours, cursor moves, line clears).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn ctrl_c_in_a_sync_on_a_terminal_says_it_was_interrupted_and_what_the_mirror_holds() {
+    let dbs = test_dbs("messages_ctrl_c_tty").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE events (id bigint PRIMARY KEY, body text NOT NULL); \
+             INSERT INTO events SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 400000) g",
+        )
+        .await
+        .unwrap();
+    let sync = |extra: &[&str]| {
+        let mut cmd = bite_sync();
+        cmd.args(["sync", "--source", &dbs.source_url, "--mirror", &dbs.mirror_url])
+            .args(extra);
+        cmd
+    };
+    assert_exit(&run(&mut sync(&["--init"])), 0);
+    source
+        .batch_execute("UPDATE events SET body = 'new' WHERE id % 2 = 0")
+        .await
+        .unwrap();
+    let mirror = connect(&dbs.mirror_url).await;
+    let before: i64 = mirror
+        .query_one("SELECT count(*) FROM events WHERE body = 'new'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, 0);
+
+    let mut terminal = OnTerminal::spawn(sync(&[]));
+    support::wait_for(
+        "the progress bar of the copy on the terminal",
+        std::time::Duration::from_secs(60),
+        || async { terminal.text().contains("events").then_some(()) },
+    )
+    .await;
+    // What Ctrl-C sends.
+    // SAFETY: signalling our own child process.
+    assert_eq!(
+        unsafe { libc::kill(terminal.child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let status = tokio::task::spawn_blocking({
+        let mut child = std::mem::replace(
+            &mut terminal.child,
+            Command::new("true").spawn().unwrap(),
+        );
+        move || child.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    if let Some(reader) = terminal.reader.take() {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    }
+    let text = terminal.text();
+    assert_eq!(status.code(), Some(130), "{text}");
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert_eq!(
+        last,
+        "error: interrupted before the new tables were swapped in: the mirror still holds its previous rows (the next sync removes what this one staged)",
+        "the last thing on the terminal:\n{text}"
+    );
+    let after: i64 = mirror
+        .query_one("SELECT count(*) FROM events WHERE body = 'new'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, 0, "the mirror's rows changed");
+}
