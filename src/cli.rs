@@ -873,11 +873,7 @@ mod tests {
                 }
             }
             for width in [80, 100] {
-                let help = cmd
-                    .clone()
-                    .term_width(width)
-                    .render_long_help()
-                    .to_string();
+                let help = cmd.clone().term_width(width).render_long_help().to_string();
                 let lines: Vec<&str> = help.lines().collect();
                 for (i, line) in lines.iter().enumerate() {
                     assert!(line.chars().count() <= width, "`{name} --help`: {line}");

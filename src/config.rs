@@ -554,7 +554,9 @@ pub fn resolve(
         && !(url.starts_with("s3://") || url.starts_with("file:///"))
     {
         // Not repeated: a URL may carry credentials.
-        problems.push(format!("{from}: expected s3://bucket/prefix or file:///dir"));
+        problems.push(format!(
+            "{from}: expected s3://bucket/prefix or file:///dir"
+        ));
     }
     let defaults = crate::backup::prune::Retention::default();
     let mut keep = |key: &str, value: Option<i64>, default: u32| match value {
@@ -881,11 +883,10 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(text: &str) -> StrictToml<T> {
         // Take out the key the problem is about (a whole list for a bad element, so that its
         // other elements do not move up and repeat the problem), and read the rest again.
         let removable = path.map(|p| {
-            let keep = p
-                .0
-                .iter()
-                .rposition(|s| matches!(s, KeySeg::Key(_)))
-                .map_or(0, |i| i + 1);
+            let keep =
+                p.0.iter()
+                    .rposition(|s| matches!(s, KeySeg::Key(_)))
+                    .map_or(0, |i| i + 1);
             KeyPath(p.0[..keep].to_vec())
         });
         match removable {
@@ -903,11 +904,7 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(text: &str) -> StrictToml<T> {
 
 /// A syntax error by line and column, with the parser's description (which names what it
 /// expected, never the text it found).
-fn syntax_problem(
-    text: &str,
-    span: Option<Range<usize>>,
-    message: &str,
-) -> TomlProblem {
+fn syntax_problem(text: &str, span: Option<Range<usize>>, message: &str) -> TomlProblem {
     let column = span.as_ref().map(|s| {
         text.get(..s.start)
             .unwrap_or(text)
@@ -960,7 +957,11 @@ fn spans(root: &toml_edit::Table) -> Spans {
     fn table(path: &KeyPath, t: &toml_edit::Table, out: &mut Spans) {
         for (k, item) in t.iter() {
             let p = path.child(KeySeg::Key(k.to_string()));
-            out.push((p.clone(), t.key(k).and_then(toml_edit::Key::span), item.span()));
+            out.push((
+                p.clone(),
+                t.key(k).and_then(toml_edit::Key::span),
+                item.span(),
+            ));
             match item {
                 toml_edit::Item::Value(v) => value(&p, v, out),
                 toml_edit::Item::Table(sub) => table(&p, sub, out),
@@ -1000,9 +1001,7 @@ fn remove_key(table: &mut dyn toml_edit::TableLike, path: &[KeySeg]) -> bool {
         [KeySeg::Key(last)] => table.remove(last).is_some(),
         [KeySeg::Key(k), rest @ ..] => match table.get_mut(k) {
             Some(toml_edit::Item::ArrayOfTables(a)) => match rest {
-                [KeySeg::Index(i), rest @ ..] => {
-                    a.get_mut(*i).is_some_and(|t| remove_key(t, rest))
-                }
+                [KeySeg::Index(i), rest @ ..] => a.get_mut(*i).is_some_and(|t| remove_key(t, rest)),
                 _ => false,
             },
             Some(toml_edit::Item::Value(toml_edit::Value::Array(a))) => match rest {
@@ -1029,22 +1028,26 @@ pub fn describe_serde_error(message: &str) -> String {
     if let Some(rest) = message.strip_prefix("unknown field `")
         && let Some((typed, known)) = rest.split_once('`')
     {
-        let known: Vec<&str> = known
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .collect();
+        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
         return unknown_key(typed, &known);
     }
     if let Some(rest) = message.strip_prefix("invalid type: ")
         && let Some((got, expected)) = rest.rsplit_once(", expected ")
     {
-        return format!("expected {}, got {}", expected_kind(expected), got_kind(got));
+        return format!(
+            "expected {}, got {}",
+            expected_kind(expected),
+            got_kind(got)
+        );
     }
     if let Some(rest) = message.strip_prefix("invalid value: ")
         && let Some((got, expected)) = rest.rsplit_once(", expected ")
     {
-        return format!("expected {}, got {} out of range", expected_kind(expected), got_kind(got));
+        return format!(
+            "expected {}, got {} out of range",
+            expected_kind(expected),
+            got_kind(got)
+        );
     }
     if let Some(rest) = message.strip_prefix("unknown variant `")
         && let Some((_, known)) = rest.split_once('`')

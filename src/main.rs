@@ -121,8 +121,8 @@ fn load_config(cli: &Cli, origins: &Origins) -> Result<Config, ConfigError> {
     let (file, raw) = config::read_file(cli.config.as_deref(), &cwd)?;
     // The relay's own sections are checked when it starts; their problems belong in the same
     // list as the rest of the file's.
-    let relay_raw = matches!(cli.command, Command::Relay(_))
-        .then(|| (raw.relay.clone(), raw.delivery.clone()));
+    let relay_raw =
+        matches!(cli.command, Command::Relay(_)).then(|| (raw.relay.clone(), raw.delivery.clone()));
     config::resolve(file.clone(), raw, overrides).map_err(|mut e| {
         if let Some((relay, delivery)) = relay_raw
             && let Err(more) = bite_sync::relay::settings::RelaySettings::resolve(
@@ -196,6 +196,19 @@ fn overrides(cli: &Cli, origins: &Origins) -> Result<Overrides, ConfigError> {
         o.lock_timeout = args.lock_timeout;
     }
     Ok(o)
+}
+
+/// The error chain, and for a `permission denied` the statement that fixes it, with the real
+/// user, object and database names.
+fn with_fix(e: &(dyn std::error::Error + 'static), config: &Config) -> String {
+    let mut message = bite_sync::error_chain(e);
+    if let Some(fix) =
+        bite_sync::pg::grants::hint_for(e, config.source.as_ref(), config.mirror.as_ref())
+    {
+        message.push_str("\nhint: ");
+        message.push_str(&fix);
+    }
+    message
 }
 
 fn fail_config(e: &ConfigError) -> ExitCode {
@@ -287,7 +300,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
                 SyncError::Cancelled => 130,
                 ref other => other.exit_code() as u8,
             };
-            let message = bite_sync::error_chain(&e);
+            let message = with_fix(&e, config);
             eprintln!("error: {message}");
             if args.json {
                 bite_sync::outln!(
@@ -367,7 +380,7 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
             match daemon::run(&opts, observer, cancel).await {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("error: {}", bite_sync::error_chain(&e));
+                    eprintln!("error: {}", with_fix(&e, config));
                     e.exit_code() as u8
                 }
             }
@@ -449,6 +462,7 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
         config.source.as_ref(),
         config.mirror.as_ref(),
         &config.replication.tables,
+        &config.replication.publication,
     )
     .await;
     check::add_delivery(config, &mut checks).await;

@@ -125,7 +125,11 @@ fn an_empty_table_list_is_a_usage_error_for_every_command_that_takes_one() {
     // From the environment, the variable is named.
     let out = run(bite_sync().args(["sync"]).args(db).env("BITE_TABLES", ","));
     assert_exit(&out, 2);
-    assert!(stderr(&out).contains("BITE_TABLES: item 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("BITE_TABLES: item 1"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
@@ -197,7 +201,11 @@ fn commands_that_need_no_configuration_ignore_a_broken_config_file() {
     let broken = "[backup\nsecret_key = \"x\"\n";
     let out = run(with_config(broken).args(["backups", "keygen"]));
     assert_exit(&out, 0);
-    assert!(stdout(&out).contains("AGE-SECRET-KEY-1"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("AGE-SECRET-KEY-1"),
+        "{}",
+        stdout(&out)
+    );
     // The demo gets as far as looking for PostgreSQL's binaries.
     let out = run(with_config(broken)
         .args(["demo", "--no-wait"])
@@ -232,8 +240,9 @@ fn replicated_tables_are_refused_in_a_sentence() {
         slot: "bite_sync".into(),
     };
     assert!(
-        one.to_string()
-            .starts_with("menu_items is replicated continuously by `bite-sync run` (slot bite_sync)"),
+        one.to_string().starts_with(
+            "menu_items is replicated continuously by `bite-sync run` (slot bite_sync)"
+        ),
         "{one}"
     );
     let two = bite_sync::sync::SyncError::Replicated {
@@ -241,7 +250,8 @@ fn replicated_tables_are_refused_in_a_sentence() {
         slot: "bite_sync".into(),
     };
     assert!(
-        two.to_string().starts_with("customers, orders are replicated"),
+        two.to_string()
+            .starts_with("customers, orders are replicated"),
         "{two}"
     );
 }
@@ -294,7 +304,6 @@ async fn a_restore_target_is_called_the_restore_target_and_one_backup_is_singula
         stdout(&out)
     );
 }
-
 
 /// A child on a pseudo-terminal (what a person at a terminal gives it: progress bars are
 /// drawn), with everything it writes collected.
@@ -398,8 +407,14 @@ async fn ctrl_c_in_a_sync_on_a_terminal_says_it_was_interrupted_and_what_the_mir
         .unwrap();
     let sync = |extra: &[&str]| {
         let mut cmd = bite_sync();
-        cmd.args(["sync", "--source", &dbs.source_url, "--mirror", &dbs.mirror_url])
-            .args(extra);
+        cmd.args([
+            "sync",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
+        .args(extra);
         cmd
     };
     assert_exit(&run(&mut sync(&["--init"])), 0);
@@ -429,10 +444,8 @@ async fn ctrl_c_in_a_sync_on_a_terminal_says_it_was_interrupted_and_what_the_mir
         0
     );
     let status = tokio::task::spawn_blocking({
-        let mut child = std::mem::replace(
-            &mut terminal.child,
-            Command::new("true").spawn().unwrap(),
-        );
+        let mut child =
+            std::mem::replace(&mut terminal.child, Command::new("true").spawn().unwrap());
         move || child.wait().unwrap()
     })
     .await
@@ -442,7 +455,11 @@ async fn ctrl_c_in_a_sync_on_a_terminal_says_it_was_interrupted_and_what_the_mir
     }
     let text = terminal.text();
     assert_eq!(status.code(), Some(130), "{text}");
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     assert_eq!(
         last,
         "error: interrupted before the new tables were swapped in: the mirror still holds its previous rows (the next sync removes what this one staged)",

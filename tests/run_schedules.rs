@@ -522,7 +522,11 @@ fn with_the_examples(ws: &Workspace) {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("schedules.example");
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
-        std::fs::copy(&path, ws.dir.join("schedules").join(path.file_name().unwrap())).unwrap();
+        std::fs::copy(
+            &path,
+            ws.dir.join("schedules").join(path.file_name().unwrap()),
+        )
+        .unwrap();
     }
 }
 

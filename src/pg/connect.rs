@@ -2006,7 +2006,12 @@ fn check_setting_name(role: Role, key: &str) -> Result<(), ConnectError> {
         .iter()
         .chain(LIBPQ_ONLY.iter())
         .filter(|known| **known != "replication")
-        .map(|known| (strsim::levenshtein(&key.to_ascii_lowercase(), known), *known))
+        .map(|known| {
+            (
+                strsim::levenshtein(&key.to_ascii_lowercase(), known),
+                *known,
+            )
+        })
         .filter(|(distance, _)| *distance <= 2)
         .min()
         .map(|(_, known)| known);

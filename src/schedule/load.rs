@@ -110,7 +110,6 @@ pub struct RawJob {
     pub enabled: Option<bool>,
 }
 
-
 /// Everything wrong with the schedule files, reported at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduleError {
@@ -579,7 +578,9 @@ mod tests {
         let p = problems(&[
             (
                 "a.toml",
-                &format!("[[job]]\nname = \"b\"\ncron = \"@daily\"\nkind = \"backup\"\nto = \"s3://b/{secret}\n"),
+                &format!(
+                    "[[job]]\nname = \"b\"\ncron = \"@daily\"\nkind = \"backup\"\nto = \"s3://b/{secret}\n"
+                ),
             ),
             (
                 "b.toml",
