@@ -20,6 +20,10 @@ use crate::pg::ident::{TablePattern, parse_pattern};
 /// The file looked for in the working directory when `--config` is not given.
 pub const DEFAULT_FILE: &str = "bite-sync.toml";
 
+/// The environment variable naming where alerts go (`alerts.webhook_url`); the relay reads it
+/// too, for its signature alerts.
+pub const ALERT_WEBHOOK_VAR: &str = "BITE_ALERT_WEBHOOK";
+
 /// The commented example configuration, kept in the repository and parsed by a test.
 pub const EXAMPLE: &str = include_str!("../bite-sync.example.toml");
 
@@ -602,7 +606,7 @@ pub fn resolve(
     };
 
     let alert_webhook = match (overrides.alert_webhook, raw.alerts.webhook_url) {
-        (Some(u), _) => Some((u, "BITE_ALERT_WEBHOOK".to_string())),
+        (Some(u), _) => Some((u, ALERT_WEBHOOK_VAR.to_string())),
         (None, Some(u)) => Some((u, where_("alerts.webhook_url"))),
         (None, None) => None,
     }

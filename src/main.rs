@@ -142,7 +142,7 @@ fn load_config(cli: &Cli, origins: &Origins) -> Result<Config, ConfigError> {
 fn overrides(cli: &Cli, origins: &Origins) -> Result<Overrides, ConfigError> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut o = Overrides {
-        alert_webhook: env("BITE_ALERT_WEBHOOK"),
+        alert_webhook: env(config::ALERT_WEBHOOK_VAR),
         backup_url: env("BITE_BACKUP_URL"),
         source_from: origins.source.clone(),
         mirror_from: origins.mirror.clone(),
