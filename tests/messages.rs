@@ -317,7 +317,7 @@ impl OnTerminal {
     fn spawn(mut cmd: Command) -> OnTerminal {
         use std::os::fd::FromRawFd;
         let (mut master, mut slave) = (0, 0);
-        let mut size = libc::winsize {
+        let size = libc::winsize {
             ws_row: 40,
             ws_col: 120,
             ws_xpixel: 0,
@@ -330,7 +330,7 @@ impl OnTerminal {
                 &mut slave,
                 std::ptr::null_mut(),
                 std::ptr::null(),
-                &mut size,
+                &size,
             )
         };
         assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
