@@ -472,3 +472,19 @@ async fn ctrl_c_in_a_sync_on_a_terminal_says_it_was_interrupted_and_what_the_mir
         .get(0);
     assert_eq!(after, 0, "the mirror's rows changed");
 }
+
+#[test]
+fn the_relays_own_settings_are_reported_with_the_rest_of_the_file() {
+    let config = "[sync]\njobs = \"four\"\n\n[relay]\nport = 99999\n";
+    let out = run(with_config(config).arg("relay"));
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(
+        err.contains("bite-sync.toml: line 2: sync.jobs: expected an integer, got a string"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bite-sync.toml: relay.port: expected 0 to 65535, got 99999"),
+        "{err}"
+    );
+}
