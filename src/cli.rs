@@ -41,6 +41,10 @@ pub struct Cli {
 }
 
 /// The subcommands.
+///
+/// Prose in their doc comments is reflowed by clap to the terminal's width; examples, lists
+/// and exit codes, whose lines must not be reflowed, are in `after_long_help` constants,
+/// each line short enough for an 80-column terminal (a test checks both).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Copy tables (schema and data) from the local database to the mirror, atomically
@@ -49,18 +53,11 @@ pub enum Command {
     /// current tables, and swapped in together in one short transaction: readers of the
     /// mirror see the old rows until then, never an empty or half-filled table. A run that
     /// is interrupted leaves the mirror as it was.
-    ///
-    /// Examples:
-    ///   bite-sync sync --tables customers,orders
-    ///   bite-sync sync --tables 'sales.*' --exclude sales.audit_log --jobs 4
-    ///   bite-sync sync --dry-run                 # show the plan and the DDL, change nothing
-    ///   bite-sync sync --init                    # first sync into a fresh mirror database
-    ///
-    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error, 130 interrupted.
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = SYNC_HELP)]
     Sync(SyncArgs),
 
-    /// Keep the mirror in step with the local database, continuously, run the scheduled jobs and deliver WhatsApp messages to the backend (the daemon)
+    /// Keep the mirror in step with the local database continuously (the daemon); also run
+    /// the scheduled jobs and deliver WhatsApp messages to the backend
     ///
     /// Streams the source's changes (logical replication, dialing out only) and applies them
     /// to the mirror in batches, each recorded with the source position it reaches, so a
@@ -72,38 +69,30 @@ pub enum Command {
     /// Tables come from --tables or replication.tables in bite-sync.toml. Check the set-up
     /// first with `bite-sync check`; watch it with `bite-sync status`.
     ///
-    /// It also runs the scheduled jobs of schedules/*.toml (see `bite-sync schedules --help`),
-    /// checked before anything connects: a bad file or a job the configuration cannot run
-    /// exits 2 naming the file, the job and the key. A job never runs twice at once; one whose
-    /// last run was missed while bite-sync was down runs once at start. Every run (start,
-    /// end, outcome, size) is recorded in the mirror's bite_sync.job_runs when the mirror has
-    /// bite-sync's bookkeeping (or --init creates it); otherwise in memory, with a warning.
-    /// Without tables to replicate it runs the schedules (and delivery) only. SIGTERM or Ctrl-C lets a backup
-    /// or backup check in progress finish (a sync in progress is abandoned, leaving the mirror
-    /// as it was).
+    /// It also runs the scheduled jobs of schedules/*.toml (see `bite-sync schedules
+    /// --help`), checked before anything connects: a bad file or a job the configuration
+    /// cannot run exits 2 naming the file, the job and the key. A job never runs twice at
+    /// once; one whose last run was missed while bite-sync was down runs once at start.
+    /// Every run (start, end, outcome, size) is recorded in the mirror's bite_sync.job_runs
+    /// when the mirror has bite-sync's bookkeeping (or --init creates it); otherwise in
+    /// memory, with a warning. Without tables to replicate it runs the schedules (and
+    /// delivery) only. SIGTERM or Ctrl-C lets a backup or backup check in progress finish (a
+    /// sync in progress is abandoned, leaving the mirror as it was).
     ///
-    /// With LOCAL_BACKEND_URL (or delivery.backend_url) set and SYNC_ENABLED not false, it also
-    /// delivers the WhatsApp messages, statuses and changes that `bite-sync relay` stored in the
-    /// mirror's inbox: each one POSTed to LOCAL_BACKEND_URL + /cloud-sync/webhook in Meta's
-    /// webhook shape, with idempotency-key (the message id) and, with SYNC_API_KEY set,
-    /// x-api-key and x-bite-signature-256 (HMAC-SHA256 of the body). Dialing out only, it
-    /// LISTENs on the mirror for new rows and also looks every second. Delivery is at least
-    /// once and in order per customer: a row the backend refuses (not 2xx, timeout, down) is
-    /// retried after 1 s, 2 s, 4 s ... up to delivery.max_backoff, and holds back that
-    /// customer's later rows only. Several daemons (and the relay in push mode) can deliver
-    /// from one inbox at once. A mirror without the inbox is reported and retried until the
-    /// relay (or --init) creates it. SIGTERM or Ctrl-C finishes the requests in flight.
-    /// Delivery may be all it runs: no tables and no schedules needed.
-    ///
-    /// Examples:
-    ///   bite-sync run --init --tables customers,menu_items,orders,order_items
-    ///   bite-sync run                            # tables, slot and URLs from bite-sync.toml
-    ///   bite-sync run --schedules /etc/bite-sync/schedules
-    ///   LOCAL_BACKEND_URL=http://localhost:3000/api bite-sync run --mirror URL   # delivery only
-    ///
-    /// Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration error (also:
-    /// no tables to replicate, no scheduled jobs and no delivery).
-    #[command(verbatim_doc_comment)]
+    /// With LOCAL_BACKEND_URL (or delivery.backend_url) set and SYNC_ENABLED not false, it
+    /// also delivers the WhatsApp messages, statuses and changes that `bite-sync relay`
+    /// stored in the mirror's inbox: each one POSTed to LOCAL_BACKEND_URL +
+    /// /cloud-sync/webhook in Meta's webhook shape, with idempotency-key (the message id)
+    /// and, with SYNC_API_KEY set, x-api-key and x-bite-signature-256 (HMAC-SHA256 of the
+    /// body). Dialing out only, it LISTENs on the mirror for new rows and also looks every
+    /// second. Delivery is at least once and in order per customer: a row the backend
+    /// refuses (not 2xx, timeout, down) is retried after 1 s, 2 s, 4 s ... up to
+    /// delivery.max_backoff, and holds back that customer's later rows only. Several daemons
+    /// (and the relay in push mode) can deliver from one inbox at once. A mirror without the
+    /// inbox is reported and retried until the relay (or --init) creates it. SIGTERM or
+    /// Ctrl-C finishes the requests in flight. Delivery may be all it runs: no tables and no
+    /// schedules needed.
+    #[command(after_long_help = RUN_HELP)]
     Run(RunArgs),
 
     /// Back up the local database to S3-compatible storage or a folder
@@ -116,18 +105,7 @@ pub enum Command {
     ///
     /// The schema comes from pg_dump (found automatically; functions, triggers and views
     /// included); a --tables backup generates its tables' schema itself.
-    ///
-    /// Restore with `bite-sync restore`, or with stock tools from a copy of the folder:
-    ///   gunzip -c 20261129T060000Z/*.sql.gz | psql -X -v ON_ERROR_STOP=1 -d newdb
-    ///
-    /// Examples:
-    ///   bite-sync backup --to s3://my-bucket/bite-sync       # AWS_* variables for credentials
-    ///   bite-sync backup --to file:///var/backups/bite-sync --tables customers,orders
-    ///   bite-sync backup --json                              # where: backup.url in bite-sync.toml
-    ///
-    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 the store or the
-    /// database could not be reached (worth retrying).
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = BACKUP_HELP)]
     Backup(BackupArgs),
 
     /// List, verify and prune backups; make a key for encrypted ones
@@ -142,15 +120,7 @@ pub enum Command {
     /// tables unless --clean, which drops every schema of the target first (the backup's
     /// tables only, for a --tables backup). An encrypted backup needs its identity:
     /// backup.identity_file or BITE_BACKUP_IDENTITY.
-    ///
-    /// Examples:
-    ///   bite-sync restore latest --target postgres://postgres@localhost/bite_restored
-    ///   bite-sync restore 20261129T060000Z --from s3://my-bucket/bite-sync --target URL --clean
-    ///   bite-sync restore latest --tables customers,orders --target URL   # just those two
-    ///
-    /// Exit codes: 0 success, 1 failure, 2 usage or configuration error (or no or the wrong
-    /// identity), 3 unreachable, 4 the backup is corrupt.
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = RESTORE_HELP)]
     Restore(RestoreArgs),
 
     /// Show replication: slot, retained WAL, lag, per-table state, last error
@@ -163,53 +133,42 @@ pub enum Command {
     /// Check that source and mirror are ready for replication
     ///
     /// Checks reachability, server versions, wal_level, replication slots and WAL senders,
-    /// privileges (REPLICATION on the source, CREATE on the mirror) and that every table has a
-    /// primary key or replica identity. Each line says OK or what to change.
-    /// Exit code 0 when everything is OK, 1 otherwise.
+    /// the privileges each command needs (on the source: REPLICATION, reading the tables,
+    /// creating the publication; on the mirror: creating in the database and its schemas,
+    /// owning bite_sync and the synced tables) and that every table has a primary key or
+    /// replica identity. Each line says OK or what to change, with the exact GRANT or ALTER
+    /// to run. Exit code 0 when everything is OK, 1 otherwise.
     Check(CheckArgs),
 
     /// List scheduled jobs: when each runs next and how its last run went
     ///
     /// Jobs are [[job]] tables in schedules/*.toml (next to the config file, else in the
     /// working directory); `bite-sync run` runs them. Each has a name, a 5-field crontab
-    /// expression read in its time_zone, a kind (backup, sync, verify or prune) and the kind's
-    /// arguments:
-    ///
-    ///   [[job]]
-    ///   name = "backup"
-    ///   cron = "0 */6 * * *"              # minute hour day-of-month month day-of-week
-    ///   time_zone = "America/Mexico_City" # IANA name; default UTC
-    ///   kind = "backup"
-    ///   to = "s3://my-bucket/bite-sync"   # optional; backup: to, tables; sync: tables;
-    ///                                     # verify: from, backup; prune: from
-    ///   enabled = true                    # optional
+    /// expression read in its time_zone, a kind (backup, sync, verify or prune) and the
+    /// kind's arguments (see below).
     ///
     /// Cron is crontab's: ranges (1-5), steps (*/15), lists (1,15), names (mon, jan), 0 or 7
     /// for Sunday, @hourly/@daily/@weekly/@monthly/@yearly; day-of-month and day-of-week
     /// both restricted means either. On a DST change a fixed time that does not exist runs
     /// once right after the jump and one that happens twice runs once.
     ///
-    /// Every file is checked and every problem listed, each with its file, job and key. The
-    /// last run comes from the mirror's bookkeeping (bite_sync.job_runs); without a reachable
-    /// mirror it shows as unknown and a note on stderr says why.
-    ///
-    /// Examples:
-    ///   bite-sync schedules                      # schedules/*.toml, as text
-    ///   bite-sync schedules --json               # a JSON array, one object per job
-    ///   bite-sync schedules --dir /etc/bite-sync/schedules
-    ///
-    /// Exit codes: 0 listed, 2 a schedule file is invalid (or other usage error).
-    #[command(verbatim_doc_comment)]
+    /// Every file is checked, and every job against the configuration as `bite-sync run`
+    /// checks it (a backup needs a location: its own, backup.url or BITE_BACKUP_URL); every
+    /// problem is listed, each with its file, job and key. The last run comes from the
+    /// mirror's bookkeeping (bite_sync.job_runs); without a reachable mirror it shows as
+    /// unknown and a note on stderr says why.
+    #[command(after_long_help = SCHEDULES_HELP)]
     Schedules(SchedulesArgs),
 
     /// Serve WhatsApp Business webhooks (the cloud half, on Railway)
     ///
     /// The endpoint Meta calls: `GET /api/webhook` answers Meta's verification with
     /// WHATSAPP_VERIFY_TOKEN; `POST /api/webhook` checks X-Hub-Signature-256 with
-    /// META_APP_SECRET on the raw body (401 if missing or wrong), stores every message, status
-    /// and change of the batch in the database's durable inbox (bite_sync.inbox, deduplicated
-    /// by WhatsApp's ids) in one transaction, and only then answers 200. A signed body it
-    /// cannot read is kept as a dead letter and answered 200 so Meta does not retry it.
+    /// META_APP_SECRET on the raw body (401 if missing or wrong), stores every message,
+    /// status and change of the batch in the database's durable inbox (bite_sync.inbox,
+    /// deduplicated by WhatsApp's ids) in one transaction, and only then answers 200. A
+    /// signed body it cannot read is kept as a dead letter and answered 200 so Meta does not
+    /// retry it.
     ///
     /// Messages reach the restaurant's backend from the inbox: pulled by `bite-sync run` at
     /// the restaurant (the default; no open port needed there), or pushed by the relay when
@@ -221,27 +180,7 @@ pub enum Command {
     /// down; Railway's health check), `GET /api/webhook/status` (counters), and for the
     /// backend `POST /api/messages` and Meta's own `POST /{version}/{phone_number_id}/messages`
     /// and `/media` (send WhatsApp messages through the relay, without Meta's token).
-    ///
-    /// Settings are the old guide's environment variables:
-    ///   DATABASE_URL             the cloud database (required)
-    ///   WHATSAPP_VERIFY_TOKEN    the Verify token typed in Meta's dashboard (required)
-    ///   META_APP_SECRET          the App secret (required)
-    ///   WHATSAPP_ACCESS_TOKEN, WHATSAPP_PHONE_NUMBER_ID   to send replies
-    ///   OPENAI_API_KEY, GEMINI_API_KEY, ANTHROPIC_API_KEY  AI fallback (first set is used)
-    ///   LOCAL_BACKEND_URL, SYNC_API_KEY, SYNC_ENABLED      delivery to the backend
-    ///   JWT_SECRET               accepted on POST /api/messages besides SYNC_API_KEY
-    ///   META_APP_SECRET_PREVIOUS, SYNC_API_KEY_PREVIOUS, JWT_SECRET_PREVIOUS
-    ///                            also accepted while a secret is rotated (README)
-    ///   PORT                     default 5000
-    /// and [relay]/[delivery] in bite-sync.toml for the rest (see bite-sync.example.toml).
-    ///
-    /// Examples:
-    ///   PORT=5000 DATABASE_URL=postgres://… WHATSAPP_VERIFY_TOKEN=… META_APP_SECRET=… bite-sync relay
-    ///   curl 'http://localhost:5000/api/webhook?hub.mode=subscribe&hub.verify_token=…&hub.challenge=42'
-    ///
-    /// Exit codes: 0 stopped by a signal (requests in flight are answered first), 1 failure,
-    /// 2 configuration error (every problem listed), 3 the database is unreachable at start.
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = RELAY_HELP)]
     Relay(RelayArgs),
 
     /// Run bite-sync on two throwaway local databases with a sample restaurant
@@ -253,22 +192,115 @@ pub enum Command {
 
     /// Benchmark bite-sync on throwaway local databases
     ///
-    /// `bench sync` (the default) races `bite-sync sync` against `pg_dump | psql`;
-    /// `bench replication` races `bite-sync run` against PostgreSQL's native logical
-    /// replication and measures catch-up over a WAN, steady-state lag and memory;
-    /// `bench backup` races `bite-sync backup` and `restore` against `pg_dump | gzip` and
-    /// `gunzip | psql`; `bench relay` posts signed webhooks to `bite-sync relay` and to a no-op
-    /// handler: ack latency, loss, peak durable throughput and memory.
-    ///
-    /// Examples:
-    ///   bite-sync bench                          # the sync benchmark, default size
-    ///   bite-sync bench sync --rounds 1
-    ///   bite-sync bench replication
-    ///   bite-sync bench replication --transactions 5000 --duration 10s --json
-    ///   bite-sync bench relay                    # 500 webhooks/s for 60 s, then the peak
-    #[command(verbatim_doc_comment)]
+    /// `bench sync` (the default) races `bite-sync sync` against `pg_dump | psql`; `bench
+    /// replication` races `bite-sync run` against PostgreSQL's native logical replication
+    /// and measures catch-up over a WAN, steady-state lag and memory; `bench backup` races
+    /// `bite-sync backup` and `restore` against `pg_dump | gzip` and `gunzip | psql`; `bench
+    /// relay` posts signed webhooks to `bite-sync relay` and to a no-op handler: ack
+    /// latency, loss, peak durable throughput and memory.
+    #[command(after_long_help = BENCH_HELP)]
     Bench(BenchArgs),
 }
+
+const SYNC_HELP: &str = "\
+Examples:
+  bite-sync sync --tables customers,orders
+  bite-sync sync --tables 'sales.*' --exclude sales.audit_log --jobs 4
+  bite-sync sync --dry-run       # show the plan and the DDL, change nothing
+  bite-sync sync --init          # first sync into a fresh mirror database
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error,
+130 interrupted (the mirror keeps its previous rows).";
+
+const RUN_HELP: &str = "\
+Examples:
+  bite-sync run --init --tables customers,menu_items,orders,order_items
+  bite-sync run                  # tables, slot and URLs from bite-sync.toml
+  bite-sync run --schedules /etc/bite-sync/schedules
+  LOCAL_BACKEND_URL=http://localhost:3000/api \\
+    bite-sync run --mirror URL   # delivery only
+
+Exit codes: 0 stopped by a signal, 1 failure, 2 usage or configuration
+error (also: no tables to replicate, no scheduled jobs and no delivery).";
+
+const BACKUP_HELP: &str = "\
+Restore with `bite-sync restore`, or with stock tools from a copy of a backup:
+  gunzip -c 20261129T060000Z/*.sql.gz | psql -X -v ON_ERROR_STOP=1 -d newdb
+
+Examples:
+  bite-sync backup --to s3://my-bucket/bite-sync   # AWS_* for credentials
+  bite-sync backup --to file:///var/backups/bite-sync --tables customers,orders
+  bite-sync backup --json        # where to: backup.url in bite-sync.toml
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error, 3 the
+store or the database could not be reached (worth retrying).";
+
+const RESTORE_HELP: &str = "\
+Examples:
+  bite-sync restore latest --target postgres://postgres@localhost/restored
+  bite-sync restore 20261129T060000Z --from s3://my-bucket/bite-sync \\
+    --target URL --clean
+  bite-sync restore latest --tables customers,orders --target URL
+
+Exit codes: 0 success, 1 failure, 2 usage or configuration error (or no
+or the wrong identity), 3 unreachable, 4 the backup is corrupt.";
+
+const SCHEDULES_HELP: &str = "\
+A job:
+  [[job]]
+  name = \"backup\"
+  cron = \"0 */6 * * *\"              # minute hour day-of-month month weekday
+  time_zone = \"America/Mexico_City\" # IANA name; default UTC
+  kind = \"backup\"
+  to = \"s3://my-bucket/bite-sync\"   # optional; backup: to, tables;
+                                    # sync: tables; verify: from, backup;
+                                    # prune: from
+  enabled = true                    # optional
+
+Examples:
+  bite-sync schedules            # schedules/*.toml, as text
+  bite-sync schedules --json     # a JSON array, one object per job
+  bite-sync schedules --dir /etc/bite-sync/schedules
+  bite-sync schedules --dir schedules.example   # the committed examples
+
+Exit codes: 0 listed, 2 a schedule file is invalid or a job could not run
+(or another usage error).";
+
+const RELAY_HELP: &str = "\
+Settings are the old guide's environment variables:
+  DATABASE_URL            the cloud database (required)
+  WHATSAPP_VERIFY_TOKEN   the Verify token typed in Meta's dashboard (required)
+  META_APP_SECRET         the App secret (required)
+  WHATSAPP_ACCESS_TOKEN, WHATSAPP_PHONE_NUMBER_ID
+                          to send replies
+  OPENAI_API_KEY, GEMINI_API_KEY, ANTHROPIC_API_KEY
+                          AI fallback (the first set is used)
+  LOCAL_BACKEND_URL, SYNC_API_KEY, SYNC_ENABLED
+                          delivery to the backend
+  JWT_SECRET              accepted on POST /api/messages besides SYNC_API_KEY
+  META_APP_SECRET_PREVIOUS, SYNC_API_KEY_PREVIOUS, JWT_SECRET_PREVIOUS
+                          also accepted while a secret is rotated (README)
+  PORT                    default 5000
+and [relay]/[delivery] in bite-sync.toml for the rest (bite-sync.example.toml).
+
+Examples:
+  PORT=5000 DATABASE_URL=postgres://… WHATSAPP_VERIFY_TOKEN=… \\
+    META_APP_SECRET=… bite-sync relay
+  bite-sync relay --bind 127.0.0.1   # this machine only
+  curl -G localhost:5000/api/webhook -d hub.mode=subscribe \\
+    -d hub.verify_token=… -d hub.challenge=42   # 42, as Meta expects
+
+Exit codes: 0 stopped by a signal (requests in flight are answered first),
+1 failure, 2 configuration error (every problem listed), 3 the database is
+unreachable at start.";
+
+const BENCH_HELP: &str = "\
+Examples:
+  bite-sync bench                # the sync benchmark, default size
+  bite-sync bench sync --rounds 1
+  bite-sync bench replication
+  bite-sync bench replication --transactions 5000 --duration 10s --json
+  bite-sync bench relay          # 500 webhooks/s for 60 s, then the peak";
 
 /// Where the two databases are.
 #[derive(Debug, Args, Clone, Default)]
@@ -378,28 +410,25 @@ pub struct FromArgs {
 #[derive(Debug, Subcommand, Clone)]
 pub enum BackupsCommand {
     /// List backups, oldest first; `incomplete` ones never finished and are not restorable
-    ///
-    /// Examples:
-    ///   bite-sync backups list
-    ///   bite-sync backups list --from s3://my-bucket/bite-sync --json
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = "\
+Examples:
+  bite-sync backups list
+  bite-sync backups list --from s3://my-bucket/bite-sync --json")]
     List(BackupsListArgs),
 
     /// Prove a backup restores: check every SHA-256, restore it into a scratch database,
     /// compare every table's rows and checksum with the manifest, drop the scratch database
     ///
     /// The scratch database is created on the server of --scratch (default: the source's
-    /// server), so its user needs CREATEDB.
-    ///
-    /// Examples:
-    ///   bite-sync backups verify                 # the newest backup
-    ///   bite-sync backups verify 20261129T060000Z --json
-    ///
-    /// An encrypted backup needs its identity: backup.identity_file or BITE_BACKUP_IDENTITY.
-    ///
-    /// Exit codes: 0 verified, 1 a table differs or it failed, 2 no or the wrong identity,
-    /// 4 an object is corrupt.
-    #[command(verbatim_doc_comment)]
+    /// server), so its user needs CREATEDB. An encrypted backup needs its identity:
+    /// backup.identity_file or BITE_BACKUP_IDENTITY.
+    #[command(after_long_help = "\
+Examples:
+  bite-sync backups verify       # the newest backup
+  bite-sync backups verify 20261129T060000Z --json
+
+Exit codes: 0 verified, 1 a table differs or it failed, 2 no or the wrong
+identity, 4 an object is corrupt.")]
     Verify(BackupsVerifyArgs),
 
     /// Delete backups the retention policy does not keep
@@ -409,11 +438,10 @@ pub enum BackupsCommand {
     /// (UTC). The newest good backup is always kept. Folders of backups that never finished
     /// are deleted once they are a day old. Defaults: backup.keep_* in bite-sync.toml, else
     /// 4 last, 7 daily, 4 weekly, 6 monthly.
-    ///
-    /// Examples:
-    ///   bite-sync backups prune --dry-run        # what would go, and why the rest stays
-    ///   bite-sync backups prune --keep-daily 14 --json
-    #[command(verbatim_doc_comment)]
+    #[command(after_long_help = "\
+Examples:
+  bite-sync backups prune --dry-run   # what would go, and why the rest stays
+  bite-sync backups prune --keep-daily 14 --json")]
     Prune(BackupsPruneArgs),
 
     /// Make a new age key pair for encrypted backups: the identity (secret) on stdout or in
@@ -421,12 +449,12 @@ pub enum BackupsCommand {
     ///
     /// The public key goes in backup.encrypt_to on the machine that backs up; the identity
     /// (backup.identity_file or BITE_BACKUP_IDENTITY) is needed only to restore or verify,
-    /// so keep it elsewhere. `age-keygen` makes the same kind of key.
-    ///
-    /// Examples:
-    ///   bite-sync backups keygen --out bite-backup-key.txt
-    ///   bite-sync backups keygen > key.txt
-    #[command(verbatim_doc_comment)]
+    /// so keep it elsewhere. `age-keygen` makes the same kind of key. Needs no
+    /// configuration.
+    #[command(after_long_help = "\
+Examples:
+  bite-sync backups keygen --out bite-backup-key.txt
+  bite-sync backups keygen > key.txt")]
     Keygen(BackupsKeygenArgs),
 }
 
@@ -623,14 +651,9 @@ pub struct SchedulesArgs {
     #[arg(long, env = "BITE_SCHEDULES_DIR", value_name = "DIR")]
     pub dir: Option<PathBuf>,
 
-    /// The mirror database URL, whose bite_sync.job_runs holds the run history
-    #[arg(
-        long,
-        env = "BITE_MIRROR_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
-    pub mirror: Option<String>,
+    /// The databases the jobs use (their last runs are in the mirror's bite_sync.job_runs)
+    #[command(flatten)]
+    pub db: DatabaseArgs,
 
     /// Print a JSON array on stdout, one object per job
     #[arg(long)]
@@ -640,9 +663,15 @@ pub struct SchedulesArgs {
 /// `bite-sync relay`.
 #[derive(Debug, Args, Clone)]
 pub struct RelayArgs {
-    /// Port to listen on [default: 5000]
-    #[arg(long, env = "PORT", value_name = "PORT")]
+    /// Port to listen on, over PORT [default: PORT, else relay.port, else 5000]
+    // Not `env = "PORT"`: the relay's settings read PORT, so a bad value is reported as PORT.
+    #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
+
+    /// Address to listen on, e.g. 127.0.0.1 for this machine only [default: every interface,
+    /// IPv6 and IPv4 ([::], else 0.0.0.0), as Railway needs]
+    #[arg(long, value_name = "ADDRESS")]
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// `bite-sync demo`.
@@ -818,6 +847,57 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Every subcommand, however deep, with its name path.
+    fn every_command(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            out.push((name.clone(), sub.clone()));
+            every_command(sub, name, out);
+        }
+    }
+
+    /// `--help` on an 80-column terminal never breaks a line mid-phrase: prose is reflowed
+    /// by clap, and the verbatim blocks (examples, lists, exit codes) fit as written.
+    #[test]
+    fn long_help_fits_an_80_column_terminal_without_breaking_phrases() {
+        let mut commands = Vec::new();
+        every_command(&Cli::command(), "bite-sync".into(), &mut commands);
+        assert!(commands.len() > 10);
+        for (name, cmd) in commands {
+            if let Some(after) = cmd.get_after_long_help() {
+                for line in after.to_string().lines() {
+                    assert!(
+                        line.chars().count() <= 79,
+                        "`{name} --help`: {} columns: {line}",
+                        line.chars().count()
+                    );
+                }
+            }
+            for width in [80, 100] {
+                let help = cmd.clone().term_width(width).render_long_help().to_string();
+                let lines: Vec<&str> = help.lines().collect();
+                for (i, line) in lines.iter().enumerate() {
+                    assert!(line.chars().count() <= width, "`{name} --help`: {line}");
+                    // A short line inside a paragraph, after a full one: a verbatim line too
+                    // long for the terminal, broken by clap where it ran out of room.
+                    let inside = i > 0
+                        && !lines[i - 1].trim().is_empty()
+                        && lines.get(i + 1).is_some_and(|next| !next.trim().is_empty());
+                    let orphan = inside
+                        && !line.trim().is_empty()
+                        && !line.starts_with(' ')
+                        && line.chars().count() < 25
+                        && lines[i - 1].chars().count() > width - 25;
+                    assert!(
+                        !orphan,
+                        "`{name} --help` at {width} columns breaks a line mid-phrase:\n{}\n{line}",
+                        lines[i - 1]
+                    );
+                }
+            }
+        }
     }
 
     #[test]

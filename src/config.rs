@@ -6,7 +6,9 @@
 //! reports them together, each with the file and key, so one run shows everything to fix.
 //! URLs are held as [`DbUrl`], whose `Display`/`Debug` never show passwords.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +19,10 @@ use crate::pg::ident::{TablePattern, parse_pattern};
 
 /// The file looked for in the working directory when `--config` is not given.
 pub const DEFAULT_FILE: &str = "bite-sync.toml";
+
+/// The environment variable naming where alerts go (`alerts.webhook_url`); the relay reads it
+/// too, for its signature alerts.
+pub const ALERT_WEBHOOK_VAR: &str = "BITE_ALERT_WEBHOOK";
 
 /// The commented example configuration, kept in the repository and parsed by a test.
 pub const EXAMPLE: &str = include_str!("../bite-sync.example.toml");
@@ -52,6 +58,13 @@ pub struct RawConfig {
     /// `[delivery]`
     #[serde(default)]
     pub delivery: crate::relay::settings::RawDelivery,
+    /// Where each key was written, for messages.
+    #[serde(skip)]
+    pub lines: KeyLines,
+    /// What was wrong with the file itself (syntax, unknown keys, wrong types), already
+    /// naming file, line and key; [`resolve`] reports them with the values' problems.
+    #[serde(skip)]
+    pub problems: Vec<String>,
 }
 
 /// `[alerts]`.
@@ -169,6 +182,12 @@ pub struct Overrides {
     pub publication: Option<String>,
     /// `BITE_ALERT_WEBHOOK`.
     pub alert_webhook: Option<String>,
+    /// `BITE_BACKUP_URL`: where backups go, over `backup.url` (scheduled jobs included).
+    pub backup_url: Option<String>,
+    /// Where `source_url` came from (`--source` or `BITE_SOURCE_URL`), for messages.
+    pub source_from: Option<String>,
+    /// Where `mirror_url` came from (`--mirror` or `BITE_MIRROR_URL`), for messages.
+    pub mirror_from: Option<String>,
 }
 
 /// The validated configuration.
@@ -284,7 +303,8 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Reads the config file: `explicit` if given (it must exist), else [`DEFAULT_FILE`] in `dir`
-/// if present, else nothing.
+/// if present, else nothing. What is wrong inside the file is kept in
+/// [`RawConfig::problems`], for [`resolve`] to report with everything else.
 pub fn read_file(
     explicit: Option<&Path>,
     dir: &Path,
@@ -302,37 +322,82 @@ pub fn read_file(
     let text = std::fs::read_to_string(&path).map_err(|e| ConfigError {
         problems: vec![format!("{}: cannot read: {e}", path.display())],
     })?;
-    let raw = parse(&text).map_err(|e| ConfigError {
-        problems: vec![format!("{}: {e}", path.display())],
-    })?;
+    let raw = parse_in(&path.display().to_string(), &text);
     Ok((Some(path), raw))
 }
 
-/// Parses TOML text into the raw structs (unknown keys are errors).
-pub fn parse(text: &str) -> Result<RawConfig, toml::de::Error> {
-    toml::from_str(text)
+/// Parses TOML text into the raw structs; any unknown key, wrong type or syntax error is an
+/// error (every one of them).
+pub fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+    let raw = parse_in("", text);
+    if raw.problems.is_empty() {
+        Ok(raw)
+    } else {
+        Err(ConfigError {
+            problems: raw.problems,
+        })
+    }
+}
+
+/// What could be read of `text`, with its problems prefixed by `file` (when not empty).
+fn parse_in(file: &str, text: &str) -> RawConfig {
+    let read = read_toml::<RawConfig>(text);
+    let mut raw = read.value.unwrap_or_default();
+    raw.lines = read.lines;
+    raw.problems = read
+        .problems
+        .iter()
+        .map(|p| {
+            if file.is_empty() {
+                p.to_string()
+            } else {
+                format!("{file}: {p}")
+            }
+        })
+        .collect();
+    raw
 }
 
 /// Merges overrides into the file's values and validates the result.
 pub fn resolve(
     file: Option<PathBuf>,
-    raw: RawConfig,
+    mut raw: RawConfig,
     overrides: Overrides,
 ) -> Result<Config, ConfigError> {
-    let where_ = |key: &str| match &file {
-        Some(f) => format!("{}: {key}", f.display()),
-        None => key.to_string(),
+    let lines = std::mem::take(&mut raw.lines);
+    let where_ = |key: &str| {
+        let line = lines
+            .line(key)
+            .map(|n| format!("line {n}: "))
+            .unwrap_or_default();
+        match &file {
+            Some(f) => format!("{}: {line}{key}", f.display()),
+            None => format!("{line}{key}"),
+        }
     };
-    let mut problems = Vec::new();
+    let mut problems = std::mem::take(&mut raw.problems);
 
-    let mut database = |role: Role, flag: Option<String>, raw: RawDatabase, env: &str| {
+    let mut database = |role: Role,
+                        flag: Option<String>,
+                        flag_from: Option<String>,
+                        raw: RawDatabase,
+                        env: &str| {
         let key = format!("{role}.url");
-        let (url, from) = match (flag, raw.url) {
-            (Some(u), _) => (u, format!("--{role} / {env}")),
-            (None, Some(u)) => (u, where_(&key)),
+        let (url, from, origin) = match (flag, raw.url) {
+            (Some(u), _) => {
+                let from = flag_from.unwrap_or_else(|| format!("--{role} / {env}"));
+                (u, from.clone(), from)
+            }
+            (None, Some(u)) => {
+                let origin = match &file {
+                    Some(f) => format!("{key} in {}", f.display()),
+                    None => key.clone(),
+                };
+                (u, where_(&key), origin)
+            }
             (None, None) => return None,
         };
-        match DbUrl::parse(role, &url) {
+        match DbUrl::parse(role, &url).map(|db| db.with_origin(origin)) {
             Ok(db) => Some(match raw.ca_file {
                 Some(ca) => {
                     if !ca.exists() {
@@ -347,7 +412,7 @@ pub fn resolve(
                 None => db,
             }),
             Err(e) => {
-                problems.push(format!("{from}: {e}"));
+                problems.push(format!("{from}: {}", crate::error_chain(&e)));
                 None
             }
         }
@@ -355,12 +420,14 @@ pub fn resolve(
     let source = database(
         Role::Source,
         overrides.source_url,
+        overrides.source_from,
         raw.source,
         "BITE_SOURCE_URL",
     );
     let mirror = database(
         Role::Mirror,
         overrides.mirror_url,
+        overrides.mirror_from,
         raw.mirror,
         "BITE_MIRROR_URL",
     );
@@ -370,7 +437,7 @@ pub fn resolve(
         for (i, item) in list.unwrap_or_default().iter().enumerate() {
             match parse_pattern(item) {
                 Ok(p) => out.push(p),
-                Err(e) => problems.push(format!("{}[{i}]: {e}", where_(key))),
+                Err(e) => problems.push(format!("{}: {e}", where_(&format!("{key}[{i}]")))),
             }
         }
         out
@@ -482,12 +549,17 @@ pub fn resolve(
             2
         }
     };
-    if let Some(url) = &raw.backup.url
+    let backup_url = match (overrides.backup_url, raw.backup.url) {
+        (Some(url), _) => Some((url, "BITE_BACKUP_URL".to_string())),
+        (None, Some(url)) => Some((url, where_("backup.url"))),
+        (None, None) => None,
+    };
+    if let Some((url, from)) = &backup_url
         && !(url.starts_with("s3://") || url.starts_with("file:///"))
     {
+        // Not repeated: a URL may carry credentials.
         problems.push(format!(
-            "{}: expected s3://bucket/prefix or file:///dir, got {url:?}",
-            where_("backup.url")
+            "{from}: expected s3://bucket/prefix or file:///dir"
         ));
     }
     let defaults = crate::backup::prune::Retention::default();
@@ -518,7 +590,7 @@ pub fn resolve(
             .ok()
     });
     let backup = BackupSettings {
-        url: raw.backup.url,
+        url: backup_url.map(|(url, _)| url),
         s3: crate::backup::store::S3Settings {
             endpoint: raw.backup.endpoint,
             region: raw.backup.region,
@@ -534,7 +606,7 @@ pub fn resolve(
     };
 
     let alert_webhook = match (overrides.alert_webhook, raw.alerts.webhook_url) {
-        (Some(u), _) => Some((u, "BITE_ALERT_WEBHOOK".to_string())),
+        (Some(u), _) => Some((u, ALERT_WEBHOOK_VAR.to_string())),
         (None, Some(u)) => Some((u, where_("alerts.webhook_url"))),
         (None, None) => None,
     }
@@ -671,6 +743,380 @@ fn valid_memory(text: &str) -> bool {
     !n.is_empty() && matches!(unit, "kB" | "MB" | "GB" | "")
 }
 
+// ---- reading TOML files strictly, and never quoting them ----------------------------------
+//
+// A config or schedule file holds passwords and S3 secrets, so a problem in it is pointed at
+// (file, line, key) and described, never quoted: the toml crate's own messages print the
+// offending line, and serde's repeat the value.
+
+/// One step of a key's place in a TOML file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeySeg {
+    /// A table key.
+    Key(String),
+    /// An element of an array (or array of tables), from 0.
+    Index(usize),
+}
+
+/// A key's place in a TOML file: `sync.jobs`, `job[1].cron`, `sync.tables[0]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct KeyPath(pub Vec<KeySeg>);
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                KeySeg::Key(k) if i == 0 => write!(f, "{k}")?,
+                KeySeg::Key(k) => write!(f, ".{k}")?,
+                KeySeg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KeyPath {
+    fn child(&self, seg: KeySeg) -> KeyPath {
+        let mut path = self.clone();
+        path.0.push(seg);
+        path
+    }
+}
+
+/// Where each key of a TOML file is written (1-based lines), so that problems can point at it.
+#[derive(Debug, Clone, Default)]
+pub struct KeyLines(HashMap<String, usize>);
+
+impl KeyLines {
+    /// The line `key` (`sync.jobs`, `job[1].cron`) is written on, if it is in the file.
+    pub fn line(&self, key: &str) -> Option<usize> {
+        self.0.get(key).copied()
+    }
+}
+
+/// A problem in a TOML file: where, and what, in words that never repeat the file's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TomlProblem {
+    /// The 1-based line, when known.
+    pub line: Option<usize>,
+    /// The 1-based column, for a syntax error.
+    pub column: Option<usize>,
+    /// The key, when the problem is about one (empty for a syntax error).
+    pub path: KeyPath,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for TomlProblem {
+    /// `line 4: sync.jobs: expected an integer, got a string`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => write!(f, "line {line}, column {column}: ")?,
+            (Some(line), None) => write!(f, "line {line}: ")?,
+            _ => {}
+        }
+        if !self.path.0.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// A TOML file read into `T`: its value without the keys that had problems (so that the
+/// values' own checks can still run and be reported together), where each key is, and every
+/// unknown key or wrongly typed value. `value` is `None` only when the file is not TOML at all.
+#[derive(Debug)]
+pub struct StrictToml<T> {
+    /// What could be read.
+    pub value: Option<T>,
+    /// Lines of the keys.
+    pub lines: KeyLines,
+    /// Every problem found.
+    pub problems: Vec<TomlProblem>,
+}
+
+/// Reads `text` into `T`, whose structs reject unknown keys. serde stops at the first problem,
+/// so each one found is recorded and its key taken out, and the rest read again, until
+/// everything left reads: every unknown key and wrongly typed value is reported at once.
+pub fn read_toml<T: serde::de::DeserializeOwned>(text: &str) -> StrictToml<T> {
+    let original = match toml_edit::ImDocument::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return StrictToml {
+                value: None,
+                lines: KeyLines::default(),
+                problems: vec![syntax_problem(text, e.span(), e.message())],
+            };
+        }
+    };
+    let mut lines = KeyLines::default();
+    for (path, key, value) in spans(original.as_table()) {
+        if let Some(span) = key.or(value) {
+            lines
+                .0
+                .entry(path.to_string())
+                .or_insert_with(|| line_of(text, span.start));
+        }
+    }
+    let mut doc = original.into_mut();
+    let mut problems = Vec::new();
+    loop {
+        let current = doc.to_string();
+        let error = match toml::from_str::<T>(&current) {
+            Ok(value) => {
+                return StrictToml {
+                    value: Some(value),
+                    lines,
+                    problems,
+                };
+            }
+            Err(e) => e,
+        };
+        let at = error.span().map(|s| s.start);
+        let path = at.and_then(|at| path_at(&current, at));
+        let line = match &path {
+            Some(p) => lines.line(&p.to_string()),
+            None => None,
+        };
+        problems.push(TomlProblem {
+            line,
+            column: None,
+            path: path.clone().unwrap_or_default(),
+            message: describe_serde_error(error.message()),
+        });
+        // Take out the key the problem is about (a whole list for a bad element, so that its
+        // other elements do not move up and repeat the problem), and read the rest again.
+        let removable = path.map(|p| {
+            let keep =
+                p.0.iter()
+                    .rposition(|s| matches!(s, KeySeg::Key(_)))
+                    .map_or(0, |i| i + 1);
+            KeyPath(p.0[..keep].to_vec())
+        });
+        match removable {
+            Some(p) if remove_key(doc.as_table_mut(), &p.0) => {}
+            _ => {
+                return StrictToml {
+                    value: None,
+                    lines,
+                    problems,
+                };
+            }
+        }
+    }
+}
+
+/// A syntax error by line and column, with the parser's description (which names what it
+/// expected, never the text it found).
+fn syntax_problem(text: &str, span: Option<Range<usize>>, message: &str) -> TomlProblem {
+    let column = span.as_ref().map(|s| {
+        text.get(..s.start)
+            .unwrap_or(text)
+            .rsplit('\n')
+            .next()
+            .map_or(0, |l| l.chars().count())
+            + 1
+    });
+    TomlProblem {
+        line: span.map(|s| line_of(text, s.start)),
+        column,
+        path: KeyPath::default(),
+        message: format!("not valid TOML: {}", message.trim().replace('\n', " ")),
+    }
+}
+
+/// 1-based line of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Every key, table and array element of a parsed document, with the span of its key (where
+/// it has one) and of its value.
+type Spans = Vec<(KeyPath, Option<Range<usize>>, Option<Range<usize>>)>;
+
+fn spans(root: &toml_edit::Table) -> Spans {
+    fn value(path: &KeyPath, v: &toml_edit::Value, out: &mut Spans) {
+        match v {
+            toml_edit::Value::Array(a) => {
+                for (i, e) in a.iter().enumerate() {
+                    let p = path.child(KeySeg::Index(i));
+                    out.push((p.clone(), None, e.span()));
+                    value(&p, e, out);
+                }
+            }
+            toml_edit::Value::InlineTable(t) => {
+                for (k, e) in t.iter() {
+                    let p = path.child(KeySeg::Key(k.to_string()));
+                    out.push((p.clone(), t.key(k).and_then(toml_edit::Key::span), e.span()));
+                    value(&p, e, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn table(path: &KeyPath, t: &toml_edit::Table, out: &mut Spans) {
+        for (k, item) in t.iter() {
+            let p = path.child(KeySeg::Key(k.to_string()));
+            out.push((
+                p.clone(),
+                t.key(k).and_then(toml_edit::Key::span),
+                item.span(),
+            ));
+            match item {
+                toml_edit::Item::Value(v) => value(&p, v, out),
+                toml_edit::Item::Table(sub) => table(&p, sub, out),
+                toml_edit::Item::ArrayOfTables(a) => {
+                    for (i, sub) in a.iter().enumerate() {
+                        let pi = p.child(KeySeg::Index(i));
+                        out.push((pi.clone(), None, sub.span()));
+                        table(&pi, sub, out);
+                    }
+                }
+                toml_edit::Item::None => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    table(&KeyPath::default(), root, &mut out);
+    out
+}
+
+/// The deepest key whose key or value holds byte `offset` of `text`.
+fn path_at(text: &str, offset: usize) -> Option<KeyPath> {
+    let doc = toml_edit::ImDocument::parse(text).ok()?;
+    let holds = |s: &Option<Range<usize>>| {
+        s.as_ref()
+            .is_some_and(|s| s.start <= offset && offset < s.end.max(s.start + 1))
+    };
+    spans(doc.as_table())
+        .into_iter()
+        .filter(|(_, key, value)| holds(key) || holds(value))
+        .max_by_key(|(path, _, _)| path.0.len())
+        .map(|(path, _, _)| path)
+}
+
+/// Removes the key at `path` (which ends in a key) from a table; false if it is not there.
+fn remove_key(table: &mut dyn toml_edit::TableLike, path: &[KeySeg]) -> bool {
+    match path {
+        [KeySeg::Key(last)] => table.remove(last).is_some(),
+        [KeySeg::Key(k), rest @ ..] => match table.get_mut(k) {
+            Some(toml_edit::Item::ArrayOfTables(a)) => match rest {
+                [KeySeg::Index(i), rest @ ..] => a.get_mut(*i).is_some_and(|t| remove_key(t, rest)),
+                _ => false,
+            },
+            Some(toml_edit::Item::Value(toml_edit::Value::Array(a))) => match rest {
+                [KeySeg::Index(i), rest @ ..] => a
+                    .get_mut(*i)
+                    .and_then(toml_edit::Value::as_inline_table_mut)
+                    .is_some_and(|t| remove_key(t, rest)),
+                _ => false,
+            },
+            Some(item) => item
+                .as_table_like_mut()
+                .is_some_and(|t| remove_key(t, rest)),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
+/// serde's message about a value, without the value: `invalid type: string "hunter2",
+/// expected i64` becomes `expected an integer, got a string`; an unknown key gets the nearest
+/// known one.
+pub fn describe_serde_error(message: &str) -> String {
+    let message = message.trim();
+    if let Some(rest) = message.strip_prefix("unknown field `")
+        && let Some((typed, known)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
+        return unknown_key(typed, &known);
+    }
+    if let Some(rest) = message.strip_prefix("invalid type: ")
+        && let Some((got, expected)) = rest.rsplit_once(", expected ")
+    {
+        return format!(
+            "expected {}, got {}",
+            expected_kind(expected),
+            got_kind(got)
+        );
+    }
+    if let Some(rest) = message.strip_prefix("invalid value: ")
+        && let Some((got, expected)) = rest.rsplit_once(", expected ")
+    {
+        return format!(
+            "expected {}, got {} out of range",
+            expected_kind(expected),
+            got_kind(got)
+        );
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `")
+        && let Some((_, known)) = rest.split_once('`')
+    {
+        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
+        return format!("expected one of {}", known.join(", "));
+    }
+    if message.contains(['`', '"', '\'']) {
+        // Some other serde message, which may repeat the value: say only that it is wrong.
+        "invalid value".to_string()
+    } else {
+        message.to_string()
+    }
+}
+
+/// `unknown key; did you mean tables?` (or the keys there are, when none is close).
+pub fn unknown_key(typed: &str, known: &[&str]) -> String {
+    match known
+        .iter()
+        .filter(|k| strsim::levenshtein(typed, k) <= 2.max(typed.len() / 4))
+        .min_by_key(|k| strsim::levenshtein(typed, k))
+    {
+        Some(near) => format!("unknown key; did you mean {near}?"),
+        None if known.is_empty() => "unknown key".to_string(),
+        None => format!("unknown key; the keys here are {}", known.join(", ")),
+    }
+}
+
+/// serde's "expected" in words.
+fn expected_kind(expected: &str) -> String {
+    match expected.trim() {
+        "i8" | "i16" | "i32" | "i64" | "u8" | "u16" | "u32" | "u64" | "usize" | "isize" => {
+            "an integer".into()
+        }
+        "f32" | "f64" => "a number".into(),
+        "a sequence" => "a list".into(),
+        "path string" => "a path (a string)".into(),
+        "a map" => "a table".into(),
+        other if other.starts_with("struct ") => "a table".into(),
+        other => other.to_string(),
+    }
+}
+
+/// What serde found, without its value: `string "x"` → `a string`.
+fn got_kind(got: &str) -> &'static str {
+    let got = got.trim();
+    if got.starts_with("string") {
+        "a string"
+    } else if got.starts_with("integer") {
+        "an integer"
+    } else if got.starts_with("floating point") {
+        "a decimal number"
+    } else if got.starts_with("boolean") {
+        "a boolean"
+    } else if got.starts_with("sequence") {
+        "a list"
+    } else if got.starts_with("map") {
+        "a table"
+    } else if got.starts_with("char") {
+        "a character"
+    } else {
+        "another kind of value"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,6 +1141,83 @@ mod tests {
         assert!(err.contains("tabels"), "{err}");
     }
 
+    /// What a config file with `secret` in it must never print, whatever is wrong with it.
+    fn problems_of(text: &str) -> Vec<String> {
+        let raw = parse_in("bite-sync.toml", text);
+        match resolve(Some("bite-sync.toml".into()), raw, Overrides::default()) {
+            Ok(_) => panic!("{text} should not validate"),
+            Err(e) => e.problems,
+        }
+    }
+
+    #[test]
+    fn problems_in_the_file_point_at_line_and_key_and_never_quote_it() {
+        let secret = "wJalrXUtnFEMI-K7MDENG";
+        for (text, expected) in [
+            // A syntax error: the toml crate would print the whole line.
+            (
+                format!("[backup]\nsecret_key = \"{secret}\nregion = \"auto\"\n"),
+                "bite-sync.toml: line 2, column 36: not valid TOML",
+            ),
+            (
+                format!("[mirror]\nurl = postgres://u:{secret}@h/db\n"),
+                "bite-sync.toml: line 2, column 7: not valid TOML",
+            ),
+            // A wrong type: serde would repeat the value.
+            (
+                format!("[backup]\nsecret_key = [\"{secret}\"]\n"),
+                "bite-sync.toml: line 2: backup.secret_key: expected a string, got a list",
+            ),
+            (
+                format!("[relay.ai]\nmax_reply_tokens = \"{secret}\"\n"),
+                "bite-sync.toml: line 2: relay.ai.max_reply_tokens: expected an integer, got a string",
+            ),
+            // An unknown key holding a secret.
+            (
+                format!("[mirror]\npassword = \"{secret}\"\n"),
+                "bite-sync.toml: line 2: mirror.password: unknown key; the keys here are url, ca_file",
+            ),
+            (
+                format!("[backup]\nsecret_kye = \"{secret}\"\n"),
+                "bite-sync.toml: line 2: backup.secret_kye: unknown key; did you mean secret_key?",
+            ),
+        ] {
+            let problems = problems_of(&text);
+            let all = problems.join("\n");
+            assert!(!all.contains(&secret[4..12]), "the secret leaked: {all}");
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected:?} not in:\n{all}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_bad_values_are_reported_together() {
+        let problems = problems_of(
+            "[source]\nurl = \"postgres://u@h/db?sslmod=require\"\nuser = \"bite\"\n\
+             [sync]\njobs = \"four\"\ntabels = [\"orders\"]\nlock_timeout = \"soon\"\n\
+             [replication]\nbatch_rows = 0\n[backup]\npath_style = \"yes\"\n[relay.ai]\ndeadlin = \"5s\"\n",
+        );
+        let all = problems.join("\n");
+        for expected in [
+            "bite-sync.toml: line 3: source.user: unknown key",
+            "bite-sync.toml: line 5: sync.jobs: expected an integer, got a string",
+            "bite-sync.toml: line 6: sync.tabels: unknown key; did you mean tables?",
+            "bite-sync.toml: line 11: backup.path_style: expected a boolean, got a string",
+            "bite-sync.toml: line 13: relay.ai.deadlin: unknown key; did you mean deadline?",
+            "bite-sync.toml: line 2: source.url: the source URL has an unknown setting \"sslmod\"; did you mean sslmode?",
+            "bite-sync.toml: line 7: sync.lock_timeout: expected a duration",
+            "bite-sync.toml: line 9: replication.batch_rows: must be between 1 and 1000000",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.starts_with(expected)),
+                "{expected:?} not in:\n{all}"
+            );
+        }
+        assert_eq!(problems.len(), 8, "{all}");
+    }
+
     #[test]
     fn every_problem_is_reported_with_file_and_key() {
         let raw = parse(
@@ -705,11 +1228,11 @@ mod tests {
         let text = err.to_string();
         assert_eq!(err.problems.len(), 5, "{text}");
         for key in [
-            "conf.toml: source.url",
-            "conf.toml: sync.jobs",
-            "conf.toml: sync.lock_timeout",
-            "conf.toml: sync.tables[0]",
-            "conf.toml: log.format",
+            "conf.toml: line 2: source.url",
+            "conf.toml: line 4: sync.jobs",
+            "conf.toml: line 5: sync.lock_timeout",
+            "conf.toml: line 6: sync.tables[0]",
+            "conf.toml: line 8: log.format",
         ] {
             assert!(text.contains(key), "missing {key} in {text}");
         }
@@ -768,9 +1291,9 @@ mod tests {
         let text = err.to_string();
         assert_eq!(err.problems.len(), 3, "{text}");
         for key in [
-            "b.toml: replication.slot",
-            "b.toml: replication.batch_rows",
-            "b.toml: replication.batch_delay",
+            "b.toml: line 3: replication.slot",
+            "b.toml: line 4: replication.batch_rows",
+            "b.toml: line 5: replication.batch_delay",
         ] {
             assert!(text.contains(key), "missing {key} in {text}");
         }
@@ -796,7 +1319,7 @@ mod tests {
             let raw = parse(&format!("[backup]\nencrypt_to = \"{value}\"\n")).unwrap();
             let err = resolve(Some("c.toml".into()), raw, Overrides::default()).unwrap_err();
             let msg = err.to_string();
-            assert!(msg.contains("c.toml: backup.encrypt_to"), "{msg}");
+            assert!(msg.contains("c.toml: line 2: backup.encrypt_to"), "{msg}");
             assert!(!msg.contains(&secret[16..]), "the secret leaked: {msg}");
         }
     }

@@ -191,21 +191,27 @@ async fn demo(
     };
     let relay_lines = relay.as_ref().map_or(String::new(), |r| {
         format!(
-            "  curl http://127.0.0.1:{port}/api/webhook/status   # the relay's counters\n  \
-             curl http://127.0.0.1:{port}/api/sync/health\n  \
+            "  curl -fsS http://127.0.0.1:{port}/api/webhook/status   # the relay's counters\n  \
+             curl -fsS http://127.0.0.1:{port}/api/sync/health\n  \
              psql '{mirror_plain}' -c 'SELECT id, kind, customer_name, body, delivery_state, ai_state FROM bite_sync.inbox'\n",
             port = r.port
         )
     });
+    // Every command below works as printed (the demo's test runs each one): menu_items is
+    // not replicated, so a one-off sync of it is allowed; the replicated tables follow
+    // changes by themselves.
     crate::outln!(
         "\nLook around:\n  \
          psql '{source_plain}'   # the source (local database)\n  \
          psql '{mirror_plain}'   # the mirror\n  \
          psql '{mirror_plain}' -c 'SELECT id, mode, outcome, rows_copied, duration_ms FROM bite_sync.sync_runs'\n\n\
          Try it yourself:\n  \
-         bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items --dry-run\n  \
-         bite-sync status --source '{source_plain}' --mirror '{mirror_plain}'\n  \
-         psql '{source_plain}' -c \"UPDATE menu_items SET price = price + 1\"   # replication is still running\n\
+         psql '{source_plain}' -c \"UPDATE menu_items SET price = price + 1\"   # a menu change on the source\n  \
+         bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items --dry-run   # the plan\n  \
+         bite-sync sync --source '{source_plain}' --mirror '{mirror_plain}' --tables menu_items   # menu_items is not replicated: sync it\n  \
+         psql '{source_plain}' -c \"UPDATE orders SET status = 'delivered' WHERE id = 1\"   # replication is still running\n  \
+         psql '{mirror_plain}' -c 'SELECT id, status FROM orders WHERE id = 1'   # a moment later, on the mirror\n  \
+         bite-sync status --source '{source_plain}' --mirror '{mirror_plain}'\n\
          {relay_lines}"
     );
     if !args.no_wait {
@@ -231,6 +237,11 @@ struct Replication {
 /// How long the demo's live workload runs.
 const LIVE_SECONDS: u64 = 6;
 
+/// The tables the demo replicates. The menu is left out, edited in the back office and synced
+/// when it changes, so that the printed `bite-sync sync --tables menu_items` can run (a table
+/// `run` replicates is refused by a one-off sync).
+const REPLICATED: &str = "customers,orders,order_items";
+
 /// Starts `bite-sync run` in the background, runs a small workload on the source, and prints
 /// both sides' row counts and the lag while it runs. Replication keeps running afterwards.
 async fn live(
@@ -240,10 +251,10 @@ async fn live(
     cancel: &CancellationToken,
 ) -> Result<Replication, DemoError> {
     crate::outln!(
-        "\n$ bite-sync run --tables customers,menu_items,orders,order_items   # continuous replication"
+        "\n$ bite-sync run --tables {REPLICATED}   # continuous replication (menu_items stays a one-off sync)"
     );
-    let tables = crate::pg::ident::parse_pattern_list("customers,menu_items,orders,order_items")
-        .expect("literal pattern list parses");
+    let tables =
+        crate::pg::ident::parse_pattern_list(REPLICATED).expect("literal pattern list parses");
     let mut opts = RunOptions::new(source_url.clone(), mirror_url.clone(), tables);
     opts.init = true;
     let stop = cancel.child_token();

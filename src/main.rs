@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Result;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 
 use bite_sync::cli::{
@@ -22,15 +22,13 @@ use bite_sync::schedule;
 use bite_sync::sync::{self, Mode, SyncError, SyncOptions};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let cwd = std::env::current_dir().unwrap_or_default();
-    let overrides = match overrides(&cli) {
-        Ok(o) => o,
-        Err(e) => return fail_config(&e),
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
     };
-    let config = match config::read_file(cli.config.as_deref(), &cwd)
-        .and_then(|(file, raw)| config::resolve(file, raw, overrides))
-    {
+    let origins = Origins::of(&matches);
+    let config = match load_config(&cli, &origins) {
         Ok(c) => c,
         Err(e) => return fail_config(&e),
     };
@@ -76,18 +74,90 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Where flags' values came from: the command line or the environment, so that messages
+/// name what the user set.
+#[derive(Default)]
+struct Origins {
+    source: Option<String>,
+    mirror: Option<String>,
+    tables: Option<&'static str>,
+    exclude: Option<&'static str>,
+}
+
+impl Origins {
+    fn of(matches: &clap::ArgMatches) -> Origins {
+        let Some((_, sub)) = matches.subcommand() else {
+            return Origins::default();
+        };
+        let from = |id: &str, flag: &'static str, env: &'static str| {
+            let known = sub.ids().any(|i| i.as_str() == id);
+            match known.then(|| sub.value_source(id)).flatten() {
+                Some(clap::parser::ValueSource::EnvVariable) => Some(env),
+                Some(clap::parser::ValueSource::CommandLine) => Some(flag),
+                _ => None,
+            }
+        };
+        Origins {
+            source: from("source", "--source", "BITE_SOURCE_URL").map(str::to_string),
+            mirror: from("mirror", "--mirror", "BITE_MIRROR_URL").map(str::to_string),
+            tables: from("tables", "--tables", "BITE_TABLES"),
+            exclude: from("exclude", "--exclude", "BITE_EXCLUDE"),
+        }
+    }
+}
+
+/// The configuration a command runs with. `demo`, `bench` and `backups keygen` need none, so a
+/// broken `./bite-sync.toml` must not stop them: they get the built-in defaults.
+fn load_config(cli: &Cli, origins: &Origins) -> Result<Config, ConfigError> {
+    let needs_none = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Bench(_) | Command::Backups(BackupsCommand::Keygen(_))
+    );
+    if needs_none {
+        return config::resolve(None, config::RawConfig::default(), Overrides::default());
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    let overrides = overrides(cli, origins)?;
+    let (file, raw) = config::read_file(cli.config.as_deref(), &cwd)?;
+    // The relay's own sections are checked when it starts; their problems belong in the same
+    // list as the rest of the file's.
+    let relay_raw =
+        matches!(cli.command, Command::Relay(_)).then(|| (raw.relay.clone(), raw.delivery.clone()));
+    config::resolve(file.clone(), raw, overrides).map_err(|mut e| {
+        if let Some((relay, delivery)) = relay_raw
+            && let Err(more) = bite_sync::relay::settings::RelaySettings::resolve(
+                &relay,
+                &delivery,
+                file.as_deref(),
+                &bite_sync::relay::settings::process_env,
+            )
+        {
+            e.problems.extend(more.problems);
+        }
+        e
+    })
+}
+
 /// Flags that override the config file.
-fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
+fn overrides(cli: &Cli, origins: &Origins) -> Result<Overrides, ConfigError> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let mut o = Overrides {
-        alert_webhook: std::env::var("BITE_ALERT_WEBHOOK")
-            .ok()
-            .filter(|v| !v.is_empty()),
+        alert_webhook: env(config::ALERT_WEBHOOK_VAR),
+        backup_url: env("BITE_BACKUP_URL"),
+        source_from: origins.source.clone(),
+        mirror_from: origins.mirror.clone(),
         ..Overrides::default()
     };
     let list = |flag: &str, text: &Option<String>| match text {
         None => Ok(None),
-        Some(t) => parse_pattern_list(t).map(Some).map_err(|e| ConfigError {
-            problems: vec![format!("--{flag}: {e}")],
+        Some(t) => parse_pattern_list(t).map(Some).map_err(|e| {
+            let from = match flag {
+                "tables" => origins.tables,
+                _ => origins.exclude,
+            };
+            ConfigError {
+                problems: vec![format!("{}: {e}", from.unwrap_or(&format!("--{flag}")))],
+            }
         }),
     };
     let db = match &cli.command {
@@ -95,8 +165,8 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         Command::Run(a) => Some(&a.db),
         Command::Status(a) => Some(&a.db),
         Command::Check(a) => Some(&a.db),
-        Command::Schedules(_)
-        | Command::Relay(_)
+        Command::Schedules(a) => Some(&a.db),
+        Command::Relay(_)
         | Command::Demo(_)
         | Command::Bench(_)
         | Command::Backup(_)
@@ -115,7 +185,6 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         }
         Command::Status(a) => o.slot = a.slot.clone(),
         Command::Check(a) => o.replication_tables = list("tables", &a.tables)?,
-        Command::Schedules(a) => o.mirror_url = a.mirror.clone(),
         _ => {}
     }
     if let Command::Sync(args) = &cli.command {
@@ -127,6 +196,19 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         o.lock_timeout = args.lock_timeout;
     }
     Ok(o)
+}
+
+/// The error chain, and for a `permission denied` the statement that fixes it, with the real
+/// user, object and database names.
+fn with_fix(e: &(dyn std::error::Error + 'static), config: &Config) -> String {
+    let mut message = bite_sync::error_chain(e);
+    if let Some(fix) =
+        bite_sync::pg::grants::hint_for(e, config.source.as_ref(), config.mirror.as_ref())
+    {
+        message.push_str("\nhint: ");
+        message.push_str(&fix);
+    }
+    message
 }
 
 fn fail_config(e: &ConfigError) -> ExitCode {
@@ -218,7 +300,7 @@ async fn run_sync(config: &Config, args: &SyncArgs, cancel: CancellationToken) -
                 SyncError::Cancelled => 130,
                 ref other => other.exit_code() as u8,
             };
-            let message = bite_sync::error_chain(&e);
+            let message = with_fix(&e, config);
             eprintln!("error: {message}");
             if args.json {
                 bite_sync::outln!(
@@ -258,7 +340,7 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
         return 2;
     }
     if let Err(e) = schedule::jobs::check(&loaded.jobs, config, args.init) {
-        eprintln!("error: {e}");
+        eprintln!("error: {e}\n{}", without_schedules_hint(&loaded.dir));
         return 2;
     }
     let replication = if replicate {
@@ -298,7 +380,7 @@ async fn run_daemon(config: &Config, args: &RunArgs, cancel: CancellationToken) 
             match daemon::run(&opts, observer, cancel).await {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("error: {}", bite_sync::error_chain(&e));
+                    eprintln!("error: {}", with_fix(&e, config));
                     e.exit_code() as u8
                 }
             }
@@ -380,6 +462,7 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
         config.source.as_ref(),
         config.mirror.as_ref(),
         &config.replication.tables,
+        &config.replication.publication,
     )
     .await;
     check::add_delivery(config, &mut checks).await;
@@ -394,23 +477,37 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
     if checks.iter().all(|c| c.ok) { 0 } else { 1 }
 }
 
+/// How to run `bite-sync run` without the jobs of `dir`, said after a job it cannot run.
+fn without_schedules_hint(dir: &std::path::Path) -> String {
+    format!(
+        "hint: these jobs are read from {}; to run without one, set enabled = false in it, or point --schedules (BITE_SCHEDULES_DIR) at another directory",
+        dir.display()
+    )
+}
+
 async fn run_schedules_list(config: &Config, args: &SchedulesArgs) -> u8 {
     // The default directory is optional; one named with --dir must exist.
-    let jobs = match schedule::load::load_configured(args.dir.as_deref(), config.file.as_deref()) {
-        Ok(loaded) => {
-            if loaded.missing_default {
-                eprintln!(
-                    "note: no schedules: {} does not exist (see `bite-sync schedules --help`)",
-                    loaded.dir.display()
-                );
-            }
-            loaded.jobs
-        }
+    let loaded = match schedule::load::load_configured(args.dir.as_deref(), config.file.as_deref())
+    {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
             return 2;
         }
     };
+    if loaded.missing_default {
+        eprintln!(
+            "note: no schedules: {} does not exist (see `bite-sync schedules --help`)",
+            loaded.dir.display()
+        );
+    }
+    // The same check `bite-sync run` makes before it starts: a job it could not run is not
+    // listed as fine.
+    if let Err(e) = schedule::jobs::check(&loaded.jobs, config, false) {
+        eprintln!("error: {e}\n{}", without_schedules_hint(&loaded.dir));
+        return 2;
+    }
+    let jobs = loaded.jobs;
     let history = if jobs.is_empty() {
         None
     } else {
@@ -456,6 +553,7 @@ async fn run_relay(
     if let Some(port) = args.port {
         settings.port = port;
     }
+    settings.bind = args.bind;
     settings.alert_webhook = config.alert_webhook.clone();
     match bite_sync::relay::run(settings, cancel).await {
         Ok(()) => 0,

@@ -255,6 +255,16 @@ async fn a_failing_job_is_recorded_as_failed_and_the_daemon_keeps_running() {
     daemon
         .wait_for_log("job failed; its schedule goes on")
         .await;
+    // How long it took reads as a duration, not chrono's ISO 8601 (`took=PT0.0019S`).
+    let log = daemon.log();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("job failed"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains(" took=") && !failed.contains("took=PT"),
+        "{failed}"
+    );
     assert!(daemon.is_running(), "{}", daemon.log());
     assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
 }
@@ -342,7 +352,7 @@ async fn a_job_that_could_never_run_is_an_error_at_start() {
     let log = daemon.log();
     assert!(
         log.contains(
-            "schedules/backup.toml: job \"backup\": no backup location: set to in the job, or backup.url in bite-sync.toml"
+            "schedules/backup.toml: job \"backup\": no backup location: set to in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL"
         ),
         "{log}"
     );
@@ -505,4 +515,88 @@ async fn a_failing_scheduled_job_calls_the_alert_webhook_once() {
         .unwrap()
         .get(0);
     assert_eq!(opened, 1);
+}
+
+/// The committed examples, copied where `bite-sync run` and `bite-sync schedules` look.
+fn with_the_examples(ws: &Workspace) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("schedules.example");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(
+            &path,
+            ws.dir.join("schedules").join(path.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn run_and_schedules_judge_the_example_schedules_alike() {
+    // No backup location anywhere: both refuse, with the same problems, naming the file and
+    // saying how to run without the job.
+    let ws = Workspace::new();
+    ws.config(&config(CLOSED, CLOSED, ""));
+    with_the_examples(&ws);
+    let listed = ws.command().arg("schedules").output().unwrap();
+    let ran = ws.command().arg("run").output().unwrap();
+    assert_eq!(listed.status.code(), Some(2));
+    assert_eq!(ran.status.code(), Some(2));
+    let (listed, ran) = (
+        String::from_utf8_lossy(&listed.stderr).into_owned(),
+        String::from_utf8_lossy(&ran.stderr).into_owned(),
+    );
+    assert_eq!(listed, ran, "one validation for both");
+    let hint = format!(
+        "hint: these jobs are read from {}; to run without one, set enabled = false in it, or point --schedules (BITE_SCHEDULES_DIR) at another directory",
+        ws.dir.join("schedules").display()
+    );
+    for expected in [
+        "schedules/backup.toml: job \"backup\": no backup location: set to in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL (or enabled = false in the job to run without it)",
+        "schedules/backup.toml: job \"verify\": no backup location",
+        &hint,
+    ] {
+        assert!(ran.contains(expected), "{expected:?} missing from:\n{ran}");
+    }
+
+    // BITE_BACKUP_URL is a backup location: the examples work as shipped.
+    let store = ws.store("backups");
+    let listed = ws
+        .command()
+        .arg("schedules")
+        .env("BITE_BACKUP_URL", &store)
+        .output()
+        .unwrap();
+    assert_eq!(
+        listed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let ws_log = ws.dir.join("with-url.log");
+    let mut daemon = Daemon {
+        child: Some(
+            ws.command()
+                .arg("run")
+                .env("BITE_BACKUP_URL", &store)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&ws_log).unwrap())
+                .spawn()
+                .unwrap(),
+        ),
+        log: ws_log,
+    };
+    daemon.wait_for_log("4 scheduled jobs loaded from").await;
+    assert_eq!(daemon.terminate(Duration::from_secs(10)), Some(0));
+
+    // From a checkout of the project: the examples are not loaded by default.
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = bite_sync()
+        .current_dir(checkout)
+        .args(["run", "--mirror", CLOSED])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error: nothing to run"), "{err}");
+    assert!(!err.contains("backup location"), "{err}");
 }

@@ -38,6 +38,12 @@ fn schedules(files: &[(&str, &str)], args: &[&str]) -> (Output, PathBuf) {
         .expect("bite_sync() sets a working dir")
         .join("schedules");
     write_files(&dir, files);
+    // The backup job needs a source to be runnable, as `bite-sync run` checks (connecting to
+    // it is not needed to list the jobs).
+    cmd.env(
+        "BITE_SOURCE_URL",
+        "postgres://bite@127.0.0.1:1/bite?sslmode=disable",
+    );
     let out = run(cmd.arg("schedules").args(args));
     (out, dir)
 }

@@ -914,7 +914,11 @@ async fn ctrl_c_during_the_copy_exits_130_and_keeps_the_old_rows() {
         .await
         .unwrap();
     assert_exit(&out, 130);
-    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted before the new tables were swapped in"),
+        "{}",
+        stderr(&out)
+    );
     assert_interrupted_run_left_no_trace(&dbs, &source, &mirror, before).await;
 }
 

@@ -574,3 +574,68 @@ async fn a_server_that_never_answers_times_out_per_connect_timeout() {
     assert!(error.to_string().contains("timed out after 1 s"), "{error}");
     assert!(error.is_transient());
 }
+
+#[tokio::test]
+async fn a_rejected_password_names_where_the_url_came_from() {
+    let server = Cluster::start().await;
+    let wrong = "Wr0ng-Passw0rd_42";
+    let url = server.url(&format!("app:{wrong}"), "127.0.0.1", "sslmode=disable");
+    let dir = tempfile::tempdir().unwrap();
+    let check = |setup: &dyn Fn(&mut Command)| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bite-sync"));
+        cmd.current_dir(dir.path())
+            .env_remove("BITE_SOURCE_URL")
+            .env_remove("BITE_MIRROR_URL")
+            .env_remove("BITE_CONFIG")
+            .args(["check", "--tables", "t"]);
+        setup(&mut cmd);
+        let out = cmd.output().expect("bite-sync runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reachable = |report: &str, side: &str| -> String {
+        report
+            .lines()
+            .find(|l| l.starts_with(&format!("FIX  {side}  reachable")))
+            .unwrap_or_else(|| panic!("no {side} reachable line in:\n{report}"))
+            .to_string()
+    };
+
+    let report = check(&|cmd| {
+        cmd.args(["--source", &url, "--mirror", &url]);
+    });
+    assert!(
+        reachable(&report, "source").contains("check the user and password in the URL (--source)"),
+        "{report}"
+    );
+    assert!(
+        reachable(&report, "mirror").contains("in the URL (--mirror)"),
+        "{report}"
+    );
+
+    let report = check(&|cmd| {
+        cmd.env("BITE_SOURCE_URL", &url)
+            .env("BITE_MIRROR_URL", &url);
+    });
+    assert!(
+        reachable(&report, "source").contains("in the URL (BITE_SOURCE_URL)"),
+        "{report}"
+    );
+    assert!(
+        reachable(&report, "mirror").contains("in the URL (BITE_MIRROR_URL)"),
+        "{report}"
+    );
+
+    let config = dir.path().join("bite-sync.toml");
+    std::fs::write(
+        &config,
+        format!("[source]\nurl = \"{url}\"\n\n[mirror]\nurl = \"{url}\"\n"),
+    )
+    .unwrap();
+    let report = check(&|_| {});
+    assert!(
+        reachable(&report, "source")
+            .contains(&format!("in the URL (source.url in {})", config.display())),
+        "{report}"
+    );
+    assert!(!report.contains(wrong), "{report}");
+}

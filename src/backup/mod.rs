@@ -179,7 +179,7 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
     let prepared = (|| {
         let url = location(config, &args.from.from, "--from")?;
         let server = match &args.scratch {
-            Some(u) => DbUrl::parse(Role::Mirror, u).map_err(|e| ConfigError {
+            Some(u) => DbUrl::parse(Role::Scratch, u).map_err(|e| ConfigError {
                 problems: vec![format!("--scratch: {e}")],
             })?,
             None => source_url(config, &args.source)?,
@@ -248,7 +248,7 @@ pub async fn run_verify(config: &Config, args: &BackupsVerifyArgs) -> u8 {
 pub async fn run_restore(config: &Config, args: &RestoreArgs) -> u8 {
     let prepared = (|| {
         let url = location(config, &args.from.from, "--from")?;
-        let target = DbUrl::parse(Role::Mirror, &args.target).map_err(|e| ConfigError {
+        let target = DbUrl::parse(Role::Target, &args.target).map_err(|e| ConfigError {
             problems: vec![format!("--target: {e}")],
         })?;
         let tables = tables_flag(&args.tables)?;
@@ -332,10 +332,8 @@ pub async fn run_prune(config: &Config, args: &BackupsPruneArgs) -> u8 {
                     crate::outln!("{verb:<7} {id}  (incomplete)");
                 }
                 crate::outln!(
-                    "{} backups kept, {} {verb}, {} incomplete {verb}, {} freed{}",
-                    report.kept.len(),
-                    report.deleted.len(),
-                    report.incomplete_deleted.len(),
+                    "{}, {} freed{}",
+                    report.counts(),
                     size(report.bytes_freed),
                     if report.dry_run { " (dry run)" } else { "" }
                 );

@@ -106,6 +106,25 @@ pub struct PruneReport {
     pub bytes_freed: u64,
 }
 
+impl PruneReport {
+    /// `4 backups kept, 1 deleted, 0 incomplete deleted` (`would delete` for a dry run), for
+    /// people: `1 backup kept`.
+    pub fn counts(&self) -> String {
+        let verb = if self.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        let kept = self.kept.len();
+        format!(
+            "{kept} {} kept, {} {verb}, {} incomplete {verb}",
+            if kept == 1 { "backup" } else { "backups" },
+            self.deleted.len(),
+            self.incomplete_deleted.len()
+        )
+    }
+}
+
 /// Applies `policy` to the store.
 pub async fn prune(
     store: &Store,
@@ -156,6 +175,33 @@ async fn delete_backup(store: &Store, id: &str) -> Result<(), RestoreError> {
     }
     tracing::info!(backup = %id, "deleted by the retention policy");
     Ok(())
+}
+
+#[cfg(test)]
+mod counts {
+    use super::*;
+
+    #[test]
+    fn one_backup_is_singular() {
+        let mut report = PruneReport {
+            policy: Retention::default(),
+            dry_run: false,
+            kept: BTreeMap::from([("20261129T060000Z".to_string(), vec!["last".to_string()])]),
+            deleted: vec!["20261128T060000Z".into()],
+            incomplete_deleted: Vec::new(),
+            bytes_freed: 0,
+        };
+        assert_eq!(
+            report.counts(),
+            "1 backup kept, 1 deleted, 0 incomplete deleted"
+        );
+        report.dry_run = true;
+        report.kept.insert("20261129T120000Z".into(), Vec::new());
+        assert_eq!(
+            report.counts(),
+            "2 backups kept, 1 would delete, 0 incomplete would delete"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -71,7 +71,7 @@ pub enum StoreError {
         key: String,
     },
     /// Reading or writing a local file failed.
-    #[error("{store}: {action} {key}: {source}")]
+    #[error("{store}: {action}{}: {source}", with_space(.key))]
     Io {
         /// The store.
         store: String,
@@ -173,8 +173,8 @@ impl Store {
                 .await
                 .map_err(|source| StoreError::Io {
                     store: url.to_owned(),
-                    action: "create",
-                    key: String::new(),
+                    action: "cannot create the folder",
+                    key: path.to_owned(),
                     source,
                 })?;
             return Ok(Store {

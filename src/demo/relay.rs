@@ -181,14 +181,16 @@ pub async fn show(
                 .map(|(_, v)| v.clone())
         }
     };
-    let settings =
+    let mut settings =
         RelaySettings::resolve(&RawRelay::default(), &RawDelivery::default(), None, &env)
             .map_err(|e| DemoError::Relay(e.to_string()))?;
+    // This machine only, as the demo says (in production the relay listens on every interface).
+    settings.bind = Some(std::net::Ipv4Addr::LOCALHOST.into());
     let delivery = DeliverySettings::resolve(&RawDelivery::default(), None, &env)
         .map_err(|e| DemoError::Relay(e.to_string()))?;
 
     crate::outln!(
-        "\n$ bite-sync relay   # the WhatsApp webhook endpoint, on Railway in production\n\
+        "\n$ bite-sync relay --bind 127.0.0.1   # the WhatsApp webhook endpoint, on Railway in production\n\
          Relay on http://127.0.0.1:{port}, its inbox in the mirror database;\n\
          stand-ins on loopback for the restaurant's backend, Meta's Graph API and an OpenAI-style provider."
     );

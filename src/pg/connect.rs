@@ -67,22 +67,28 @@ const KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
 const DEFAULT_PORT: u16 = 5432;
 const SCHEMES: [&str; 2] = ["postgres://", "postgresql://"];
 
-/// Which side a URL belongs to, for messages.
+/// Which database a URL is for, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// The restaurant's local database, read from.
     Source,
     /// The cloud database, written to.
     Mirror,
+    /// The database `bite-sync restore` restores into.
+    Target,
+    /// The server `bite-sync backups verify` makes its scratch database on.
+    Scratch,
 }
 
 impl Role {
-    /// The environment variable that carries this side's URL, named in messages that ask the user
-    /// to fix the URL.
-    pub fn env_var(self) -> &'static str {
+    /// Where this role's URL comes from when nobody said ([`DbUrl::with_origin`]): named in
+    /// messages that ask the user to fix the URL.
+    pub fn default_origin(self) -> &'static str {
         match self {
-            Role::Source => "BITE_SOURCE_URL",
-            Role::Mirror => "BITE_MIRROR_URL",
+            Role::Source => "BITE_SOURCE_URL or the config file",
+            Role::Mirror => "BITE_MIRROR_URL or the config file",
+            Role::Target => "--target",
+            Role::Scratch => "--scratch",
         }
     }
 }
@@ -92,6 +98,8 @@ impl fmt::Display for Role {
         f.write_str(match self {
             Role::Source => "source",
             Role::Mirror => "mirror",
+            Role::Target => "restore target",
+            Role::Scratch => "scratch server",
         })
     }
 }
@@ -202,6 +210,9 @@ pub struct DbUrl {
     roots_from_url: bool,
     /// The input as written, password replaced by `***`.
     redacted: String,
+    /// Where the URL came from (`--source`, `BITE_SOURCE_URL`, `source.url in FILE`), for
+    /// messages that ask to fix it; none: [`Role::default_origin`].
+    origin: Option<String>,
 }
 
 impl DbUrl {
@@ -228,6 +239,9 @@ impl DbUrl {
             }
         }
 
+        for (key, _) in &params {
+            check_setting_name(role, key)?;
+        }
         let system_roots = root_cert.as_deref() == Some("system");
         let ssl_mode = match ssl_mode_value {
             Some(value) => match SslMode::from_param(&value) {
@@ -254,7 +268,7 @@ impl DbUrl {
         }
         let mut config: tokio_postgres::Config = conninfo
             .parse()
-            .map_err(|source| ConnectError::UnsupportedSetting { role, source })?;
+            .map_err(|source| ConnectError::BadSettingValue { role, source })?;
 
         let user = match config.get_user() {
             Some(user) if !user.is_empty() => user.to_owned(),
@@ -288,12 +302,27 @@ impl DbUrl {
             ca_file,
             roots_from_url: root_cert.is_some(),
             redacted: parsed.redacted,
+            origin: None,
         })
     }
 
     /// Which side this URL is for.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// Says where the URL came from (`--source`, `BITE_SOURCE_URL`, `source.url in FILE`),
+    /// so that messages asking to fix it point there.
+    pub fn with_origin(mut self, origin: impl Into<String>) -> DbUrl {
+        self.origin = Some(origin.into());
+        self
+    }
+
+    /// Where the URL came from, as messages name it.
+    pub fn origin(&self) -> String {
+        self.origin
+            .clone()
+            .unwrap_or_else(|| self.role.default_origin().to_string())
     }
 
     /// The first host: a name, an IP address, or the unix socket directory.
@@ -554,7 +583,72 @@ impl DbUrl {
             }
             None => connecting.await,
         };
-        result.map_err(|source| self.connect_error(self.classify(&source), Some(source.into())))
+        match result {
+            Ok(pair) => Ok(pair),
+            Err(source) => {
+                let failure = self.classify(&source);
+                // A reply that made no sense to the PostgreSQL client may come from a server of
+                // another kind (a web server on that port): asking it directly tells them apart.
+                if matches!(
+                    failure,
+                    ConnectFailure::Other
+                        | ConnectFailure::Reset
+                        | ConnectFailure::TlsNotSupported { .. }
+                        | ConnectFailure::TlsHandshake { .. }
+                ) && let Some(other) = self.probe_protocol().await
+                {
+                    // The client's own words ("server does not support TLS") would mislead.
+                    return Err(self.connect_error(other, None));
+                }
+                Err(self.connect_error(failure, Some(source.into())))
+            }
+        }
+    }
+
+    /// Asks the TCP endpoint what it is, the way a PostgreSQL client opens (an SSLRequest), and
+    /// reads the first bytes of the answer: [`ConnectFailure::NotPostgres`] when it is not
+    /// PostgreSQL's one-byte `S`/`N` (or an error message), none when it is or nothing came.
+    async fn probe_protocol(&self) -> Option<ConnectFailure> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        const WAIT: Duration = Duration::from_secs(3);
+        let Endpoint::Tcp {
+            host,
+            hostaddr,
+            port,
+        } = self.endpoint_to_dial()
+        else {
+            return None;
+        };
+        let probe = async {
+            let mut stream = match hostaddr {
+                Some(ip) => tokio::net::TcpStream::connect((ip, port)).await,
+                None => tokio::net::TcpStream::connect((host.as_str(), port)).await,
+            }
+            .ok()?;
+            stream.write_all(&SSL_REQUEST).await.ok()?;
+            let mut answer = [0u8; 5];
+            let mut read = 0;
+            while read < answer.len() {
+                match stream.read(&mut answer[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+                if matches!(answer[0], b'S' | b'N' | b'E') {
+                    return None;
+                }
+            }
+            Some(answer[..read].to_vec())
+        };
+        let answer = tokio::time::timeout(WAIT, probe).await.ok().flatten()?;
+        match answer.as_slice() {
+            [] => None,
+            [b'S' | b'N' | b'E', ..] => None,
+            http if http.starts_with(b"HTTP/") || b"HTTP/".starts_with(http) => {
+                Some(ConnectFailure::NotPostgres { http: true })
+            }
+            _ => Some(ConnectFailure::NotPostgres { http: false }),
+        }
     }
 
     /// The error for a failed connection to this URL: names role, endpoint, database and user.
@@ -636,7 +730,7 @@ impl DbUrl {
     /// error kind private, so this reads the SQLSTATE, the io/rustls errors in the source chain
     /// and, for the few failures that carry neither, the fixed texts tokio-postgres uses.
     fn classify(&self, error: &tokio_postgres::Error) -> ConnectFailure {
-        let env_var = self.role.env_var();
+        let origin = self.origin();
         if let Some(db) = error.as_db_error() {
             return self.server_failure(db.code().code(), db.message());
         }
@@ -664,7 +758,7 @@ impl DbUrl {
                         ssl_mode: self.ssl_mode,
                     };
                 }
-                "password missing" => return ConnectFailure::PasswordMissing { env_var },
+                "password missing" => return ConnectFailure::PasswordMissing { origin },
                 _ => {}
             }
             cause = err.source();
@@ -677,7 +771,7 @@ impl DbUrl {
             "error performing TLS handshake" => ConnectFailure::TlsHandshake {
                 ssl_mode: self.ssl_mode,
             },
-            "authentication error" => ConnectFailure::AuthenticationExchange { env_var },
+            "authentication error" => ConnectFailure::AuthenticationExchange { origin },
             _ => ConnectFailure::Other,
         }
     }
@@ -685,16 +779,16 @@ impl DbUrl {
     /// What a server's refusal during connection setup means, from its SQLSTATE (and, where
     /// one code covers several causes, its message).
     pub(crate) fn server_failure(&self, code: &str, message: &str) -> ConnectFailure {
-        let env_var = self.role.env_var();
+        let origin = self.origin();
         let user = self.user();
         if code == SqlState::INVALID_PASSWORD.code() {
-            ConnectFailure::PasswordRejected { env_var }
+            ConnectFailure::PasswordRejected { origin }
         } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code()
             && message.contains("replication connection")
         {
             ConnectFailure::ReplicationNotAllowed { user }
         } else if code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION.code() {
-            ConnectFailure::AccessDenied { env_var }
+            ConnectFailure::AccessDenied { origin }
         } else if code == SqlState::INSUFFICIENT_PRIVILEGE.code()
             && (message.contains("WAL sender") || message.contains("walsender"))
         {
@@ -927,23 +1021,23 @@ pub enum ConnectFailure {
     Reset,
     /// SQLSTATE 28P01: wrong password (or no such user).
     PasswordRejected {
-        /// Where the URL usually comes from.
-        env_var: &'static str,
+        /// Where the URL came from.
+        origin: String,
     },
     /// The server wants a password and the URL has none.
     PasswordMissing {
-        /// Where the URL usually comes from.
-        env_var: &'static str,
+        /// Where the URL came from.
+        origin: String,
     },
     /// SQLSTATE 28000: pg_hba.conf or the role does not allow this login.
     AccessDenied {
-        /// Where the URL usually comes from.
-        env_var: &'static str,
+        /// Where the URL came from.
+        origin: String,
     },
     /// The SASL/SCRAM exchange failed on the client side.
     AuthenticationExchange {
-        /// Where the URL usually comes from.
-        env_var: &'static str,
+        /// Where the URL came from.
+        origin: String,
     },
     /// SQLSTATE 28000 for a physical replication connection: no `replication` line in
     /// pg_hba.conf lets it in. (Logical replication connections, `replication=database`, match
@@ -1013,6 +1107,11 @@ pub enum ConnectFailure {
         /// The sslmode in effect.
         ssl_mode: SslMode,
     },
+    /// Something else answers on that port: it does not speak PostgreSQL's protocol.
+    NotPostgres {
+        /// It answered HTTP: a web server.
+        http: bool,
+    },
     /// The server refused with another SQLSTATE.
     Rejected,
     /// Anything else.
@@ -1054,26 +1153,25 @@ impl fmt::Display for ConnectFailure {
                 "the connection was closed before it was ready: check that the port belongs to \
                  PostgreSQL, and look at the server's log",
             ),
-            ConnectFailure::PasswordRejected { env_var } => write!(
+            ConnectFailure::PasswordRejected { origin } => write!(
                 f,
                 "password authentication failed: check the user and password in the URL \
-                 ({env_var} or the config file)"
+                 ({origin})"
             ),
-            ConnectFailure::PasswordMissing { env_var } => write!(
+            ConnectFailure::PasswordMissing { origin } => write!(
                 f,
                 "the server asks for a password but the URL has none: add it as \
-                 postgres://USER:PASSWORD@HOST/DBNAME ({env_var} or the config file)"
+                 postgres://USER:PASSWORD@HOST/DBNAME ({origin})"
             ),
-            ConnectFailure::AccessDenied { env_var } => write!(
+            ConnectFailure::AccessDenied { origin } => write!(
                 f,
-                "the server does not let this user in: check the user in the URL ({env_var} or \
-                 the config file) and the server's pg_hba.conf; if it only allows TLS \
-                 (hostssl), use sslmode=require"
+                "the server does not let this user in: check the user in the URL ({origin}) and \
+                 the server's pg_hba.conf; if it only allows TLS (hostssl), use sslmode=require"
             ),
-            ConnectFailure::AuthenticationExchange { env_var } => write!(
+            ConnectFailure::AuthenticationExchange { origin } => write!(
                 f,
-                "authentication failed: check the password in the URL ({env_var} or the config \
-                 file) and the server's authentication method"
+                "authentication failed: check the password in the URL ({origin}) and the \
+                 server's authentication method"
             ),
             ConnectFailure::ReplicationNotAllowed { user } => write!(
                 f,
@@ -1181,6 +1279,16 @@ impl fmt::Display for ConnectFailure {
                 "the TLS handshake failed (sslmode={ssl_mode}): check that host and port \
                  belong to a PostgreSQL server"
             ),
+            ConnectFailure::NotPostgres { http: true } => f.write_str(
+                "not a PostgreSQL server: something answering HTTP (a web server) listens on \
+                 that port: check the host and port in the URL (PostgreSQL's default port is \
+                 5432; on Railway, use the database's TCP proxy host and port, not a web \
+                 domain)",
+            ),
+            ConnectFailure::NotPostgres { http: false } => f.write_str(
+                "not a PostgreSQL server: what listens on that port does not speak PostgreSQL's \
+                 protocol: check the host and port in the URL",
+            ),
             ConnectFailure::Rejected => f.write_str("the server refused the connection"),
             ConnectFailure::Other => f.write_str("the connection failed"),
         }
@@ -1222,6 +1330,7 @@ impl ConnectFailure {
             | ConnectFailure::CertificateNotYetValid { .. }
             | ConnectFailure::CertificateInvalid { .. }
             | ConnectFailure::TlsHandshake { .. }
+            | ConnectFailure::NotPostgres { .. }
             | ConnectFailure::Rejected
             | ConnectFailure::Other => false,
         }
@@ -1252,14 +1361,35 @@ pub enum ConnectError {
         /// What is wrong.
         problem: UrlProblem,
     },
-    /// tokio-postgres rejected a setting (unknown name or bad value); its error names which.
-    #[error("the {role} URL has a setting bite-sync does not support or a value it cannot use")]
-    UnsupportedSetting {
+    /// tokio-postgres rejected a setting's value; its error names the setting.
+    #[error("the {role} URL has a setting with a value bite-sync cannot use")]
+    BadSettingValue {
         /// Which side.
         role: Role,
         /// tokio-postgres's parse error, naming the setting.
         #[source]
         source: tokio_postgres::Error,
+    },
+    /// A setting no PostgreSQL client knows (a typo, usually).
+    #[error(
+        "the {role} URL has an unknown setting \"{name}\"{}",
+        .near.map(|n| format!("; did you mean {n}?")).unwrap_or_default()
+    )]
+    UnknownSetting {
+        /// Which side.
+        role: Role,
+        /// The setting's name (never its value).
+        name: String,
+        /// The known setting closest to it.
+        near: Option<&'static str>,
+    },
+    /// A libpq setting bite-sync does not implement.
+    #[error("the {role} URL sets {name}, which bite-sync does not support: remove it")]
+    UnsupportedSetting {
+        /// Which side.
+        role: Role,
+        /// The setting's name.
+        name: String,
     },
     /// `sslmode` has a value libpq does not know.
     #[error(
@@ -1802,6 +1932,96 @@ fn parse_key_value(text: &str) -> Result<ParsedText, UrlProblem> {
     Ok(ParsedText { params, redacted })
 }
 
+/// The settings tokio-postgres takes, plus the two bite-sync handles itself.
+const SETTINGS: [&str; 21] = [
+    "user",
+    "password",
+    "dbname",
+    "options",
+    "application_name",
+    "sslmode",
+    "sslrootcert",
+    "sslnegotiation",
+    "host",
+    "hostaddr",
+    "port",
+    "connect_timeout",
+    "tcp_user_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_retries",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+    "replication",
+];
+
+/// libpq settings bite-sync does not implement (named as such rather than as unknown).
+const LIBPQ_ONLY: [&str; 22] = [
+    "passfile",
+    "require_auth",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcertmode",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslcompression",
+    "requirepeer",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "fallback_application_name",
+    "requiressl",
+    "client_encoding",
+    "hostaddrs",
+];
+
+/// A setting name is one bite-sync knows, or an error naming it (setting names are never
+/// secret; their values may be) with the closest known name.
+fn check_setting_name(role: Role, key: &str) -> Result<(), ConnectError> {
+    if key == "replication" {
+        // bite-sync opens its replication connections itself.
+        return Err(ConnectError::UnsupportedSetting {
+            role,
+            name: key.to_string(),
+        });
+    }
+    if SETTINGS.contains(&key) {
+        return Ok(());
+    }
+    if LIBPQ_ONLY.contains(&key) {
+        return Err(ConnectError::UnsupportedSetting {
+            role,
+            name: key.to_string(),
+        });
+    }
+    let near = SETTINGS
+        .iter()
+        .chain(LIBPQ_ONLY.iter())
+        .filter(|known| **known != "replication")
+        .map(|known| {
+            (
+                strsim::levenshtein(&key.to_ascii_lowercase(), known),
+                *known,
+            )
+        })
+        .filter(|(distance, _)| *distance <= 2)
+        .min()
+        .map(|(_, known)| known);
+    Err(ConnectError::UnknownSetting {
+        role,
+        name: key.to_string(),
+        near,
+    })
+}
+
 fn checked_key(key: String) -> Result<String, UrlProblem> {
     if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         Ok(key)
@@ -2186,6 +2406,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_setting_is_named_with_the_close_one() {
+        for url in [
+            "postgres://app:Sup3rS3cr3t@db.example.com/bite?sslmod=require",
+            "host=db.example.com password=Sup3rS3cr3t sslmod=require",
+        ] {
+            let error = DbUrl::parse(Role::Source, url).unwrap_err();
+            assert_eq!(
+                chain(&error),
+                "the source URL has an unknown setting \"sslmod\"; did you mean sslmode?"
+            );
+        }
+        let error = DbUrl::parse(Role::Mirror, "postgres://db/bite?conect_timeout=5").unwrap_err();
+        assert!(
+            chain(&error).ends_with("did you mean connect_timeout?"),
+            "{error}"
+        );
+        let error = DbUrl::parse(Role::Mirror, "postgres://db/bite?zzzzzz=1").unwrap_err();
+        assert_eq!(
+            chain(&error),
+            "the mirror URL has an unknown setting \"zzzzzz\""
+        );
+    }
+
+    #[test]
     fn settings_tokio_postgres_rejects_are_named_without_values() {
         let error = DbUrl::parse(
             Role::Mirror,
@@ -2227,7 +2471,7 @@ mod tests {
         let source_url = DbUrl::parse(Role::Source, "postgres://pos:x@127.0.0.1/shop").unwrap();
         let error = source_url.connect_error(
             ConnectFailure::PasswordRejected {
-                env_var: Role::Source.env_var(),
+                origin: source_url.origin(),
             },
             None,
         );
@@ -2255,10 +2499,10 @@ mod tests {
         for failure in [
             ConnectFailure::UnknownHost,
             ConnectFailure::PasswordRejected {
-                env_var: "BITE_MIRROR_URL",
+                origin: "BITE_MIRROR_URL".into(),
             },
             ConnectFailure::AccessDenied {
-                env_var: "BITE_MIRROR_URL",
+                origin: "BITE_MIRROR_URL".into(),
             },
             ConnectFailure::NoSuchDatabase,
             ConnectFailure::ReplicationNotAllowed { user: "app".into() },
@@ -2298,7 +2542,7 @@ mod tests {
                 "no pg_hba.conf entry for host \"10.0.0.2\", user \"pos\", database \"shop\""
             ),
             ConnectFailure::AccessDenied {
-                env_var: "BITE_SOURCE_URL"
+                origin: "BITE_SOURCE_URL or the config file".into()
             }
         );
         assert_eq!(

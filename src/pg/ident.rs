@@ -129,6 +129,19 @@ pub enum IdentError {
     /// A `"` without its closing partner.
     #[error("unterminated quoted identifier in {0:?}")]
     Unterminated(String),
+    /// A list with nothing in it: `--tables ''`, usually an unset shell variable.
+    #[error(
+        "the list is empty (an unset shell variable?): name the tables, e.g. customers,orders, or leave the option out"
+    )]
+    EmptyList,
+    /// A list with an empty item: `a,,b`, `a,`.
+    #[error("item {position} of {list:?} is empty: remove the extra comma")]
+    EmptyItem {
+        /// The list as given.
+        list: String,
+        /// Which item, from 1.
+        position: usize,
+    },
     /// More than `schema.table`.
     #[error("too many dots in {0:?}: expected table, schema.table or schema.*")]
     TooManyParts(String),
@@ -140,7 +153,8 @@ pub enum IdentError {
 }
 
 /// Splits a comma-separated list of table patterns, respecting quotes:
-/// `customers, sales."Order Items", archive.*`.
+/// `customers, sales."Order Items", archive.*`. An empty list or item is an error, never
+/// "every table": `--tables "$TABLES"` with the variable unset must not sync a whole database.
 pub fn parse_pattern_list(list: &str) -> Result<Vec<TablePattern>, IdentError> {
     let mut items = Vec::new();
     let mut current = String::new();
@@ -161,11 +175,19 @@ pub fn parse_pattern_list(list: &str) -> Result<Vec<TablePattern>, IdentError> {
         return Err(IdentError::Unterminated(list.to_string()));
     }
     items.push(current);
+    if items.iter().all(|s| s.trim().is_empty()) && items.len() == 1 {
+        return Err(IdentError::EmptyList);
+    }
     items
         .iter()
-        .map(|s| s.trim())
-        .filter(|s| !s.is_empty())
-        .map(parse_pattern)
+        .enumerate()
+        .map(|(i, s)| match s.trim() {
+            "" => Err(IdentError::EmptyItem {
+                list: list.to_string(),
+                position: i + 1,
+            }),
+            item => parse_pattern(item),
+        })
         .collect()
 }
 
@@ -302,7 +324,7 @@ mod tests {
 
     #[test]
     fn splits_lists_outside_quotes() {
-        let list = parse_pattern_list("customers, \"Order, Items\" ,sales.*,").unwrap();
+        let list = parse_pattern_list("customers, \"Order, Items\" ,sales.*").unwrap();
         assert_eq!(
             list,
             vec![
@@ -310,6 +332,28 @@ mod tests {
                 table(None, "Order, Items"),
                 TablePattern::Schema("sales".into())
             ]
+        );
+    }
+
+    #[test]
+    fn empty_lists_and_items_are_errors_not_every_table() {
+        // `--tables "$TABLES"` with the variable unset, or `"$A,$B"` with one of them unset.
+        for empty in ["", "  "] {
+            assert_eq!(parse_pattern_list(empty), Err(IdentError::EmptyList));
+        }
+        for (list, position) in [(",", 1), ("a,,b", 2), ("a,", 2), (" , a", 1)] {
+            assert_eq!(
+                parse_pattern_list(list),
+                Err(IdentError::EmptyItem {
+                    list: list.to_string(),
+                    position
+                }),
+                "{list:?}"
+            );
+        }
+        assert_eq!(
+            parse_pattern_list("a,,b").unwrap_err().to_string(),
+            "item 2 of \"a,,b\" is empty: remove the extra comma"
         );
     }
 

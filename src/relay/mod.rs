@@ -181,7 +181,7 @@ pub async fn run(settings: RelaySettings, cancel: CancellationToken) -> Result<(
             "the descriptor limit (ulimit -n) is too low for a public server; raise it"
         );
     }
-    let listener = listen(settings.port).await?;
+    let listener = listen(settings.bind, settings.port).await?;
     let addr = listener.local_addr().map_err(RelayError::Serve)?;
     tracing::info!(%addr, replica = %settings.replica, delivery = ?settings.delivery.mode, max_connections, "relay listening");
     let served = connections::serve(
@@ -247,9 +247,17 @@ fn start_workers(
     ]
 }
 
-/// Listens on `[::]:port` (IPv6 and IPv4, what Railway's private network needs), or on
-/// `0.0.0.0:port` where IPv6 is unavailable.
-async fn listen(port: u16) -> Result<tokio::net::TcpListener, RelayError> {
+/// Listens on `bind:port`, or by default on `[::]:port` (IPv6 and IPv4, what Railway's private
+/// network needs), or on `0.0.0.0:port` where IPv6 is unavailable.
+async fn listen(
+    bind: Option<std::net::IpAddr>,
+    port: u16,
+) -> Result<tokio::net::TcpListener, RelayError> {
+    if let Some(address) = bind {
+        return tokio::net::TcpListener::bind((address, port))
+            .await
+            .map_err(|source| RelayError::Listen { port, source });
+    }
     match tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await {
         Ok(l) => Ok(l),
         Err(_) => tokio::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port))

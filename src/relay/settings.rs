@@ -322,6 +322,9 @@ pub struct DeliverySettings {
 pub struct RelaySettings {
     /// `PORT`.
     pub port: u16,
+    /// The address to listen on (`relay --bind`), set by the caller; none: every interface
+    /// (`[::]`, else `0.0.0.0`), what Railway needs.
+    pub bind: Option<std::net::IpAddr>,
     /// `DATABASE_URL`: the cloud database (the mirror) holding the inbox.
     pub database: Option<DbUrl>,
     /// `WHATSAPP_VERIFY_TOKEN`.
@@ -608,7 +611,7 @@ impl RelaySettings {
             (None, None) => 5000,
         };
         let database = env("DATABASE_URL").and_then(|url| match DbUrl::parse(Role::Mirror, &url) {
-            Ok(db) => Some(db),
+            Ok(db) => Some(db.with_origin("DATABASE_URL")),
             Err(e) => {
                 p.list.push(format!("DATABASE_URL: {e}"));
                 None
@@ -712,6 +715,7 @@ impl RelaySettings {
         }
         Ok(RelaySettings {
             port,
+            bind: None,
             database,
             verify_token: env("WHATSAPP_VERIFY_TOKEN").map(Secret::new),
             app_secret: env("META_APP_SECRET").map(Secret::new),

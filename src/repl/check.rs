@@ -34,20 +34,24 @@ fn line(side: &'static str, what: &str, ok: bool, detail: impl Into<String>) -> 
     }
 }
 
-/// Runs every check.
+/// Runs every check; `publication` is the one `bite-sync run` would create.
 pub async fn check(
     source: Option<&DbUrl>,
     mirror: Option<&DbUrl>,
     tables: &[TablePattern],
+    publication: &str,
 ) -> Vec<Check> {
     let mut out = Vec::new();
-    match source {
-        None => out.push(line("source", "configured", false, "no source database: pass --source URL, set BITE_SOURCE_URL, or set source.url in bite-sync.toml")),
-        Some(url) => check_source(url, tables, &mut out).await,
-    }
+    let names = match source {
+        None => {
+            out.push(line("source", "configured", false, "no source database: pass --source URL, set BITE_SOURCE_URL, or set source.url in bite-sync.toml"));
+            None
+        }
+        Some(url) => check_source(url, tables, publication, &mut out).await,
+    };
     match mirror {
         None => out.push(line("mirror", "configured", false, "no mirror database: pass --mirror URL, set BITE_MIRROR_URL, or set mirror.url in bite-sync.toml")),
-        Some(url) => check_mirror(url, &mut out).await,
+        Some(url) => check_mirror(url, names.as_deref(), &mut out).await,
     }
     out
 }
@@ -159,11 +163,15 @@ async fn reach(
     }
 }
 
-async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>) {
+/// The source's checks; the tables as they exist there, when they could be resolved.
+async fn check_source(
+    url: &DbUrl,
+    tables: &[TablePattern],
+    publication: &str,
+    out: &mut Vec<Check>,
+) -> Option<Vec<QualifiedName>> {
     let side = "source";
-    let Some((client, num, text)) = reach(side, url, out).await else {
-        return;
-    };
+    let (client, num, text) = reach(side, url, out).await?;
     out.push(if num >= 100_000 {
         line(side, "server version", true, format!("PostgreSQL {text}"))
     } else {
@@ -265,13 +273,13 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
             false,
             "no tables to replicate: pass --tables or set replication.tables in bite-sync.toml",
         ));
-        return;
+        return None;
     }
     let names = match resolve(&client, tables).await {
         Ok(names) => names,
         Err(e) => {
             out.push(line(side, "tables", false, e));
-            return;
+            return None;
         }
     };
     out.push(line(
@@ -305,25 +313,8 @@ async fn check_source(url: &DbUrl, tables: &[TablePattern], out: &mut Vec<Check>
             crate::error_chain(&e),
         )),
     }
-    let (schemas, tables) = QualifiedName::split(&names);
-    if let Ok(row) = client
-        .query_one(
-            "SELECT COALESCE(string_agg(pg_catalog.format('%I.%I', n.nspname, c.relname), ', '), '') \
-             FROM unnest($1::text[], $2::text[]) AS t(schema, name) \
-             JOIN pg_catalog.pg_namespace n ON n.nspname = t.schema \
-             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = t.name \
-             WHERE NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')",
-            &[&schemas, &tables],
-        )
-        .await
-    {
-        let not_owned: String = row.get(0);
-        out.push(if not_owned.is_empty() {
-            line(side, "publication", true, "the user owns the tables, so it can create and change the publication")
-        } else {
-            line(side, "publication", false, format!("the user does not own {not_owned}: creating the publication needs the owner (or a superuser) to run bite-sync once, or to create it: CREATE PUBLICATION bite_sync FOR TABLE ..."))
-        });
-    }
+    super::privileges::source(&client, &names, publication, out).await;
+    Some(names)
 }
 
 async fn resolve(client: &Client, tables: &[TablePattern]) -> Result<Vec<QualifiedName>, String> {
@@ -338,7 +329,7 @@ async fn resolve(client: &Client, tables: &[TablePattern]) -> Result<Vec<Qualifi
         .map_err(|e| e.to_string())
 }
 
-async fn check_mirror(url: &DbUrl, out: &mut Vec<Check>) {
+async fn check_mirror(url: &DbUrl, tables: Option<&[QualifiedName]>, out: &mut Vec<Check>) {
     let side = "mirror";
     let Some((client, _, text)) = reach(side, url, out).await else {
         return;
@@ -349,21 +340,16 @@ async fn check_mirror(url: &DbUrl, out: &mut Vec<Check>) {
         true,
         format!("PostgreSQL {text}"),
     ));
+    super::privileges::mirror(&client, tables, out).await;
     if let Ok(row) = client
         .query_one(
-            "SELECT pg_catalog.has_database_privilege(current_user, pg_catalog.current_database(), 'CREATE'), \
-                    pg_catalog.to_regclass('bite_sync.schema_migrations') IS NOT NULL, \
+            "SELECT pg_catalog.to_regclass('bite_sync.schema_migrations') IS NOT NULL, \
                     (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user)",
             &[],
         )
         .await
     {
-        let (create, initialized, superuser): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
-        out.push(if create {
-            line(side, "CREATE privilege", true, "the user may create schemas and tables")
-        } else {
-            line(side, "CREATE privilege", false, "the user may not create schemas: GRANT CREATE ON DATABASE <db> TO <user>")
-        });
+        let (initialized, superuser): (bool, bool) = (row.get(0), row.get(1));
         out.push(line(
             side,
             "bookkeeping",

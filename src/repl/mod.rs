@@ -10,7 +10,8 @@
 //! - [`setup`]: publication, slot, table copies, and where the stream starts.
 //! - [`daemon`]: the `bite-sync run` loop: sessions, retries, feedback, stopping.
 //! - [`sequences`]: the mirror's sequences kept at or above the source's.
-//! - [`status`], [`check`]: `bite-sync status` and `bite-sync check`.
+//! - [`status`], [`check`]: `bite-sync status` and `bite-sync check`; [`privileges`]: the
+//!   privileges each command needs, which `check` tests.
 
 pub mod apply;
 pub mod batch;
@@ -19,6 +20,7 @@ pub mod conn;
 pub mod daemon;
 pub mod lsn;
 pub mod pgoutput;
+pub mod privileges;
 pub mod sequences;
 pub mod setup;
 pub mod status;

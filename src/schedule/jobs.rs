@@ -65,7 +65,9 @@ pub enum JobError {
     #[error(transparent)]
     Key(#[from] crate::backup::crypt::KeyError),
     /// Neither the job nor the configuration says where the backups are.
-    #[error("no backup location: set {key} in the job, or backup.url in bite-sync.toml")]
+    #[error(
+        "no backup location: set {key} in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL (or enabled = false in the job to run without it)"
+    )]
     NoLocation {
         /// The job's key for it: `to` or `from`.
         key: &'static str,
@@ -274,12 +276,7 @@ impl ConfigRunner {
                 .await?;
                 Ok(JobOutcome {
                     bytes: Some(report.bytes_freed),
-                    detail: format!(
-                        "prune: {} backups kept, {} deleted, {} incomplete deleted",
-                        report.kept.len(),
-                        report.deleted.len(),
-                        report.incomplete_deleted.len()
-                    ),
+                    detail: format!("prune: {}", report.counts()),
                 })
             }
         }
@@ -458,9 +455,9 @@ pg_dump = "/opt/pg/bin/pg_dump"
         assert_eq!(
             err.problems,
             [
-                "schedules/nightly.toml: job \"backup\": no backup location: set to in the job, or backup.url in bite-sync.toml",
+                "schedules/nightly.toml: job \"backup\": no backup location: set to in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL (or enabled = false in the job to run without it)",
                 "schedules/nightly.toml: job \"verify\": invalid configuration: no source database: pass --source URL, set BITE_SOURCE_URL, or set source.url in bite-sync.toml",
-                "schedules/nightly.toml: job \"prune\": no backup location: set from in the job, or backup.url in bite-sync.toml",
+                "schedules/nightly.toml: job \"prune\": no backup location: set from in the job, backup.url in bite-sync.toml or BITE_BACKUP_URL (or enabled = false in the job to run without it)",
             ],
             "a disabled job is not checked"
         );

@@ -245,11 +245,12 @@ fn describe_run(r: &RunRecord, tz: Tz) -> String {
     text
 }
 
-/// `45s`, `3m 12s`, `2h 05m`.
-fn human_duration(d: TimeDelta) -> String {
+/// `2 ms`, `45s`, `3m 12s`, `2h 05m`: how long a run took, for people (chrono's own
+/// `Display` is ISO 8601, `PT0.0019S`).
+pub fn human_duration(d: TimeDelta) -> String {
     let s = d.num_seconds().max(0);
     match s {
-        0 => "under a second".into(),
+        0 => format!("{} ms", d.num_milliseconds().max(0)),
         1..60 => format!("{s}s"),
         60..3600 => format!("{}m {:02}s", s / 60, s % 60),
         _ => format!("{}h {:02}m", s / 3600, s % 3600 / 60),
@@ -288,6 +289,20 @@ pub async fn read_history(mirror: Option<&DbUrl>) -> Result<HashMap<String, RunR
             "could not read the mirror's run history: {}",
             crate::error_chain(&e)
         )),
+    }
+}
+
+#[cfg(test)]
+mod durations {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human_duration(TimeDelta::microseconds(1_900)), "1 ms");
+        assert_eq!(human_duration(TimeDelta::seconds(45)), "45s");
+        assert_eq!(human_duration(TimeDelta::seconds(192)), "3m 12s");
+        assert_eq!(human_duration(TimeDelta::seconds(7_500)), "2h 05m");
+        assert_eq!(human_duration(TimeDelta::seconds(-3)), "0 ms");
     }
 }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::cron::CronSchedule;
 use super::{Job, JobKind};
+use crate::config::KeySeg;
 use crate::pg::ident::parse_pattern;
 
 /// The directory looked in, next to the config file (or in the working directory).
@@ -62,25 +63,27 @@ pub fn load_configured(
     })
 }
 
-/// The committed example files, which a test loads.
+/// The committed example files, which a test loads. They live in `schedules.example/`, not
+/// in the [`DEFAULT_DIR`], so a checkout of the project runs no jobs nobody asked for; copy the
+/// directory to `schedules/` to use them.
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
-        "schedules/backup.toml",
-        include_str!("../../schedules/backup.toml"),
+        "schedules.example/backup.toml",
+        include_str!("../../schedules.example/backup.toml"),
     ),
     (
-        "schedules/sync.toml",
-        include_str!("../../schedules/sync.toml"),
+        "schedules.example/sync.toml",
+        include_str!("../../schedules.example/sync.toml"),
     ),
 ];
 
 /// A schedule file as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
-    /// `[[job]]` tables, read one by one so each one's problems name it.
+    /// `[[job]]` tables.
     #[serde(default)]
-    job: Vec<toml::Table>,
+    job: Vec<RawJob>,
 }
 
 /// One `[[job]]` as written (every key optional here; checking says what is missing).
@@ -106,18 +109,6 @@ pub struct RawJob {
     /// Default true.
     pub enabled: Option<bool>,
 }
-
-const KEYS: [&str; 9] = [
-    "name",
-    "cron",
-    "time_zone",
-    "kind",
-    "to",
-    "tables",
-    "from",
-    "backup",
-    "enabled",
-];
 
 /// Everything wrong with the schedule files, reported at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,74 +207,59 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Vec<Job>, ScheduleErro
     }
 }
 
-/// The jobs of one file that are fine; the others' problems go to `problems`.
+/// The jobs of one file that are fine; the others' problems go to `problems`. Problems are
+/// pointed at by file, line, job and key, never quoted from the file.
 fn parse_file(path: &Path, text: &str, problems: &mut Vec<String>) -> Vec<Job> {
     let file = path.display();
-    let table: toml::Table = match toml::from_str(text) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(format!("{file}: {}", e.to_string().trim_end()));
-            return Vec::new();
-        }
+    let read = crate::config::read_toml::<RawFile>(text);
+    // Each job is named in messages by its name where it has one that reads.
+    let names: Vec<Option<String>> = toml::from_str::<toml::Table>(text)
+        .ok()
+        .and_then(|t| t.get("job").and_then(|j| j.as_array()).cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|job| job.get("name").and_then(|n| n.as_str()).map(str::to_string))
+        .collect();
+    let label = |i: usize| match names.get(i) {
+        Some(Some(name)) => format!("job {name:?}"),
+        _ => format!("job #{}", i + 1),
     };
-    let raw = match RawFile::deserialize(toml::Value::Table(table)) {
-        Ok(raw) => raw,
-        Err(e) => {
-            let mut problem = serde_problem(&e, &["job"]);
-            if problem.starts_with("job: invalid type: map") {
-                problem = "job: write [[job]] (two brackets) above each job".into();
+    let mut broken = std::collections::HashSet::new();
+    for p in &read.problems {
+        let at = p.line.map(|n| format!("line {n}: ")).unwrap_or_default();
+        problems.push(match p.path.0.as_slice() {
+            [KeySeg::Key(job), KeySeg::Index(i), rest @ ..] if job == "job" && !rest.is_empty() => {
+                broken.insert(*i);
+                format!(
+                    "{file}: {at}{}: {}: {}",
+                    label(*i),
+                    crate::config::KeyPath(rest.to_vec()),
+                    p.message
+                )
             }
-            problems.push(format!("{file}: {problem}"));
-            return Vec::new();
-        }
+            [KeySeg::Key(job)] if job == "job" && p.message.ends_with("got a table") => {
+                format!("{file}: {at}job: write [[job]] (two brackets) above each job")
+            }
+            _ => format!("{file}: {p}"),
+        });
+    }
+    let Some(raw) = read.value else {
+        return Vec::new();
     };
-    if raw.job.is_empty() {
+    if raw.job.is_empty() && read.problems.is_empty() {
         problems.push(format!(
             "{file}: no jobs: each job is a [[job]] table with name, cron and kind"
         ));
     }
     let mut jobs = Vec::new();
-    for (i, table) in raw.job.into_iter().enumerate() {
-        let label = match table.get("name").and_then(|n| n.as_str()) {
-            Some(name) => format!("job {name:?}"),
-            None => format!("job #{}", i + 1),
-        };
-        match RawJob::deserialize(toml::Value::Table(table)) {
-            Ok(raw) => {
-                if let Some(job) = check_job(path, &label, raw, problems) {
-                    jobs.push(job);
-                }
-            }
-            Err(e) => problems.push(format!("{file}: {label}: {}", serde_problem(&e, &KEYS))),
+    for (i, job) in raw.job.into_iter().enumerate() {
+        if let Some(job) = check_job(path, &label(i), job, problems)
+            && !broken.contains(&i)
+        {
+            jobs.push(job);
         }
     }
     jobs
-}
-
-/// A serde error on one line with its key first: `enabled: invalid type: ...`, and a
-/// suggestion for a misspelt key.
-fn serde_problem(error: &toml::de::Error, keys: &[&str]) -> String {
-    let text = error.to_string();
-    let text = text.trim_end();
-    let mut line = match text.rsplit_once("\nin `") {
-        Some((message, key)) => format!("{}: {message}", key.trim_end_matches('`')),
-        None => text.replace('\n', " "),
-    };
-    if let Some(rest) = line.strip_prefix("unknown field `")
-        && let Some((typed, _)) = rest.split_once('`')
-    {
-        let typed = typed.to_string();
-        line = format!("unknown key {typed:?}");
-        match keys
-            .iter()
-            .filter(|k| strsim::levenshtein(&typed, k) <= 2)
-            .min_by_key(|k| strsim::levenshtein(&typed, k))
-        {
-            Some(near) => line.push_str(&format!("; did you mean {near}?")),
-            None => line.push_str(&format!("; the keys are {}", keys.join(", "))),
-        }
-    }
-    line
 }
 
 /// Checks one job, pushing every problem found; the job if there were none.
@@ -525,7 +501,7 @@ mod tests {
         let backup = by_name("backup");
         assert_eq!(backup.cron.text(), "0 */6 * * *");
         assert_eq!(backup.time_zone, chrono_tz::America::Mexico_City);
-        assert_eq!(backup.file, PathBuf::from("schedules/backup.toml"));
+        assert_eq!(backup.file, PathBuf::from("schedules.example/backup.toml"));
         assert!(backup.enabled);
         assert_eq!(by_name("verify").cron.text(), "30 4 * * *");
         assert_eq!(
@@ -587,13 +563,43 @@ mod tests {
             "a.toml: job \"Nightly Backup\": kind \"backups\": expected backup, sync, verify or prune",
             "a.toml: job \"s\": from: not used by kind \"sync\" (only by verify and prune)",
             "a.toml: job \"s\": tables[0]: too many dots",
-            "b.toml: job \"x\": unknown key \"tabels\"; did you mean tables?",
-            "c.toml: TOML parse error",
+            "b.toml: line 5: job \"x\": tabels: unknown key; did you mean tables?",
+            "c.toml: line 1, column 6: not valid TOML",
         ];
         for e in expected {
             assert!(text.contains(e), "missing {e:?} in:\n{text}");
         }
         assert_eq!(p.len(), expected.len(), "{text}");
+    }
+
+    #[test]
+    fn problems_point_at_line_and_key_and_never_quote_the_file() {
+        let secret = "wJalrXUtnFEMI-K7MDENG";
+        let p = problems(&[
+            (
+                "a.toml",
+                &format!(
+                    "[[job]]\nname = \"b\"\ncron = \"@daily\"\nkind = \"backup\"\nto = \"s3://b/{secret}\n"
+                ),
+            ),
+            (
+                "b.toml",
+                &format!(
+                    "[[job]]\nname = \"b2\"\ncron = \"@daily\"\nkind = \"backup\"\nsecret = \"{secret}\"\nenabled = \"{secret}\"\ntables = [1, 2]\n"
+                ),
+            ),
+        ]);
+        let text = p.join("\n");
+        assert!(!text.contains(&secret[4..12]), "the secret leaked: {text}");
+        assert_eq!(
+            p,
+            [
+                "a.toml: line 5, column 35: not valid TOML: invalid basic string",
+                "b.toml: line 5: job \"b2\": secret: unknown key; the keys here are name, cron, time_zone, kind, to, tables, from, backup, enabled",
+                "b.toml: line 6: job \"b2\": enabled: expected a boolean, got a string",
+                "b.toml: line 7: job \"b2\": tables[0]: expected a string, got an integer",
+            ]
+        );
     }
 
     #[test]
@@ -622,15 +628,13 @@ mod tests {
         assert!(text.contains("f.toml: job #1: name: missing"), "{text}");
         assert!(text.contains("f.toml: job #1: kind: missing"), "{text}");
         assert!(
-            text.contains(
-                "f.toml: job \"y\": enabled: invalid type: string \"yes\", expected a boolean"
-            ),
+            text.contains("f.toml: line 7: job \"y\": enabled: expected a boolean, got a string"),
             "{text}"
         );
         let p = problems(&[("g.toml", "[job]\nname = \"x\"\n")]);
         assert_eq!(
             p,
-            ["g.toml: job: write [[job]] (two brackets) above each job"]
+            ["g.toml: line 1: job: write [[job]] (two brackets) above each job"]
         );
         let p = problems(&[("h.toml", "# nothing yet\n")]);
         assert!(p[0].starts_with("h.toml: no jobs"), "{p:?}");

@@ -154,7 +154,7 @@ impl JobTask {
             .await
             .unwrap_or_else(|panic| Err(format!("the job panicked: {}", panic_message(&*panic))));
         let finished = self.clock.now();
-        let took = finished - started;
+        let took = super::list::human_duration(finished - started);
         match &outcome {
             Ok(o) => {
                 tracing::info!(bytes = o.bytes, detail = %o.detail, took = %took, "job finished")

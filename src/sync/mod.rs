@@ -172,6 +172,44 @@ pub trait Observer: Send + Sync {
     fn table_loaded(&self, _table: &QualifiedName, _stats: CopyStats) {}
     /// A table is built (indexes included).
     fn table_finished(&self, _table: &QualifiedName, _stats: CopyStats) {}
+    /// The new tables are about to be swapped in: from here on the run finishes even when
+    /// stopped (the swap is one short transaction, and stopping in it would leave the user
+    /// unsure which rows the mirror holds).
+    fn swapping(&self) {}
+    /// The run was stopped before its swap (Ctrl-C, SIGTERM): nothing more will be shown.
+    fn interrupted(&self) {}
+}
+
+/// Passes everything on to the caller's observer, noting whether the swap has begun.
+struct SwapWatch {
+    inner: Arc<dyn Observer>,
+    swapping: std::sync::atomic::AtomicBool,
+}
+
+impl Observer for SwapWatch {
+    fn phase(&self, what: &str) {
+        self.inner.phase(what);
+    }
+    fn table_started(&self, table: &QualifiedName, estimated_rows: u64) {
+        self.inner.table_started(table, estimated_rows);
+    }
+    fn table_progress(&self, table: &QualifiedName, stats: CopyStats) {
+        self.inner.table_progress(table, stats);
+    }
+    fn table_loaded(&self, table: &QualifiedName, stats: CopyStats) {
+        self.inner.table_loaded(table, stats);
+    }
+    fn table_finished(&self, table: &QualifiedName, stats: CopyStats) {
+        self.inner.table_finished(table, stats);
+    }
+    fn swapping(&self) {
+        self.swapping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.swapping();
+    }
+    fn interrupted(&self) {
+        self.inner.interrupted();
+    }
 }
 
 /// An [`Observer`] that shows nothing.
@@ -253,15 +291,17 @@ pub enum SyncError {
         source: tokio_postgres::Error,
     },
     /// Tables that `bite-sync run` keeps in step: a one-off copy would race the stream.
-    #[error("{} replicated continuously by `bite-sync run` (slot {slot}): a one-off sync would conflict with the stream; leave {} out (the daemon copies a table again by itself when it must)", .tables.join(", "), if .tables.len() == 1 { "it" } else { "them" })]
+    #[error("{} {} replicated continuously by `bite-sync run` (slot {slot}): a one-off sync would conflict with the stream; leave {} out (the daemon copies a table again by itself when it must)", .tables.join(", "), if .tables.len() == 1 { "is" } else { "are" }, if .tables.len() == 1 { "it" } else { "them" })]
     Replicated {
         /// The tables, as a user would type them.
         tables: Vec<String>,
         /// The slot that replicates them.
         slot: String,
     },
-    /// Ctrl-C or shutdown.
-    #[error("cancelled")]
+    /// Ctrl-C or shutdown, before the swap.
+    #[error(
+        "interrupted before the new tables were swapped in: the mirror still holds its previous rows (the next sync removes what this one staged)"
+    )]
     Cancelled,
 }
 
@@ -312,16 +352,29 @@ fn pg(side: Side, context: impl Into<String>) -> impl FnOnce(tokio_postgres::Err
     }
 }
 
-/// Runs one sync.
+/// Runs one sync. Stopped by `cancel` before the swap, it returns [`SyncError::Cancelled`] and
+/// the mirror is as it was; stopped during the swap, it finishes the swap first.
 pub async fn sync(
     opts: &SyncOptions,
     observer: Arc<dyn Observer>,
     cancel: CancellationToken,
 ) -> Result<SyncReport, SyncError> {
+    let watch = Arc::new(SwapWatch {
+        inner: Arc::clone(&observer),
+        swapping: std::sync::atomic::AtomicBool::new(false),
+    });
+    let running = run(opts, Arc::clone(&watch) as Arc<dyn Observer>);
+    tokio::pin!(running);
     tokio::select! {
-        result = run(opts, observer) => result,
-        () = cancel.cancelled() => Err(SyncError::Cancelled),
+        result = &mut running => return result,
+        () = cancel.cancelled() => {}
     }
+    if watch.swapping.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::info!("stopping once the swap in progress has committed (one short transaction)");
+        return running.await;
+    }
+    observer.interrupted();
+    Err(SyncError::Cancelled)
 }
 
 /// Schemas bite-sync builds tables in before swapping them in; the next run drops leftovers.
@@ -1019,6 +1072,7 @@ async fn execute(
         lock_timeout: opts.lock_timeout,
         finish: finish_statements(planned, run_id, started),
     };
+    observer.swapping();
     let outcome = swap::swap(mirror, &plan)
         .await
         .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;

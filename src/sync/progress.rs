@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{
+    HumanBytes, HumanCount, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle,
+};
 
 use super::Observer;
 use super::copy::CopyStats;
@@ -100,6 +102,31 @@ impl Observer for TerminalProgress {
                 "{} copied; building indexes",
                 HumanBytes(stats.bytes)
             ));
+        }
+    }
+
+    fn interrupted(&self) {
+        // The bars are taken off the terminal and nothing is drawn after (a tick must not draw
+        // over the message that follows, nor over the shell's prompt); what each table had
+        // reached stays as plain lines.
+        let bars = self.bars.lock().expect("progress lock");
+        let mut lines: Vec<String> = bars
+            .values()
+            .map(|bar| {
+                let state = if bar.is_finished() {
+                    "built, not swapped in".to_string()
+                } else {
+                    format!("stopped after {} rows", HumanCount(bar.position()))
+                };
+                format!("{:>24} {state}", bar.prefix())
+            })
+            .collect();
+        lines.sort();
+        self.phase.finish_and_clear();
+        let _ = self.multi.clear();
+        self.multi.set_draw_target(ProgressDrawTarget::hidden());
+        for line in lines {
+            eprintln!("{line}");
         }
     }
 

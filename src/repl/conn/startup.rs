@@ -99,7 +99,7 @@ async fn authenticate(
         url.password().ok_or_else(|| {
             url.connect_error(
                 ConnectFailure::PasswordMissing {
-                    env_var: url.role().env_var(),
+                    origin: url.origin(),
                 },
                 None,
             )
@@ -189,7 +189,7 @@ async fn scram(
     let exchange_failed = |source: std::io::Error| {
         url.connect_error(
             ConnectFailure::AuthenticationExchange {
-                env_var: url.role().env_var(),
+                origin: url.origin(),
             },
             Some(Box::new(source)),
         )
