@@ -151,6 +151,9 @@ pub struct Listed {
     pub snapshot_time: Option<String>,
     /// The manifest's problem, when it exists but cannot be read.
     pub problem: Option<String>,
+    /// What it covers (good backups), for retention.
+    #[serde(skip)]
+    pub coverage: Option<super::prune::Coverage>,
 }
 
 /// Every backup in the store, oldest first; folders without a manifest are `incomplete`.
@@ -179,6 +182,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>, RestoreError> {
             scope: None,
             snapshot_time: None,
             problem: None,
+            coverage: None,
         };
         if has_manifest {
             match manifest(store, &id).await {
@@ -191,6 +195,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>, RestoreError> {
                         Scope::Tables(t) => t.join(","),
                     });
                     listed.snapshot_time = Some(m.snapshot.time.clone());
+                    listed.coverage = Some(super::prune::Coverage::of(&m.scope));
                 }
                 Err(e) => listed.problem = Some(e.to_string()),
             }
