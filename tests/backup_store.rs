@@ -623,7 +623,12 @@ async fn s3_ip_and_localhost_endpoints_need_no_path_style_setting() {
             .unwrap_or_else(|e| panic!("put with {endpoint}: {e}"));
         assert_eq!(&store.get(&key).await.expect("get")[..], b"hola");
         assert!(
-            store.list("").await.expect("list").iter().any(|o| o.key == key),
+            store
+                .list("")
+                .await
+                .expect("list")
+                .iter()
+                .any(|o| o.key == key),
             "{endpoint}"
         );
     }

@@ -51,8 +51,13 @@ pub struct Manifest {
     /// The age recipient (public key) an encrypted backup was encrypted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
-    /// Tables, in the order their data objects are named.
+    /// Tables with rows of their own (plain tables and partitions), in the order their data
+    /// objects are named.
     pub tables: Vec<Table>,
+    /// Partitioned tables (they hold no rows: their partitions do), each after the one it is
+    /// a partition of (absent in older manifests and when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitioned: Vec<Partitioned>,
     /// Every object but the manifest, in name order.
     pub objects: Vec<Object>,
 }
@@ -108,6 +113,32 @@ pub struct Table {
     /// before bite-sync wrote it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ddl: Option<TableDdl>,
+    /// For a partition, the top-level partitioned table it belongs to, quoted
+    /// (`"public"."payments"`): the name `restore --tables` knows it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+}
+
+/// A partitioned table in a backup: its schema only (its rows are its partitions').
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partitioned {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// For a sub-partitioned partition, the top-level partitioned table, quoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+    /// Its schema as bite-sync generates it (`PARTITION BY`, attached to its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<TableDdl>,
+}
+
+impl Partitioned {
+    /// `schema.name` as the user writes it.
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
 }
 
 /// One table's schema, generated from the source's catalog.
@@ -346,7 +377,9 @@ mod tests {
                 },
                 objects: vec![data_object_name(0, "public", "orders", 0, false)],
                 ddl: None,
+                partition_of: None,
             }],
+            partitioned: Vec::new(),
             objects: vec![Object {
                 name: data_object_name(0, "public", "orders", 0, false),
                 kind: ObjectKind::Data,

@@ -11,6 +11,7 @@
 //! | [`dump`] | `bite-sync backup` |
 //! | [`prune`] | `backups prune`: keep-last/daily/weekly/monthly retention |
 //! | [`restore`] | `bite-sync restore`, `backups list`, `backups verify` |
+//! | [`tables`] | which tables a backup holds: every table with rows, partitions included |
 
 pub mod crypt;
 pub mod digest;
@@ -20,6 +21,7 @@ pub mod prune;
 pub mod restore;
 pub mod schema;
 pub mod store;
+pub mod tables;
 
 use crate::cli::{
     BackupArgs, BackupsKeygenArgs, BackupsListArgs, BackupsPruneArgs, BackupsVerifyArgs,

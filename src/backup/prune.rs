@@ -91,7 +91,10 @@ pub fn kept(
 ) -> BTreeMap<String, Vec<String>> {
     let mut groups: BTreeMap<&Coverage, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
     for (id, time, coverage) in backups {
-        groups.entry(coverage).or_default().push((id.clone(), *time));
+        groups
+            .entry(coverage)
+            .or_default()
+            .push((id.clone(), *time));
     }
     let mut reasons = BTreeMap::new();
     for (coverage, group) in groups {

@@ -99,6 +99,21 @@ pub enum RestoreError {
         /// The given identity's public key.
         given: String,
     },
+    /// The restore failed and its transaction was rolled back: the target is as it was.
+    #[error(
+        "{0}; the target is as it was before the restore (it runs in one transaction, rolled back)"
+    )]
+    RolledBack(Box<RestoreError>),
+    /// The connection was lost while the restore committed.
+    #[error(
+        "backup {id}: the connection to the target was lost while the restore committed ({source}): either all of it was restored or none of it; look at the target before restoring again (it has the backup's tables, or is as it was)"
+    )]
+    CommitUnknown {
+        /// The backup.
+        id: String,
+        /// The cause.
+        source: tokio_postgres::Error,
+    },
     /// The target has tables and `--clean` was not given.
     #[error(
         "the target database {target} is not empty ({tables}); restore into an empty database, or add --clean to drop {what} first"
@@ -118,6 +133,8 @@ impl RestoreError {
     /// 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
+            RestoreError::RolledBack(inner) => inner.exit_code(),
+            RestoreError::CommitUnknown { .. } => 3,
             RestoreError::NoIdentity { .. } | RestoreError::WrongIdentity { .. } => 2,
             RestoreError::Connect(e) if e.is_transient() => 3,
             RestoreError::Store(StoreError::S3 { .. } | StoreError::Io { .. }) => 3,
@@ -311,11 +328,32 @@ pub struct RestoreReport {
     pub duration_ms: u64,
 }
 
-/// Restores backup `id` into the target.
+/// How a restore runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// On one connection in one transaction: the target ends restored, or as it was.
+    OneTransaction,
+    /// On `jobs` connections, each task committed as it is done: into a scratch database
+    /// that is dropped after (`backups verify`), where a half-done restore harms nothing.
+    Parallel,
+}
+
+/// Restores backup `id` into the target, in one transaction: either every object of the
+/// backup is in the target, or (on any failure, a lost connection included) the target is left
+/// as it was, and the error says so.
 pub async fn restore(
     store: &Store,
     id: &str,
     opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    restore_in(store, id, opts, Mode::OneTransaction).await
+}
+
+async fn restore_in(
+    store: &Store,
+    id: &str,
+    opts: &RestoreOptions,
+    mode: Mode,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
@@ -329,9 +367,7 @@ pub async fn restore(
         let refs: Vec<&TableDdl> = ddls.iter().collect();
         (m, Some(generated_schema(&refs)))
     };
-    let control = opts.target.connect().await?;
-    prepare_target(&control, &m, opts).await?;
-
+    // The small objects are read (and checked) before the target is touched.
     let (pre, post) = match generated {
         Some(pair) => pair,
         None => (
@@ -339,49 +375,51 @@ pub async fn restore(
             read_text(store, &m, ObjectKind::PostData, key.as_ref()).await?,
         ),
     };
-    control
-        .batch_execute(&schema::without_meta_commands(&pre))
-        .await
-        .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
-
-    tracing::debug!(elapsed = ?started.elapsed(), "schema before data restored");
-    // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so a table's
-    // indexes are built while other tables still load, and a foreign key is checked once
-    // its two tables are indexed.
-    let (preamble, entries) = schema::split_entries(&post);
-    let nodes = restore_graph(&m, &entries);
-    run_graph(opts, store, &id, key.as_ref(), &preamble, nodes).await?;
-    tracing::debug!(elapsed = ?started.elapsed(), "data, indexes and foreign keys done");
-    let rest: String = entries
-        .iter()
-        .filter(|e| e.phase == Phase::Rest)
-        .map(|e| e.sql.as_str())
-        .collect();
-    if !rest.is_empty() {
-        control
-            .batch_execute(&format!("{preamble}{rest}"))
-            .await
-            .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
+    let sequences = sequences_for(
+        &m,
+        !opts.tables.is_empty(),
+        read_text(store, &m, ObjectKind::Sequences, key.as_ref()).await?,
+    );
+    let control = opts.target.connect().await?;
+    let steps = Steps {
+        store,
+        id: &id,
+        m: &m,
+        opts,
+        key: key.as_ref(),
+        pre: &pre,
+        post: &post,
+        sequences: &sequences,
+    };
+    match mode {
+        Mode::Parallel => steps.run(&control, mode).await?,
+        Mode::OneTransaction => {
+            control
+                .batch_execute(&format!(
+                    "BEGIN; {SESSION_SETTINGS}; SET maintenance_work_mem = {mem}; \
+                     SET work_mem = {mem}; SET jit = off",
+                    mem = literal(&opts.work_mem)
+                ))
+                .await
+                .map_err(query("failed to start the restore's transaction"))?;
+            if let Err(e) = steps.run(&control, mode).await {
+                // A lost connection has rolled back already; a live one is told to.
+                let _ = control.batch_execute("ROLLBACK").await;
+                return Err(RestoreError::RolledBack(Box::new(e)));
+            }
+            match control.batch_execute("COMMIT").await {
+                Ok(()) => {}
+                // The server answered: it refused the commit and rolled back.
+                Err(e) if e.as_db_error().is_some() => {
+                    return Err(RestoreError::RolledBack(Box::new(query(format!(
+                        "backup {id}: the commit failed"
+                    ))(e))));
+                }
+                Err(e) => return Err(RestoreError::CommitUnknown { id, source: e }),
+            }
+        }
     }
-    let mut sequences = read_text(store, &m, ObjectKind::Sequences, key.as_ref()).await?;
-    if !opts.tables.is_empty() {
-        // Only the sequences of the tables restored.
-        let wanted: Vec<String> = m
-            .tables
-            .iter()
-            .filter_map(|t| t.ddl.as_ref())
-            .flat_map(|d| d.sequences.iter().map(|(name, _)| literal(name)))
-            .collect();
-        sequences = sequences
-            .lines()
-            .filter(|l| !l.starts_with("SELECT") || wanted.iter().any(|w| l.contains(w.as_str())))
-            .flat_map(|l| [l, "\n"])
-            .collect();
-    }
-    control
-        .batch_execute(&sequences)
-        .await
-        .map_err(query(format!("backup {id}: setting the sequences failed")))?;
+    tracing::debug!(elapsed = ?started.elapsed(), "restored");
     Ok(RestoreReport {
         id: id.clone(),
         target: opts.target.to_string(),
@@ -390,6 +428,81 @@ pub async fn restore(
         bytes: m.size(),
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The sequences script; for some tables, only the lines of their sequences.
+fn sequences_for(m: &Manifest, some_tables: bool, sequences: String) -> String {
+    if !some_tables {
+        return sequences;
+    }
+    let wanted: Vec<String> = m
+        .tables
+        .iter()
+        .filter_map(|t| t.ddl.as_ref())
+        .chain(m.partitioned.iter().filter_map(|p| p.ddl.as_ref()))
+        .flat_map(|d| d.sequences.iter().map(|(name, _)| literal(name)))
+        .collect();
+    sequences
+        .lines()
+        .filter(|l| !l.starts_with("SELECT") || wanted.iter().any(|w| l.contains(w.as_str())))
+        .flat_map(|l| [l, "\n"])
+        .collect()
+}
+
+/// What a restore does, in order, on the target.
+struct Steps<'a> {
+    store: &'a Store,
+    id: &'a str,
+    m: &'a Manifest,
+    opts: &'a RestoreOptions,
+    key: Option<&'a Identity>,
+    pre: &'a str,
+    post: &'a str,
+    sequences: &'a str,
+}
+
+impl Steps<'_> {
+    /// Cleans (or checks) the target, then the schema before data, data, indexes, keys,
+    /// foreign keys, the rest of the schema and the sequences.
+    async fn run(&self, control: &Client, mode: Mode) -> Result<(), RestoreError> {
+        let id = self.id;
+        prepare_target(control, self.m, self.opts).await?;
+        control
+            .batch_execute(&schema::without_meta_commands(self.pre))
+            .await
+            .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
+        // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so in parallel
+        // a table's indexes are built while other tables still load, and a foreign key is
+        // checked once its two tables are indexed. In one transaction the same tasks run in
+        // the graph's order (data, indexes, index attachments, foreign keys).
+        let (preamble, entries) = schema::split_entries(self.post);
+        let nodes = restore_graph(self.m, &entries);
+        match mode {
+            Mode::Parallel => {
+                run_graph(self.opts, self.store, id, self.key, &preamble, nodes).await?;
+            }
+            Mode::OneTransaction => {
+                for node in nodes {
+                    run_work(control, self.store, id, self.key, &preamble, node.work).await?;
+                }
+            }
+        }
+        let rest: String = entries
+            .iter()
+            .filter(|e| e.phase == Phase::Rest)
+            .map(|e| e.sql.as_str())
+            .collect();
+        if !rest.is_empty() {
+            control
+                .batch_execute(&format!("{preamble}{rest}"))
+                .await
+                .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
+        }
+        control
+            .batch_execute(self.sequences)
+            .await
+            .map_err(query(format!("backup {id}: setting the sequences failed")))
+    }
 }
 
 /// The backup narrowed to the tables `patterns` name: its manifest with only them (scope
@@ -438,7 +551,12 @@ fn subset(
     Ok((m, ddls))
 }
 
-/// Refuses a target in use, or with `--clean` drops what the backup will create.
+/// Refuses a target in use, or with `--clean` drops what the backup will create: for a
+/// whole-database backup every schema (bite-sync's own bookkeeping aside, which no backup
+/// holds) and every object outside schemas that pg_dump writes (publications, event triggers,
+/// extensions, foreign-data wrappers and servers, casts, languages, access methods), the
+/// `public` schema coming back as it was (owner, privileges, comment) but empty; for some
+/// tables, those tables. Runs in the restore's transaction.
 async fn prepare_target(
     control: &Client,
     m: &Manifest,
@@ -451,29 +569,37 @@ async fn prepare_target(
              WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+               AND NOT starts_with(n.nspname, 'bite_sync') \
              ORDER BY 1, 2",
             &[],
         )
         .await
         .map_err(query("failed to look at the target database"))?;
     let present: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // For some tables: partitioned ones first, so their partitions go with them.
+    let tables: Vec<(&String, &String)> = m
+        .partitioned
+        .iter()
+        .map(|p| (&p.schema, &p.name))
+        .chain(m.tables.iter().map(|t| (&t.schema, &t.name)))
+        .collect();
     let (in_the_way, what): (Vec<&(String, String)>, String) = match &m.scope {
         Scope::Database => (
             present.iter().collect(),
             "every schema of the target".into(),
         ),
         Scope::Tables(_) => (
-            present
+            tables
                 .iter()
-                .filter(|(s, n)| m.tables.iter().any(|t| &t.schema == s && &t.name == n))
+                .filter_map(|(s, n)| present.iter().find(|(ps, pn)| ps == *s && pn == *n))
                 .collect(),
             "the backup's tables".into(),
         ),
     };
-    if in_the_way.is_empty() {
-        return Ok(());
-    }
     if !opts.clean {
+        if in_the_way.is_empty() {
+            return Ok(());
+        }
         let mut names: Vec<String> = in_the_way
             .iter()
             .take(3)
@@ -489,36 +615,92 @@ async fn prepare_target(
         });
     }
     let sql = match &m.scope {
-        Scope::Database => {
-            let schemas = control
-                .query(
-                    "SELECT nspname FROM pg_catalog.pg_namespace \
-                     WHERE nspname NOT IN ('pg_catalog', 'information_schema') \
-                       AND nspname NOT LIKE 'pg_toast%' AND nspname NOT LIKE 'pg_temp%'",
-                    &[],
-                )
-                .await
-                .map_err(query("failed to list the target's schemas"))?;
-            let mut sql = String::new();
-            for r in schemas {
-                sql.push_str(&format!(
-                    "DROP SCHEMA IF EXISTS {} CASCADE;\n",
-                    quote(r.get::<_, &str>(0))
-                ));
-            }
-            // pg_dump assumes the standard public schema exists.
-            sql.push_str("CREATE SCHEMA public;\n");
-            sql
-        }
+        Scope::Database => clean_database_sql(control).await?,
         Scope::Tables(_) => in_the_way
             .iter()
             .map(|(s, n)| format!("DROP TABLE IF EXISTS {}.{} CASCADE;\n", quote(s), quote(n)))
             .collect(),
     };
     control
-        .batch_execute(&format!("BEGIN; {sql} COMMIT"))
+        .batch_execute(&sql)
         .await
         .map_err(query("failed to clean the target (--clean)"))
+}
+
+/// Not created by an extension (whose `DROP EXTENSION` takes it along).
+const NOT_FROM_AN_EXTENSION: &str = "NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+     WHERE d.classid = o.tableoid AND d.objid = o.oid AND d.deptype = 'e')";
+
+/// The statements that empty the target for a whole-database restore (see [`prepare_target`]).
+async fn clean_database_sql(control: &Client) -> Result<String, RestoreError> {
+    // Event triggers first, so none fires while the rest is dropped. Objects created by
+    // PostgreSQL itself (oid below 16384) stay.
+    let drops = control
+        .query(
+            &format!(
+                "SELECT format('DROP EVENT TRIGGER IF EXISTS %I CASCADE', o.evtname) \
+                   FROM pg_catalog.pg_event_trigger o \
+                 UNION ALL SELECT format('DROP PUBLICATION IF EXISTS %I', o.pubname) \
+                   FROM pg_catalog.pg_publication o \
+                 UNION ALL SELECT format('DROP CAST IF EXISTS (%s AS %s) CASCADE', \
+                                         pg_catalog.format_type(o.castsource, NULL), \
+                                         pg_catalog.format_type(o.casttarget, NULL)) \
+                   FROM pg_catalog.pg_cast o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                 UNION ALL SELECT format('DROP ACCESS METHOD IF EXISTS %I CASCADE', o.amname) \
+                   FROM pg_catalog.pg_am o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                 UNION ALL SELECT format('DROP SERVER IF EXISTS %I CASCADE', o.srvname) \
+                   FROM pg_catalog.pg_foreign_server o \
+                 UNION ALL SELECT format('DROP FOREIGN DATA WRAPPER IF EXISTS %I CASCADE', o.fdwname) \
+                   FROM pg_catalog.pg_foreign_data_wrapper o WHERE {NOT_FROM_AN_EXTENSION} \
+                 UNION ALL SELECT format('DROP EXTENSION IF EXISTS %I CASCADE', o.extname) \
+                   FROM pg_catalog.pg_extension o WHERE o.extname <> 'plpgsql' \
+                 UNION ALL SELECT format('DROP LANGUAGE IF EXISTS %I CASCADE', o.lanname) \
+                   FROM pg_catalog.pg_language o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                 UNION ALL SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', o.nspname) \
+                   FROM pg_catalog.pg_namespace o \
+                  WHERE o.nspname NOT IN ('pg_catalog', 'information_schema') \
+                    AND o.nspname NOT LIKE 'pg_toast%' AND o.nspname NOT LIKE 'pg_temp%' \
+                    AND NOT starts_with(o.nspname, 'bite_sync')"
+            ),
+            &[],
+        )
+        .await
+        .map_err(query("failed to list what --clean drops"))?;
+    let mut sql: String = drops
+        .iter()
+        .map(|r| format!("{};\n", r.get::<_, &str>(0)))
+        .collect();
+    // pg_dump expects the public schema a new database has; it comes back as the target had
+    // it, empty.
+    let public = control
+        .query_opt(
+            "SELECT pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(n.nspowner)), \
+                    pg_catalog.obj_description(n.oid, 'pg_namespace'), \
+                    ARRAY(SELECT format('GRANT %s ON SCHEMA public TO %s', a.privilege_type, \
+                                        CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+                                             ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END) \
+                            FROM pg_catalog.aclexplode(n.nspacl) a WHERE a.grantee <> n.nspowner) \
+             FROM pg_catalog.pg_namespace n WHERE n.nspname = 'public'",
+            &[],
+        )
+        .await
+        .map_err(query("failed to read the target's public schema"))?;
+    if let Some(public) = public {
+        sql.push_str(&format!(
+            "CREATE SCHEMA public AUTHORIZATION {};\n",
+            public.get::<_, &str>(0)
+        ));
+        if let Some(comment) = public.get::<_, Option<&str>>(1) {
+            sql.push_str(&format!(
+                "COMMENT ON SCHEMA public IS {};\n",
+                literal(comment)
+            ));
+        }
+        for grant in public.get::<_, Vec<String>>(2) {
+            sql.push_str(&format!("{grant};\n"));
+        }
+    }
+    Ok(sql)
 }
 
 /// One task of a restore.
@@ -602,13 +784,23 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
             cost,
         });
     }
+    let mut attaches = Vec::new();
+    for entry in entries.iter().filter(|e| e.phase == Phase::Attach) {
+        attaches.push(nodes.len());
+        nodes.push(Node {
+            work: Work::Sql(entry.sql.clone()),
+            after: all_indexes.clone(),
+            cost: 1,
+        });
+    }
     let mut last_fk_of: Vec<Option<usize>> = vec![None; m.tables.len()];
     for entry in entries.iter().filter(|e| e.phase == Phase::ForeignKeys) {
         let (target, referenced) = table_of(&entry.sql);
         let me = nodes.len();
         let (after, cost) = match (target, referenced) {
             (Some(t), Some(r)) => {
-                let mut after: Vec<usize> = data_of[t].clone();
+                let mut after: Vec<usize> = attaches.clone();
+                after.extend(&data_of[t]);
                 after.extend(&data_of[r]);
                 after.extend(&indexes_of[t]);
                 after.extend(&indexes_of[r]);
@@ -621,6 +813,7 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
             _ => {
                 let mut after = all_data.clone();
                 after.extend(&all_indexes);
+                after.extend(&attaches);
                 (after, 1)
             }
         };
@@ -689,25 +882,8 @@ async fn run_graph(
                     Work::Load { object, .. } => object.name.clone(),
                     Work::Sql(sql) => sql.lines().next().unwrap_or_default().to_owned(),
                 };
-                let result = match work {
-                    Work::Load {
-                        object,
-                        table,
-                        columns,
-                    } => {
-                        load_object(
-                            &client,
-                            &store,
-                            &id,
-                            key.as_ref(),
-                            &object,
-                            &table,
-                            &columns,
-                        )
-                        .await
-                    }
-                    Work::Sql(sql) => run_with_retry(&client, &preamble, &sql).await,
-                };
+                let result =
+                    run_work(&client, &store, &id, key.as_ref(), &preamble, work).await;
                 tracing::debug!(task = %what, elapsed = ?task_started.elapsed(), "restore task done");
                 let mut t = tasks.lock().expect("tasks lock");
                 match result {
@@ -733,6 +909,25 @@ async fn run_graph(
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Runs one task of the restore graph on `client`.
+async fn run_work(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    preamble: &str,
+    work: Work,
+) -> Result<(), RestoreError> {
+    match work {
+        Work::Load {
+            object,
+            table,
+            columns,
+        } => load_object(client, store, id, key, &object, &table, &columns).await,
+        Work::Sql(sql) => run_with_retry(client, preamble, &sql).await,
     }
 }
 
@@ -804,7 +999,10 @@ async fn load_object(
         }
     }
     let sink = client
-        .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {table}{} FROM STDIN",
+            super::dump::column_list(columns)
+        ))
         .await
         .map_err(query(format!("failed to start loading {table}")))?;
     futures_util::pin_mut!(sink);
@@ -1051,7 +1249,7 @@ pub async fn verify(
         )))?;
     let target = server.with_dbname(&scratch);
     let result = async {
-        restore(
+        restore_in(
             store,
             &id,
             &RestoreOptions {
@@ -1062,6 +1260,7 @@ pub async fn verify(
                 work_mem: work_mem.to_owned(),
                 identity: identity.cloned(),
             },
+            Mode::Parallel,
         )
         .await?;
         let client = target.connect().await?;
@@ -1103,7 +1302,9 @@ pub async fn digest_table(
 ) -> Result<Digest, RestoreError> {
     use futures_util::StreamExt;
     let stream = client
-        .copy_out(&format!("COPY (SELECT {columns} FROM {table}) TO STDOUT"))
+        .copy_out(&format!(
+            "COPY (SELECT {columns} FROM ONLY {table}) TO STDOUT"
+        ))
         .await
         .map_err(query(format!("failed to read {table}")))?;
     futures_util::pin_mut!(stream);
@@ -1127,6 +1328,7 @@ mod tests {
             digest: Digest::default(),
             objects: objects.iter().map(|o| o.to_string()).collect(),
             ddl: None,
+            partition_of: None,
         }
     }
 
@@ -1158,6 +1360,7 @@ mod tests {
                 table("b", &objects[2..3]),
                 table("c", &objects[3..]),
             ],
+            partitioned: Vec::new(),
             objects: objects
                 .iter()
                 .map(|o| Object {

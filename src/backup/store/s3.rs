@@ -327,7 +327,11 @@ impl S3Location {
         .map_err(|e| format!("S3 credentials: {e}"))?;
         let mut bucket = *Bucket::new(&url.bucket, region, credentials)
             .map_err(|e| format!("S3 client: {}", error_chain(&e)))?;
-        if path_style(settings.endpoint.as_deref(), &url.bucket, settings.path_style) {
+        if path_style(
+            settings.endpoint.as_deref(),
+            &url.bucket,
+            settings.path_style,
+        ) {
             bucket.set_path_style();
         }
         bucket.set_request_timeout(Some(REQUEST_TIMEOUT));
@@ -1039,8 +1043,16 @@ mod tests {
             assert!(auto(None, bucket), "{bucket}");
         }
         // path_style overrides in both directions.
-        assert!(!path_style(Some("http://127.0.0.1:9000"), "backups", Some(false)));
-        assert!(path_style(Some("https://s3.example.com"), "backups", Some(true)));
+        assert!(!path_style(
+            Some("http://127.0.0.1:9000"),
+            "backups",
+            Some(false)
+        ));
+        assert!(path_style(
+            Some("https://s3.example.com"),
+            "backups",
+            Some(true)
+        ));
     }
 
     #[test]
