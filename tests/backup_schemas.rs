@@ -363,3 +363,271 @@ async fn pagila_round_trips_whole() {
     load_pagila(&dbs.source_url).await;
     round_trips(&dbs.name, &dbs.source_url, &dbs.mirror_url).await;
 }
+
+/// Issue 11.9: a restore that fails part-way (an object the target cannot create, a killed
+/// connection) leaves the target exactly as it was, and says so; after the cause is fixed the
+/// same restore completes.
+#[tokio::test]
+async fn a_restore_that_fails_part_way_leaves_the_target_as_it_was() {
+    let dbs = test_dbs("schemas_all_or_nothing").await;
+    load_features(&dbs.source_url).await;
+    let source = connect(&dbs.source_url).await;
+    // A table whose check waits while the test holds an advisory lock in the target, so the
+    // restore can be caught with data half loaded.
+    source
+        .batch_execute(
+            "CREATE FUNCTION gate(id int) RETURNS boolean LANGUAGE plpgsql AS \
+               $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN true; END $$; \
+             CREATE TABLE zz_gated (id int PRIMARY KEY CHECK (gate(id))); \
+             INSERT INTO zz_gated SELECT generate_series(1, 10);",
+        )
+        .await
+        .unwrap();
+    let dir = store_dir("all-or-nothing");
+    let to = format!("file://{}", dir.display());
+    let backup = || {
+        let out = run(&["backup", "--source", &dbs.source_url, "--to", &to, "--json"]);
+        assert!(out.status.success(), "the backup failed");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let first = backup();
+    let out = run(&[
+        "restore",
+        &first,
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+    ]);
+    assert!(out.status.success());
+    let before = state(&dbs.mirror_url).await;
+    assert_same(&state(&dbs.source_url).await, &before, "the first restore");
+
+    // A policy for a role only the source's server has: policies come after the data.
+    let role = format!("clerk_{}", dbs.name);
+    source
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\"; \
+             CREATE POLICY clerks ON kitchen.tickets TO \"{role}\" USING (true); \
+             INSERT INTO guests (email, name) VALUES ('nuevo@example.com', 'Nuevo');"
+        ))
+        .await
+        .unwrap();
+    let second = backup();
+    let out = run(&[
+        "restore",
+        &second,
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--clean",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&role) && stderr.contains("the target is as it was"),
+        "{stderr}"
+    );
+    assert_same(
+        &before,
+        &state(&dbs.mirror_url).await,
+        "a restore that failed at its policies",
+    );
+
+    // A connection killed while the data loads.
+    let holder = connect(&dbs.mirror_url).await;
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let child = bite_sync()
+        .args([
+            "restore",
+            &first,
+            "--from",
+            &to,
+            "--target",
+            &dbs.mirror_url,
+            "--clean",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid: i32 = support::wait_for(
+        "the restore to wait at the gated table",
+        std::time::Duration::from_secs(60),
+        || async {
+            holder
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                     AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query LIKE 'COPY%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .map(|r| r.get(0))
+        },
+    )
+    .await;
+    holder
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend({pid}); SELECT pg_advisory_unlock(4242)"
+        ))
+        .await
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("the target is as it was"), "{stderr}");
+    assert_same(
+        &before,
+        &state(&dbs.mirror_url).await,
+        "a restore whose connection was killed",
+    );
+
+    // With the role on the target's server too, the same restore goes through.
+    let mirror_admin = connect(&clusters().mirror.url("postgres")).await;
+    mirror_admin
+        .batch_execute(&format!("CREATE ROLE \"{role}\""))
+        .await
+        .unwrap();
+    let out = run(&[
+        "restore",
+        &second,
+        "--from",
+        &to,
+        "--target",
+        &dbs.mirror_url,
+        "--clean",
+    ]);
+    assert!(out.status.success());
+    assert_same(
+        &state(&dbs.source_url).await,
+        &state(&dbs.mirror_url).await,
+        "the restore after the role was created",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How a set of tables stands on one side: each table's rows, the partition tree (parent and
+/// bound of every partition, the partition key of every partitioned table) and the keys.
+async fn tables_state(url: &str, tables: &[&str]) -> (BTreeMap<String, String>, Vec<String>) {
+    let client = connect(url).await;
+    let mut rows = BTreeMap::new();
+    for table in tables {
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT count(*)::text || ' rows ' || \
+                            coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') \
+                     FROM ONLY {table} t"
+                ),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("reading {table}: {e}"));
+        rows.insert(table.to_string(), row.get(0));
+    }
+    let tree = client
+        .query(
+            "SELECT format('%s %s %s %s', c.oid::regclass, \
+                           coalesce(p.inhparent::regclass::text, '-'), \
+                           coalesce(pg_get_expr(c.relpartbound, c.oid), '-'), \
+                           coalesce(pg_get_partkeydef(c.oid), '-')) \
+             FROM pg_class c LEFT JOIN pg_inherits p ON p.inhrelid = c.oid \
+             WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p') \
+             UNION ALL \
+             SELECT format('%s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid)) \
+             FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype IN ('p', 'f', 'u') \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    (rows, tree)
+}
+
+/// `--tables` naming partitioned tables: the backup holds every partition (a sub-partitioned
+/// one too), and both a `--tables` backup and `restore --tables` out of a whole-database
+/// backup bring the tables back partitioned the same way, with their keys and sequences.
+/// (`guests` stays out: its domain's CHECK function is not generated for `--tables`, an open
+/// part of issue 11.5.)
+#[tokio::test]
+async fn named_partitioned_tables_come_back_with_every_partition() {
+    let dbs = test_dbs("schemas_partitioned_tables").await;
+    load_features(&dbs.source_url).await;
+    let leaves = [
+        "public.payments_2026_10",
+        "public.payments_2026_11",
+        "public.payments_2026_12",
+        "public.payments_default",
+        "public.orders_whatsapp_2026",
+        "public.orders_counter",
+        "public.marker",
+    ];
+    let expected = tables_state(&dbs.source_url, &leaves).await;
+    let dir = store_dir("partitioned-tables");
+    let to = format!("file://{}", dir.display());
+    let out = run(&[
+        "backup",
+        "--source",
+        &dbs.source_url,
+        "--to",
+        &to,
+        "--tables",
+        "payments,orders_by_channel,marker",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tables"], leaves.len(), "every partition holds data");
+    let some = fresh_database(&format!("{}_some", dbs.name)).await;
+    let out = run(&["restore", "latest", "--from", &to, "--target", &some]);
+    assert!(out.status.success());
+    let (rows, tree) = tables_state(&some, &leaves).await;
+    assert_eq!(rows, expected.0, "a --tables backup");
+    // Only the tables named, and foreign keys among them (not the one to guests).
+    let mut source_tree = expected.1.clone();
+    let named = ["payments", "orders_", "marker "];
+    source_tree
+        .retain(|l| named.iter().any(|n| l.starts_with(n)) && !l.contains("REFERENCES guests"));
+    assert_eq!(tree, source_tree, "a --tables backup: the partition tree");
+    let client = connect(&some).await;
+    client
+        .batch_execute(
+            "INSERT INTO payments (paid_at, amount) VALUES ('2026-11-15 12:00+00', 1), ('2030-01-01', 2)",
+        )
+        .await
+        .expect("new rows find their partitions and the sequence goes on");
+    // Whole-database backup, some tables restored.
+    let whole = store_dir("partitioned-whole");
+    let whole_to = format!("file://{}", whole.display());
+    assert!(
+        run(&["backup", "--source", &dbs.source_url, "--to", &whole_to])
+            .status
+            .success()
+    );
+    let out = run(&[
+        "restore",
+        "latest",
+        "--from",
+        &whole_to,
+        "--target",
+        &dbs.mirror_url,
+        "--tables",
+        "payments,orders_by_channel,marker",
+    ]);
+    assert!(out.status.success());
+    let (rows, tree) = tables_state(&dbs.mirror_url, &leaves).await;
+    assert_eq!(rows, expected.0, "restore --tables");
+    assert_eq!(tree, source_tree, "restore --tables: the partition tree");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&whole);
+}

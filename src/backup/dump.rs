@@ -274,7 +274,8 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             let generated = match scope {
                 Scope::Database => None,
                 Scope::Tables(_) => {
-                    let all: Vec<&TableDdl> = ddls.iter().collect();
+                    // Partitioned tables first (parents before their partitions).
+                    let all: Vec<&TableDdl> = partitioned_ddls.iter().chain(&ddls).collect();
                     Some(manifest::generated_schema(&all))
                 }
             };
@@ -855,15 +856,19 @@ async fn table_ddls(
         let Some(def) = cat.tables.get(name) else {
             continue;
         };
+        let tree = partition_info(control, name).await?;
         let mut schemas: Vec<String> = vec![name.schema.clone()];
         schemas.extend(cat.types.iter().map(|t| t.name().schema.clone()));
         schemas.sort();
         schemas.dedup();
         let mut keys = Vec::new();
+        // Keys and indexes a partition has from its partitioned table come with the
+        // partitioned table's own.
         for c in def
             .constraints
             .iter()
             .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
+            .filter(|c| !tree.inherited.contains(&c.name))
         {
             keys.push(format!(
                 "--\n-- Name: {}; Type: CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
@@ -872,7 +877,11 @@ async fn table_ddls(
                 ddl::add_key(name, c)
             ));
         }
-        for i in &def.indexes {
+        for i in def
+            .indexes
+            .iter()
+            .filter(|i| !tree.inherited.contains(&i.name))
+        {
             keys.push(format!(
                 "--\n-- Name: {}; Type: INDEX; Schema: {}; Owner: -\n--\n{};\n",
                 i.name,
@@ -899,11 +908,12 @@ async fn table_ddls(
                 .iter()
                 .map(|s| (s.name.quoted(), format!("{};\n", ddl::create_sequence(s))))
                 .collect(),
-            create: format!("{};\n", ddl::create_table(def, name)),
+            create: tree.create(&ddl::create_table(def, name), name),
             keys,
             foreign_keys: def
                 .foreign_keys
                 .iter()
+                .filter(|fk| !tree.inherited.contains(&fk.name))
                 .map(|fk| ForeignKeyDdl {
                     references: fk.referenced.quoted(),
                     sql: format!(
@@ -917,6 +927,70 @@ async fn table_ddls(
         });
     }
     Ok(out)
+}
+
+/// Where a table stands in a partition tree, for its generated schema.
+#[derive(Debug, Default)]
+struct PartitionInfo {
+    /// `RANGE (paid_at)`: it is partitioned so.
+    partition_by: Option<String>,
+    /// Its partitioned table (quoted) and bound (`FOR VALUES ...`, `DEFAULT`).
+    attach_to: Option<(String, String)>,
+    /// Its constraints and indexes that come from its partitioned table's.
+    inherited: Vec<String>,
+}
+
+impl PartitionInfo {
+    /// `CREATE TABLE` as generated, partitioned and attached as on the source (pg_dump too
+    /// creates a partition as a table, then attaches it).
+    fn create(&self, create_table: &str, name: &QualifiedName) -> String {
+        let mut sql = create_table.to_owned();
+        if let Some(by) = &self.partition_by {
+            sql.push_str(&format!(" PARTITION BY {by}"));
+        }
+        sql.push_str(";\n");
+        if let Some((parent, bound)) = &self.attach_to {
+            sql.push_str(&format!(
+                "ALTER TABLE ONLY {parent} ATTACH PARTITION {} {bound};\n",
+                name.quoted()
+            ));
+        }
+        sql
+    }
+}
+
+async fn partition_info(
+    control: &Client,
+    name: &QualifiedName,
+) -> Result<PartitionInfo, BackupError> {
+    let row = control
+        .query_one(
+            "SELECT CASE WHEN c.relkind = 'p' THEN pg_catalog.pg_get_partkeydef(c.oid) END, \
+                    (SELECT pg_catalog.format('%I.%I', pn.nspname, p.relname) \
+                       FROM pg_catalog.pg_inherits i \
+                       JOIN pg_catalog.pg_class p ON p.oid = i.inhparent \
+                       JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace \
+                      WHERE c.relispartition AND i.inhrelid = c.oid), \
+                    CASE WHEN c.relispartition THEN pg_catalog.pg_get_expr(c.relpartbound, c.oid) END, \
+                    ARRAY(SELECT k.conname::text FROM pg_catalog.pg_constraint k \
+                           WHERE k.conrelid = c.oid AND k.conparentid <> 0 \
+                          UNION ALL \
+                          SELECT ic.relname::text FROM pg_catalog.pg_index x \
+                            JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid \
+                           WHERE x.indrelid = c.oid AND ic.relispartition) \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .map_err(query(format!("failed to read the partitioning of {name}")))?;
+    Ok(PartitionInfo {
+        partition_by: row.get(0),
+        attach_to: row
+            .get::<_, Option<String>>(1)
+            .zip(row.get::<_, Option<String>>(2)),
+        inherited: row.get(3),
+    })
 }
 
 #[cfg(test)]

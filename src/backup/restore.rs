@@ -101,7 +101,8 @@ pub enum RestoreError {
     },
     /// The restore failed and its transaction was rolled back: the target is as it was.
     #[error(
-        "{0}; the target is as it was before the restore (it runs in one transaction, rolled back)"
+        "{}; the target is as it was before the restore (it runs in one transaction, rolled back)",
+        crate::error_chain(.0.as_ref())
     )]
     RolledBack(Box<RestoreError>),
     /// The connection was lost while the restore committed.
@@ -511,33 +512,49 @@ fn subset(
     m: Manifest,
     patterns: &[crate::pg::ident::TablePattern],
 ) -> Result<(Manifest, Vec<TableDdl>), RestoreError> {
+    use crate::pg::ident::QualifiedName;
+    // Top-level tables by name; a partitioned one stands for its partitions.
     let entries: Vec<crate::sync::catalog::TableEntry> = m
         .tables
         .iter()
-        .map(|t| crate::sync::catalog::TableEntry {
-            name: crate::pg::ident::QualifiedName::new(&t.schema, &t.name),
-            kind: 'r',
-        })
+        .filter(|t| t.partition_of.is_none())
+        .map(|t| QualifiedName::new(&t.schema, &t.name))
+        .chain(
+            m.partitioned
+                .iter()
+                .filter(|p| p.partition_of.is_none())
+                .map(|p| QualifiedName::new(&p.schema, &p.name)),
+        )
+        .map(|name| crate::sync::catalog::TableEntry { name, kind: 'r' })
         .collect();
     let selected = crate::sync::plan::resolve(&entries, &["public".to_owned()], patterns, &[])
         .map_err(|e| RestoreError::NoBackup(format!("backup {}: {e}", m.id)))?;
+    let chosen = |schema: &str, name: &str, partition_of: &Option<String>| {
+        selected.iter().any(|s| {
+            (s.name.schema == schema && s.name.name == name)
+                || partition_of.as_deref() == Some(s.name.quoted().as_str())
+        })
+    };
     let mut m = m;
-    m.tables.retain(|t| {
-        selected
-            .iter()
-            .any(|s| s.name.schema == t.schema && s.name.name == t.name)
-    });
+    m.tables
+        .retain(|t| chosen(&t.schema, &t.name, &t.partition_of));
+    m.partitioned
+        .retain(|p| chosen(&p.schema, &p.name, &p.partition_of));
+    let no_schema = || {
+        RestoreError::NoBackup(format!(
+            "backup {}: it was made by a bite-sync without per-table schemas, so it can only be restored whole (drop --tables)",
+            m.id
+        ))
+    };
+    // Partitioned tables first, parents before partitions (the manifest keeps that order).
     let mut ddls = Vec::new();
-    for t in &m.tables {
-        match &t.ddl {
-            Some(d) => ddls.push(d.clone()),
-            None => {
-                return Err(RestoreError::NoBackup(format!(
-                    "backup {}: it was made by a bite-sync without per-table schemas, so it can only be restored whole (drop --tables)",
-                    m.id
-                )));
-            }
-        }
+    for d in m
+        .partitioned
+        .iter()
+        .map(|p| &p.ddl)
+        .chain(m.tables.iter().map(|t| &t.ddl))
+    {
+        ddls.push(d.clone().ok_or_else(no_schema)?);
     }
     let keep: std::collections::BTreeSet<&String> =
         m.tables.iter().flat_map(|t| &t.objects).collect();
@@ -547,7 +564,7 @@ fn subset(
         .filter(|o| o.kind == ObjectKind::Sequences || keep.contains(&o.name))
         .cloned()
         .collect();
-    m.scope = Scope::Tables(m.tables.iter().map(|t| t.display_name()).collect());
+    m.scope = Scope::Tables(selected.iter().map(|s| s.name.to_string()).collect());
     Ok((m, ddls))
 }
 
