@@ -25,11 +25,14 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// What pg_dump's own tests cover that the feature schema does not, and a restore meets:
-/// objects outside schemas (a publication, an event trigger), a materialized view on another
-/// and one never populated, inheritance, an unlogged table, row security, a rule, extended
-/// statistics, text search, comments, a foreign key to a partitioned table, check constraints
-/// `NOT VALID`, an exclusion constraint and a partitioned table with a trigger.
+/// What pg_dump's own tests (`002_pg_dump.pl`) cover that the feature schema does not, and a
+/// restore meets: objects outside schemas (publications, an event trigger, a foreign-data
+/// wrapper with its server and user mapping, a transform, a cast), a materialized view on
+/// another and one never populated, inheritance, an unlogged table, a foreign table, row
+/// security, a rule, extended statistics, text search, comments, a foreign key to a
+/// partitioned table, a check constraint `NOT VALID`, an exclusion constraint, a partitioned
+/// table with a trigger, a base type of its own, a range over a custom operator class, a
+/// procedure, and sequences in each state.
 const PG_DUMP_EXTRAS: &str = r#"
 CREATE EXTENSION IF NOT EXISTS btree_gist;
 CREATE SCHEMA kitchen;
@@ -73,6 +76,29 @@ CREATE PUBLICATION features_pub FOR TABLE guests, tips;
 CREATE PUBLICATION everything_pub FOR ALL TABLES;
 CREATE FUNCTION no_drops() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;
 CREATE EVENT TRIGGER no_drops ON sql_drop EXECUTE FUNCTION no_drops();
+-- More objects outside schemas, as in pg_dump's tests: a foreign-data wrapper with a server,
+-- a user mapping and a foreign table (whose rows are not the backup's), a transform, a cast.
+CREATE FOREIGN DATA WRAPPER dummy;
+CREATE SERVER s1 FOREIGN DATA WRAPPER dummy;
+CREATE USER MAPPING FOR CURRENT_USER SERVER s1;
+CREATE FOREIGN TABLE kitchen.remote_orders (c1 int OPTIONS (column_name 'col1')) SERVER s1 OPTIONS (schema_name 'x1');
+CREATE TRANSFORM FOR int LANGUAGE SQL (FROM SQL WITH FUNCTION prsd_lextype(internal), TO SQL WITH FUNCTION int4recv(internal));
+CREATE TYPE kitchen.station_ref AS (id int);
+CREATE FUNCTION kitchen.station_ref_text(kitchen.station_ref) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'station ' || $1.id $$;
+CREATE CAST (kitchen.station_ref AS text) WITH FUNCTION kitchen.station_ref_text(kitchen.station_ref);
+-- A base type with its own input and output, a range over a custom operator class, a procedure.
+CREATE TYPE kitchen.int42;
+CREATE FUNCTION kitchen.int42_in(cstring) RETURNS kitchen.int42 AS 'int4in' LANGUAGE internal STRICT IMMUTABLE;
+CREATE FUNCTION kitchen.int42_out(kitchen.int42) RETURNS cstring AS 'int4out' LANGUAGE internal STRICT IMMUTABLE;
+CREATE TYPE kitchen.int42 (internallength = 4, input = kitchen.int42_in, output = kitchen.int42_out,
+    alignment = int4, default = 42, passedbyvalue);
+CREATE TABLE kitchen.answers (a kitchen.int42 DEFAULT '42', note text);
+INSERT INTO kitchen.answers (note) VALUES ('forty-two');
+CREATE OPERATOR kitchen.~~ (PROCEDURE = int4eq, LEFTARG = int, RIGHTARG = int);
+CREATE OPERATOR CLASS kitchen.op_class_custom FOR TYPE int USING btree AS OPERATOR 3 kitchen.~~;
+CREATE TYPE kitchen.range_type_custom AS RANGE (subtype = int, subtype_opclass = kitchen.op_class_custom);
+CREATE PROCEDURE kitchen.add_station(id int, name text) LANGUAGE sql
+    AS $$ INSERT INTO kitchen.stations VALUES (id, name) $$;
 -- Sequences: one called, one set but not called, one never used.
 CREATE SEQUENCE kitchen.ticket_no;
 SELECT nextval('kitchen.ticket_no'), nextval('kitchen.ticket_no');

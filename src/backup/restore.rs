@@ -571,7 +571,8 @@ fn subset(
 /// Refuses a target in use, or with `--clean` drops what the backup will create: for a
 /// whole-database backup every schema (bite-sync's own bookkeeping aside, which no backup
 /// holds) and every object outside schemas that pg_dump writes (publications, event triggers,
-/// extensions, foreign-data wrappers and servers, casts, languages, access methods), the
+/// extensions, foreign-data wrappers and servers, casts, transforms, languages, access
+/// methods), the
 /// `public` schema coming back as it was (owner, privileges, comment) but empty; for some
 /// tables, those tables. Runs in the restore's transaction.
 async fn prepare_target(
@@ -644,9 +645,10 @@ async fn prepare_target(
         .map_err(query("failed to clean the target (--clean)"))
 }
 
-/// Not created by an extension (whose `DROP EXTENSION` takes it along).
-const NOT_FROM_AN_EXTENSION: &str = "NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
-     WHERE d.classid = o.tableoid AND d.objid = o.oid AND d.deptype = 'e')";
+/// Neither created by an extension (whose `DROP EXTENSION` takes it along) nor part of another
+/// object (the casts a range type makes to its multirange go with the type).
+const ON_ITS_OWN: &str = "NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+     WHERE d.classid = o.tableoid AND d.objid = o.oid AND d.deptype IN ('e', 'i'))";
 
 /// The statements that empty the target for a whole-database restore (see [`prepare_target`]).
 async fn clean_database_sql(control: &Client) -> Result<String, RestoreError> {
@@ -662,17 +664,21 @@ async fn clean_database_sql(control: &Client) -> Result<String, RestoreError> {
                  UNION ALL SELECT format('DROP CAST IF EXISTS (%s AS %s) CASCADE', \
                                          pg_catalog.format_type(o.castsource, NULL), \
                                          pg_catalog.format_type(o.casttarget, NULL)) \
-                   FROM pg_catalog.pg_cast o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                   FROM pg_catalog.pg_cast o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP TRANSFORM IF EXISTS FOR %s LANGUAGE %I CASCADE', \
+                                         pg_catalog.format_type(o.trftype, NULL), l.lanname) \
+                   FROM pg_catalog.pg_transform o JOIN pg_catalog.pg_language l ON l.oid = o.trflang \
+                  WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
                  UNION ALL SELECT format('DROP ACCESS METHOD IF EXISTS %I CASCADE', o.amname) \
-                   FROM pg_catalog.pg_am o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                   FROM pg_catalog.pg_am o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
                  UNION ALL SELECT format('DROP SERVER IF EXISTS %I CASCADE', o.srvname) \
                    FROM pg_catalog.pg_foreign_server o \
                  UNION ALL SELECT format('DROP FOREIGN DATA WRAPPER IF EXISTS %I CASCADE', o.fdwname) \
-                   FROM pg_catalog.pg_foreign_data_wrapper o WHERE {NOT_FROM_AN_EXTENSION} \
+                   FROM pg_catalog.pg_foreign_data_wrapper o WHERE {ON_ITS_OWN} \
                  UNION ALL SELECT format('DROP EXTENSION IF EXISTS %I CASCADE', o.extname) \
                    FROM pg_catalog.pg_extension o WHERE o.extname <> 'plpgsql' \
                  UNION ALL SELECT format('DROP LANGUAGE IF EXISTS %I CASCADE', o.lanname) \
-                   FROM pg_catalog.pg_language o WHERE o.oid >= 16384 AND {NOT_FROM_AN_EXTENSION} \
+                   FROM pg_catalog.pg_language o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
                  UNION ALL SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', o.nspname) \
                    FROM pg_catalog.pg_namespace o \
                   WHERE o.nspname NOT IN ('pg_catalog', 'information_schema') \
