@@ -101,6 +101,7 @@ fn fake_backup(store: &std::path::Path, id: &str) {
         recipient: None,
         tables: Vec::new(),
         partitioned: Vec::new(),
+        large_objects: None,
         objects: Vec::new(),
     };
     let dir = store.join(id);

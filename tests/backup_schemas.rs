@@ -99,6 +99,12 @@ CREATE OPERATOR CLASS kitchen.op_class_custom FOR TYPE int USING btree AS OPERAT
 CREATE TYPE kitchen.range_type_custom AS RANGE (subtype = int, subtype_opclass = kitchen.op_class_custom);
 CREATE PROCEDURE kitchen.add_station(id int, name text) LANGUAGE sql
     AS $$ INSERT INTO kitchen.stations VALUES (id, name) $$;
+-- Large objects (the data of pg_dump's BLOB entries): one over several chunks, an empty one
+-- with a comment, a small one.
+SELECT lo_from_bytea(424242, decode(repeat('0123456789abcdef', 40000), 'hex'));
+SELECT lo_create(424243);
+COMMENT ON LARGE OBJECT 424243 IS 'the menu''s photo, to come';
+SELECT lo_from_bytea(424244, '\x00ff'::bytea);
 -- Sequences: one called, one set but not called, one never used.
 CREATE SEQUENCE kitchen.ticket_no;
 SELECT nextval('kitchen.ticket_no'), nextval('kitchen.ticket_no');
@@ -162,6 +168,8 @@ struct State {
     tables: BTreeMap<String, String>,
     /// Every sequence: `last_value/is_called`.
     sequences: BTreeMap<String, String>,
+    /// Every large object: oid, md5 of its bytes, comment.
+    large_objects: String,
     /// `pg_dump --schema-only`, normalised.
     schema: String,
 }
@@ -213,9 +221,20 @@ async fn state(url: &str) -> State {
             tables.insert(name, row.get(0));
         }
     }
+    let large_objects = client
+        .query_one(
+            "SELECT coalesce(string_agg(format('%s %s %s', oid, md5(lo_get(oid)), \
+                    obj_description(oid, 'pg_largeobject')), ', ' ORDER BY oid), '') \
+             FROM pg_largeobject_metadata",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     State {
         tables,
         sequences,
+        large_objects,
         schema: schema_of(url),
     }
 }
@@ -259,6 +278,10 @@ fn assert_same(source: &State, target: &State, after: &str) {
     assert_eq!(
         source.sequences, target.sequences,
         "{after}: the sequences differ"
+    );
+    assert_eq!(
+        source.large_objects, target.large_objects,
+        "{after}: the large objects differ"
     );
     if source.schema != target.schema {
         let diff: Vec<String> = diff_lines(&source.schema, &target.schema);

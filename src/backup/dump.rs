@@ -16,6 +16,7 @@ use tokio_postgres::Client;
 
 use super::crypt::{Encoder, Recipient};
 use super::digest::{Digest, Digester};
+use super::large_objects::{self, LargeObjects};
 use super::manifest::{
     self, ForeignKeyDdl, MANIFEST, Manifest, Object, ObjectKind, Partitioned, Scope, Table,
     TableDdl,
@@ -322,6 +323,17 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
         let results = dump_data(opts, store, &id, &snapshot, &planned, &tasks).await?;
         let mut objects = schema_task.await.expect("the schema task does not panic")?;
 
+        // Large objects belong to the whole database, like pg_dump's.
+        let large_objects = match scope {
+            Scope::Database => {
+                dump_large_objects(&control, store, &id, opts.encrypt_to.as_ref()).await?
+            }
+            Scope::Tables(_) => None,
+        };
+        if let Some((name, written, _)) = &large_objects {
+            objects.push(object(name, ObjectKind::LargeObjects, written.clone()));
+        }
+
         let sequences = sequences_sql(&control, &names, opts.tables.is_empty()).await?;
         let name = manifest::schema_object_name(ObjectKind::Sequences, opts.encrypt_to.is_some());
         let written = put_encoded(
@@ -387,6 +399,7 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             recipient: opts.encrypt_to.as_ref().map(ToString::to_string),
             tables,
             partitioned,
+            large_objects: large_objects.map(|(_, _, digest)| LargeObjects { digest }),
             objects,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
@@ -678,6 +691,58 @@ async fn dump_object(
     writer.write(&rest).await?;
     let written = writer.finish().await?;
     Ok((written, digester.finish()))
+}
+
+/// Streams every large object into the large-objects script (see [`large_objects`]), in the
+/// snapshot; `None` when there are none.
+async fn dump_large_objects(
+    control: &Client,
+    store: &Store,
+    id: &str,
+    encrypt_to: Option<&Recipient>,
+) -> Result<Option<(String, Written, Digest)>, BackupError> {
+    let listed = large_objects::list(control)
+        .await
+        .map_err(query("failed to list the large objects"))?;
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let name = manifest::schema_object_name(ObjectKind::LargeObjects, encrypt_to.is_some());
+    let mut writer = store.writer(&format!("{id}/{name}")).await?;
+    let mut encoder = Encoder::new(LEVEL, encrypt_to);
+    let mut part = Vec::with_capacity(FLUSH_BYTES * 2);
+    let mut digest = Digest::default();
+    encoder.write(large_objects::SCRIPT_HEADER.as_bytes());
+    for lo in &listed {
+        encoder.write(large_objects::create_line(lo.oid).as_bytes());
+        let mut hasher = large_objects::Hasher::new(lo.oid);
+        let mut offset = 0i64;
+        loop {
+            let chunk = large_objects::read_chunk(control, lo.oid, offset)
+                .await
+                .map_err(query(format!("failed to read large object {}", lo.oid)))?;
+            if !chunk.is_empty() {
+                hasher.update(&chunk);
+                encoder.write(large_objects::put_line(lo.oid, offset, &chunk).as_bytes());
+            }
+            offset += chunk.len() as i64;
+            if encoder.pending() >= FLUSH_BYTES {
+                encoder.drain(&mut part);
+                writer.write(&part).await?;
+            }
+            if chunk.len() < large_objects::CHUNK as usize {
+                break;
+            }
+        }
+        if let Some(comment) = &lo.comment {
+            encoder.write(large_objects::comment_line(lo.oid, comment).as_bytes());
+        }
+        hasher.finish(&mut digest);
+    }
+    let rest = encoder.finish();
+    writer.write(&rest).await?;
+    let written = writer.finish().await?;
+    Ok(Some((name, written, digest)))
 }
 
 /// `REFRESH MATERIALIZED VIEW` for every materialized view the source has populated, as

@@ -58,6 +58,9 @@ pub struct Manifest {
     /// a partition of (absent in older manifests and when there are none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub partitioned: Vec<Partitioned>,
+    /// The large objects, when the database has any (a whole-database backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects: Option<super::large_objects::LargeObjects>,
     /// Every object but the manifest, in name order.
     pub objects: Vec<Object>,
 }
@@ -242,6 +245,8 @@ pub enum ObjectKind {
     PreData,
     /// One table's rows (or a chunk of them).
     Data,
+    /// The large objects, as a script of `lo_create` and `lo_put`.
+    LargeObjects,
     /// Indexes, keys, foreign keys, triggers.
     PostData,
     /// Sequence positions.
@@ -295,12 +300,14 @@ pub fn suffix(encrypted: bool) -> &'static str {
     if encrypted { ".sql.gz.age" } else { ".sql.gz" }
 }
 
-/// The name of the pre-data, post-data or sequences object.
+/// The name of the pre-data, large objects, post-data or sequences object.
 pub fn schema_object_name(kind: ObjectKind, encrypted: bool) -> String {
     let base = match kind {
         ObjectKind::PreData => "0-pre-data",
         ObjectKind::PostData => "2-post-data",
         ObjectKind::Sequences => "3-sequences",
+        // After every table's `1-data-NNNN-...`, before the post-data.
+        ObjectKind::LargeObjects => "1-data-large-objects",
         ObjectKind::Data => unreachable!("data objects are named by data_object_name"),
     };
     format!("{base}{}", suffix(encrypted))
@@ -380,6 +387,7 @@ mod tests {
                 partition_of: None,
             }],
             partitioned: Vec::new(),
+            large_objects: None,
             objects: vec![Object {
                 name: data_object_name(0, "public", "orders", 0, false),
                 kind: ObjectKind::Data,
@@ -423,13 +431,15 @@ mod tests {
             data_object_name(0, "public", "orders", 1, false),
             data_object_name(0, "public", "orders", 0, false),
             "0-pre-data.sql.gz".to_owned(),
+            schema_object_name(ObjectKind::LargeObjects, false),
         ];
         names.sort();
         assert_eq!(names[0], "0-pre-data.sql.gz");
         assert_eq!(names[1], "1-data-0000-public.orders.000.sql.gz");
         assert_eq!(names[2], "1-data-0000-public.orders.001.sql.gz");
         assert_eq!(names[3], "1-data-0001-public.Order_Items_.._x.000.sql.gz");
-        assert_eq!(names[4], "2-post-data.sql.gz");
+        assert_eq!(names[4], "1-data-large-objects.sql.gz");
+        assert_eq!(names[5], "2-post-data.sql.gz");
         assert!(!names[3].contains('/') && !names[3].contains(' '));
     }
 

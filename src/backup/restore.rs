@@ -565,6 +565,7 @@ fn subset(
         .cloned()
         .collect();
     m.scope = Scope::Tables(selected.iter().map(|s| s.name.to_string()).collect());
+    m.large_objects = None;
     Ok((m, ddls))
 }
 
@@ -693,6 +694,7 @@ async fn clean_database_sql(control: &Client) -> Result<String, RestoreError> {
         .iter()
         .map(|r| format!("{};\n", r.get::<_, &str>(0)))
         .collect();
+    sql.push_str("SELECT pg_catalog.lo_unlink(m.oid) FROM pg_catalog.pg_largeobject_metadata m;\n");
     // pg_dump expects the public schema a new database has; it comes back as the target had
     // it, empty.
     let public = control
@@ -737,6 +739,8 @@ enum Work {
     },
     /// A post-data statement.
     Sql(String),
+    /// Run a script object (the large objects).
+    Script(Object),
 }
 
 /// The restore's tasks: every data object; each index or key after its table's data; each
@@ -780,6 +784,18 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
                 cost: object.size,
             });
         }
+    }
+    // The large objects, beside the tables' data.
+    for object in m
+        .objects
+        .iter()
+        .filter(|o| o.kind == ObjectKind::LargeObjects)
+    {
+        nodes.push(Node {
+            work: Work::Script(object.clone()),
+            after: Vec::new(),
+            cost: object.size,
+        });
     }
     let all_data: Vec<usize> = (0..nodes.len()).collect();
     let table_of = |sql: &str| {
@@ -902,7 +918,7 @@ async fn run_graph(
                 let work = tasks.lock().expect("tasks lock").work(i).clone();
                 let task_started = Instant::now();
                 let what = match &work {
-                    Work::Load { object, .. } => object.name.clone(),
+                    Work::Load { object, .. } | Work::Script(object) => object.name.clone(),
                     Work::Sql(sql) => sql.lines().next().unwrap_or_default().to_owned(),
                 };
                 let result =
@@ -951,6 +967,7 @@ async fn run_work(
             columns,
         } => load_object(client, store, id, key, &object, &table, &columns).await,
         Work::Sql(sql) => run_with_retry(client, preamble, &sql).await,
+        Work::Script(object) => run_script(client, store, id, key, &object).await,
     }
 }
 
@@ -971,22 +988,21 @@ async fn run_with_retry(client: &Client, preamble: &str, sql: &str) -> Result<()
     }
 }
 
-/// Streams one data object into its table with `COPY`; the copy is committed only if the
-/// object's size and SHA-256 match the manifest.
-async fn load_object(
-    client: &Client,
+/// What an object's stored bytes read as, decrypted and decompressed: the text, the SHA-256
+/// and size of the stored bytes read so far, and what to call a failure to read it.
+type Decoded = (
+    BufReader<GzipDecoder<Box<dyn AsyncBufRead + Send + Unpin>>>,
+    Arc<std::sync::Mutex<HashState>>,
+    &'static str,
+);
+
+/// Opens `object` for reading its text as it streams from the store.
+async fn open_decoded(
     store: &Store,
     id: &str,
     key: Option<&Identity>,
     object: &Object,
-    table: &str,
-    columns: &str,
-) -> Result<(), RestoreError> {
-    let corrupt = |reason: String| RestoreError::Corrupt {
-        id: id.to_owned(),
-        object: object.name.clone(),
-        reason,
-    };
+) -> Result<Decoded, RestoreError> {
     let raw = store.reader(&format!("{id}/{}", object.name)).await?;
     let hashing = Hashing::new(raw);
     let state = hashing.state();
@@ -1005,7 +1021,78 @@ async fn load_object(
     };
     let mut decoder = GzipDecoder::new(compressed);
     decoder.multiple_members(true);
-    let mut text = BufReader::with_capacity(256 * 1024, decoder);
+    Ok((
+        BufReader::with_capacity(256 * 1024, decoder),
+        state,
+        unreadable,
+    ))
+}
+
+/// Runs the large-objects script, a batch of statements at a time; its last batch runs only
+/// once the object's size and SHA-256 match the manifest.
+async fn run_script(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    object: &Object,
+) -> Result<(), RestoreError> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        id: id.to_owned(),
+        object: object.name.clone(),
+        reason,
+    };
+    let (mut text, state, unreadable) = open_decoded(store, id, key, object).await?;
+    let mut batch = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = text
+            .read_line(&mut line)
+            .await
+            .map_err(|e| corrupt(format!("{unreadable}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        batch.push_str(&line);
+        if batch.len() >= 4 * 1024 * 1024 {
+            client
+                .batch_execute(&batch)
+                .await
+                .map_err(query(format!("failed to restore {}", object.name)))?;
+            batch.clear();
+        }
+    }
+    let (size, sha) = state.lock().expect("hash lock").clone().finish();
+    if size != object.size || sha != object.sha256 {
+        return Err(corrupt(format!(
+            "{size} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
+            object.size, object.sha256
+        )));
+    }
+    client
+        .batch_execute(&batch)
+        .await
+        .map_err(query(format!("failed to restore {}", object.name)))
+}
+
+/// Streams one data object into its table with `COPY`; the copy is committed only if the
+/// object's size and SHA-256 match the manifest.
+async fn load_object(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    object: &Object,
+    table: &str,
+    columns: &str,
+) -> Result<(), RestoreError> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        id: id.to_owned(),
+        object: object.name.clone(),
+        reason,
+    };
+    let (mut text, state, unreadable) = open_decoded(store, id, key, object).await?;
     // The script's header, up to its COPY line.
     let mut line = String::new();
     loop {
@@ -1292,6 +1379,17 @@ pub async fn verify(
             .await
             .map_err(query("failed to set up the check"))?;
         let mut tables = Vec::new();
+        if let Some(expected) = &m.large_objects {
+            let restored = super::large_objects::digest(&client)
+                .await
+                .map_err(query("failed to read the large objects"))?;
+            tables.push(TableCheck {
+                table: "large objects".into(),
+                expected: expected.digest,
+                restored,
+                ok: restored == expected.digest,
+            });
+        }
         for t in &m.tables {
             let q = format!("{}.{}", quote(&t.schema), quote(&t.name));
             let restored = digest_table(&client, &q, &t.columns).await?;
@@ -1384,6 +1482,7 @@ mod tests {
                 table("c", &objects[3..]),
             ],
             partitioned: Vec::new(),
+            large_objects: None,
             objects: objects
                 .iter()
                 .map(|o| Object {
