@@ -138,11 +138,20 @@ impl RestoreError {
             RestoreError::CommitUnknown { .. } => 3,
             RestoreError::NoIdentity { .. } | RestoreError::WrongIdentity { .. } => 2,
             RestoreError::Connect(e) if e.is_transient() => 3,
+            RestoreError::Query { source, .. } if connection_lost(source) => 3,
             RestoreError::Store(StoreError::S3 { .. } | StoreError::Io { .. }) => 3,
             RestoreError::Corrupt { .. } | RestoreError::BadManifest { .. } => 4,
             _ => 1,
         }
     }
+}
+
+/// The connection to the target broke (it closed, or the server ended the session: a restart,
+/// an administrator's `pg_terminate_backend`): trying again can help.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
 }
 
 fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> RestoreError {
