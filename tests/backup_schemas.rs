@@ -680,3 +680,38 @@ async fn named_partitioned_tables_come_back_with_every_partition() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&whole);
 }
+
+/// A backup made by a user whom row-level security hides rows from must fail, not store the
+/// rows it can see as if they were the table (pg_dump turns row_security off for this).
+#[tokio::test]
+async fn row_security_never_thins_a_backup_silently() {
+    let dbs = test_dbs("schemas_row_security").await;
+    let source = connect(&dbs.source_url).await;
+    let role = format!("reader_{}", dbs.name);
+    source
+        .batch_execute(&format!(
+            "CREATE TABLE secret (id int); INSERT INTO secret VALUES (1), (2), (3); \
+             ALTER TABLE secret ENABLE ROW LEVEL SECURITY; \
+             CREATE POLICY only_one ON secret USING (id < 2); \
+             CREATE ROLE \"{role}\" LOGIN; GRANT SELECT ON secret TO \"{role}\";"
+        ))
+        .await
+        .unwrap();
+    let as_reader =
+        dbs.source_url
+            .replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let dir = store_dir("row-security");
+    let to = format!("file://{}", dir.display());
+    let out = run(&[
+        "backup", "--source", &as_reader, "--to", &to, "--tables", "secret",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("row-level security") && stderr.contains("BYPASSRLS"),
+        "{stderr}"
+    );
+    let listed = run(&["backups", "list", "--from", &to, "--json"]);
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -34,9 +34,10 @@ const LEVEL: u32 = 6;
 /// Stored bytes gathered before they go to the store.
 const FLUSH_BYTES: usize = 512 * 1024;
 /// Settings every dump and verify session uses, so COPY prints values the same way on both
-/// sides (the checksums compare text).
+/// sides (the checksums compare text), and, as pg_dump has it, row security off: a table whose
+/// policies would hide rows from the user fails loudly instead of being backed up thinned.
 pub(crate) const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
-     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; \
+     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; SET row_security = off; \
      SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
 
 /// What to back up, and where.
@@ -664,7 +665,22 @@ async fn dump_object(
     let stream = client
         .copy_out(&select)
         .await
-        .map_err(query(format!("failed to read {}", table.name)))?;
+        .map_err(|source| {
+            let hidden = source
+                .as_db_error()
+                .is_some_and(|e| e.message().contains("row-level security"));
+            BackupError::Query {
+                context: if hidden {
+                    format!(
+                        "failed to read {}: its row-level security would hide rows from this user, so it is not backed up thinned (back up as its owner, a superuser or a role with BYPASSRLS)",
+                        table.name
+                    )
+                } else {
+                    format!("failed to read {}", table.name)
+                },
+                source,
+            }
+        })?;
     pin_mut!(stream);
     let mut writer = store.writer(&format!("{id}/{}", task.object)).await?;
     let mut encoder = Encoder::new(LEVEL, encrypt_to);
