@@ -715,3 +715,21 @@ async fn row_security_never_thins_a_backup_silently() {
     assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A database without a single table (functions, a view, a type) is still a database to back
+/// up whole, and comes back the same.
+#[tokio::test]
+async fn a_database_without_tables_backs_up_whole() {
+    let dbs = test_dbs("schemas_no_tables").await;
+    connect(&dbs.source_url)
+        .await
+        .batch_execute(
+            "CREATE TYPE dish_kind AS ENUM ('starter', 'main'); \
+             CREATE FUNCTION price_with_vat(numeric) RETURNS numeric LANGUAGE sql IMMUTABLE AS $$ SELECT $1 * 1.21 $$; \
+             CREATE VIEW vat AS SELECT price_with_vat(10) AS ten; \
+             CREATE SEQUENCE tickets START 100; SELECT nextval('tickets');",
+        )
+        .await
+        .unwrap();
+    round_trips(&dbs.name, &dbs.source_url, &dbs.mirror_url).await;
+}
