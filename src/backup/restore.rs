@@ -1,9 +1,17 @@
 //! `bite-sync restore`, `backups list` and `backups verify`.
 //!
-//! A restore runs like `pg_restore --jobs`: the schema before data, then the data objects in
-//! parallel, then indexes and keys in parallel, foreign keys in parallel, and the rest of the
-//! schema in order. Every object's SHA-256 is checked as it streams in; a data object whose
-//! bytes do not match is rolled back (its `COPY` never commits) and the restore fails.
+//! A restore is all or nothing: it runs in one transaction on one connection (`--clean`'s
+//! drops included), in the order of a restore graph: the schema before data, the data objects
+//! (and the large objects), indexes and keys, index attachments of partitions, foreign keys,
+//! then the rest of the post-data (triggers, publications, materialized views' refresh) and
+//! the sequences. Any failure, a connection lost on the way included, rolls it all back and
+//! the error says the target is as it was; only a connection lost during the `COMMIT` itself
+//! leaves the outcome unknown, and the error says that. Every object's SHA-256 is checked as
+//! it streams in; an object whose bytes do not match fails the restore.
+//!
+//! `backups verify` restores into a scratch database it drops afterwards, where a half-done
+//! restore harms no one, so it runs the same graph like `pg_restore --jobs`: on `jobs`
+//! connections, a table's indexes while other tables still load, each task committed alone.
 //!
 //! An encrypted backup (its manifest says `"encryption": "age"`) needs the identity whose
 //! recipient the manifest names; that is checked before the target is touched. Each object
