@@ -97,7 +97,8 @@ pub enum Command {
 
     /// Back up the local database to S3-compatible storage or a folder
     ///
-    /// Reads every table (or --tables) from one consistent snapshot, several at a time,
+    /// Reads every table (or --tables) from one consistent snapshot, several at a time
+    /// (partitioned tables partition by partition; a --tables name brings all its partitions),
     /// compresses them with gzip straight into the store (no temporary files), and writes a
     /// manifest last: bite-sync's version, the source, the snapshot's time and WAL position,
     /// each table's row count and checksum, each object's size and SHA-256. A backup without
@@ -114,12 +115,15 @@ pub enum Command {
 
     /// Restore a backup into a database
     ///
-    /// Creates the schema, loads the tables in parallel, then builds indexes and keys and
-    /// adds foreign keys, like `pg_restore --jobs`. Every object's SHA-256 is checked as it
-    /// streams in; a corrupt object is never committed. Refuses a target that already has
-    /// tables unless --clean, which drops every schema of the target first (the backup's
-    /// tables only, for a --tables backup). An encrypted backup needs its identity:
-    /// backup.identity_file or BITE_BACKUP_IDENTITY.
+    /// Creates the schema, loads the tables, builds indexes and keys, adds foreign keys,
+    /// refreshes the materialized views the source had populated and sets the sequences, all
+    /// in one transaction: the target ends with the whole backup or, when anything fails (an
+    /// object the target cannot create, a lost connection, a corrupt object), as it was; the
+    /// message says which. Every object's SHA-256 is checked as it streams in. Refuses a
+    /// target that already has tables unless --clean, which first empties the target of
+    /// everything a backup creates: every schema and the publications, event triggers and
+    /// extensions (the backup's tables only, for a --tables backup). An encrypted backup needs
+    /// its identity: backup.identity_file or BITE_BACKUP_IDENTITY.
     #[command(after_long_help = RESTORE_HELP)]
     Restore(RestoreArgs),
 
@@ -562,12 +566,14 @@ pub struct RestoreArgs {
     #[arg(long, short = 't', value_name = "LIST")]
     pub tables: Option<String>,
 
-    /// Drop what is in the target first (every schema; with --tables or a --tables backup,
-    /// those tables only)
+    /// Drop what is in the target first (every schema, publication, event trigger and
+    /// extension; with --tables or a --tables backup, those tables only), in the restore's
+    /// transaction
     #[arg(long)]
     pub clean: bool,
 
-    /// Parallel connections [default: backup.jobs, else 2]
+    /// Accepted for scripts: a restore runs in one transaction, on one connection
+    /// (`backups verify` restores into its scratch database with backup.jobs connections)
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<u16>,
 

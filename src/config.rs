@@ -594,7 +594,7 @@ pub fn resolve(
         s3: crate::backup::store::S3Settings {
             endpoint: raw.backup.endpoint,
             region: raw.backup.region,
-            path_style: raw.backup.path_style.unwrap_or(false),
+            path_style: raw.backup.path_style,
             access_key: raw.backup.access_key,
             secret_key: raw.backup.secret_key,
         },

@@ -100,6 +100,8 @@ fn fake_backup(store: &std::path::Path, id: &str) {
         encryption: None,
         recipient: None,
         tables: Vec::new(),
+        partitioned: Vec::new(),
+        large_objects: None,
         objects: Vec::new(),
     };
     let dir = store.join(id);

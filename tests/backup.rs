@@ -290,13 +290,14 @@ async fn a_corrupted_object_is_caught_by_verify_and_never_restored() {
         &dbs.mirror_url,
     ]);
     assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the target is as it was"), "{stderr}");
     let restored = connect(&dbs.mirror_url).await;
-    let rows: i64 = restored
-        .query_one("SELECT count(*) FROM orders", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0, "no row of the corrupt object was committed");
+    assert_eq!(
+        table_count(&restored).await,
+        0,
+        "nothing of the restore was committed"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -722,6 +723,61 @@ async fn prune_keeps_exactly_what_the_policy_says() {
         &dbs.mirror_url,
     ]);
     assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Issue 11.11: retention used to count every backup together, so two newer backups of two
+/// tables pushed the only whole-database backup out. Each coverage is counted on its own,
+/// and the newest whole-database backup always stays.
+#[tokio::test]
+async fn prune_counts_each_coverage_on_its_own_and_keeps_the_whole_database() {
+    let dbs = test_dbs("backup_prune_coverage").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY); \
+             CREATE TABLE c (id int PRIMARY KEY); INSERT INTO a VALUES (1); INSERT INTO b VALUES (2);",
+        )
+        .await
+        .unwrap();
+    let dir = store_dir("prune-coverage");
+    let to = url_of(&dir);
+    let backup = |extra: &[&str]| {
+        let mut args = vec!["backup", "--source", &dbs.source_url, "--to", &to, "--json"];
+        args.extend(extra);
+        let out = run(&args);
+        assert!(out.status.success());
+        json(&out)["id"].as_str().unwrap().to_owned()
+    };
+    let whole = backup(&[]);
+    let two_old = backup(&["--tables", "a,b"]);
+    // The same set named in another order is the same coverage.
+    let two_new = backup(&["--tables", "b,a"]);
+    let one = backup(&["--tables", "c"]);
+    let policy = [
+        "--keep-last",
+        "1",
+        "--keep-daily",
+        "0",
+        "--keep-weekly",
+        "0",
+        "--keep-monthly",
+        "0",
+    ];
+    let mut args = vec!["backups", "prune", "--from", &to, "--json"];
+    args.extend(policy);
+    let out = run(&args);
+    assert!(out.status.success());
+    let report = json(&out);
+    assert_eq!(report["deleted"], serde_json::json!([two_old]), "{report}");
+    for kept in [&whole, &two_new, &one] {
+        assert!(
+            report["kept"].get(kept.as_str()).is_some(),
+            "{kept}: {report}"
+        );
+        assert!(dir.join(kept).join("manifest.json").exists(), "{kept}");
+    }
+    assert!(!dir.join(&two_old).exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

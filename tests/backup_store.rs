@@ -448,7 +448,6 @@ async fn s3_missing_credentials_name_what_to_set() {
     let server = S3Server::start().await;
     let settings = S3Settings {
         endpoint: Some(server.endpoint()),
-        path_style: true,
         ..S3Settings::default()
     };
     let error = Store::open_with_env(&server.url("nightly"), &settings, |_| None)
@@ -479,7 +478,6 @@ async fn s3_credentials_and_endpoint_come_from_the_environment() {
         _ => None,
     };
     let settings = S3Settings {
-        path_style: true,
         ..S3Settings::default()
     };
     let store = Store::open_with_env(&server.url("nightly"), &settings, env)
@@ -500,7 +498,6 @@ async fn unreachable_store() -> Store {
     drop(closed);
     let settings = S3Settings {
         endpoint: Some(format!("http://127.0.0.1:{port}")),
-        path_style: true,
         access_key: Some("a".to_owned()),
         secret_key: Some("s".to_owned()),
         ..S3Settings::default()
@@ -545,7 +542,6 @@ async fn s3_silent_endpoint_times_out() {
     });
     let settings = S3Settings {
         endpoint: Some(format!("http://{addr}")),
-        path_style: true,
         access_key: Some("a".to_owned()),
         secret_key: Some("s".to_owned()),
         ..S3Settings::default()
@@ -594,5 +590,46 @@ async fn s3_missing_bucket_is_not_a_missing_key() {
             }
             other => panic!("expected an S3 error, got {other:?}"),
         }
+    }
+}
+
+/// MinIO in the back office is reached by IP or as `localhost`: such an endpoint works
+/// without `path_style`, as with the AWS SDKs (a bucket cannot be a subdomain of an IP).
+#[tokio::test]
+async fn s3_ip_and_localhost_endpoints_need_no_path_style_setting() {
+    let v4 = S3Server::start().await;
+    let v6 = S3Server::start_on(std::net::Ipv6Addr::LOCALHOST.into()).await;
+    let endpoints = [
+        (&v4, v4.endpoint()),
+        (&v4, format!("http://localhost:{}", v4.port())),
+        (&v6, v6.endpoint()),
+    ];
+    for (server, endpoint) in endpoints {
+        // Everything but the addressing style, which is left to bite-sync.
+        let settings = S3Settings {
+            endpoint: Some(endpoint.clone()),
+            region: Some("us-east-1".to_owned()),
+            access_key: Some(S3Server::ACCESS_KEY.to_owned()),
+            secret_key: Some(S3Server::SECRET_KEY.to_owned()),
+            ..S3Settings::default()
+        };
+        let store = Store::open(&server.url("office"), &settings)
+            .await
+            .unwrap_or_else(|e| panic!("open with {endpoint}: {e}"));
+        let key = format!("probe-{}", endpoint.len());
+        store
+            .put(&key, b"hola")
+            .await
+            .unwrap_or_else(|e| panic!("put with {endpoint}: {e}"));
+        assert_eq!(&store.get(&key).await.expect("get")[..], b"hola");
+        assert!(
+            store
+                .list("")
+                .await
+                .expect("list")
+                .iter()
+                .any(|o| o.key == key),
+            "{endpoint}"
+        );
     }
 }

@@ -16,24 +16,28 @@ use tokio_postgres::Client;
 
 use super::crypt::{Encoder, Recipient};
 use super::digest::{Digest, Digester};
+use super::large_objects::{self, LargeObjects};
 use super::manifest::{
-    self, ForeignKeyDdl, MANIFEST, Manifest, Object, ObjectKind, Scope, Table, TableDdl,
+    self, ForeignKeyDdl, MANIFEST, Manifest, Object, ObjectKind, Partitioned, Scope, Table,
+    TableDdl,
 };
 use super::schema::{self, PgDumpError, Section};
 use super::store::{Store, StoreError, Written};
+use super::tables;
 use crate::pg::connect::{ConnectError, DbUrl};
 use crate::pg::ident::{QualifiedName, TablePattern, literal};
 use crate::sync::catalog;
-use crate::sync::plan::{self, PlanError};
+use crate::sync::plan::PlanError;
 
 /// gzip level: 6 is gzip's own default; the benchmark compares sizes with `gzip -6`.
 const LEVEL: u32 = 6;
 /// Stored bytes gathered before they go to the store.
 const FLUSH_BYTES: usize = 512 * 1024;
 /// Settings every dump and verify session uses, so COPY prints values the same way on both
-/// sides (the checksums compare text).
+/// sides (the checksums compare text), and, as pg_dump has it, row security off: a table whose
+/// policies would hide rows from the user fails loudly instead of being backed up thinned.
 pub(crate) const SESSION_SETTINGS: &str = "SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres'; \
-     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; \
+     SET extra_float_digits = 3; SET bytea_output = 'hex'; SET TimeZone = 'UTC'; SET row_security = off; \
      SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0";
 
 /// What to back up, and where.
@@ -121,9 +125,6 @@ pub enum BackupError {
     /// pg_dump failed.
     #[error(transparent)]
     PgDump(#[from] PgDumpError),
-    /// Nothing to back up.
-    #[error("the source database has no tables to back up")]
-    Empty,
 }
 
 impl BackupError {
@@ -147,7 +148,10 @@ fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Ba
 struct Planned {
     name: QualifiedName,
     kind: char,
+    /// Quoted and comma-separated; empty for a zero-column table.
     columns: String,
+    /// An extension configuration table's `WHERE ...`: only those rows are its data.
+    filter: Option<String>,
     bytes: u64,
     blocks: u64,
 }
@@ -200,19 +204,21 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
     };
     let block_size: i64 = row.get(7);
 
-    // Which tables.
-    let all = catalog::list_tables(&control)
+    // Which tables: every one with rows of its own (partitions included), or those named.
+    let all = tables::list(&control)
         .await
         .map_err(query("failed to list the source's tables"))?;
-    let search_path = catalog::search_path(&control)
+    let search_path = tables::search_path(&control)
         .await
         .map_err(query("failed to read the source's search_path"))?;
-    let selected = plan::resolve(&all, &search_path, &opts.tables, &[])?;
-    if selected.is_empty() {
-        return Err(BackupError::Empty);
-    }
-    let names: Vec<QualifiedName> = selected.iter().map(|t| t.name.clone()).collect();
-    let planned = plan_tables(&control, &names, block_size).await?;
+    let selection = tables::select(&all, &search_path, &opts.tables)?;
+    let names: Vec<QualifiedName> = selection.data.iter().map(|t| t.name.clone()).collect();
+    let filters: Vec<Option<String>> = selection
+        .data
+        .iter()
+        .map(|t| t.extension_filter.clone().filter(|f| !f.is_empty()))
+        .collect();
+    let planned = plan_tables(&control, &names, &filters, block_size).await?;
 
     let id = free_id(store, started_at).await?;
     let result = async {
@@ -220,7 +226,26 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
         let scope = if opts.tables.is_empty() {
             Scope::Database
         } else {
-            Scope::Tables(names.iter().map(ToString::to_string).collect())
+            // The tables named: top-level ones (a partitioned table stands for its partitions).
+            let mut top: Vec<String> = names
+                .iter()
+                .map(|n| {
+                    selection
+                        .root_of(n)
+                        .unwrap_or_else(|| n.clone())
+                        .to_string()
+                })
+                .chain(
+                    selection
+                        .partitioned
+                        .iter()
+                        .filter(|p| p.parent.is_none())
+                        .map(|p| p.name.to_string()),
+                )
+                .collect();
+            top.sort();
+            top.dedup();
+            Scope::Tables(top)
         };
         // Catalog expressions deparsed with every name qualified.
         control
@@ -228,6 +253,18 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             .await
             .map_err(query("failed to prepare the catalog reads"))?;
         let ddls = table_ddls(&control, &names).await?;
+        let partitioned_names: Vec<QualifiedName> = selection
+            .partitioned
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let partitioned_ddls = table_ddls(&control, &partitioned_names).await?;
+        // pg_dump --schema-only leaves materialized views empty: refresh, after everything
+        // else, those the source has populated.
+        let refreshes = match scope {
+            Scope::Database => refresh_sql(&control).await?,
+            Scope::Tables(_) => String::new(),
+        };
         let schema_task = {
             let store = store.clone();
             let id = id.clone();
@@ -239,7 +276,8 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             let generated = match scope {
                 Scope::Database => None,
                 Scope::Tables(_) => {
-                    let all: Vec<&TableDdl> = ddls.iter().collect();
+                    // Partitioned tables first (parents before their partitions).
+                    let all: Vec<&TableDdl> = partitioned_ddls.iter().chain(&ddls).collect();
                     Some(manifest::generated_schema(&all))
                 }
             };
@@ -262,7 +300,7 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
                                 Section::PostData
                             )
                         );
-                        (pre?, post?)
+                        (pre?, format!("{}{refreshes}", post?))
                     }
                 };
                 let mut objects = Vec::new();
@@ -286,6 +324,17 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
         let results = dump_data(opts, store, &id, &snapshot, &planned, &tasks).await?;
         let mut objects = schema_task.await.expect("the schema task does not panic")?;
 
+        // Large objects belong to the whole database, like pg_dump's.
+        let large_objects = match scope {
+            Scope::Database => {
+                dump_large_objects(&control, store, &id, opts.encrypt_to.as_ref()).await?
+            }
+            Scope::Tables(_) => None,
+        };
+        if let Some((name, written, _)) = &large_objects {
+            objects.push(object(name, ObjectKind::LargeObjects, written.clone()));
+        }
+
         let sequences = sequences_sql(&control, &names, opts.tables.is_empty()).await?;
         let name = manifest::schema_object_name(ObjectKind::Sequences, opts.encrypt_to.is_some());
         let written = put_encoded(
@@ -307,6 +356,24 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
                 digest: Digest::default(),
                 objects: Vec::new(),
                 ddl: ddls.iter().find(|d| d.name == p.name.quoted()).cloned(),
+                partition_of: selection.root_of(&p.name).map(|r| r.quoted()),
+            })
+            .collect();
+        let partitioned = selection
+            .partitioned
+            .iter()
+            .map(|p| Partitioned {
+                schema: p.name.schema.clone(),
+                name: p.name.name.clone(),
+                partition_of: p
+                    .parent
+                    .as_ref()
+                    .and_then(|_| selection.root_of(&p.name))
+                    .map(|r| r.quoted()),
+                ddl: partitioned_ddls
+                    .iter()
+                    .find(|d| d.name == p.name.quoted())
+                    .cloned(),
             })
             .collect();
         for (task, (written, digest)) in tasks.iter().zip(results) {
@@ -332,6 +399,8 @@ pub async fn backup(opts: &BackupOptions, store: &Store) -> Result<BackupReport,
             encryption: opts.encrypt_to.as_ref().map(|_| manifest::Encryption::Age),
             recipient: opts.encrypt_to.as_ref().map(ToString::to_string),
             tables,
+            partitioned,
+            large_objects: large_objects.map(|(_, _, digest)| LargeObjects { digest }),
             objects,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
@@ -404,6 +473,7 @@ async fn put_encoded(
 async fn plan_tables(
     control: &Client,
     names: &[QualifiedName],
+    filters: &[Option<String>],
     block_size: i64,
 ) -> Result<Vec<Planned>, BackupError> {
     let (schemas, tables) = QualifiedName::split(names);
@@ -425,12 +495,14 @@ async fn plan_tables(
         .map_err(query("failed to read the tables' sizes"))?;
     Ok(rows
         .iter()
-        .map(|r| {
+        .zip(filters)
+        .map(|(r, filter)| {
             let bytes = r.get::<_, i64>(3).max(0) as u64;
             Planned {
                 name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
                 kind: r.get::<_, String>(2).chars().next().unwrap_or('r'),
                 columns: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                filter: filter.clone(),
                 bytes,
                 blocks: bytes / block_size.max(1) as u64,
             }
@@ -448,7 +520,11 @@ fn chunk_tasks(
 ) -> Vec<Task> {
     let mut tasks = Vec::new();
     for (i, t) in planned.iter().enumerate() {
-        let chunks = if t.kind == 'r' && server_version_num >= 140_000 && chunk_bytes > 0 {
+        let chunks = if t.kind == 'r'
+            && t.filter.is_none()
+            && server_version_num >= 140_000
+            && chunk_bytes > 0
+        {
             t.bytes.div_ceil(chunk_bytes).max(1)
         } else {
             1
@@ -569,32 +645,50 @@ async fn dump_object(
     encrypt_to: Option<&Recipient>,
 ) -> Result<(Written, Digest), BackupError> {
     let qualified = table.name.quoted();
-    let select = match (task.pages, table.kind) {
+    let select = match (task.pages, &table.filter) {
         (Some((from, to)), _) => {
             let upper = to
                 .map(|to| format!(" AND ctid < '({to},0)'::tid"))
                 .unwrap_or_default();
+            // A zero-column table selects no column: COPY still prints a line per row.
             format!(
                 "COPY (SELECT {} FROM ONLY {qualified} WHERE ctid >= '({from},0)'::tid{upper}) TO STDOUT",
                 table.columns
             )
         }
-        (None, 'r') => format!("COPY {qualified} ({}) TO STDOUT", table.columns),
-        // A partitioned table holds no rows itself: read them through it.
-        (None, _) => format!("COPY (SELECT {} FROM {qualified}) TO STDOUT", table.columns),
+        (None, Some(filter)) => format!(
+            "COPY (SELECT {} FROM ONLY {qualified} {filter}) TO STDOUT",
+            table.columns
+        ),
+        (None, None) => format!("COPY {qualified}{} TO STDOUT", column_list(&table.columns)),
     };
     let stream = client
         .copy_out(&select)
         .await
-        .map_err(query(format!("failed to read {}", table.name)))?;
+        .map_err(|source| {
+            let hidden = source
+                .as_db_error()
+                .is_some_and(|e| e.message().contains("row-level security"));
+            BackupError::Query {
+                context: if hidden {
+                    format!(
+                        "failed to read {}: its row-level security would hide rows from this user, so it is not backed up thinned (back up as its owner, a superuser or a role with BYPASSRLS)",
+                        table.name
+                    )
+                } else {
+                    format!("failed to read {}", table.name)
+                },
+                source,
+            }
+        })?;
     pin_mut!(stream);
     let mut writer = store.writer(&format!("{id}/{}", task.object)).await?;
     let mut encoder = Encoder::new(LEVEL, encrypt_to);
     let mut part = Vec::with_capacity(FLUSH_BYTES * 2);
     encoder.write(
         format!(
-            "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nCOPY {qualified} ({}) FROM stdin;\n",
-            table.columns
+            "SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\nCOPY {qualified}{} FROM stdin;\n",
+            column_list(&table.columns)
         )
         .as_bytes(),
     );
@@ -615,6 +709,154 @@ async fn dump_object(
     Ok((written, digester.finish()))
 }
 
+/// Streams every large object into the large-objects script (see [`large_objects`]), in the
+/// snapshot; `None` when there are none.
+async fn dump_large_objects(
+    control: &Client,
+    store: &Store,
+    id: &str,
+    encrypt_to: Option<&Recipient>,
+) -> Result<Option<(String, Written, Digest)>, BackupError> {
+    let listed = large_objects::list(control)
+        .await
+        .map_err(query("failed to list the large objects"))?;
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let name = manifest::schema_object_name(ObjectKind::LargeObjects, encrypt_to.is_some());
+    let mut writer = store.writer(&format!("{id}/{name}")).await?;
+    let mut encoder = Encoder::new(LEVEL, encrypt_to);
+    let mut part = Vec::with_capacity(FLUSH_BYTES * 2);
+    let mut digest = Digest::default();
+    encoder.write(large_objects::SCRIPT_HEADER.as_bytes());
+    for lo in &listed {
+        encoder.write(large_objects::create_line(lo.oid).as_bytes());
+        let mut hasher = large_objects::Hasher::new(lo.oid);
+        let mut offset = 0i64;
+        loop {
+            let chunk = large_objects::read_chunk(control, lo.oid, offset)
+                .await
+                .map_err(query(format!("failed to read large object {}", lo.oid)))?;
+            if !chunk.is_empty() {
+                hasher.update(&chunk);
+                encoder.write(large_objects::put_line(lo.oid, offset, &chunk).as_bytes());
+            }
+            offset += chunk.len() as i64;
+            if encoder.pending() >= FLUSH_BYTES {
+                encoder.drain(&mut part);
+                writer.write(&part).await?;
+            }
+            if chunk.len() < large_objects::CHUNK as usize {
+                break;
+            }
+        }
+        if let Some(comment) = &lo.comment {
+            encoder.write(large_objects::comment_line(lo.oid, comment).as_bytes());
+        }
+        hasher.finish(&mut digest);
+    }
+    let rest = encoder.finish();
+    writer.write(&rest).await?;
+    let written = writer.finish().await?;
+    Ok(Some((name, written, digest)))
+}
+
+/// `REFRESH MATERIALIZED VIEW` for every materialized view the source has populated, as
+/// pg_dump entries (`Type: MATERIALIZED VIEW DATA`, as pg_dump writes them in a dump with
+/// data), each after the materialized views it reads (through views too). One that reads an
+/// unpopulated one is left unpopulated, as pg_dump does: refreshing it would fail.
+async fn refresh_sql(control: &Client) -> Result<String, BackupError> {
+    let views = control
+        .query(
+            "SELECT c.oid, n.nspname, c.relname, c.relispopulated              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace              WHERE c.relkind = 'm' AND NOT starts_with(n.nspname, 'bite_sync')                AND n.nspname NOT IN ('pg_catalog', 'information_schema')              ORDER BY 2, 3",
+            &[],
+        )
+        .await
+        .map_err(query("failed to list the materialized views"))?;
+    if views.is_empty() {
+        return Ok(String::new());
+    }
+    // (reader, read): relations a view's or materialized view's query reads, followed
+    // through plain views, kept where both ends are materialized views.
+    let edges = control
+        .query(
+            "WITH RECURSIVE reads(reader, read) AS (                  SELECT DISTINCT r.ev_class, d.refobjid                    FROM pg_catalog.pg_rewrite r                    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass                     AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass                   WHERE d.refobjid <> r.ev_class),              closure(reader, read) AS (                  SELECT reader, read FROM reads                  UNION                  SELECT c.reader, r.read FROM closure c JOIN reads r ON r.reader = c.read                   JOIN pg_catalog.pg_class v ON v.oid = c.read AND v.relkind = 'v')              SELECT c.reader, c.read FROM closure c                JOIN pg_catalog.pg_class a ON a.oid = c.reader AND a.relkind = 'm'                JOIN pg_catalog.pg_class b ON b.oid = c.read AND b.relkind = 'm'",
+            &[],
+        )
+        .await
+        .map_err(query("failed to read what the materialized views read"))?;
+    let views: Vec<MatView> = views
+        .iter()
+        .map(|r| MatView {
+            oid: r.get(0),
+            name: QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+            populated: r.get(3),
+        })
+        .collect();
+    let edges: Vec<(u32, u32)> = edges.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let mut sql = String::new();
+    for view in refresh_order(&views, &edges) {
+        sql.push_str(&format!(
+            "--\n-- Name: {}; Type: MATERIALIZED VIEW DATA; Schema: {}; Owner: -\n--\n\nREFRESH MATERIALIZED VIEW {};\n\n",
+            view.name.name,
+            view.name.schema,
+            view.name.quoted()
+        ));
+    }
+    Ok(sql)
+}
+
+/// A materialized view of the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MatView {
+    oid: u32,
+    name: QualifiedName,
+    populated: bool,
+}
+
+/// The populated views to refresh, each after those it reads (`edges`: (reader, read)); a
+/// view that reads one left unpopulated stays unpopulated; a cycle (which PostgreSQL does not
+/// allow) ends the ordering rather than looping.
+fn refresh_order<'a>(views: &'a [MatView], edges: &[(u32, u32)]) -> Vec<&'a MatView> {
+    let mut done: Vec<u32> = Vec::new();
+    let mut skipped: Vec<u32> = views
+        .iter()
+        .filter(|v| !v.populated)
+        .map(|v| v.oid)
+        .collect();
+    let mut order = Vec::new();
+    let reads = |v: u32| edges.iter().filter(move |(r, _)| *r == v).map(|(_, x)| *x);
+    loop {
+        let mut progressed = false;
+        for v in views {
+            if done.contains(&v.oid) || skipped.contains(&v.oid) {
+                continue;
+            }
+            if reads(v.oid).any(|x| skipped.contains(&x)) {
+                skipped.push(v.oid);
+                progressed = true;
+            } else if reads(v.oid).all(|x| done.contains(&x) || x == v.oid) {
+                done.push(v.oid);
+                order.push(v);
+                progressed = true;
+            }
+        }
+        if !progressed {
+            return order;
+        }
+    }
+}
+
+/// ` (a, b)` for COPY, or nothing for a zero-column table (`COPY t () ...` is a syntax error;
+/// `COPY t ...` reads and writes one empty line per row).
+pub(crate) fn column_list(columns: &str) -> String {
+    if columns.is_empty() {
+        String::new()
+    } else {
+        format!(" ({columns})")
+    }
+}
+
 /// `setval` for the sequences a restore needs at their current positions.
 async fn sequences_sql(
     control: &Client,
@@ -626,9 +868,9 @@ async fn sequences_sql(
     // tables' columns use (serial, identity, hand-made nextval defaults).
     let rows = control
         .query(
-            "SELECT s.schemaname, s.sequencename, s.last_value \
+            "SELECT s.schemaname, s.sequencename \
              FROM pg_catalog.pg_sequences s \
-             WHERE s.last_value IS NOT NULL AND s.schemaname NOT LIKE 'bite_sync%' \
+             WHERE NOT starts_with(s.schemaname, 'bite_sync') \
                AND ($3 OR EXISTS ( \
                  SELECT 1 FROM unnest($1::text[], $2::text[]) AS want(schema, name) \
                  JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
@@ -645,14 +887,36 @@ async fn sequences_sql(
         )
         .await
         .map_err(query("failed to read the sequences"))?;
+    let names: Vec<QualifiedName> = rows
+        .iter()
+        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
     let mut sql = String::from("SET client_encoding = 'UTF8';\n");
-    for r in rows {
-        let name = QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1));
-        let value: i64 = r.get(2);
-        sql.push_str(&format!(
-            "SELECT pg_catalog.setval({}, {value}, true);\n",
-            literal(&name.quoted())
-        ));
+    // Each sequence's own row: `pg_sequences` has no last value for one set with
+    // `setval(..., false)` (or never used), which must come back the same.
+    for names in names.chunks(500) {
+        let read = names
+            .iter()
+            .map(|n| {
+                format!(
+                    "SELECT {}, last_value, is_called FROM {}",
+                    literal(&n.quoted()),
+                    n.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        for r in control
+            .query(&read, &[])
+            .await
+            .map_err(query("failed to read the sequences' positions"))?
+        {
+            let (name, value, called): (String, i64, bool) = (r.get(0), r.get(1), r.get(2));
+            sql.push_str(&format!(
+                "SELECT pg_catalog.setval({}, {value}, {called});\n",
+                literal(&name)
+            ));
+        }
     }
     Ok(sql)
 }
@@ -673,15 +937,19 @@ async fn table_ddls(
         let Some(def) = cat.tables.get(name) else {
             continue;
         };
+        let tree = partition_info(control, name).await?;
         let mut schemas: Vec<String> = vec![name.schema.clone()];
         schemas.extend(cat.types.iter().map(|t| t.name().schema.clone()));
         schemas.sort();
         schemas.dedup();
         let mut keys = Vec::new();
+        // Keys and indexes a partition has from its partitioned table come with the
+        // partitioned table's own.
         for c in def
             .constraints
             .iter()
             .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
+            .filter(|c| !tree.inherited.contains(&c.name))
         {
             keys.push(format!(
                 "--\n-- Name: {}; Type: CONSTRAINT; Schema: {}; Owner: -\n--\n{};\n",
@@ -690,7 +958,11 @@ async fn table_ddls(
                 ddl::add_key(name, c)
             ));
         }
-        for i in &def.indexes {
+        for i in def
+            .indexes
+            .iter()
+            .filter(|i| !tree.inherited.contains(&i.name))
+        {
             keys.push(format!(
                 "--\n-- Name: {}; Type: INDEX; Schema: {}; Owner: -\n--\n{};\n",
                 i.name,
@@ -717,11 +989,12 @@ async fn table_ddls(
                 .iter()
                 .map(|s| (s.name.quoted(), format!("{};\n", ddl::create_sequence(s))))
                 .collect(),
-            create: format!("{};\n", ddl::create_table(def, name)),
+            create: tree.create(&ddl::create_table(def, name), name),
             keys,
             foreign_keys: def
                 .foreign_keys
                 .iter()
+                .filter(|fk| !tree.inherited.contains(&fk.name))
                 .map(|fk| ForeignKeyDdl {
                     references: fk.referenced.quoted(),
                     sql: format!(
@@ -735,4 +1008,108 @@ async fn table_ddls(
         });
     }
     Ok(out)
+}
+
+/// Where a table stands in a partition tree, for its generated schema.
+#[derive(Debug, Default)]
+struct PartitionInfo {
+    /// `RANGE (paid_at)`: it is partitioned so.
+    partition_by: Option<String>,
+    /// Its partitioned table (quoted) and bound (`FOR VALUES ...`, `DEFAULT`).
+    attach_to: Option<(String, String)>,
+    /// Its constraints and indexes that come from its partitioned table's.
+    inherited: Vec<String>,
+}
+
+impl PartitionInfo {
+    /// `CREATE TABLE` as generated, partitioned and attached as on the source (pg_dump too
+    /// creates a partition as a table, then attaches it).
+    fn create(&self, create_table: &str, name: &QualifiedName) -> String {
+        let mut sql = create_table.to_owned();
+        if let Some(by) = &self.partition_by {
+            sql.push_str(&format!(" PARTITION BY {by}"));
+        }
+        sql.push_str(";\n");
+        if let Some((parent, bound)) = &self.attach_to {
+            sql.push_str(&format!(
+                "ALTER TABLE ONLY {parent} ATTACH PARTITION {} {bound};\n",
+                name.quoted()
+            ));
+        }
+        sql
+    }
+}
+
+async fn partition_info(
+    control: &Client,
+    name: &QualifiedName,
+) -> Result<PartitionInfo, BackupError> {
+    let row = control
+        .query_one(
+            "SELECT CASE WHEN c.relkind = 'p' THEN pg_catalog.pg_get_partkeydef(c.oid) END, \
+                    (SELECT pg_catalog.format('%I.%I', pn.nspname, p.relname) \
+                       FROM pg_catalog.pg_inherits i \
+                       JOIN pg_catalog.pg_class p ON p.oid = i.inhparent \
+                       JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace \
+                      WHERE c.relispartition AND i.inhrelid = c.oid), \
+                    CASE WHEN c.relispartition THEN pg_catalog.pg_get_expr(c.relpartbound, c.oid) END, \
+                    ARRAY(SELECT k.conname::text FROM pg_catalog.pg_constraint k \
+                           WHERE k.conrelid = c.oid AND k.conparentid <> 0 \
+                          UNION ALL \
+                          SELECT ic.relname::text FROM pg_catalog.pg_index x \
+                            JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid \
+                           WHERE x.indrelid = c.oid AND ic.relispartition) \
+             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .map_err(query(format!("failed to read the partitioning of {name}")))?;
+    Ok(PartitionInfo {
+        partition_by: row.get(0),
+        attach_to: row
+            .get::<_, Option<String>>(1)
+            .zip(row.get::<_, Option<String>>(2)),
+        inherited: row.get(3),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(oid: u32, name: &str, populated: bool) -> MatView {
+        MatView {
+            oid,
+            name: QualifiedName::new("public", name),
+            populated,
+        }
+    }
+
+    #[test]
+    fn materialized_views_refresh_after_what_they_read_and_not_over_empty_ones() {
+        // a reads c (maybe through a view), b is empty, d reads b, e reads d.
+        let views = [
+            view(1, "a", true),
+            view(2, "b", false),
+            view(3, "c", true),
+            view(4, "d", true),
+            view(5, "e", true),
+        ];
+        let edges = [(1, 3), (4, 2), (5, 4)];
+        let order: Vec<&str> = refresh_order(&views, &edges)
+            .iter()
+            .map(|v| v.name.name.as_str())
+            .collect();
+        assert_eq!(order, ["c", "a"]);
+        // A cycle ends the ordering instead of looping.
+        let order = refresh_order(&views[..1], &[(1, 3), (3, 1)]);
+        assert!(order.is_empty());
+    }
+
+    #[test]
+    fn zero_column_tables_copy_without_a_column_list() {
+        assert_eq!(column_list(""), "");
+        assert_eq!(column_list("\"a\", \"b\""), " (\"a\", \"b\")");
+    }
 }

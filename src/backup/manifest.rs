@@ -51,8 +51,16 @@ pub struct Manifest {
     /// The age recipient (public key) an encrypted backup was encrypted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
-    /// Tables, in the order their data objects are named.
+    /// Tables with rows of their own (plain tables and partitions), in the order their data
+    /// objects are named.
     pub tables: Vec<Table>,
+    /// Partitioned tables (they hold no rows: their partitions do), each after the one it is
+    /// a partition of (absent in older manifests and when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partitioned: Vec<Partitioned>,
+    /// The large objects, when the database has any (a whole-database backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub large_objects: Option<super::large_objects::LargeObjects>,
     /// Every object but the manifest, in name order.
     pub objects: Vec<Object>,
 }
@@ -108,6 +116,32 @@ pub struct Table {
     /// before bite-sync wrote it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ddl: Option<TableDdl>,
+    /// For a partition, the top-level partitioned table it belongs to, quoted
+    /// (`"public"."payments"`): the name `restore --tables` knows it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+}
+
+/// A partitioned table in a backup: its schema only (its rows are its partitions').
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partitioned {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// For a sub-partitioned partition, the top-level partitioned table, quoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_of: Option<String>,
+    /// Its schema as bite-sync generates it (`PARTITION BY`, attached to its parent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddl: Option<TableDdl>,
+}
+
+impl Partitioned {
+    /// `schema.name` as the user writes it.
+    pub fn display_name(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
 }
 
 /// One table's schema, generated from the source's catalog.
@@ -211,6 +245,8 @@ pub enum ObjectKind {
     PreData,
     /// One table's rows (or a chunk of them).
     Data,
+    /// The large objects, as a script of `lo_create` and `lo_put`.
+    LargeObjects,
     /// Indexes, keys, foreign keys, triggers.
     PostData,
     /// Sequence positions.
@@ -264,12 +300,14 @@ pub fn suffix(encrypted: bool) -> &'static str {
     if encrypted { ".sql.gz.age" } else { ".sql.gz" }
 }
 
-/// The name of the pre-data, post-data or sequences object.
+/// The name of the pre-data, large objects, post-data or sequences object.
 pub fn schema_object_name(kind: ObjectKind, encrypted: bool) -> String {
     let base = match kind {
         ObjectKind::PreData => "0-pre-data",
         ObjectKind::PostData => "2-post-data",
         ObjectKind::Sequences => "3-sequences",
+        // After every table's `1-data-NNNN-...`, before the post-data.
+        ObjectKind::LargeObjects => "1-data-large-objects",
         ObjectKind::Data => unreachable!("data objects are named by data_object_name"),
     };
     format!("{base}{}", suffix(encrypted))
@@ -346,7 +384,10 @@ mod tests {
                 },
                 objects: vec![data_object_name(0, "public", "orders", 0, false)],
                 ddl: None,
+                partition_of: None,
             }],
+            partitioned: Vec::new(),
+            large_objects: None,
             objects: vec![Object {
                 name: data_object_name(0, "public", "orders", 0, false),
                 kind: ObjectKind::Data,
@@ -390,13 +431,15 @@ mod tests {
             data_object_name(0, "public", "orders", 1, false),
             data_object_name(0, "public", "orders", 0, false),
             "0-pre-data.sql.gz".to_owned(),
+            schema_object_name(ObjectKind::LargeObjects, false),
         ];
         names.sort();
         assert_eq!(names[0], "0-pre-data.sql.gz");
         assert_eq!(names[1], "1-data-0000-public.orders.000.sql.gz");
         assert_eq!(names[2], "1-data-0000-public.orders.001.sql.gz");
         assert_eq!(names[3], "1-data-0001-public.Order_Items_.._x.000.sql.gz");
-        assert_eq!(names[4], "2-post-data.sql.gz");
+        assert_eq!(names[4], "1-data-large-objects.sql.gz");
+        assert_eq!(names[5], "2-post-data.sql.gz");
         assert!(!names[3].contains('/') && !names[3].contains(' '));
     }
 

@@ -9,17 +9,21 @@
 //! | [`manifest`] | what a backup holds; object names that sort in restore order (pure) |
 //! | [`schema`] | `pg_dump --schema-only` in the snapshot; post-data cut into parallel phases |
 //! | [`dump`] | `bite-sync backup` |
+//! | [`large_objects`] | large objects: the script that restores them, their digest |
 //! | [`prune`] | `backups prune`: keep-last/daily/weekly/monthly retention |
 //! | [`restore`] | `bite-sync restore`, `backups list`, `backups verify` |
+//! | [`tables`] | which tables a backup holds: every table with rows, partitions included |
 
 pub mod crypt;
 pub mod digest;
 pub mod dump;
+pub mod large_objects;
 pub mod manifest;
 pub mod prune;
 pub mod restore;
 pub mod schema;
 pub mod store;
+pub mod tables;
 
 use crate::cli::{
     BackupArgs, BackupsKeygenArgs, BackupsListArgs, BackupsPruneArgs, BackupsVerifyArgs,

@@ -3,8 +3,14 @@
 //! The rule, as restic and borg apply it: backups are taken newest first; `keep_last` keeps
 //! the newest N; `keep_daily` keeps the newest backup of each of the newest N days that have
 //! one (days in UTC), and likewise weekly (ISO weeks) and monthly. A backup kept by any rule
-//! stays. The newest good backup always stays, whatever the policy. Folders without a manifest
-//! older than a day are deleted (a backup that died; a younger one may still be running).
+//! stays. Folders without a manifest older than a day are deleted (a backup that died; a
+//! younger one may still be running).
+//!
+//! Backups of different coverage do not stand in for each other: a backup of two tables is no
+//! substitute for one of the whole database. So the policy is applied to each coverage on its
+//! own (the whole database; each set of tables, whatever order they were named in), and the
+//! newest good backup of each coverage always stays, whatever the policy: above all, the
+//! newest whole-database backup is never deleted.
 //!
 //! A backup is deleted manifest first, so one interrupted half way is an incomplete folder,
 //! never a backup that looks good and is not.
@@ -14,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Datelike, Duration, Utc};
 use serde::Serialize;
 
-use super::manifest::{MANIFEST, id_time};
+use super::manifest::{MANIFEST, Scope, id_time};
 use super::restore::{RestoreError, list};
 use super::store::Store;
 
@@ -44,11 +50,66 @@ impl Default for Retention {
     }
 }
 
+/// What a backup covers, as retention groups backups.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Coverage {
+    /// Every table of the database.
+    Database,
+    /// These tables (`schema.name`), in any order.
+    Tables(BTreeSet<String>),
+}
+
+impl Coverage {
+    /// The coverage of a manifest's scope.
+    pub fn of(scope: &Scope) -> Coverage {
+        match scope {
+            Scope::Database => Coverage::Database,
+            Scope::Tables(tables) => Coverage::Tables(tables.iter().cloned().collect()),
+        }
+    }
+
+    /// For the reasons a backup is kept: `tables a, b` (nothing for the whole database).
+    fn label(&self) -> Option<String> {
+        match self {
+            Coverage::Database => None,
+            Coverage::Tables(t) => Some(format!(
+                "tables {}",
+                t.iter().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+}
+
 /// The period a backup falls in, for one rule (`2026-11-29`, `2026-W48`, `2026-11`).
 type Bucket = fn(&DateTime<Utc>) -> String;
 
-/// The backups a policy keeps, with why; `backups` are (id, time) of good backups.
+/// The backups a policy keeps, with why; `backups` are (id, time, coverage) of good backups.
+/// Each coverage is counted on its own and keeps at least its newest backup.
 pub fn kept(
+    backups: &[(String, DateTime<Utc>, Coverage)],
+    policy: &Retention,
+) -> BTreeMap<String, Vec<String>> {
+    let mut groups: BTreeMap<&Coverage, Vec<(String, DateTime<Utc>)>> = BTreeMap::new();
+    for (id, time, coverage) in backups {
+        groups
+            .entry(coverage)
+            .or_default()
+            .push((id.clone(), *time));
+    }
+    let mut reasons = BTreeMap::new();
+    for (coverage, group) in groups {
+        for (id, mut why) in kept_of_one_coverage(&group, policy) {
+            if let Some(label) = coverage.label() {
+                why.insert(0, label);
+            }
+            reasons.insert(id, why);
+        }
+    }
+    reasons
+}
+
+/// [`kept`] for backups of one coverage.
+fn kept_of_one_coverage(
     backups: &[(String, DateTime<Utc>)],
     policy: &Retention,
 ) -> BTreeMap<String, Vec<String>> {
@@ -133,10 +194,10 @@ pub async fn prune(
     dry_run: bool,
 ) -> Result<PruneReport, RestoreError> {
     let listed = list(store).await?;
-    let good: Vec<(String, DateTime<Utc>)> = listed
+    let good: Vec<(String, DateTime<Utc>, Coverage)> = listed
         .iter()
         .filter(|b| b.state == "good")
-        .filter_map(|b| Some((b.id.clone(), id_time(&b.id)?)))
+        .filter_map(|b| Some((b.id.clone(), id_time(&b.id)?, b.coverage.clone()?)))
         .collect();
     let keep = kept(&good, policy);
     let mut report = PruneReport {
@@ -212,15 +273,68 @@ mod tests {
         DateTime::parse_from_rfc3339(text).unwrap().to_utc()
     }
 
-    /// Every 6 hours for `days` days up to 2026-11-29T18:00Z.
-    fn six_hourly(days: i64) -> Vec<(String, DateTime<Utc>)> {
+    /// Every 6 hours for `days` days up to 2026-11-29T18:00Z, of the whole database.
+    fn six_hourly(days: i64) -> Vec<(String, DateTime<Utc>, Coverage)> {
         let end = at("2026-11-29T18:00:00Z");
         (0..days * 4)
             .map(|i| {
                 let t = end - Duration::hours(6 * i);
-                (super::super::manifest::backup_id(t), t)
+                (super::super::manifest::backup_id(t), t, Coverage::Database)
             })
             .collect()
+    }
+
+    fn tables(names: &[&str]) -> Coverage {
+        Coverage::Tables(names.iter().map(|n| n.to_string()).collect())
+    }
+
+    #[test]
+    fn each_coverage_is_counted_on_its_own() {
+        // The only whole-database backup, then newer backups of two tables and of one.
+        let backups = vec![
+            (
+                "20261101T000000Z".to_owned(),
+                at("2026-11-01T00:00:00Z"),
+                Coverage::Database,
+            ),
+            (
+                "20261128T000000Z".to_owned(),
+                at("2026-11-28T00:00:00Z"),
+                tables(&["public.orders", "public.customers"]),
+            ),
+            (
+                "20261129T000000Z".to_owned(),
+                at("2026-11-29T00:00:00Z"),
+                tables(&["public.customers", "public.orders"]),
+            ),
+            (
+                "20261129T060000Z".to_owned(),
+                at("2026-11-29T06:00:00Z"),
+                tables(&["public.menu"]),
+            ),
+        ];
+        let policy = Retention {
+            keep_last: 1,
+            keep_daily: 0,
+            keep_weekly: 0,
+            keep_monthly: 0,
+        };
+        let k = kept(&backups, &policy);
+        assert_eq!(
+            ids(&k),
+            ["20261101T000000Z", "20261129T000000Z", "20261129T060000Z"]
+        );
+        assert_eq!(k["20261101T000000Z"], ["newest", "last"]);
+        assert_eq!(
+            k["20261129T000000Z"],
+            ["tables public.customers, public.orders", "newest", "last"]
+        );
+        // Even a policy that keeps nothing keeps the newest of each coverage.
+        let nothing = Retention {
+            keep_last: 0,
+            ..policy
+        };
+        assert_eq!(ids(&kept(&backups, &nothing)), ids(&k));
     }
 
     fn ids(kept: &BTreeMap<String, Vec<String>>) -> Vec<&str> {

@@ -1,9 +1,17 @@
 //! `bite-sync restore`, `backups list` and `backups verify`.
 //!
-//! A restore runs like `pg_restore --jobs`: the schema before data, then the data objects in
-//! parallel, then indexes and keys in parallel, foreign keys in parallel, and the rest of the
-//! schema in order. Every object's SHA-256 is checked as it streams in; a data object whose
-//! bytes do not match is rolled back (its `COPY` never commits) and the restore fails.
+//! A restore is all or nothing: it runs in one transaction on one connection (`--clean`'s
+//! drops included), in the order of a restore graph: the schema before data, the data objects
+//! (and the large objects), indexes and keys, index attachments of partitions, foreign keys,
+//! then the rest of the post-data (triggers, publications, materialized views' refresh) and
+//! the sequences. Any failure, a connection lost on the way included, rolls it all back and
+//! the error says the target is as it was; only a connection lost during the `COMMIT` itself
+//! leaves the outcome unknown, and the error says that. Every object's SHA-256 is checked as
+//! it streams in; an object whose bytes do not match fails the restore.
+//!
+//! `backups verify` restores into a scratch database it drops afterwards, where a half-done
+//! restore harms no one, so it runs the same graph like `pg_restore --jobs`: on `jobs`
+//! connections, a table's indexes while other tables still load, each task committed alone.
 //!
 //! An encrypted backup (its manifest says `"encryption": "age"`) needs the identity whose
 //! recipient the manifest names; that is checked before the target is touched. Each object
@@ -99,6 +107,22 @@ pub enum RestoreError {
         /// The given identity's public key.
         given: String,
     },
+    /// The restore failed and its transaction was rolled back: the target is as it was.
+    #[error(
+        "{}; the target is as it was before the restore (it runs in one transaction, rolled back)",
+        crate::error_chain(.0.as_ref())
+    )]
+    RolledBack(Box<RestoreError>),
+    /// The connection was lost while the restore committed.
+    #[error(
+        "backup {id}: the connection to the target was lost while the restore committed ({source}): either all of it was restored or none of it; look at the target before restoring again (it has the backup's tables, or is as it was)"
+    )]
+    CommitUnknown {
+        /// The backup.
+        id: String,
+        /// The cause.
+        source: tokio_postgres::Error,
+    },
     /// The target has tables and `--clean` was not given.
     #[error(
         "the target database {target} is not empty ({tables}); restore into an empty database, or add --clean to drop {what} first"
@@ -118,13 +142,24 @@ impl RestoreError {
     /// 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
+            RestoreError::RolledBack(inner) => inner.exit_code(),
+            RestoreError::CommitUnknown { .. } => 3,
             RestoreError::NoIdentity { .. } | RestoreError::WrongIdentity { .. } => 2,
             RestoreError::Connect(e) if e.is_transient() => 3,
+            RestoreError::Query { source, .. } if connection_lost(source) => 3,
             RestoreError::Store(StoreError::S3 { .. } | StoreError::Io { .. }) => 3,
             RestoreError::Corrupt { .. } | RestoreError::BadManifest { .. } => 4,
             _ => 1,
         }
     }
+}
+
+/// The connection to the target broke (it closed, or the server ended the session: a restart,
+/// an administrator's `pg_terminate_backend`): trying again can help.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code()
+            .is_some_and(|c| c.code().starts_with("08") || c.code().starts_with("57P"))
 }
 
 fn query(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> RestoreError {
@@ -151,6 +186,9 @@ pub struct Listed {
     pub snapshot_time: Option<String>,
     /// The manifest's problem, when it exists but cannot be read.
     pub problem: Option<String>,
+    /// What it covers (good backups), for retention.
+    #[serde(skip)]
+    pub coverage: Option<super::prune::Coverage>,
 }
 
 /// Every backup in the store, oldest first; folders without a manifest are `incomplete`.
@@ -179,6 +217,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>, RestoreError> {
             scope: None,
             snapshot_time: None,
             problem: None,
+            coverage: None,
         };
         if has_manifest {
             match manifest(store, &id).await {
@@ -191,6 +230,7 @@ pub async fn list(store: &Store) -> Result<Vec<Listed>, RestoreError> {
                         Scope::Tables(t) => t.join(","),
                     });
                     listed.snapshot_time = Some(m.snapshot.time.clone());
+                    listed.coverage = Some(super::prune::Coverage::of(&m.scope));
                 }
                 Err(e) => listed.problem = Some(e.to_string()),
             }
@@ -306,11 +346,32 @@ pub struct RestoreReport {
     pub duration_ms: u64,
 }
 
-/// Restores backup `id` into the target.
+/// How a restore runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// On one connection in one transaction: the target ends restored, or as it was.
+    OneTransaction,
+    /// On `jobs` connections, each task committed as it is done: into a scratch database
+    /// that is dropped after (`backups verify`), where a half-done restore harms nothing.
+    Parallel,
+}
+
+/// Restores backup `id` into the target, in one transaction: either every object of the
+/// backup is in the target, or (on any failure, a lost connection included) the target is left
+/// as it was, and the error says so.
 pub async fn restore(
     store: &Store,
     id: &str,
     opts: &RestoreOptions,
+) -> Result<RestoreReport, RestoreError> {
+    restore_in(store, id, opts, Mode::OneTransaction).await
+}
+
+async fn restore_in(
+    store: &Store,
+    id: &str,
+    opts: &RestoreOptions,
+    mode: Mode,
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let id = resolve_id(store, id).await?;
@@ -324,9 +385,7 @@ pub async fn restore(
         let refs: Vec<&TableDdl> = ddls.iter().collect();
         (m, Some(generated_schema(&refs)))
     };
-    let control = opts.target.connect().await?;
-    prepare_target(&control, &m, opts).await?;
-
+    // The small objects are read (and checked) before the target is touched.
     let (pre, post) = match generated {
         Some(pair) => pair,
         None => (
@@ -334,49 +393,51 @@ pub async fn restore(
             read_text(store, &m, ObjectKind::PostData, key.as_ref()).await?,
         ),
     };
-    control
-        .batch_execute(&schema::without_meta_commands(&pre))
-        .await
-        .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
-
-    tracing::debug!(elapsed = ?started.elapsed(), "schema before data restored");
-    // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so a table's
-    // indexes are built while other tables still load, and a foreign key is checked once
-    // its two tables are indexed.
-    let (preamble, entries) = schema::split_entries(&post);
-    let nodes = restore_graph(&m, &entries);
-    run_graph(opts, store, &id, key.as_ref(), &preamble, nodes).await?;
-    tracing::debug!(elapsed = ?started.elapsed(), "data, indexes and foreign keys done");
-    let rest: String = entries
-        .iter()
-        .filter(|e| e.phase == Phase::Rest)
-        .map(|e| e.sql.as_str())
-        .collect();
-    if !rest.is_empty() {
-        control
-            .batch_execute(&format!("{preamble}{rest}"))
-            .await
-            .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
+    let sequences = sequences_for(
+        &m,
+        !opts.tables.is_empty(),
+        read_text(store, &m, ObjectKind::Sequences, key.as_ref()).await?,
+    );
+    let control = opts.target.connect().await?;
+    let steps = Steps {
+        store,
+        id: &id,
+        m: &m,
+        opts,
+        key: key.as_ref(),
+        pre: &pre,
+        post: &post,
+        sequences: &sequences,
+    };
+    match mode {
+        Mode::Parallel => steps.run(&control, mode).await?,
+        Mode::OneTransaction => {
+            control
+                .batch_execute(&format!(
+                    "BEGIN; {SESSION_SETTINGS}; SET maintenance_work_mem = {mem}; \
+                     SET work_mem = {mem}; SET jit = off",
+                    mem = literal(&opts.work_mem)
+                ))
+                .await
+                .map_err(query("failed to start the restore's transaction"))?;
+            if let Err(e) = steps.run(&control, mode).await {
+                // A lost connection has rolled back already; a live one is told to.
+                let _ = control.batch_execute("ROLLBACK").await;
+                return Err(RestoreError::RolledBack(Box::new(e)));
+            }
+            match control.batch_execute("COMMIT").await {
+                Ok(()) => {}
+                // The server answered: it refused the commit and rolled back.
+                Err(e) if e.as_db_error().is_some() => {
+                    return Err(RestoreError::RolledBack(Box::new(query(format!(
+                        "backup {id}: the commit failed"
+                    ))(e))));
+                }
+                Err(e) => return Err(RestoreError::CommitUnknown { id, source: e }),
+            }
+        }
     }
-    let mut sequences = read_text(store, &m, ObjectKind::Sequences, key.as_ref()).await?;
-    if !opts.tables.is_empty() {
-        // Only the sequences of the tables restored.
-        let wanted: Vec<String> = m
-            .tables
-            .iter()
-            .filter_map(|t| t.ddl.as_ref())
-            .flat_map(|d| d.sequences.iter().map(|(name, _)| literal(name)))
-            .collect();
-        sequences = sequences
-            .lines()
-            .filter(|l| !l.starts_with("SELECT") || wanted.iter().any(|w| l.contains(w.as_str())))
-            .flat_map(|l| [l, "\n"])
-            .collect();
-    }
-    control
-        .batch_execute(&sequences)
-        .await
-        .map_err(query(format!("backup {id}: setting the sequences failed")))?;
+    tracing::debug!(elapsed = ?started.elapsed(), "restored");
     Ok(RestoreReport {
         id: id.clone(),
         target: opts.target.to_string(),
@@ -387,39 +448,130 @@ pub async fn restore(
     })
 }
 
+/// The sequences script; for some tables, only the lines of their sequences.
+fn sequences_for(m: &Manifest, some_tables: bool, sequences: String) -> String {
+    if !some_tables {
+        return sequences;
+    }
+    let wanted: Vec<String> = m
+        .tables
+        .iter()
+        .filter_map(|t| t.ddl.as_ref())
+        .chain(m.partitioned.iter().filter_map(|p| p.ddl.as_ref()))
+        .flat_map(|d| d.sequences.iter().map(|(name, _)| literal(name)))
+        .collect();
+    sequences
+        .lines()
+        .filter(|l| !l.starts_with("SELECT") || wanted.iter().any(|w| l.contains(w.as_str())))
+        .flat_map(|l| [l, "\n"])
+        .collect()
+}
+
+/// What a restore does, in order, on the target.
+struct Steps<'a> {
+    store: &'a Store,
+    id: &'a str,
+    m: &'a Manifest,
+    opts: &'a RestoreOptions,
+    key: Option<&'a Identity>,
+    pre: &'a str,
+    post: &'a str,
+    sequences: &'a str,
+}
+
+impl Steps<'_> {
+    /// Cleans (or checks) the target, then the schema before data, data, indexes, keys,
+    /// foreign keys, the rest of the schema and the sequences.
+    async fn run(&self, control: &Client, mode: Mode) -> Result<(), RestoreError> {
+        let id = self.id;
+        prepare_target(control, self.m, self.opts).await?;
+        control
+            .batch_execute(&schema::without_meta_commands(self.pre))
+            .await
+            .map_err(query(format!("backup {id}: the schema (pre-data) failed")))?;
+        // Data, indexes and keys, foreign keys: one graph, like pg_restore's, so in parallel
+        // a table's indexes are built while other tables still load, and a foreign key is
+        // checked once its two tables are indexed. In one transaction the same tasks run in
+        // the graph's order (data, indexes, index attachments, foreign keys).
+        let (preamble, entries) = schema::split_entries(self.post);
+        let nodes = restore_graph(self.m, &entries);
+        match mode {
+            Mode::Parallel => {
+                run_graph(self.opts, self.store, id, self.key, &preamble, nodes).await?;
+            }
+            Mode::OneTransaction => {
+                for node in nodes {
+                    run_work(control, self.store, id, self.key, &preamble, node.work).await?;
+                }
+            }
+        }
+        let rest: String = entries
+            .iter()
+            .filter(|e| e.phase == Phase::Rest)
+            .map(|e| e.sql.as_str())
+            .collect();
+        if !rest.is_empty() {
+            control
+                .batch_execute(&format!("{preamble}{rest}"))
+                .await
+                .map_err(query(format!("backup {id}: the schema (post-data) failed")))?;
+        }
+        control
+            .batch_execute(self.sequences)
+            .await
+            .map_err(query(format!("backup {id}: setting the sequences failed")))
+    }
+}
+
 /// The backup narrowed to the tables `patterns` name: its manifest with only them (scope
 /// `Tables`, so only they must be absent from the target), and their generated schema.
 fn subset(
     m: Manifest,
     patterns: &[crate::pg::ident::TablePattern],
 ) -> Result<(Manifest, Vec<TableDdl>), RestoreError> {
+    use crate::pg::ident::QualifiedName;
+    // Top-level tables by name; a partitioned one stands for its partitions.
     let entries: Vec<crate::sync::catalog::TableEntry> = m
         .tables
         .iter()
-        .map(|t| crate::sync::catalog::TableEntry {
-            name: crate::pg::ident::QualifiedName::new(&t.schema, &t.name),
-            kind: 'r',
-        })
+        .filter(|t| t.partition_of.is_none())
+        .map(|t| QualifiedName::new(&t.schema, &t.name))
+        .chain(
+            m.partitioned
+                .iter()
+                .filter(|p| p.partition_of.is_none())
+                .map(|p| QualifiedName::new(&p.schema, &p.name)),
+        )
+        .map(|name| crate::sync::catalog::TableEntry { name, kind: 'r' })
         .collect();
     let selected = crate::sync::plan::resolve(&entries, &["public".to_owned()], patterns, &[])
         .map_err(|e| RestoreError::NoBackup(format!("backup {}: {e}", m.id)))?;
+    let chosen = |schema: &str, name: &str, partition_of: &Option<String>| {
+        selected.iter().any(|s| {
+            (s.name.schema == schema && s.name.name == name)
+                || partition_of.as_deref() == Some(s.name.quoted().as_str())
+        })
+    };
     let mut m = m;
-    m.tables.retain(|t| {
-        selected
-            .iter()
-            .any(|s| s.name.schema == t.schema && s.name.name == t.name)
-    });
+    m.tables
+        .retain(|t| chosen(&t.schema, &t.name, &t.partition_of));
+    m.partitioned
+        .retain(|p| chosen(&p.schema, &p.name, &p.partition_of));
+    let no_schema = || {
+        RestoreError::NoBackup(format!(
+            "backup {}: it was made by a bite-sync without per-table schemas, so it can only be restored whole (drop --tables)",
+            m.id
+        ))
+    };
+    // Partitioned tables first, parents before partitions (the manifest keeps that order).
     let mut ddls = Vec::new();
-    for t in &m.tables {
-        match &t.ddl {
-            Some(d) => ddls.push(d.clone()),
-            None => {
-                return Err(RestoreError::NoBackup(format!(
-                    "backup {}: it was made by a bite-sync without per-table schemas, so it can only be restored whole (drop --tables)",
-                    m.id
-                )));
-            }
-        }
+    for d in m
+        .partitioned
+        .iter()
+        .map(|p| &p.ddl)
+        .chain(m.tables.iter().map(|t| &t.ddl))
+    {
+        ddls.push(d.clone().ok_or_else(no_schema)?);
     }
     let keep: std::collections::BTreeSet<&String> =
         m.tables.iter().flat_map(|t| &t.objects).collect();
@@ -429,11 +581,18 @@ fn subset(
         .filter(|o| o.kind == ObjectKind::Sequences || keep.contains(&o.name))
         .cloned()
         .collect();
-    m.scope = Scope::Tables(m.tables.iter().map(|t| t.display_name()).collect());
+    m.scope = Scope::Tables(selected.iter().map(|s| s.name.to_string()).collect());
+    m.large_objects = None;
     Ok((m, ddls))
 }
 
-/// Refuses a target in use, or with `--clean` drops what the backup will create.
+/// Refuses a target in use, or with `--clean` drops what the backup will create: for a
+/// whole-database backup every schema (bite-sync's own bookkeeping aside, which no backup
+/// holds) and every object outside schemas that pg_dump writes (publications, event triggers,
+/// extensions, foreign-data wrappers and servers, casts, transforms, languages, access
+/// methods), the
+/// `public` schema coming back as it was (owner, privileges, comment) but empty; for some
+/// tables, those tables. Runs in the restore's transaction.
 async fn prepare_target(
     control: &Client,
     m: &Manifest,
@@ -446,29 +605,37 @@ async fn prepare_target(
              WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+               AND NOT starts_with(n.nspname, 'bite_sync') \
              ORDER BY 1, 2",
             &[],
         )
         .await
         .map_err(query("failed to look at the target database"))?;
     let present: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // For some tables: partitioned ones first, so their partitions go with them.
+    let tables: Vec<(&String, &String)> = m
+        .partitioned
+        .iter()
+        .map(|p| (&p.schema, &p.name))
+        .chain(m.tables.iter().map(|t| (&t.schema, &t.name)))
+        .collect();
     let (in_the_way, what): (Vec<&(String, String)>, String) = match &m.scope {
         Scope::Database => (
             present.iter().collect(),
             "every schema of the target".into(),
         ),
         Scope::Tables(_) => (
-            present
+            tables
                 .iter()
-                .filter(|(s, n)| m.tables.iter().any(|t| &t.schema == s && &t.name == n))
+                .filter_map(|(s, n)| present.iter().find(|(ps, pn)| ps == *s && pn == *n))
                 .collect(),
             "the backup's tables".into(),
         ),
     };
-    if in_the_way.is_empty() {
-        return Ok(());
-    }
     if !opts.clean {
+        if in_the_way.is_empty() {
+            return Ok(());
+        }
         let mut names: Vec<String> = in_the_way
             .iter()
             .take(3)
@@ -484,36 +651,98 @@ async fn prepare_target(
         });
     }
     let sql = match &m.scope {
-        Scope::Database => {
-            let schemas = control
-                .query(
-                    "SELECT nspname FROM pg_catalog.pg_namespace \
-                     WHERE nspname NOT IN ('pg_catalog', 'information_schema') \
-                       AND nspname NOT LIKE 'pg_toast%' AND nspname NOT LIKE 'pg_temp%'",
-                    &[],
-                )
-                .await
-                .map_err(query("failed to list the target's schemas"))?;
-            let mut sql = String::new();
-            for r in schemas {
-                sql.push_str(&format!(
-                    "DROP SCHEMA IF EXISTS {} CASCADE;\n",
-                    quote(r.get::<_, &str>(0))
-                ));
-            }
-            // pg_dump assumes the standard public schema exists.
-            sql.push_str("CREATE SCHEMA public;\n");
-            sql
-        }
+        Scope::Database => clean_database_sql(control).await?,
         Scope::Tables(_) => in_the_way
             .iter()
             .map(|(s, n)| format!("DROP TABLE IF EXISTS {}.{} CASCADE;\n", quote(s), quote(n)))
             .collect(),
     };
     control
-        .batch_execute(&format!("BEGIN; {sql} COMMIT"))
+        .batch_execute(&sql)
         .await
         .map_err(query("failed to clean the target (--clean)"))
+}
+
+/// Neither created by an extension (whose `DROP EXTENSION` takes it along) nor part of another
+/// object (the casts a range type makes to its multirange go with the type).
+const ON_ITS_OWN: &str = "NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+     WHERE d.classid = o.tableoid AND d.objid = o.oid AND d.deptype IN ('e', 'i'))";
+
+/// The statements that empty the target for a whole-database restore (see [`prepare_target`]).
+async fn clean_database_sql(control: &Client) -> Result<String, RestoreError> {
+    // Event triggers first, so none fires while the rest is dropped. Objects created by
+    // PostgreSQL itself (oid below 16384) stay.
+    let drops = control
+        .query(
+            &format!(
+                "SELECT format('DROP EVENT TRIGGER IF EXISTS %I CASCADE', o.evtname) \
+                   FROM pg_catalog.pg_event_trigger o \
+                 UNION ALL SELECT format('DROP PUBLICATION IF EXISTS %I', o.pubname) \
+                   FROM pg_catalog.pg_publication o \
+                 UNION ALL SELECT format('DROP CAST IF EXISTS (%s AS %s) CASCADE', \
+                                         pg_catalog.format_type(o.castsource, NULL), \
+                                         pg_catalog.format_type(o.casttarget, NULL)) \
+                   FROM pg_catalog.pg_cast o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP TRANSFORM IF EXISTS FOR %s LANGUAGE %I CASCADE', \
+                                         pg_catalog.format_type(o.trftype, NULL), l.lanname) \
+                   FROM pg_catalog.pg_transform o JOIN pg_catalog.pg_language l ON l.oid = o.trflang \
+                  WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP ACCESS METHOD IF EXISTS %I CASCADE', o.amname) \
+                   FROM pg_catalog.pg_am o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP SERVER IF EXISTS %I CASCADE', o.srvname) \
+                   FROM pg_catalog.pg_foreign_server o \
+                 UNION ALL SELECT format('DROP FOREIGN DATA WRAPPER IF EXISTS %I CASCADE', o.fdwname) \
+                   FROM pg_catalog.pg_foreign_data_wrapper o WHERE {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP EXTENSION IF EXISTS %I CASCADE', o.extname) \
+                   FROM pg_catalog.pg_extension o WHERE o.extname <> 'plpgsql' \
+                 UNION ALL SELECT format('DROP LANGUAGE IF EXISTS %I CASCADE', o.lanname) \
+                   FROM pg_catalog.pg_language o WHERE o.oid >= 16384 AND {ON_ITS_OWN} \
+                 UNION ALL SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', o.nspname) \
+                   FROM pg_catalog.pg_namespace o \
+                  WHERE o.nspname NOT IN ('pg_catalog', 'information_schema') \
+                    AND o.nspname NOT LIKE 'pg_toast%' AND o.nspname NOT LIKE 'pg_temp%' \
+                    AND NOT starts_with(o.nspname, 'bite_sync')"
+            ),
+            &[],
+        )
+        .await
+        .map_err(query("failed to list what --clean drops"))?;
+    let mut sql: String = drops
+        .iter()
+        .map(|r| format!("{};\n", r.get::<_, &str>(0)))
+        .collect();
+    sql.push_str("SELECT pg_catalog.lo_unlink(m.oid) FROM pg_catalog.pg_largeobject_metadata m;\n");
+    // pg_dump expects the public schema a new database has; it comes back as the target had
+    // it, empty.
+    let public = control
+        .query_opt(
+            "SELECT pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(n.nspowner)), \
+                    pg_catalog.obj_description(n.oid, 'pg_namespace'), \
+                    ARRAY(SELECT format('GRANT %s ON SCHEMA public TO %s', a.privilege_type, \
+                                        CASE WHEN a.grantee = 0 THEN 'PUBLIC' \
+                                             ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END) \
+                            FROM pg_catalog.aclexplode(n.nspacl) a WHERE a.grantee <> n.nspowner) \
+             FROM pg_catalog.pg_namespace n WHERE n.nspname = 'public'",
+            &[],
+        )
+        .await
+        .map_err(query("failed to read the target's public schema"))?;
+    if let Some(public) = public {
+        sql.push_str(&format!(
+            "CREATE SCHEMA public AUTHORIZATION {};\n",
+            public.get::<_, &str>(0)
+        ));
+        if let Some(comment) = public.get::<_, Option<&str>>(1) {
+            sql.push_str(&format!(
+                "COMMENT ON SCHEMA public IS {};\n",
+                literal(comment)
+            ));
+        }
+        for grant in public.get::<_, Vec<String>>(2) {
+            sql.push_str(&format!("{grant};\n"));
+        }
+    }
+    Ok(sql)
 }
 
 /// One task of a restore.
@@ -527,6 +756,8 @@ enum Work {
     },
     /// A post-data statement.
     Sql(String),
+    /// Run a script object (the large objects).
+    Script(Object),
 }
 
 /// The restore's tasks: every data object; each index or key after its table's data; each
@@ -571,6 +802,18 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
             });
         }
     }
+    // The large objects, beside the tables' data.
+    for object in m
+        .objects
+        .iter()
+        .filter(|o| o.kind == ObjectKind::LargeObjects)
+    {
+        nodes.push(Node {
+            work: Work::Script(object.clone()),
+            after: Vec::new(),
+            cost: object.size,
+        });
+    }
     let all_data: Vec<usize> = (0..nodes.len()).collect();
     let table_of = |sql: &str| {
         let (target, referenced) = schema::entry_tables(sql);
@@ -597,13 +840,23 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
             cost,
         });
     }
+    let mut attaches = Vec::new();
+    for entry in entries.iter().filter(|e| e.phase == Phase::Attach) {
+        attaches.push(nodes.len());
+        nodes.push(Node {
+            work: Work::Sql(entry.sql.clone()),
+            after: all_indexes.clone(),
+            cost: 1,
+        });
+    }
     let mut last_fk_of: Vec<Option<usize>> = vec![None; m.tables.len()];
     for entry in entries.iter().filter(|e| e.phase == Phase::ForeignKeys) {
         let (target, referenced) = table_of(&entry.sql);
         let me = nodes.len();
         let (after, cost) = match (target, referenced) {
             (Some(t), Some(r)) => {
-                let mut after: Vec<usize> = data_of[t].clone();
+                let mut after: Vec<usize> = attaches.clone();
+                after.extend(&data_of[t]);
                 after.extend(&data_of[r]);
                 after.extend(&indexes_of[t]);
                 after.extend(&indexes_of[r]);
@@ -616,6 +869,7 @@ fn restore_graph(m: &Manifest, entries: &[schema::Entry]) -> Vec<Node<Work>> {
             _ => {
                 let mut after = all_data.clone();
                 after.extend(&all_indexes);
+                after.extend(&attaches);
                 (after, 1)
             }
         };
@@ -681,28 +935,11 @@ async fn run_graph(
                 let work = tasks.lock().expect("tasks lock").work(i).clone();
                 let task_started = Instant::now();
                 let what = match &work {
-                    Work::Load { object, .. } => object.name.clone(),
+                    Work::Load { object, .. } | Work::Script(object) => object.name.clone(),
                     Work::Sql(sql) => sql.lines().next().unwrap_or_default().to_owned(),
                 };
-                let result = match work {
-                    Work::Load {
-                        object,
-                        table,
-                        columns,
-                    } => {
-                        load_object(
-                            &client,
-                            &store,
-                            &id,
-                            key.as_ref(),
-                            &object,
-                            &table,
-                            &columns,
-                        )
-                        .await
-                    }
-                    Work::Sql(sql) => run_with_retry(&client, &preamble, &sql).await,
-                };
+                let result =
+                    run_work(&client, &store, &id, key.as_ref(), &preamble, work).await;
                 tracing::debug!(task = %what, elapsed = ?task_started.elapsed(), "restore task done");
                 let mut t = tasks.lock().expect("tasks lock");
                 match result {
@@ -731,6 +968,26 @@ async fn run_graph(
     }
 }
 
+/// Runs one task of the restore graph on `client`.
+async fn run_work(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    preamble: &str,
+    work: Work,
+) -> Result<(), RestoreError> {
+    match work {
+        Work::Load {
+            object,
+            table,
+            columns,
+        } => load_object(client, store, id, key, &object, &table, &columns).await,
+        Work::Sql(sql) => run_with_retry(client, preamble, &sql).await,
+        Work::Script(object) => run_script(client, store, id, key, &object).await,
+    }
+}
+
 /// One post-data statement; a deadlock between two foreign keys added at once is retried.
 async fn run_with_retry(client: &Client, preamble: &str, sql: &str) -> Result<(), RestoreError> {
     let mut attempt = 0;
@@ -748,22 +1005,21 @@ async fn run_with_retry(client: &Client, preamble: &str, sql: &str) -> Result<()
     }
 }
 
-/// Streams one data object into its table with `COPY`; the copy is committed only if the
-/// object's size and SHA-256 match the manifest.
-async fn load_object(
-    client: &Client,
+/// What an object's stored bytes read as, decrypted and decompressed: the text, the SHA-256
+/// and size of the stored bytes read so far, and what to call a failure to read it.
+type Decoded = (
+    BufReader<GzipDecoder<Box<dyn AsyncBufRead + Send + Unpin>>>,
+    Arc<std::sync::Mutex<HashState>>,
+    &'static str,
+);
+
+/// Opens `object` for reading its text as it streams from the store.
+async fn open_decoded(
     store: &Store,
     id: &str,
     key: Option<&Identity>,
     object: &Object,
-    table: &str,
-    columns: &str,
-) -> Result<(), RestoreError> {
-    let corrupt = |reason: String| RestoreError::Corrupt {
-        id: id.to_owned(),
-        object: object.name.clone(),
-        reason,
-    };
+) -> Result<Decoded, RestoreError> {
     let raw = store.reader(&format!("{id}/{}", object.name)).await?;
     let hashing = Hashing::new(raw);
     let state = hashing.state();
@@ -782,7 +1038,78 @@ async fn load_object(
     };
     let mut decoder = GzipDecoder::new(compressed);
     decoder.multiple_members(true);
-    let mut text = BufReader::with_capacity(256 * 1024, decoder);
+    Ok((
+        BufReader::with_capacity(256 * 1024, decoder),
+        state,
+        unreadable,
+    ))
+}
+
+/// Runs the large-objects script, a batch of statements at a time; its last batch runs only
+/// once the object's size and SHA-256 match the manifest.
+async fn run_script(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    object: &Object,
+) -> Result<(), RestoreError> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        id: id.to_owned(),
+        object: object.name.clone(),
+        reason,
+    };
+    let (mut text, state, unreadable) = open_decoded(store, id, key, object).await?;
+    let mut batch = String::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = text
+            .read_line(&mut line)
+            .await
+            .map_err(|e| corrupt(format!("{unreadable}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        batch.push_str(&line);
+        if batch.len() >= 4 * 1024 * 1024 {
+            client
+                .batch_execute(&batch)
+                .await
+                .map_err(query(format!("failed to restore {}", object.name)))?;
+            batch.clear();
+        }
+    }
+    let (size, sha) = state.lock().expect("hash lock").clone().finish();
+    if size != object.size || sha != object.sha256 {
+        return Err(corrupt(format!(
+            "{size} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
+            object.size, object.sha256
+        )));
+    }
+    client
+        .batch_execute(&batch)
+        .await
+        .map_err(query(format!("failed to restore {}", object.name)))
+}
+
+/// Streams one data object into its table with `COPY`; the copy is committed only if the
+/// object's size and SHA-256 match the manifest.
+async fn load_object(
+    client: &Client,
+    store: &Store,
+    id: &str,
+    key: Option<&Identity>,
+    object: &Object,
+    table: &str,
+    columns: &str,
+) -> Result<(), RestoreError> {
+    let corrupt = |reason: String| RestoreError::Corrupt {
+        id: id.to_owned(),
+        object: object.name.clone(),
+        reason,
+    };
+    let (mut text, state, unreadable) = open_decoded(store, id, key, object).await?;
     // The script's header, up to its COPY line.
     let mut line = String::new();
     loop {
@@ -799,7 +1126,10 @@ async fn load_object(
         }
     }
     let sink = client
-        .copy_in::<_, Bytes>(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {table}{} FROM STDIN",
+            super::dump::column_list(columns)
+        ))
         .await
         .map_err(query(format!("failed to start loading {table}")))?;
     futures_util::pin_mut!(sink);
@@ -1046,7 +1376,7 @@ pub async fn verify(
         )))?;
     let target = server.with_dbname(&scratch);
     let result = async {
-        restore(
+        restore_in(
             store,
             &id,
             &RestoreOptions {
@@ -1057,6 +1387,7 @@ pub async fn verify(
                 work_mem: work_mem.to_owned(),
                 identity: identity.cloned(),
             },
+            Mode::Parallel,
         )
         .await?;
         let client = target.connect().await?;
@@ -1065,6 +1396,17 @@ pub async fn verify(
             .await
             .map_err(query("failed to set up the check"))?;
         let mut tables = Vec::new();
+        if let Some(expected) = &m.large_objects {
+            let restored = super::large_objects::digest(&client)
+                .await
+                .map_err(query("failed to read the large objects"))?;
+            tables.push(TableCheck {
+                table: "large objects".into(),
+                expected: expected.digest,
+                restored,
+                ok: restored == expected.digest,
+            });
+        }
         for t in &m.tables {
             let q = format!("{}.{}", quote(&t.schema), quote(&t.name));
             let restored = digest_table(&client, &q, &t.columns).await?;
@@ -1098,7 +1440,9 @@ pub async fn digest_table(
 ) -> Result<Digest, RestoreError> {
     use futures_util::StreamExt;
     let stream = client
-        .copy_out(&format!("COPY (SELECT {columns} FROM {table}) TO STDOUT"))
+        .copy_out(&format!(
+            "COPY (SELECT {columns} FROM ONLY {table}) TO STDOUT"
+        ))
         .await
         .map_err(query(format!("failed to read {table}")))?;
     futures_util::pin_mut!(stream);
@@ -1122,6 +1466,7 @@ mod tests {
             digest: Digest::default(),
             objects: objects.iter().map(|o| o.to_string()).collect(),
             ddl: None,
+            partition_of: None,
         }
     }
 
@@ -1153,6 +1498,8 @@ mod tests {
                 table("b", &objects[2..3]),
                 table("c", &objects[3..]),
             ],
+            partitioned: Vec::new(),
+            large_objects: None,
             objects: objects
                 .iter()
                 .map(|o| Object {

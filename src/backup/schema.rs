@@ -178,7 +178,11 @@ pub fn without_meta_commands(sql: &str) -> String {
 pub enum Phase {
     /// Indexes and keys: in parallel, right after the data.
     Indexes,
-    /// Foreign keys: in parallel, once every key exists.
+    /// An index of a partition attached to its partitioned table's index (`INDEX ATTACH`):
+    /// once every index exists, before the foreign keys (one that references a partitioned
+    /// table needs its key's index whole, every partition's attached).
+    Attach,
+    /// Foreign keys: in parallel, once every key exists and is attached.
     ForeignKeys,
     /// Everything else (triggers, index attachments, rules, publications...): in order, last.
     Rest,
@@ -218,6 +222,7 @@ pub fn split_entries(sql: &str) -> (String, Vec<Entry>) {
             }
             let phase = match kind {
                 "INDEX" | "CONSTRAINT" => Phase::Indexes,
+                "INDEX ATTACH" => Phase::Attach,
                 "FK CONSTRAINT" => Phase::ForeignKeys,
                 _ => Phase::Rest,
             };

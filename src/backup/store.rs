@@ -28,8 +28,10 @@ pub struct S3Settings {
     pub endpoint: Option<String>,
     /// Region (`auto` for R2); default `AWS_REGION`, `AWS_DEFAULT_REGION`, else `us-east-1`.
     pub region: Option<String>,
-    /// Path-style URLs (`endpoint/bucket/key`), which MinIO and most self-hosted stores need.
-    pub path_style: bool,
+    /// Path-style URLs (`endpoint/bucket/key`), which MinIO and most self-hosted stores need;
+    /// none: path style for an endpoint that is an IP address or `localhost` (and for bucket
+    /// names that cannot be a host name), virtual-hosted otherwise, as the AWS SDKs do.
+    pub path_style: Option<bool>,
     /// Access key id; default `AWS_ACCESS_KEY_ID`.
     pub access_key: Option<String>,
     /// Secret key; default `AWS_SECRET_ACCESS_KEY`. Never shown.

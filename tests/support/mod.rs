@@ -311,6 +311,11 @@ impl S3Server {
 
     /// Starts the server on 127.0.0.1 (a free port), in a task of the current runtime.
     pub async fn start() -> S3Server {
+        S3Server::start_on(Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Starts the server on `ip` (a free port): `::1` for an IPv6 endpoint.
+    pub async fn start_on(ip: std::net::IpAddr) -> S3Server {
         let root = tempfile::Builder::new()
             .prefix("bite-sync-s3-")
             .tempdir()
@@ -329,7 +334,7 @@ impl S3Server {
             Self::SECRET_KEY,
         ));
         let service = service.build();
-        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .unwrap_or_else(|e| panic!("could not listen for the S3 server: {e}"));
         let addr = listener
@@ -345,9 +350,14 @@ impl S3Server {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`http://[::1]:<port>` on IPv6).
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// Settings that reach this server with the right keys: path style, region us-east-1.
@@ -355,7 +365,7 @@ impl S3Server {
         S3Settings {
             endpoint: Some(self.endpoint()),
             region: Some("us-east-1".to_owned()),
-            path_style: true,
+            path_style: None,
             access_key: Some(Self::ACCESS_KEY.to_owned()),
             secret_key: Some(Self::SECRET_KEY.to_owned()),
         }

@@ -150,7 +150,8 @@ pub(super) struct Resolved {
     /// `http(s)://host[:port]`, no trailing slash; none: AWS.
     pub endpoint: Option<String>,
     pub region: String,
-    pub path_style: bool,
+    /// `[backup] path_style` when set; none: [`path_style`] decides.
+    pub path_style: Option<bool>,
     pub access_key: String,
     pub secret_key: Secret,
     pub session_token: Option<Secret>,
@@ -235,6 +236,41 @@ pub(super) fn resolve(
     })
 }
 
+/// Whether requests name the bucket in the path (`endpoint/bucket/key`) rather than in the
+/// host (`bucket.endpoint/key`): `configured` when set, else path style where a bucket cannot
+/// be a subdomain, as the AWS SDKs decide: an endpoint that is an IP address (v4 or v6) or
+/// `localhost`, or a bucket name that is not a valid DNS label (`my_bucket`, `Backups`).
+pub(super) fn path_style(endpoint: Option<&str>, bucket: &str, configured: Option<bool>) -> bool {
+    if let Some(configured) = configured {
+        return configured;
+    }
+    let host = endpoint
+        .and_then(|e| e.split_once("://").map(|(_, rest)| rest))
+        .map(|authority| {
+            let authority = authority.split('/').next().unwrap_or_default();
+            match authority.strip_prefix('[') {
+                // `[::1]:9000`
+                Some(v6) => v6.split(']').next().unwrap_or_default(),
+                None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+            }
+        });
+    let ip_or_localhost = host.is_some_and(|h| {
+        h.parse::<std::net::IpAddr>().is_ok() || h.eq_ignore_ascii_case("localhost")
+    });
+    ip_or_localhost || !virtual_hostable(bucket)
+}
+
+/// A bucket name that can be a DNS label of its own: 3 to 63 lower-case letters, digits and
+/// `-`, starting and ending with a letter or digit (dots would break TLS wildcards).
+fn virtual_hostable(bucket: &str) -> bool {
+    (3..=63).contains(&bucket.len())
+        && bucket
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !bucket.starts_with('-')
+        && !bucket.ends_with('-')
+}
+
 /// The process environment, for [`resolve`].
 pub(super) fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -291,7 +327,11 @@ impl S3Location {
         .map_err(|e| format!("S3 credentials: {e}"))?;
         let mut bucket = *Bucket::new(&url.bucket, region, credentials)
             .map_err(|e| format!("S3 client: {}", error_chain(&e)))?;
-        if settings.path_style {
+        if path_style(
+            settings.endpoint.as_deref(),
+            &url.bucket,
+            settings.path_style,
+        ) {
             bucket.set_path_style();
         }
         bucket.set_request_timeout(Some(REQUEST_TIMEOUT));
@@ -872,7 +912,7 @@ mod tests {
         let settings = S3Settings {
             endpoint: Some("http://127.0.0.1:9000/".to_owned()),
             region: Some("auto".to_owned()),
-            path_style: true,
+            path_style: Some(true),
             access_key: Some("from-config".to_owned()),
             secret_key: Some("config-secret".to_owned()),
         };
@@ -892,7 +932,7 @@ mod tests {
             Resolved {
                 endpoint: Some("http://127.0.0.1:9000".to_owned()),
                 region: "auto".to_owned(),
-                path_style: true,
+                path_style: Some(true),
                 access_key: "from-config".to_owned(),
                 secret_key: Secret("config-secret".to_owned()),
                 // The token belongs to the environment's keys, not the config's.
@@ -975,6 +1015,44 @@ mod tests {
         };
         let other_half = resolve(&settings, env(&[])).unwrap_err();
         assert!(other_half.contains("access_key"), "{other_half}");
+    }
+
+    #[test]
+    fn path_style_is_automatic_for_ips_localhost_and_odd_bucket_names() {
+        let auto = |endpoint: Option<&str>, bucket: &str| path_style(endpoint, bucket, None);
+        for endpoint in [
+            "http://127.0.0.1:9000",
+            "http://10.0.0.5",
+            "http://[::1]:9000",
+            "https://[2001:db8::7]",
+            "http://localhost:9000",
+            "http://LOCALHOST",
+        ] {
+            assert!(auto(Some(endpoint), "backups"), "{endpoint}");
+        }
+        for endpoint in [
+            "https://acct.r2.cloudflarestorage.com",
+            "https://s3.us-west-004.backblazeb2.com",
+            "http://minio:9000",
+            "http://127.0.0.1.nip.io:9000",
+        ] {
+            assert!(!auto(Some(endpoint), "backups"), "{endpoint}");
+        }
+        assert!(!auto(None, "backups"), "AWS itself: virtual-hosted");
+        for bucket in ["my_bucket", "Backups", "a.b.c", "ab", "-x-"] {
+            assert!(auto(None, bucket), "{bucket}");
+        }
+        // path_style overrides in both directions.
+        assert!(!path_style(
+            Some("http://127.0.0.1:9000"),
+            "backups",
+            Some(false)
+        ));
+        assert!(path_style(
+            Some("https://s3.example.com"),
+            "backups",
+            Some(true)
+        ));
     }
 
     #[test]
