@@ -13,6 +13,12 @@
 //! slot does not hold WAL for changes that do not concern us. Keepalives that ask for a reply
 //! are answered at once.
 //!
+//! A stream that is caught up is silent: the walsender sends keepalives only to a client that
+//! stopped reporting, and this one reports every ten seconds. So a status update sent after a
+//! silent interval asks the source to answer, and the stream counts as dead only when nothing,
+//! not even those answers, arrived for the silence limit. An idle night is normal operation:
+//! no reconnects and no error recorded.
+//!
 //! Large transactions: the stream is asked for pgoutput protocol 1 without streaming, so a
 //! transaction arrives once it committed (PostgreSQL spills a large one to the source's disk
 //! while decoding) and is applied in parts inside one mirror transaction, in bounded memory.
@@ -61,8 +67,9 @@ pub struct RunOptions {
     pub lock_timeout: Duration,
     /// `maintenance_work_mem` for table copies.
     pub maintenance_work_mem: String,
-    /// A stream silent this long is dead (the source sends keepalives every
-    /// `wal_sender_timeout / 2`, 30 s by default).
+    /// A stream silent this long is dead. A quiet stream is asked to answer at every status
+    /// update (every 10 s), so this many seconds without an answer means the source or the
+    /// path to it is gone.
     pub silence_limit: Duration,
     /// Longest wait between retries.
     pub max_backoff: Duration,
@@ -469,7 +476,12 @@ async fn session(
                 if feed.last_status.elapsed() >= STATUS_INTERVAL {
                     let progress = applier.progress();
                     tracing::debug!(received = %feed.received, committed = %progress.committed, rows = progress.rows, transactions = progress.transactions, "streaming");
-                    feed.confirm(applier.committed(), false).await?;
+                    // A caught-up walsender sends nothing at all while this side keeps
+                    // reporting (it pings only a client that has gone quiet), so a quiet
+                    // stream is asked to answer: then only a stream that does not answer for
+                    // the silence limit is dead, never an idle source.
+                    let ask = feed.last_message.elapsed() >= STATUS_INTERVAL;
+                    feed.confirm(applier.committed(), ask).await?;
                 }
             }
         }
