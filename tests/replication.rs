@@ -1110,3 +1110,167 @@ async fn new_enum_labels_and_enum_types_reach_the_mirror_instead_of_pausing() {
     assert_eq!(labels, "pending,refunded,paid");
     drop(daemon);
 }
+
+/// A primary key over a composite type, and REPLICA IDENTITY FULL over a composite column:
+/// every statement shape that finds a row by value (key changes, deletes one and many, whole
+/// rows) must name the values' type, or the mirror refuses `'(terraza,1)'` as an anonymous
+/// record and the table pauses.
+#[tokio::test]
+async fn composite_keys_and_whole_row_identities_apply_instead_of_pausing() {
+    let dbs = test_dbs("repl_composite_keys").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TYPE seat AS (room text, table_no integer);
+             CREATE TABLE seating (place seat PRIMARY KEY, capacity integer NOT NULL);
+             CREATE TABLE seat_log (place seat, note text);
+             ALTER TABLE seat_log REPLICA IDENTITY FULL;
+             INSERT INTO seating VALUES (ROW('terraza', 1), 4), (ROW('terraza', 2), 2), (ROW('salón', 1), 6);
+             INSERT INTO seat_log VALUES (ROW('terraza', 1), 'reserved'), (ROW('salón', 1), NULL);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "seating,seat_log", &[]);
+    let tables = ["public.seating", "public.seat_log"];
+    wait_equal(&dbs, &tables, WAIT).await;
+    for sql in [
+        // One delete, then a key change, then several deletes in one statement.
+        "DELETE FROM seating WHERE place = ROW('terraza', 2)::seat",
+        "UPDATE seating SET place = ROW('salón', 2), capacity = 8 WHERE place = ROW('salón', 1)::seat",
+        "INSERT INTO seating VALUES (ROW('barra', 1), 1), (ROW('barra', 2), 1)",
+        "DELETE FROM seating WHERE (place).room = 'barra'",
+        "UPDATE seating SET capacity = capacity + 1",
+        // Whole-row identity: update and delete found by every value, NULLs included.
+        "UPDATE seat_log SET note = 'moved' WHERE note IS NULL",
+        "DELETE FROM seat_log WHERE (place).room = 'terraza'",
+    ] {
+        source.batch_execute(sql).await.expect(sql);
+    }
+    wait_equal(&dbs, &tables, WAIT).await;
+    let s = status(&dbs);
+    let paused: Vec<&serde_json::Value> = s["mirror"]["tables"]
+        .as_array()
+        .expect("tables in status")
+        .iter()
+        .filter(|t| t["state"] != "streaming")
+        .collect();
+    assert!(paused.is_empty(), "{paused:#?}");
+    drop(daemon);
+}
+
+/// A quiet restaurant at night: a caught-up walsender sends nothing while the daemon reports
+/// its position, so a stream that only waits for messages calls it dead after its silence
+/// limit (90 s) and reconnects, and `status` turns unhealthy with a "last error". The daemon
+/// must ask the source to answer instead, and stay up and healthy for as long as it is idle.
+/// Idle for twice the silence limit, on a source of its own (other tests' WAL would make the
+/// walsender talk), while the binary's other tests run beside it.
+#[tokio::test]
+async fn a_caught_up_stream_stays_up_and_healthy_through_a_quiet_night() {
+    const QUIET: Duration = Duration::from_secs(200);
+    let source_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "source-quiet".into(),
+            logical: true,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own source cluster");
+    let dbs = test_dbs("repl_quiet_night").await;
+    let admin = connect(&source_cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE quiet").await.unwrap();
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: source_cluster.url("quiet"),
+        mirror_url: dbs.mirror_url.clone(),
+    };
+    let source = connect(&own.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let daemon = Daemon::start(&own, "customers,orders,order_items", &[]);
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(source);
+    drop(admin);
+
+    let started = std::time::Instant::now();
+    while started.elapsed() < QUIET {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let s = status(&own);
+        assert_eq!(
+            s["healthy"],
+            true,
+            "status after {:?} idle: {s:#}\n{}",
+            started.elapsed(),
+            daemon.log()
+        );
+        assert!(s["mirror"]["last_error"].is_null(), "{s:#}");
+    }
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("streaming changes to the mirror").count(),
+        1,
+        "one session all night, no reconnect:\n{log}"
+    );
+    assert!(!log.contains("silent"), "{log}");
+    // And it still streams in the morning.
+    let source = connect(&own.source_url).await;
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(daemon);
+}
+
+/// A table's columns (name, type, NOT NULL, default) and constraints, as one comparable list.
+async fn table_shape(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT 'column ' || a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                    || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END \
+                    || COALESCE(' default ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid), '') \
+             FROM pg_catalog.pg_attribute a \
+             LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             UNION ALL \
+             SELECT 'constraint ' || conname || ' ' || pg_catalog.pg_get_constraintdef(oid) \
+             FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass \
+             ORDER BY 1",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the shape of {table}: {e}"));
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn added_columns_arrive_with_their_not_null_default_and_constraints() {
+    let dbs = test_dbs("repl_added_constraints").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY, n int); INSERT INTO a VALUES (1, 1);")
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "a", &[]);
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    source
+        .batch_execute(
+            "ALTER TABLE a ADD COLUMN c int NOT NULL DEFAULT 42;
+             ALTER TABLE a ADD COLUMN code text CONSTRAINT code_short CHECK (length(code) < 10) UNIQUE;
+             ALTER TABLE a ADD COLUMN seq bigserial;
+             INSERT INTO a (id, n, code) VALUES (2, 2, 'x'), (3, 3, NULL);",
+        )
+        .await
+        .expect("schema changes");
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    assert_eq!(
+        table_shape(&mirror, "public.a").await,
+        table_shape(&source, "public.a").await
+    );
+    // The mirror enforces them, as the source does.
+    let refused = mirror
+        .batch_execute("INSERT INTO a (id, n, c) VALUES (9, 9, NULL)")
+        .await;
+    assert!(refused.is_err(), "c is NOT NULL on the mirror");
+    drop(daemon);
+}

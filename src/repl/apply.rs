@@ -815,26 +815,23 @@ impl Applier {
                 let mut columns = self.mirror_columns.remove(&name).unwrap_or_default();
                 for i in added {
                     let column = &relation.columns[i];
-                    let default = self.source_default(relation.oid, &column.name).await?;
-                    let sql = format!(
-                        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{}",
-                        name.quoted(),
-                        quote(&column.name),
-                        source_types[i],
-                        default.map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
-                    );
+                    let (statements, identity_always) = self
+                        .added_column(&name, relation.oid, &column.name, &source_types[i])
+                        .await?;
                     tracing::info!(table = %name, column = %column.name, type_name = %source_types[i], "adding a column the source added");
-                    self.batch.barrier(Statement {
-                        tables: vec![relation.oid],
-                        sql,
-                        copy: None,
-                        rows: 0,
-                    });
+                    for sql in statements {
+                        self.batch.barrier(Statement {
+                            tables: vec![relation.oid],
+                            sql,
+                            copy: None,
+                            rows: 0,
+                        });
+                    }
                     columns.push(MirrorColumn {
                         name: column.name.clone(),
                         type_name: source_types[i].clone(),
                         required: false,
-                        identity_always: false,
+                        identity_always,
                     });
                 }
                 let shape = TableShape {
@@ -919,29 +916,67 @@ impl Applier {
         Ok(row.get(0))
     }
 
-    /// The default of a source column, to give the mirror's new column the values the
-    /// source gave existing rows.
-    async fn source_default(
+    /// The statements that add a column the source added, the way the source has it: type,
+    /// collation, default, `NOT NULL`, identity, and the check and unique constraints over it
+    /// (the sequences its default draws from are created first). Existing rows get the
+    /// default, as they did on the source (a constant default gives them the source's values;
+    /// a volatile one, such as a sequence, cannot, and draws the mirror's own). Also whether
+    /// the column is `GENERATED ALWAYS AS IDENTITY`.
+    async fn added_column(
         &self,
-        table: u32,
+        table: &QualifiedName,
+        oid: u32,
         column: &str,
-    ) -> Result<Option<String>, ApplyFailure> {
-        let row = self
-            .source
-            .query_opt(
-                "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
-                 FROM pg_catalog.pg_attribute a \
-                 JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attgenerated = ''",
-                &[&table, &column],
-            )
+        type_name: &str,
+    ) -> Result<(Vec<String>, bool), ApplyFailure> {
+        let added = crate::sync::catalog::read_added_column(&self.source, oid, column)
             .await
-            .map_err(query("failed to read a column default on the source"))?;
-        // A default drawing from a sequence would advance the mirror's copy of it for every
-        // existing row; those rows' values arrive with their changes anyway.
-        Ok(row
-            .map(|r| r.get::<_, String>(0))
-            .filter(|d| !d.contains("nextval(")))
+            .map_err(query(format!(
+                "failed to read column {column} of {table} on the source"
+            )))?;
+        let Some(added) = added else {
+            // Dropped again on the source since: the type is all there is to go by.
+            return Ok((
+                vec![format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {type_name}",
+                    table.quoted(),
+                    quote(column)
+                )],
+                false,
+            ));
+        };
+        let mut out = Vec::new();
+        for seq in &added.sequences {
+            out.push(format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote(&seq.name.schema)
+            ));
+            out.push(crate::sync::ddl::create_sequence(seq));
+        }
+        out.push(format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}",
+            table.quoted(),
+            crate::sync::ddl::column_sql(&added.column)
+        ));
+        for constraint in &added.constraints {
+            out.push(crate::sync::ddl::add_key(table, constraint));
+        }
+        for seq in &added.sequences {
+            if seq
+                .owned_by
+                .as_ref()
+                .is_some_and(|(t, c)| t == table && c == column)
+            {
+                out.push(format!(
+                    "ALTER SEQUENCE {} OWNED BY {}.{}",
+                    seq.name.quoted(),
+                    table.quoted(),
+                    quote(column)
+                ));
+            }
+        }
+        let identity_always = added.column.identity.as_ref().is_some_and(|i| i.always);
+        Ok((out, identity_always))
     }
 }
 

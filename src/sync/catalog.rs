@@ -313,6 +313,84 @@ pub async fn read_tables(
     })
 }
 
+/// A column the source added to a replicated table, with what the mirror needs to add it the
+/// same: its definition (type, collation, default, `NOT NULL`, identity), the check and unique
+/// constraints over it, and the sequences its default draws from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedColumn {
+    /// The column.
+    pub column: ColumnDef,
+    /// Check and unique constraints that involve it.
+    pub constraints: Vec<ConstraintDef>,
+    /// Sequences its default calls (`serial`, hand-written `nextval`).
+    pub sequences: Vec<SequenceDef>,
+}
+
+/// Reads column `column` of table `table_oid` and what it needs (see [`AddedColumn`]); `None`
+/// when the table has no such column (any more).
+pub async fn read_added_column(
+    client: &Client,
+    table_oid: u32,
+    column: &str,
+) -> Result<Option<AddedColumn>, tokio_postgres::Error> {
+    let placeholder = TableDef {
+        oid: table_oid,
+        name: QualifiedName::new("", ""),
+        columns: Vec::new(),
+        constraints: Vec::new(),
+        foreign_keys: Vec::new(),
+        indexes: Vec::new(),
+        estimated_rows: 0,
+        estimated_bytes: 0,
+    };
+    let mut tables = BTreeMap::from([(table_oid, placeholder)]);
+    read_columns(client, &[table_oid], &mut tables).await?;
+    read_constraints(client, &[table_oid], &mut tables).await?;
+    let table = tables.remove(&table_oid).expect("inserted above");
+    let Some(def) = table.columns.into_iter().find(|c| c.name == column) else {
+        return Ok(None);
+    };
+    let involved: Vec<String> = client
+        .query(
+            "SELECT con.conname::text FROM pg_catalog.pg_constraint con \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attname = $2 \
+             WHERE con.conrelid = $1 AND con.contype IN ('c', 'u') AND a.attnum = ANY (con.conkey)",
+            &[&table_oid, &column],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let constraints = table
+        .constraints
+        .into_iter()
+        .filter(|c| involved.contains(&c.name))
+        .collect();
+    let rows = client
+        .query(
+            "SELECT DISTINCT dep.refobjid \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+             JOIN pg_catalog.pg_depend dep ON dep.classid = 'pg_catalog.pg_attrdef'::regclass \
+                  AND dep.objid = ad.oid AND dep.refclassid = 'pg_catalog.pg_class'::regclass \
+             JOIN pg_catalog.pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S' \
+             WHERE a.attrelid = $1 AND a.attname = $2",
+            &[&table_oid, &column],
+        )
+        .await?;
+    let mut sequences = Vec::new();
+    for r in &rows {
+        if let Some(seq) = read_sequence(client, r.get(0)).await? {
+            sequences.push(seq);
+        }
+    }
+    Ok(Some(AddedColumn {
+        column: def,
+        constraints,
+        sequences,
+    }))
+}
+
 async fn read_columns(
     client: &Client,
     oids: &[u32],
