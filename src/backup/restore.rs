@@ -399,6 +399,7 @@ fn subset(
         .map(|t| crate::sync::catalog::TableEntry {
             name: crate::pg::ident::QualifiedName::new(&t.schema, &t.name),
             kind: 'r',
+            root: None,
         })
         .collect();
     let selected = crate::sync::plan::resolve(&entries, &["public".to_owned()], patterns, &[])
