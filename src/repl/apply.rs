@@ -150,6 +150,9 @@ pub struct Applier {
     tables: HashMap<QualifiedName, TableState>,
     relations: HashMap<u32, Known>,
     mirror_columns: HashMap<QualifiedName, Vec<MirrorColumn>>,
+    /// The mirror tables' kinds (`r`, or `p` when built partitioned); none: it has no such
+    /// table.
+    mirror_kinds: HashMap<QualifiedName, Option<char>>,
     batch: BatchBuilder,
     txn: Option<Txn>,
     /// A mirror transaction holds part of a large source transaction.
@@ -163,6 +166,9 @@ pub struct Applier {
     batch_started: Option<Instant>,
     /// Pauses to record with the next commit.
     newly_paused: Vec<(QualifiedName, String)>,
+    /// Sequence positions to move the mirror to with the next batch (see
+    /// [`Applier::catch_up_sequences`]).
+    sequences_due: Option<String>,
     committed: Lsn,
     careful_until: Lsn,
     applied_rows: u64,
@@ -321,6 +327,7 @@ impl Applier {
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             relations: HashMap::new(),
             mirror_columns: HashMap::new(),
+            mirror_kinds: HashMap::new(),
             batch,
             grouping,
             txn: None,
@@ -329,6 +336,7 @@ impl Applier {
             batch_end: None,
             batch_started: None,
             newly_paused: Vec::new(),
+            sequences_due: None,
             committed,
             careful_until,
             applied_rows: 0,
@@ -509,6 +517,10 @@ impl Applier {
         for (name, reason) in std::mem::take(&mut self.newly_paused) {
             parts.sql(&pause_sql(&self.slot, &name, &reason));
         }
+        if let Some(sql) = self.sequences_due.take() {
+            parts.sql(&sql);
+            parts.sql(";\n");
+        }
         parts.sql(&format!(
             "UPDATE bite_sync.replication_state SET lsn = {}, source_commit_time = {}, \
              applied_at = now(), last_error = NULL WHERE slot_name = {};\nCOMMIT",
@@ -591,6 +603,22 @@ impl Applier {
                 "failed to record the stream's position on the mirror",
             ))?;
         self.committed = lsn;
+        Ok(())
+    }
+
+    /// Moves the mirror's sequences up (`sql` from [`super::sequences::catch_up_sql`]): at once
+    /// when the mirror session is free, else with the next batch, so a busy stream still keeps
+    /// them in step (`setval` is not transactional: a batch rolled back has moved them all the
+    /// same, which never hurts, as they only move up).
+    pub async fn catch_up_sequences(&mut self, sql: String) -> Result<(), ApplyFailure> {
+        if self.in_flight.is_none() && !self.mirror_txn_open && self.batch_end.is_none() {
+            return self
+                .mirror
+                .batch_execute(&sql)
+                .await
+                .map_err(query("failed to catch up the mirror's sequences"));
+        }
+        self.sequences_due = Some(sql);
         Ok(())
     }
 
@@ -805,8 +833,9 @@ impl Applier {
             return Ok(());
         }
         let mirror = self.mirror_columns(&name).await?;
+        let kind = self.mirror_kind(&name).await?;
         let source_types = self.source_types(&relation).await?;
-        match compare(&name, &relation, &source_types, &mirror) {
+        match compare(&name, &relation, &source_types, kind.is_some(), &mirror) {
             Err(reason) => {
                 self.pause(&name, reason);
                 self.relations.insert(relation.oid, Known::Skipped(name));
@@ -855,12 +884,108 @@ impl Applier {
                         .collect(),
                     identity_full: relation.replica_identity == b'f',
                 };
+                if kind == Some('p') {
+                    // A partition the source created since (a new month): on the mirror before
+                    // the rows that go to it. The first change a stream sends for a partition
+                    // comes after its root's description, so this always runs in time.
+                    for sql in self.missing_partitions(&name).await? {
+                        self.batch.barrier(Statement {
+                            tables: vec![relation.oid],
+                            sql,
+                            copy: None,
+                            rows: 0,
+                        });
+                    }
+                }
                 self.mirror_columns.insert(name, columns);
                 self.relations
                     .insert(relation.oid, Known::Applied(Arc::new(shape)));
             }
         }
         Ok(())
+    }
+
+    async fn mirror_kind(&mut self, name: &QualifiedName) -> Result<Option<char>, ApplyFailure> {
+        if let Some(kind) = self.mirror_kinds.get(name) {
+            return Ok(*kind);
+        }
+        let kind = self
+            .mirror
+            .query_opt(
+                "SELECT c.relkind::text FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(query(format!("failed to look for {name} on the mirror")))?
+            .and_then(|r| r.get::<_, String>(0).chars().next());
+        self.mirror_kinds.insert(name.clone(), kind);
+        Ok(kind)
+    }
+
+    /// The statements that give the mirror's partitioned `table` the partitions the source's
+    /// has and it lacks, built as the source's: their own columns, keys and indexes (named as
+    /// on the source, so attaching the partition attaches them), bounds, sub-partitions, and
+    /// their own foreign keys. A partition the source no longer has is left alone (its rows
+    /// stay on the mirror), and said so.
+    async fn missing_partitions(&self, table: &QualifiedName) -> Result<Vec<String>, ApplyFailure> {
+        let source = crate::sync::catalog::read_tables(&self.source, std::slice::from_ref(table))
+            .await
+            .map_err(query(format!(
+                "failed to read the partitions of {table} on the source"
+            )))?;
+        let Some(def) = source.tables.get(table) else {
+            return Ok(Vec::new());
+        };
+        let have: Vec<QualifiedName> = self
+            .mirror
+            .query(
+                "SELECT n.nspname::text, c.relname::text \
+                 FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass($1)) t \
+                 JOIN pg_catalog.pg_class c ON c.oid = t.relid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE t.level > 0",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(query(format!(
+                "failed to read the partitions of {table} on the mirror"
+            )))?
+            .iter()
+            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        for gone in have
+            .iter()
+            .filter(|h| !def.partitions.iter().any(|p| &p.def.name == *h))
+        {
+            tracing::warn!(%table, partition = %gone, "the source no longer has this partition; the mirror keeps it and its rows: drop it there (DROP TABLE) if they should go too");
+        }
+        let mut out = Vec::new();
+        for p in def
+            .partitions
+            .iter()
+            .filter(|p| !have.contains(&p.def.name))
+        {
+            tracing::info!(%table, partition = %p.def.name, bound = %p.bound, "creating a partition the source created");
+            // Its own foreign keys, to tables the mirror has.
+            let mut referenced = Vec::new();
+            for fk in &p.def.foreign_keys {
+                let there: bool = self
+                    .mirror
+                    .query_one(
+                        "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                        &[&fk.referenced.quoted()],
+                    )
+                    .await
+                    .map_err(query("failed to look for a referenced table on the mirror"))?
+                    .get(0);
+                if there {
+                    referenced.push(fk.referenced.clone());
+                }
+            }
+            out.extend(crate::sync::ddl::new_partition(p, &referenced));
+        }
+        Ok(out)
     }
 
     async fn mirror_columns(
@@ -986,9 +1111,10 @@ fn compare(
     name: &QualifiedName,
     relation: &Relation,
     source_types: &[String],
+    exists: bool,
     mirror: &[MirrorColumn],
 ) -> Result<Vec<usize>, String> {
-    if mirror.is_empty() {
+    if !exists {
         return Err(format!(
             "{name} does not exist on the mirror: restart bite-sync run to copy it again"
         ));
@@ -1090,6 +1216,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![])
@@ -1105,6 +1232,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![2])
@@ -1119,6 +1247,7 @@ mod tests {
             &name(),
             &r,
             &types,
+            true,
             &mirror(&[("id", "integer", true), ("n", "integer", false)]),
         )
         .unwrap_err();
@@ -1141,6 +1270,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![])
@@ -1149,6 +1279,7 @@ mod tests {
             &name(),
             &r,
             &types,
+            true,
             &mirror(&[("id", "integer", true), ("n", "integer", true)]),
         )
         .unwrap_err();
@@ -1158,8 +1289,11 @@ mod tests {
     #[test]
     fn a_table_missing_on_the_mirror_pauses() {
         let r = relation(&[("id", true)]);
-        let reason = compare(&name(), &r, &["integer".into()], &[]).unwrap_err();
+        let reason = compare(&name(), &r, &["integer".into()], false, &[]).unwrap_err();
         assert!(reason.contains("does not exist on the mirror"), "{reason}");
+        // A table without columns exists all the same.
+        let empty = relation(&[]);
+        assert_eq!(compare(&name(), &empty, &[], true, &[]), Ok(vec![]));
     }
 
     #[test]

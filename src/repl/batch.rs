@@ -253,21 +253,9 @@ impl Segment {
             if self.copy {
                 // COPY gives identity columns the values it is given, as inserts do with
                 // OVERRIDING SYSTEM VALUE.
-                push(
-                    format!("COPY {t} ({columns}) FROM STDIN"),
-                    Some(values.concat()),
-                    rows,
-                );
+                push(copy_sql(t, &columns), Some(values.concat()), rows);
             } else {
-                // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
-                push(
-                    format!(
-                        "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
-                        values.join(", ")
-                    ),
-                    None,
-                    rows,
-                );
+                push(insert_sql(t, &columns, &values), None, rows);
             }
         }
         out
@@ -607,16 +595,10 @@ impl BatchBuilder {
                         // Another column list (a column was added): its own segment next time.
                         seg.closed = true;
                         seg.singles.push(if seg.copy {
-                        (format!("COPY {} ({columns}) FROM STDIN", seg.quoted), Some(row))
-                    } else {
-                        (
-                            format!(
-                                "INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE VALUES {row}",
-                                seg.quoted
-                            ),
-                            None,
-                        )
-                    });
+                            (copy_sql(&seg.quoted, &columns), Some(row))
+                        } else {
+                            (insert_sql(&seg.quoted, &columns, &[row]), None)
+                        });
                     }
                     None => seg.inserts = Some((columns, vec![row])),
                 }
@@ -729,6 +711,33 @@ impl BatchBuilder {
                 self.out.extend(segment.render());
             }
         }
+    }
+}
+
+/// `COPY` of merged inserts; a table without columns takes no column list (its rows are
+/// empty lines).
+fn copy_sql(table: &str, columns: &str) -> String {
+    if columns.is_empty() {
+        format!("COPY {table} FROM STDIN")
+    } else {
+        format!("COPY {table} ({columns}) FROM STDIN")
+    }
+}
+
+/// A multi-row `INSERT` of `rows` (tuples of literals). `OVERRIDING SYSTEM VALUE`: identity
+/// columns take the source's values. A table without columns has no `VALUES` to list: its
+/// rows are made by a select of nothing.
+fn insert_sql(table: &str, columns: &str, rows: &[String]) -> String {
+    if columns.is_empty() {
+        format!(
+            "INSERT INTO {table} SELECT FROM pg_catalog.generate_series(1, {})",
+            rows.len()
+        )
+    } else {
+        format!(
+            "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
+            rows.join(", ")
+        )
     }
 }
 
@@ -1416,6 +1425,31 @@ mod tests {
                 r#"DELETE FROM "public"."seat_log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."seat_log" WHERE "place" = '(salón,1)'::public.seat AND "note" = 'x'::text LIMIT 1)"#,
             ]
         );
+    }
+
+    #[test]
+    fn a_table_without_columns_inserts_and_deletes_rows() {
+        let mut marker = shape(6, "marker", &[]);
+        marker.identity_full = true;
+        let empty = Tuple(Vec::new());
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.insert(&marker, &empty).unwrap();
+        b.insert(&marker, &empty).unwrap();
+        b.delete(&marker, &OldTuple::Full(Tuple(Vec::new())))
+            .unwrap();
+        assert_eq!(
+            sql(&mut b),
+            [
+                r#"INSERT INTO "public"."marker" SELECT FROM pg_catalog.generate_series(1, 2)"#,
+                r#"DELETE FROM "public"."marker" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."marker" WHERE true LIMIT 1)"#,
+            ]
+        );
+        b.set_copy(true);
+        b.insert(&marker, &empty).unwrap();
+        b.insert(&marker, &empty).unwrap();
+        let out = b.take();
+        assert_eq!(out[0].sql, r#"COPY "public"."marker" FROM STDIN"#);
+        assert_eq!(out[0].copy.as_deref(), Some("\n\n"));
     }
 
     #[test]
