@@ -979,18 +979,8 @@ async fn a_not_valid_key_to_a_table_left_on_the_mirror_stays_not_valid() {
     );
 }
 
-/// Asserts the mirror equals the source: every table's rows (each partition's too), every
-/// sequence's position, and the schema (see `support::schemas::assert_same_schema`).
 async fn assert_mirror_equals_source(dbs: &TestDbs, absent: &[&str]) {
-    use support::schemas::{assert_same_schema, sequence_positions, table_digests};
-    let source = connect(&dbs.source_url).await;
-    let mirror = connect(&dbs.mirror_url).await;
-    assert_eq!(table_digests(&mirror).await, table_digests(&source).await);
-    assert_eq!(
-        sequence_positions(&mirror).await,
-        sequence_positions(&source).await
-    );
-    assert_same_schema(&dbs.source_url, &dbs.mirror_url, absent);
+    support::schemas::assert_mirror_equals_source(&dbs.source_url, &dbs.mirror_url, absent).await;
 }
 
 /// Issue 11's feature schema, whole: partitioned tables (a default partition, a

@@ -137,6 +137,7 @@ struct MirrorColumn {
 #[derive(Debug, Clone, Copy)]
 struct Txn {
     final_lsn: Lsn,
+    xid: u32,
 }
 
 /// Applies the stream to the mirror; see the module docs.
@@ -153,6 +154,9 @@ pub struct Applier {
     /// The mirror tables' kinds (`r`, or `p` when built partitioned); none: it has no such
     /// table.
     mirror_kinds: HashMap<QualifiedName, Option<char>>,
+    /// Partitions this session creates (its statements may not have run yet: a table's
+    /// description comes again with the first change of each of its partitions).
+    partitions_made: std::collections::HashSet<QualifiedName>,
     batch: BatchBuilder,
     txn: Option<Txn>,
     /// A mirror transaction holds part of a large source transaction.
@@ -328,6 +332,7 @@ impl Applier {
             relations: HashMap::new(),
             mirror_columns: HashMap::new(),
             mirror_kinds: HashMap::new(),
+            partitions_made: std::collections::HashSet::new(),
             batch,
             grouping,
             txn: None,
@@ -394,13 +399,13 @@ impl Applier {
     /// Handles one message of the stream.
     pub async fn handle(&mut self, message: Message) -> Result<(), ApplyFailure> {
         match message {
-            Message::Begin { final_lsn, .. } => {
+            Message::Begin { final_lsn, xid, .. } => {
                 if self.txn.is_some() {
                     return Err(ApplyFailure::Protocol(
                         "a transaction began inside another".into(),
                     ));
                 }
-                self.txn = Some(Txn { final_lsn });
+                self.txn = Some(Txn { final_lsn, xid });
                 self.batch_started.get_or_insert_with(Instant::now);
                 if self.is_careful(final_lsn) {
                     self.batch_careful = true;
@@ -832,6 +837,11 @@ impl Applier {
             self.relations.insert(relation.oid, Known::Skipped(name));
             return Ok(());
         }
+        // What the description says is read from the source's catalog (a column's default, a
+        // new partition), which must show the transaction that changed it.
+        if let Some(txn) = self.txn {
+            self.wait_visible(txn.xid).await?;
+        }
         let mirror = self.mirror_columns(&name).await?;
         let kind = self.mirror_kind(&name).await?;
         let source_types = self.source_types(&relation).await?;
@@ -883,6 +893,7 @@ impl Applier {
                         })
                         .collect(),
                     identity_full: relation.replica_identity == b'f',
+                    partitioned: kind == Some('p'),
                 };
                 if kind == Some('p') {
                     // A partition the source created since (a new month): on the mirror before
@@ -903,6 +914,32 @@ impl Applier {
             }
         }
         Ok(())
+    }
+
+    /// Waits until source transaction `xid` is visible to new snapshots on the source. The
+    /// stream can bring a transaction a moment before the source shows it to other sessions:
+    /// its commit is in the WAL (which is what is decoded) before it leaves the list of
+    /// running transactions, and a catalog read in between would miss what it changed.
+    async fn wait_visible(&self, xid: u32) -> Result<(), ApplyFailure> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = self
+                .source
+                .query_one(
+                    "SELECT pg_catalog.pg_snapshot_xmax(s)::text, \
+                            ARRAY(SELECT x::text FROM pg_catalog.pg_snapshot_xip(s) AS x)::text[] \
+                     FROM pg_catalog.pg_current_snapshot() AS s",
+                    &[],
+                )
+                .await
+                .map_err(query("failed to read the source's running transactions"))?;
+            let xmax: String = row.get(0);
+            let running: Vec<String> = row.get(1);
+            if snapshot_shows(xid, &xmax, &running) || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     async fn mirror_kind(&mut self, name: &QualifiedName) -> Result<Option<char>, ApplyFailure> {
@@ -929,7 +966,10 @@ impl Applier {
     /// on the source, so attaching the partition attaches them), bounds, sub-partitions, and
     /// their own foreign keys. A partition the source no longer has is left alone (its rows
     /// stay on the mirror), and said so.
-    async fn missing_partitions(&self, table: &QualifiedName) -> Result<Vec<String>, ApplyFailure> {
+    async fn missing_partitions(
+        &mut self,
+        table: &QualifiedName,
+    ) -> Result<Vec<String>, ApplyFailure> {
         let source = crate::sync::catalog::read_tables(&self.source, std::slice::from_ref(table))
             .await
             .map_err(query(format!(
@@ -961,11 +1001,13 @@ impl Applier {
             tracing::warn!(%table, partition = %gone, "the source no longer has this partition; the mirror keeps it and its rows: drop it there (DROP TABLE) if they should go too");
         }
         let mut out = Vec::new();
-        for p in def
+        let new: Vec<&crate::sync::catalog::Partition> = def
             .partitions
             .iter()
-            .filter(|p| !have.contains(&p.def.name))
-        {
+            .filter(|p| !have.contains(&p.def.name) && !self.partitions_made.contains(&p.def.name))
+            .collect();
+        for p in new {
+            self.partitions_made.insert(p.def.name.clone());
             tracing::info!(%table, partition = %p.def.name, bound = %p.bound, "creating a partition the source created");
             // Its own foreign keys, to tables the mirror has.
             let mut referenced = Vec::new();
@@ -1103,6 +1145,18 @@ impl Applier {
         let identity_always = added.column.identity.as_ref().is_some_and(|i| i.always);
         Ok((out, identity_always))
     }
+}
+
+/// Whether a snapshot (its `xmax` and running `xip`, as 64-bit transaction ids in text) shows
+/// the committed transaction `xid` (32 bits, as the stream names it): below xmax and not
+/// running, in the 32-bit space's circular order.
+fn snapshot_shows(xid: u32, xmax: &str, running: &[String]) -> bool {
+    let low = |text: &str| text.parse::<u64>().ok().map(|x| x as u32);
+    let Some(xmax) = low(xmax) else {
+        return true;
+    };
+    let below_xmax = (1..1u32 << 31).contains(&xmax.wrapping_sub(xid));
+    below_xmax && !running.iter().any(|r| low(r) == Some(xid))
 }
 
 /// Compares a relation's columns with the mirror's: the indexes of columns to add, or why
@@ -1294,6 +1348,23 @@ mod tests {
         // A table without columns exists all the same.
         let empty = relation(&[]);
         assert_eq!(compare(&name(), &empty, &[], true, &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_transaction_is_visible_once_below_xmax_and_not_running() {
+        // Epoch 1: the stream's 32-bit xid is the low half.
+        let epoch = 1u64 << 32;
+        let t = |x: u64| (epoch + x).to_string();
+        assert!(snapshot_shows(100, &t(101), &[]));
+        assert!(!snapshot_shows(100, &t(100), &[]), "not yet below xmax");
+        assert!(!snapshot_shows(100, &t(105), &[t(100)]), "still running");
+        assert!(snapshot_shows(100, &t(105), &[t(99)]));
+        // Across the 32-bit wrap: xid 4294967290, xmax 5 of the next epoch.
+        assert!(snapshot_shows(
+            4_294_967_290,
+            &(2 * epoch + 5).to_string(),
+            &[]
+        ));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct TableShape {
     pub columns: Vec<ShapeColumn>,
     /// REPLICA IDENTITY FULL: old rows come whole and have no key.
     pub identity_full: bool,
+    /// The mirror's table is partitioned (a TRUNCATE must reach its partitions).
+    pub partitioned: bool,
 }
 
 /// One column of a [`TableShape`].
@@ -475,9 +477,20 @@ impl BatchBuilder {
         if shapes.is_empty() {
             return;
         }
-        let names: Vec<String> = shapes.iter().map(|s| s.name.quoted()).collect();
+        // ONLY keeps mirror tables that inherit from these out of it; a partitioned table's
+        // partitions are its rows, and must be in.
+        let names: Vec<String> = shapes
+            .iter()
+            .map(|s| {
+                if s.partitioned {
+                    s.name.quoted()
+                } else {
+                    format!("ONLY {}", s.name.quoted())
+                }
+            })
+            .collect();
         let sql = format!(
-            "TRUNCATE ONLY {}{}",
+            "TRUNCATE {}{}",
             names.join(", "),
             if restart_identity {
                 " RESTART IDENTITY"
@@ -1020,6 +1033,7 @@ mod tests {
                 })
                 .collect(),
             identity_full: false,
+            partitioned: false,
         }
     }
 
@@ -1480,14 +1494,16 @@ mod tests {
         let mut b = BatchBuilder::new(Grouping::PerTable);
         b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
             .unwrap();
-        b.truncate(&[&orders(), &items()], true);
+        let mut partitioned = items();
+        partitioned.partitioned = true;
+        b.truncate(&[&partitioned, &orders()], true);
         b.insert(&orders(), &row(&[Some("2"), Some("new"), None]))
             .unwrap();
         let out = sql(&mut b);
         assert_eq!(out.len(), 3, "{out:#?}");
         assert_eq!(
-            out[1],
-            r#"TRUNCATE ONLY "public"."orders", "public"."Order Items" RESTART IDENTITY"#
+            out[1], r#"TRUNCATE "public"."Order Items", ONLY "public"."orders" RESTART IDENTITY"#,
+            "a partitioned table is truncated with its partitions"
         );
         assert!(out[2].contains("'2'"));
     }

@@ -186,7 +186,7 @@ pub async fn table_digests(client: &tokio_postgres::Client) -> BTreeMap<String, 
             "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c \
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'bite_sync') \
-               AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1",
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'bite\\_sync\\_stage\\_%' ORDER BY 1",
             &[],
         )
         .await
@@ -223,6 +223,19 @@ pub async fn sequence_positions(client: &tokio_postgres::Client) -> BTreeMap<Str
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect()
+}
+
+/// Asserts the mirror equals the source: every table's rows (each partition's too), every
+/// sequence's position, and the schema ([`assert_same_schema`], with `absent`).
+pub async fn assert_mirror_equals_source(source_url: &str, mirror_url: &str, absent: &[&str]) {
+    let source = super::connect(source_url).await;
+    let mirror = super::connect(mirror_url).await;
+    assert_eq!(table_digests(&mirror).await, table_digests(&source).await);
+    assert_eq!(
+        sequence_positions(&mirror).await,
+        sequence_positions(&source).await
+    );
+    assert_same_schema(source_url, mirror_url, absent);
 }
 
 #[test]
