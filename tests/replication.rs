@@ -1956,3 +1956,69 @@ async fn postgres_bug_scenarios_replicate() {
     .await;
     drop(daemon);
 }
+
+/// A publication made by an older bite-sync publishes partitions as themselves (it had no
+/// partitioned tables then). Adding a partitioned table switches it to publishing through
+/// the root first, and the tables it already streamed go on without a gap or a duplicate.
+#[tokio::test]
+async fn an_older_publication_is_switched_to_publish_through_the_root() {
+    let dbs = test_dbs("repl_old_publication").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    let mut daemon = Daemon::start(&dbs, "guests,tips", &[]);
+    wait_equal(&dbs, &["public.guests", "public.tips"], WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(30)), Some(0));
+    // What an older version left: the same publication without the option.
+    source
+        .batch_execute(&format!(
+            "ALTER PUBLICATION \"{}\" SET (publish_via_partition_root = false)",
+            dbs.name
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO tips (amount) VALUES (7); INSERT INTO payments (paid_at, amount) VALUES ('2026-11-05 10:00+00', 3)")
+        .await
+        .unwrap();
+    daemon.restart(&dbs, "guests,tips,payments", &[]);
+    wait_equal(
+        &dbs,
+        &["public.guests", "public.tips", "public.payments"],
+        WAIT,
+    )
+    .await;
+    let via_root: bool = source
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&dbs.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(via_root);
+    source
+        .batch_execute(
+            "INSERT INTO tips (amount) VALUES (8);
+             INSERT INTO payments (paid_at, amount) VALUES ('2026-12-05 10:00+00', 4), ('2028-01-01 00:00+00', 5);
+             UPDATE payments SET paid_at = paid_at + interval '1 month' WHERE amount = 3;",
+        )
+        .await
+        .unwrap();
+    wait_equal(
+        &dbs,
+        &["public.guests", "public.tips", "public.payments"],
+        WAIT,
+    )
+    .await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let by_partition = "SELECT tableoid::regclass::text || ' ' || count(*) FROM payments GROUP BY tableoid ORDER BY 1";
+    assert_eq!(
+        support::strings(&mirror, by_partition).await,
+        support::strings(&source, by_partition).await,
+        "each row in its partition"
+    );
+    drop(daemon);
+}

@@ -180,8 +180,8 @@ pub async fn read(
                     class: PG_EXTENSION,
                     oid: ext,
                 };
-                if !needs.contains_key(&ext_obj) {
-                    needs.insert(ext_obj, read_extension(client, ext).await?);
+                if let std::collections::btree_map::Entry::Vacant(e) = needs.entry(ext_obj) {
+                    e.insert(read_extension(client, ext).await?);
                     found.insert(ext_obj, Found::Needed);
                 }
             }

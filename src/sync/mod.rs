@@ -707,6 +707,9 @@ struct Planned {
     foreign_keys: Vec<StagedKey>,
     /// Foreign keys to mirror tables outside the run, added by the swap.
     outside_keys: Vec<swap::OutsideKey>,
+    /// The same, from tables built partitioned: PostgreSQL cannot hold a key `NOT VALID` on a
+    /// partitioned table, so these are added (and validated) once the swap has committed.
+    late_keys: Vec<swap::OutsideKey>,
     warnings: Vec<String>,
 }
 
@@ -771,6 +774,12 @@ impl Planned {
                 .filter(|k| t.def.tree().any(|d| d.name == k.key.table))
                 .map(|k| format!("{}  -- in the swap, validated after", k.statement)),
         );
+        out.extend(
+            self.late_keys
+                .iter()
+                .filter(|k| t.def.tree().any(|d| d.name == k.key.table))
+                .map(|k| format!("{}  -- after the swap", k.statement)),
+        );
         out
     }
 }
@@ -826,6 +835,7 @@ fn plan_run(
     let mut warnings = Vec::new();
     let mut foreign_keys = Vec::new();
     let mut outside_keys = Vec::new();
+    let mut late_keys = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         // The table's keys, and its partitions' own (those cloned from the table's come with it).
         for (def, at) in t.staged_tree() {
@@ -846,7 +856,8 @@ fn plan_run(
                     // added NOT VALID in the swap and validated after, as the parent's rows are
                     // the mirror's, not this snapshot's.
                     None if mirror_tables.contains(&fk.referenced) => {
-                        outside_keys.push(swap::OutsideKey {
+                        let partitioned = def.is_partitioned_on_mirror();
+                        let key = swap::OutsideKey {
                             key: swap::RepointedKey {
                                 table: def.name.clone(),
                                 name: fk.name.clone(),
@@ -854,12 +865,17 @@ fn plan_run(
                             statement: ddl::add_foreign_key(
                                 &def.name,
                                 &ForeignKeyDef {
-                                    validated: false,
+                                    validated: partitioned && fk.validated,
                                     ..fk.clone()
                                 },
                                 &fk.referenced,
                             ),
-                        })
+                        };
+                        if partitioned {
+                            late_keys.push(key);
+                        } else {
+                            outside_keys.push(key);
+                        }
                     }
                     None => warnings.push(format!(
                         "foreign key {} on {} references {}, which is neither part of this sync nor on the mirror: skipped",
@@ -879,6 +895,7 @@ fn plan_run(
         prepare: Vec::new(),
         foreign_keys,
         outside_keys,
+        late_keys,
         warnings,
     })
 }
@@ -1058,6 +1075,30 @@ async fn execute(
         .await
         .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;
 
+    for key in &planned.late_keys {
+        match mirror.batch_execute(&key.statement).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                let detail = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default();
+                planned.warnings.push(format!(
+                    "foreign key {} on {} was not added: the mirror's rows do not satisfy it ({detail}), and PostgreSQL cannot keep it NOT VALID on a partitioned table",
+                    key.key.name, key.key.table
+                ));
+            }
+            Err(e) => {
+                return Err(pg(
+                    Side::Mirror,
+                    format!(
+                        "failed to add foreign key {} on {}",
+                        key.key.name, key.key.table
+                    ),
+                )(e));
+            }
+        }
+    }
     if !outcome.repointed.is_empty() {
         observer.phase("validating foreign keys from other mirror tables");
         let violated = swap::validate_foreign_keys(mirror, &outcome.repointed)
