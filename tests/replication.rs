@@ -1545,6 +1545,36 @@ async fn sequences_used_only_by_defaults_follow_while_streaming() {
         .expect("status");
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("sequences: 3 in step"), "{text}");
+
+    // Under a steady load the stream is never idle: the sequences still follow, with the
+    // batches.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload_of(
+        dbs.source_url.clone(),
+        "INSERT INTO guests DEFAULT VALUES; INSERT INTO tips (amount) VALUES (3);",
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reached: i64 = source
+        .query_one("SELECT last_value FROM guest_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        "the mirror's sequence to pass a value of a busy source",
+        WAIT,
+        || async {
+            let on_mirror: i64 = mirror
+                .query_one("SELECT last_value FROM guest_id_seq", &[])
+                .await
+                .ok()?
+                .get(0);
+            (on_mirror >= reached && !load.is_finished()).then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    assert!(load.await.unwrap() > 10);
     drop(daemon);
 }
 
@@ -2019,6 +2049,57 @@ async fn an_older_publication_is_switched_to_publish_through_the_root() {
         support::strings(&mirror, by_partition).await,
         support::strings(&source, by_partition).await,
         "each row in its partition"
+    );
+    drop(daemon);
+}
+
+/// `[sync] flatten_partitions = true` under `run`: the partitioned table is one plain table on
+/// the mirror, rows of every partition (one created while streaming too) arrive in it; and a
+/// partition named alone is refused naming its table.
+#[tokio::test]
+async fn flattened_partitioned_tables_replicate_into_one_plain_table() {
+    let dbs = test_dbs("repl_flatten").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    let mut refused = Daemon::start(&dbs, "guests,payments_2026_11", &[]);
+    assert_eq!(refused.exit_code(WAIT), Some(2));
+    assert!(
+        refused
+            .log()
+            .contains("payments_2026_11 is a partition of payments"),
+        "{}",
+        refused.log()
+    );
+    drop(refused);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bite-sync.toml");
+    std::fs::write(&config, "[sync]\nflatten_partitions = true\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let daemon = Daemon::start(&dbs, "guests,payments", &["--config", &config]);
+    wait_equal(&dbs, &["public.guests", "public.payments"], WAIT).await;
+    source
+        .batch_execute(
+            "INSERT INTO payments (paid_at, amount) VALUES ('2026-10-09 10:00+00', 1), ('2027-05-01 10:00+00', 2);
+             UPDATE payments SET paid_at = paid_at + interval '1 month' WHERE amount < 2;
+             CREATE TABLE payments_2031_01 PARTITION OF payments
+                 FOR VALUES FROM ('2031-01-01 00:00:00+00') TO ('2031-02-01 00:00:00+00');
+             INSERT INTO payments (paid_at, amount) VALUES ('2031-01-02 10:00+00', 3);
+             DELETE FROM payments WHERE amount = 2;",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.guests", "public.payments"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    assert_eq!(
+        support::strings(
+            &mirror,
+            "SELECT relname::text || ' ' || relkind::text FROM pg_class WHERE relname LIKE 'payments%' AND relkind IN ('r', 'p')"
+        )
+        .await,
+        ["payments r"]
     );
     drop(daemon);
 }

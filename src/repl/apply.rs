@@ -623,7 +623,13 @@ impl Applier {
                 .await
                 .map_err(query("failed to catch up the mirror's sequences"));
         }
-        self.sequences_due = Some(sql);
+        // Inside a batch, a sequence the mirror user may not move must not fail the batch.
+        let select = sql.strip_prefix("SELECT ").unwrap_or(&sql);
+        self.sequences_due = Some(format!(
+            "DO $bite_sync$ BEGIN PERFORM {select}; \
+             EXCEPTION WHEN OTHERS THEN RAISE WARNING 'bite-sync could not move the mirror''s sequences: %', SQLERRM; \
+             END $bite_sync$"
+        ));
         Ok(())
     }
 

@@ -15,6 +15,11 @@
 //!
 //! The slot is only ever confirmed up to positions recorded on the mirror, so a slot whose
 //! confirmed position is ahead of the mirror's is by definition inconsistent with it.
+//!
+//! Before any of that changes anything, [`super::preflight`] checks everything the start needs;
+//! a first start that fails after creating its slot drops it (and the publication it made).
+//! One daemon per slot holds a lock on the mirror; another one waits for that lock as a
+//! standby, naming the active one, and takes over when it is released.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

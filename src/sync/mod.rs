@@ -9,9 +9,13 @@
 //!    worker imports it, so all tables are read as of one instant, and the catalog is read in
 //!    it too.
 //! 3. **Plan** ([`plan`]): resolve patterns, compare with the mirror, refuse what cannot be
-//!    applied, order by foreign keys. `--dry-run` stops here and prints the plan.
-//! 4. **Stage**: types, sequences and schemas the tables need are created on the mirror
-//!    (additive, harmless to readers). Each table is built in a per-run staging schema by up to
+//!    applied, find what the tables need that the mirror lacks ([`depends`]) and refuse what
+//!    bite-sync cannot create, order by foreign keys. Nothing has changed on either side up to
+//!    here (not even the bookkeeping); `--dry-run` stops here and prints the plan.
+//! 4. **Stage**: schemas, types, collations, extensions, functions and sequences the tables
+//!    need are created on the mirror (additive, harmless to readers). A partitioned table is
+//!    built partitioned, each partition filled from its own on the source (or as one plain
+//!    table, `flatten_partitions`). Each table is built in a per-run staging schema by up to
 //!    `--jobs` workers: `CREATE TABLE`, binary `COPY ... FREEZE` streamed from the source
 //!    ([`copy`]), then keys and indexes: data before indexes. Then foreign keys among staged
 //!    tables, and sequences set to the source's values.
