@@ -149,10 +149,12 @@ pub async fn add_dependencies(
         )),
         Ok(missing) => {
             for m in missing {
+                // A function's definition spans lines: indented, so each line of the report
+                // still starts with OK or FIX.
                 let ddl = m
                     .ddl
                     .as_deref()
-                    .map(|d| d.trim_end().to_string())
+                    .map(|d| d.trim_end().replace('\n', "\n        "))
                     .unwrap_or_default();
                 out.push(if m.created {
                     line(
