@@ -36,7 +36,6 @@ const PG_PROC: u32 = 1255;
 const PG_CLASS: u32 = 1259;
 const PG_ATTRDEF: u32 = 2604;
 const PG_CONSTRAINT: u32 = 2606;
-const PG_LANGUAGE: u32 = 2612;
 const PG_NAMESPACE: u32 = 2615;
 const PG_EXTENSION: u32 = 3079;
 const PG_COLLATION: u32 = 3456;
@@ -224,9 +223,10 @@ pub async fn read(
     Ok(in_dependency_order(needs, &edges))
 }
 
-/// One step of the walk: for each object, what it references (normal dependencies) and the
-/// parts of its definition (a table's column defaults, constraints other than foreign keys and
-/// indexes; a domain's constraints; a constraint's index).
+/// One step of the walk: for each object, what it references (normal dependencies; not a
+/// table's inheritance parent, which the mirror's table does not inherit from) and the parts of
+/// its definition (a table's column defaults, constraints other than foreign keys and indexes;
+/// a domain's constraints; a constraint's index).
 async fn step(client: &Client, frontier: &[Obj]) -> Result<Vec<(Obj, Obj)>, tokio_postgres::Error> {
     if frontier.is_empty() {
         return Ok(Vec::new());
@@ -239,6 +239,8 @@ async fn step(client: &Client, frontier: &[Obj]) -> Result<Vec<(Obj, Obj)>, toki
              SELECT f.classid, f.objid, d.refclassid, d.refobjid \
                FROM f JOIN pg_catalog.pg_depend d ON d.classid = f.classid AND d.objid = f.objid \
               WHERE d.deptype = 'n' \
+                AND NOT (f.classid = 1259 AND d.refclassid = 1259 AND d.objsubid = 0 \
+                         AND (SELECT relkind FROM pg_catalog.pg_class WHERE oid = d.refobjid) IN ('r', 'p', 'f', 'v', 'm')) \
              UNION \
              SELECT f.classid, f.objid, d.classid, d.objid \
                FROM f JOIN pg_catalog.pg_depend d ON d.refclassid = f.classid AND d.refobjid = f.objid \
@@ -361,11 +363,6 @@ async fn classify(
                 PG_COLLATION => (
                     Found::Needed,
                     Some(read_collation(client, obj.oid).await?),
-                    Vec::new(),
-                ),
-                PG_LANGUAGE => (
-                    Found::Needed,
-                    Some(Need::Other(description.unwrap_or_default())),
                     Vec::new(),
                 ),
                 _ => (
