@@ -1295,7 +1295,7 @@ UPDATE payments SET paid_at = paid_at + interval '9 days' WHERE id = (SELECT id 
 DELETE FROM payments WHERE id = (SELECT id FROM payments ORDER BY random() LIMIT 1);
 INSERT INTO seating (place, capacity) VALUES (ROW('patio', (random() * 1000000)::int), 2) ON CONFLICT DO NOTHING;
 UPDATE seating SET capacity = capacity + 1 WHERE place = (SELECT place FROM seating ORDER BY random() LIMIT 1);
-UPDATE seating SET place = ROW((place).room, (place).table_no + 1000000)
+UPDATE seating SET place = ROW('moved', nextval('ticket_code_seq')::int)
     WHERE place = (SELECT place FROM seating WHERE (place).room = 'patio' ORDER BY random() LIMIT 1);
 INSERT INTO seat_log (place, note) VALUES (ROW('terraza', 1), 'seated');
 UPDATE seat_log SET note = 'left' WHERE ctid = (SELECT ctid FROM seat_log WHERE note = 'seated' LIMIT 1);
@@ -1327,7 +1327,7 @@ fn workload_of(
                 {
                     client.batch_execute("ROLLBACK").await.expect("rollback");
                 }
-                Err(e) => panic!("workload transaction: {e}"),
+                Err(e) => panic!("workload transaction: {e:?}"),
             }
         }
         n
