@@ -133,6 +133,8 @@ pub struct RawSync {
     pub lock_timeout: Option<String>,
     /// Memory for index builds on the mirror, e.g. "256MB".
     pub maintenance_work_mem: Option<String>,
+    /// Build partitioned tables as one plain table on the mirror.
+    pub flatten_partitions: Option<bool>,
 }
 
 /// `[replication]`.
@@ -249,6 +251,8 @@ pub struct SyncSettings {
     pub lock_timeout: Duration,
     /// `maintenance_work_mem` on the mirror.
     pub maintenance_work_mem: String,
+    /// Partitioned tables become one plain table on the mirror (by `sync` and `run`).
+    pub flatten_partitions: bool,
 }
 
 /// Validated `[replication]`.
@@ -631,6 +635,7 @@ pub fn resolve(
             jobs,
             lock_timeout,
             maintenance_work_mem,
+            flatten_partitions: raw.sync.flatten_partitions.unwrap_or(false),
         },
         replication: ReplicationSettings {
             tables: overrides.replication_tables.unwrap_or(replication_tables),

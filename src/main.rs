@@ -423,6 +423,7 @@ fn replication_options(config: &Config, args: &RunArgs) -> Result<RunOptions, Co
     opts.jobs = config.sync.jobs;
     opts.lock_timeout = config.sync.lock_timeout;
     opts.maintenance_work_mem = config.sync.maintenance_work_mem.clone();
+    opts.flatten_partitions = config.sync.flatten_partitions;
     Ok(opts)
 }
 
@@ -463,6 +464,14 @@ async fn run_check(config: &Config, args: &CheckArgs) -> u8 {
         config.mirror.as_ref(),
         &config.replication.tables,
         &config.replication.publication,
+    )
+    .await;
+    check::add_dependencies(
+        config.source.as_ref(),
+        config.mirror.as_ref(),
+        &config.replication.tables,
+        config.sync.flatten_partitions,
+        &mut checks,
     )
     .await;
     check::add_delivery(config, &mut checks).await;

@@ -1110,3 +1110,996 @@ async fn new_enum_labels_and_enum_types_reach_the_mirror_instead_of_pausing() {
     assert_eq!(labels, "pending,refunded,paid");
     drop(daemon);
 }
+
+/// A primary key over a composite type, and REPLICA IDENTITY FULL over a composite column:
+/// every statement shape that finds a row by value (key changes, deletes one and many, whole
+/// rows) must name the values' type, or the mirror refuses `'(terraza,1)'` as an anonymous
+/// record and the table pauses.
+#[tokio::test]
+async fn composite_keys_and_whole_row_identities_apply_instead_of_pausing() {
+    let dbs = test_dbs("repl_composite_keys").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TYPE seat AS (room text, table_no integer);
+             CREATE TABLE seating (place seat PRIMARY KEY, capacity integer NOT NULL);
+             CREATE TABLE seat_log (place seat, note text);
+             ALTER TABLE seat_log REPLICA IDENTITY FULL;
+             INSERT INTO seating VALUES (ROW('terraza', 1), 4), (ROW('terraza', 2), 2), (ROW('salón', 1), 6);
+             INSERT INTO seat_log VALUES (ROW('terraza', 1), 'reserved'), (ROW('salón', 1), NULL);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "seating,seat_log", &[]);
+    let tables = ["public.seating", "public.seat_log"];
+    wait_equal(&dbs, &tables, WAIT).await;
+    for sql in [
+        // One delete, then a key change, then several deletes in one statement.
+        "DELETE FROM seating WHERE place = ROW('terraza', 2)::seat",
+        "UPDATE seating SET place = ROW('salón', 2), capacity = 8 WHERE place = ROW('salón', 1)::seat",
+        "INSERT INTO seating VALUES (ROW('barra', 1), 1), (ROW('barra', 2), 1)",
+        "DELETE FROM seating WHERE (place).room = 'barra'",
+        "UPDATE seating SET capacity = capacity + 1",
+        // Whole-row identity: update and delete found by every value, NULLs included.
+        "UPDATE seat_log SET note = 'moved' WHERE note IS NULL",
+        "DELETE FROM seat_log WHERE (place).room = 'terraza'",
+    ] {
+        source.batch_execute(sql).await.expect(sql);
+    }
+    wait_equal(&dbs, &tables, WAIT).await;
+    let s = status(&dbs);
+    let paused: Vec<&serde_json::Value> = s["mirror"]["tables"]
+        .as_array()
+        .expect("tables in status")
+        .iter()
+        .filter(|t| t["state"] != "streaming")
+        .collect();
+    assert!(paused.is_empty(), "{paused:#?}");
+    drop(daemon);
+}
+
+/// A quiet restaurant at night: a caught-up walsender sends nothing while the daemon reports
+/// its position, so a stream that only waits for messages calls it dead after its silence
+/// limit (90 s) and reconnects, and `status` turns unhealthy with a "last error". The daemon
+/// must ask the source to answer instead, and stay up and healthy for as long as it is idle.
+/// Idle for twice the silence limit, on a source of its own (other tests' WAL would make the
+/// walsender talk), while the binary's other tests run beside it.
+#[tokio::test]
+async fn a_caught_up_stream_stays_up_and_healthy_through_a_quiet_night() {
+    const QUIET: Duration = Duration::from_secs(200);
+    let source_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "source-quiet".into(),
+            logical: true,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own source cluster");
+    let dbs = test_dbs("repl_quiet_night").await;
+    let admin = connect(&source_cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE quiet").await.unwrap();
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: source_cluster.url("quiet"),
+        mirror_url: dbs.mirror_url.clone(),
+    };
+    let source = connect(&own.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let daemon = Daemon::start(&own, "customers,orders,order_items", &[]);
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(source);
+    drop(admin);
+
+    let started = std::time::Instant::now();
+    while started.elapsed() < QUIET {
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let s = status(&own);
+        assert_eq!(
+            s["healthy"],
+            true,
+            "status after {:?} idle: {s:#}\n{}",
+            started.elapsed(),
+            daemon.log()
+        );
+        assert!(s["mirror"]["last_error"].is_null(), "{s:#}");
+    }
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("streaming changes to the mirror").count(),
+        1,
+        "one session all night, no reconnect:\n{log}"
+    );
+    assert!(!log.contains("silent"), "{log}");
+    // And it still streams in the morning.
+    let source = connect(&own.source_url).await;
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&own, &RESTAURANT_TABLES, WAIT).await;
+    drop(daemon);
+}
+
+/// A table's columns (name, type, NOT NULL, default) and constraints, as one comparable list.
+async fn table_shape(client: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    let rows = client
+        .query(
+            "SELECT 'column ' || a.attname || ' ' || pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                    || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END \
+                    || COALESCE(' default ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid), '') \
+             FROM pg_catalog.pg_attribute a \
+             LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             UNION ALL \
+             SELECT 'constraint ' || conname || ' ' || pg_catalog.pg_get_constraintdef(oid) \
+             FROM pg_catalog.pg_constraint WHERE conrelid = $1::text::regclass \
+             ORDER BY 1",
+            &[&table],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the shape of {table}: {e}"));
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn added_columns_arrive_with_their_not_null_default_and_constraints() {
+    let dbs = test_dbs("repl_added_constraints").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute("CREATE TABLE a (id int PRIMARY KEY, n int); INSERT INTO a VALUES (1, 1);")
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "a", &[]);
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    source
+        .batch_execute(
+            "ALTER TABLE a ADD COLUMN c int NOT NULL DEFAULT 42;
+             ALTER TABLE a ADD COLUMN code text CONSTRAINT code_short CHECK (length(code) < 10) UNIQUE;
+             ALTER TABLE a ADD COLUMN seq bigserial;
+             INSERT INTO a (id, n, code) VALUES (2, 2, 'x'), (3, 3, NULL);",
+        )
+        .await
+        .expect("schema changes");
+    wait_equal(&dbs, &["public.a"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    assert_eq!(
+        table_shape(&mirror, "public.a").await,
+        table_shape(&source, "public.a").await
+    );
+    // The mirror enforces them, as the source does.
+    let refused = mirror
+        .batch_execute("INSERT INTO a (id, n, c) VALUES (9, 9, NULL)")
+        .await;
+    assert!(refused.is_err(), "c is NOT NULL on the mirror");
+    drop(daemon);
+}
+
+/// The feature schema's tables, as `--tables` names them (its materialized view is no table).
+const FEATURE_TABLES: &str = "guests,seating,seat_log,tips,payments,orders_by_channel,marker";
+
+/// Objects of the feature schema a mirror does not carry: its materialized view.
+const FEATURE_ABSENT: [&str; 2] = ["revenue_by_month", "revenue_by_month_month"];
+
+/// One transaction touching every feature: rows moving between partitions (and into the
+/// default one), a composite key changed, whole-row identities, citext, hstore, a domain
+/// with a function check, the sequences defaults draw from, an identity, a table without
+/// columns.
+const FEATURE_TXN: &str = "
+BEGIN;
+INSERT INTO guests (email, name, phone, prefs)
+    VALUES (md5(random()::text) || '@Example.com', 'Invitado', '+34600' || lpad((random() * 999999)::int::text, 6, '0'), 'seen=>1');
+INSERT INTO payments (paid_at, guest_id, amount)
+    SELECT timestamptz '2026-10-01 00:00+00' + random() * interval '100 days', (SELECT id FROM guests ORDER BY random() LIMIT 1), 9.99;
+UPDATE payments SET paid_at = paid_at + interval '9 days' WHERE id = (SELECT id FROM payments ORDER BY random() LIMIT 1);
+DELETE FROM payments WHERE id = (SELECT id FROM payments ORDER BY random() LIMIT 1);
+INSERT INTO seating (place, capacity) VALUES (ROW('patio', (random() * 1000000)::int), 2) ON CONFLICT DO NOTHING;
+UPDATE seating SET capacity = capacity + 1 WHERE place = (SELECT place FROM seating ORDER BY random() LIMIT 1);
+UPDATE seating SET place = ROW('moved', nextval('ticket_code_seq')::int)
+    WHERE place = (SELECT place FROM seating WHERE (place).room = 'patio' ORDER BY random() LIMIT 1);
+INSERT INTO seat_log (place, note) VALUES (ROW('terraza', 1), 'seated');
+UPDATE seat_log SET note = 'left' WHERE ctid = (SELECT ctid FROM seat_log WHERE note = 'seated' LIMIT 1);
+DELETE FROM seat_log WHERE ctid = (SELECT ctid FROM seat_log ORDER BY random() LIMIT 1);
+INSERT INTO tips (amount) VALUES (1.50);
+INSERT INTO marker DEFAULT VALUES;
+DELETE FROM marker WHERE ctid = (SELECT ctid FROM marker LIMIT 1);
+INSERT INTO orders_by_channel VALUES ((random() * 1e12)::bigint, 'whatsapp', date '2026-01-01' + (random() * 300)::int, 5),
+                                     ((random() * 1e12)::bigint, 'phone', date '2026-06-01', 7);
+UPDATE guests SET prefs = prefs || 'visits=>2'::hstore WHERE id = (SELECT id FROM guests ORDER BY random() LIMIT 1);
+COMMIT;";
+
+/// Runs `txn` in a loop until `stop` fires; returns how many committed.
+fn workload_of(
+    url: String,
+    txn: &'static str,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let client = connect(&url).await;
+        let mut n = 0;
+        while !stop.is_cancelled() {
+            match client.batch_execute(txn).await {
+                Ok(()) => n += 1,
+                // Beside the test's own DDL (a new partition), a transaction may deadlock.
+                Err(e)
+                    if e.code()
+                        == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) =>
+                {
+                    client.batch_execute("ROLLBACK").await.expect("rollback");
+                }
+                Err(e) => panic!("workload transaction: {e:?}"),
+            }
+        }
+        n
+    })
+}
+
+/// Waits until every table of the source (partitions included) has the same rows on the
+/// mirror.
+async fn wait_all_equal(dbs: &TestDbs, timeout: Duration) {
+    let source = connect(&dbs.source_url).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let want = support::schemas::table_digests(&source).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = support::schemas::table_digests(&mirror).await;
+        if got == want {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut rows = String::new();
+            for (table, digest) in &want {
+                if got.get(table) != Some(digest) {
+                    let sql = format!("SELECT t::text FROM ONLY {table} t ORDER BY 1");
+                    rows.push_str(&format!(
+                        "{table}:\n  source: {:?}\n  mirror: {:?}\n",
+                        support::strings(&source, &sql).await,
+                        mirror
+                            .query(&sql, &[])
+                            .await
+                            .map(|r| r.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+                    ));
+                }
+            }
+            panic!("every table of the mirror to equal the source's within {timeout:?}:\n{rows}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 11's feature schema under `run`: a workload over every feature, kill -9 in the
+/// middle of it, new partitions created on the source while it streams; then every table,
+/// sequence and schema object of the mirror equals the source's.
+#[tokio::test]
+async fn the_feature_schema_replicates_whole_through_kill_9s_and_new_partitions() {
+    let dbs = test_dbs("repl_features").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    // A table without columns has no key: its deletes need the whole row (bite-sync says so).
+    let mut refused = Daemon::start(&dbs, FEATURE_TABLES, &[]);
+    assert_eq!(refused.exit_code(WAIT), Some(2));
+    assert!(
+        refused.log().contains(
+            r#"marker has no columns, so no key its deletes could be found by on the mirror"#
+        ),
+        "{}",
+        refused.log()
+    );
+    drop(refused);
+    source
+        .batch_execute("ALTER TABLE marker REPLICA IDENTITY FULL")
+        .await
+        .unwrap();
+
+    let mut daemon = Daemon::start(&dbs, FEATURE_TABLES, &[]);
+    wait_all_equal(&dbs, WAIT).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload_of(dbs.source_url.clone(), FEATURE_TXN, stop.clone());
+    let mut rng = Lcg::from_clock();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
+        daemon.kill9();
+        daemon.restart(&dbs, FEATURE_TABLES, &[]);
+    }
+    // A new month and a new year's sub-partition, while the workload and the stream go on.
+    source
+        .batch_execute(
+            "CREATE TABLE payments_2030_01 PARTITION OF payments
+                 FOR VALUES FROM ('2030-01-01 00:00:00+00') TO ('2030-02-01 00:00:00+00');
+             INSERT INTO payments (paid_at, amount) VALUES ('2030-01-15 12:00+00', 30), ('2030-01-16 12:00+00', 31);
+             CREATE TABLE orders_whatsapp_2027 PARTITION OF orders_whatsapp
+                 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+             INSERT INTO orders_by_channel VALUES (77, 'whatsapp', '2027-02-02', 1);",
+        )
+        .await
+        .expect("new partitions");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let committed = load.await.expect("workload");
+    assert!(
+        committed > 20,
+        "the workload ran ({committed} transactions)"
+    );
+    wait_all_equal(&dbs, WAIT).await;
+    // A clean stop catches the sequences up; then everything is the source's.
+    assert_eq!(daemon.terminate(Duration::from_secs(30)), Some(0));
+    support::schemas::assert_mirror_equals_source(
+        &dbs.source_url,
+        &dbs.mirror_url,
+        &FEATURE_ABSENT,
+    )
+    .await;
+    let log = daemon.log();
+    assert!(
+        log.contains("creating a partition the source created"),
+        "{log}"
+    );
+}
+
+/// Pagila's rentals under `run`: payments into its monthly partitions, rentals, returns,
+/// customers changing, then the mirror equals the source.
+const PAGILA_TXN: &str = "
+BEGIN;
+WITH r AS (
+    INSERT INTO rental (rental_date, inventory_id, customer_id, staff_id)
+    SELECT timestamptz '2022-06-01' + random() * interval '20 days', (SELECT inventory_id FROM inventory ORDER BY random() LIMIT 1),
+           (SELECT customer_id FROM customer ORDER BY random() LIMIT 1), 1
+    RETURNING rental_id, customer_id, rental_date)
+INSERT INTO payment (customer_id, staff_id, rental_id, amount, payment_date)
+    SELECT customer_id, 1, rental_id, 3.99, rental_date FROM r;
+UPDATE rental SET return_date = rental_date + interval '3 days' WHERE rental_id = (SELECT max(rental_id) FROM rental);
+UPDATE payment SET amount = amount + 1 WHERE payment_id = (SELECT payment_id FROM payment_p2022_03 ORDER BY random() LIMIT 1);
+UPDATE customer SET email = md5(random()::text) WHERE customer_id = (SELECT customer_id FROM customer ORDER BY random() LIMIT 1);
+COMMIT;";
+
+#[tokio::test]
+async fn pagila_replicates_whole_and_equal() {
+    let dbs = test_dbs("repl_pagila").await;
+    support::schemas::load_pagila(&dbs.source_url);
+    let source = connect(&dbs.source_url).await;
+    let tables: Vec<String> = support::strings(
+        &source,
+        "SELECT relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND NOT c.relispartition ORDER BY 1",
+    )
+    .await;
+    let tables = tables.join(",");
+    let mut daemon = Daemon::start(&dbs, &tables, &[]);
+    wait_all_equal(&dbs, WAIT).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload_of(dbs.source_url.clone(), PAGILA_TXN, stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    daemon.kill9();
+    daemon.restart(&dbs, &tables, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    assert!(load.await.expect("workload") > 5);
+    wait_all_equal(&dbs, WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(30)), Some(0));
+    support::schemas::assert_mirror_equals_source(
+        &dbs.source_url,
+        &dbs.mirror_url,
+        &["rental_by_category", "rental_category", "bıgınt"],
+    )
+    .await;
+}
+
+/// Sequences a hand-written schema uses only through defaults (not `OWNED BY` any column),
+/// one of them only through a function the default calls, follow while the daemon streams,
+/// and `status` says they are in step.
+#[tokio::test]
+async fn sequences_used_only_by_defaults_follow_while_streaming() {
+    let dbs = test_dbs("repl_default_sequences").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE SEQUENCE guest_id_seq START 500 INCREMENT 5;
+             CREATE SEQUENCE ticket_code_seq START 1000;
+             CREATE FUNCTION next_ticket_code() RETURNS text LANGUAGE sql VOLATILE
+                 AS $$ SELECT 'T-' || lpad(nextval('ticket_code_seq')::text, 6, '0') $$;
+             CREATE TABLE guests (id bigint PRIMARY KEY DEFAULT nextval('guest_id_seq'),
+                                  ticket text NOT NULL DEFAULT next_ticket_code());
+             CREATE TABLE tips (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, amount numeric);
+             INSERT INTO guests DEFAULT VALUES; INSERT INTO tips (amount) VALUES (1);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "guests,tips", &[]);
+    wait_equal(&dbs, &["public.guests", "public.tips"], WAIT).await;
+    source
+        .batch_execute(
+            "INSERT INTO guests SELECT FROM generate_series(1, 20);
+             INSERT INTO tips (amount) SELECT 2 FROM generate_series(1, 7);",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.guests", "public.tips"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let positions = "SELECT sequencename::text || ' ' || last_value::text FROM pg_sequences \
+                     WHERE schemaname = 'public' ORDER BY 1";
+    let want = support::strings(&source, positions).await;
+    assert_eq!(want.len(), 3, "{want:?}");
+    // Moved while the daemon runs, not only when it stops.
+    wait_for(
+        "the mirror's sequences to reach the source's",
+        WAIT,
+        || async { (support::strings(&mirror, positions).await == want).then_some(()) },
+    )
+    .await;
+    let s = status(&dbs);
+    assert_eq!(s["sequences"]["total"], 3, "{s:#}");
+    assert_eq!(s["sequences"]["in_step"], 3, "{s:#}");
+    let text = bite_sync()
+        .args([
+            "status",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &dbs.mirror_url,
+        ])
+        .args(["--slot", &dbs.name])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("sequences: 3 in step"), "{text}");
+
+    // Under a steady load the stream is never idle: the sequences still follow, with the
+    // batches.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load = workload_of(
+        dbs.source_url.clone(),
+        "INSERT INTO guests DEFAULT VALUES; INSERT INTO tips (amount) VALUES (3);",
+        stop.clone(),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reached: i64 = source
+        .query_one("SELECT last_value FROM guest_id_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        "the mirror's sequence to pass a value of a busy source",
+        WAIT,
+        || async {
+            let on_mirror: i64 = mirror
+                .query_one("SELECT last_value FROM guest_id_seq", &[])
+                .await
+                .ok()?
+                .get(0);
+            (on_mirror >= reached && !load.is_finished()).then_some(())
+        },
+    )
+    .await;
+    stop.cancel();
+    assert!(load.await.unwrap() > 10);
+    drop(daemon);
+}
+
+/// A source with `wal_level = replica`: `run --init` says how to fix it and changes nothing,
+/// neither a publication on the source nor bookkeeping on the mirror.
+#[tokio::test]
+async fn a_source_without_logical_wal_is_refused_before_anything_changes() {
+    let source_cluster = tokio::task::spawn_blocking(|| {
+        TempCluster::start(&ClusterOptions {
+            name: "source-replica-wal".into(),
+            logical: false,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("own source cluster");
+    let dbs = test_dbs("repl_wal_replica").await;
+    let admin = connect(&source_cluster.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: source_cluster.url("shop"),
+        mirror_url: dbs.mirror_url.clone(),
+    };
+    let source = connect(&own.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let mut daemon = Daemon::start(&own, "customers,orders,order_items", &[]);
+    assert_eq!(daemon.exit_code(WAIT), Some(2), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{log}"
+    );
+    assert!(log.contains("restart PostgreSQL"), "{log}");
+    assert!(log.contains("nothing was changed"), "{log}");
+    assert_eq!(
+        support::count(&source, "SELECT count(*) FROM pg_publication").await,
+        0,
+        "no publication on the source"
+    );
+    let mirror = connect(&own.mirror_url).await;
+    assert_eq!(
+        support::count(
+            &mirror,
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bite_sync%'"
+        )
+        .await,
+        0,
+        "no bookkeeping on the mirror"
+    );
+}
+
+/// A first start stopped in the middle of its copy leaves no slot and no publication on the
+/// source (they would pin WAL on the restaurant's disk for a stream that never began).
+#[tokio::test]
+async fn a_first_start_stopped_during_its_copy_leaves_no_slot_or_publication() {
+    let dbs = test_dbs("repl_first_start_undo").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, note text);
+             INSERT INTO big SELECT i, md5(i::text) FROM generate_series(1, 1000000) i;",
+        )
+        .await
+        .expect("schema");
+    let mut daemon = Daemon::start(&dbs, "big", &[]);
+    wait_for("the copy to begin", WAIT, || async {
+        daemon
+            .log()
+            .contains("created the replication slot; copying the tables")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    assert!(
+        !log.contains("copied tables for replication"),
+        "stopped before the copy finished: {log}"
+    );
+    let slots = support::count(
+        &source,
+        &format!(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{}'",
+            dbs.name
+        ),
+    )
+    .await;
+    let publications = support::count(
+        &source,
+        &format!(
+            "SELECT count(*) FROM pg_publication WHERE pubname = '{}'",
+            dbs.name
+        ),
+    )
+    .await;
+    assert_eq!((slots, publications), (0, 0), "{log}");
+    // And the next start begins again from nothing.
+    daemon.restart(&dbs, "big", &[]);
+    wait_equal(&dbs, &["public.big"], Duration::from_secs(120)).await;
+}
+
+/// The mirror lacks what the tables need and bite-sync may not create it (the mirror user may
+/// not create extensions): `check` lists each missing object with its DDL, and `run` and
+/// `sync` refuse before changing anything, naming them.
+#[tokio::test]
+async fn what_the_mirror_lacks_is_listed_with_its_ddl_before_anything_changes() {
+    let dbs = test_dbs("repl_missing_deps").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    let mirror = connect(&dbs.mirror_url).await;
+    let role = format!("{}_user", dbs.name);
+    mirror
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .unwrap();
+    let limited = dbs.mirror_url.replacen("postgres@", &format!("{role}@"), 1);
+    let own = TestDbs {
+        name: dbs.name.clone(),
+        source_url: dbs.source_url.clone(),
+        mirror_url: limited.clone(),
+    };
+    let tables = "guests,seating";
+    let check = bite_sync()
+        .args(["check", "--source", &dbs.source_url, "--mirror", &limited])
+        .args(["--tables", tables])
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{text}");
+    for want in [
+        r#"FIX  mirror  extension citext"#,
+        r#"CREATE EXTENSION IF NOT EXISTS "citext" WITH SCHEMA "public""#,
+        r#"CREATE EXTENSION IF NOT EXISTS "hstore" WITH SCHEMA "public""#,
+        r#"`bite-sync run` creates it: CREATE TYPE "public"."seat" AS ("room" text, "table_no" integer)"#,
+        r#"CREATE COLLATION IF NOT EXISTS "public"."es_ci" (provider = icu, locale = 'es-u-ks-level2', deterministic = false)"#,
+        "CREATE OR REPLACE FUNCTION public.is_spanish_phone(p text)",
+    ] {
+        assert!(text.contains(want), "check lacks {want:?}:\n{text}");
+    }
+    let mut daemon = Daemon::start(&own, tables, &[]);
+    assert_eq!(daemon.exit_code(WAIT), Some(2), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(
+        log.contains("extension citext: the mirror user may not create it"),
+        "{log}"
+    );
+    assert!(
+        log.contains("extension hstore"),
+        "every one is named: {log}"
+    );
+    let sync = bite_sync()
+        .args([
+            "sync",
+            "--init",
+            "--source",
+            &dbs.source_url,
+            "--mirror",
+            &limited,
+        ])
+        .args(["--tables", tables])
+        .output()
+        .expect("sync");
+    let err = String::from_utf8_lossy(&sync.stderr).into_owned();
+    assert_eq!(sync.status.code(), Some(1), "{err}");
+    assert!(err.contains("extension citext"), "{err}");
+    // Nothing changed on either side.
+    assert_eq!(
+        support::count(&source, "SELECT count(*) FROM pg_publication").await,
+        0
+    );
+    assert_eq!(
+        support::count(
+            &source,
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = current_database()"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        support::count(
+            &mirror,
+            "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bite_sync%'"
+        )
+        .await
+            + support::count(
+                &mirror,
+                "SELECT count(*) FROM pg_type WHERE typname = 'seat'"
+            )
+            .await,
+        0
+    );
+}
+
+/// A second daemon on the same slot is a standby: `status` stays healthy, says so, and names
+/// the active daemon's host and pid; when the active one stops, the standby takes over.
+#[tokio::test]
+async fn a_standby_daemon_is_a_state_and_takes_over() {
+    let dbs = test_dbs("repl_standby").await;
+    let source = connect(&dbs.source_url).await;
+    source.batch_execute(RESTAURANT).await.expect("schema");
+    let tables = "customers,orders,order_items";
+    let mut active = Daemon::start(&dbs, tables, &[]);
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    let standby = Daemon::start(&dbs, tables, &[]);
+    wait_for("the second daemon to stand by", WAIT, || async {
+        standby.log().contains("standby").then_some(())
+    })
+    .await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_string();
+    // Healthy as soon as the active daemon streams, standby or not.
+    let s = wait_for("status to show both daemons, healthy", WAIT, || async {
+        let s = status(&dbs);
+        (s["mirror"]["daemons"].as_array()?.len() == 2 && s["healthy"] == true).then_some(s)
+    })
+    .await;
+    assert!(s["mirror"]["last_error"].is_null(), "{s:#}");
+    let daemons = s["mirror"]["daemons"].as_array().unwrap();
+    assert_eq!(daemons[0]["active"], true, "{s:#}");
+    assert_eq!(daemons[0]["pid"], active.pid(), "{s:#}");
+    assert_eq!(daemons[0]["host"], host.as_str(), "{s:#}");
+    assert_eq!(daemons[1]["active"], false, "{s:#}");
+    assert_eq!(daemons[1]["pid"], standby.pid(), "{s:#}");
+    assert!(
+        standby
+            .log()
+            .contains(&format!("{host} (pid {})", active.pid())),
+        "the standby says where the active daemon runs: {}",
+        standby.log()
+    );
+    let text = String::from_utf8_lossy(
+        &bite_sync()
+            .args([
+                "status",
+                "--source",
+                &dbs.source_url,
+                "--mirror",
+                &dbs.mirror_url,
+            ])
+            .args(["--slot", &dbs.name])
+            .output()
+            .expect("status")
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains(&format!("standby on {host} (pid {})", standby.pid())),
+        "{text}"
+    );
+    // The active one stops; the standby takes over and streams.
+    assert_eq!(active.terminate(Duration::from_secs(30)), Some(0));
+    source.batch_execute(ORDER_TXN).await.unwrap();
+    wait_equal(&dbs, &RESTAURANT_TABLES, WAIT).await;
+    assert!(standby.log().contains("taking over"), "{}", standby.log());
+    drop(standby);
+}
+
+/// PostgreSQL's own test of logical replication with partitioned tables
+/// (`src/test/subscription/t/013_partition.pl`, the publish_via_partition_root part), ported:
+/// a partition attached with its columns in another order, a default partition, a
+/// sub-partitioned table; inserts through the table and straight into partitions, updates
+/// that stay in a partition and that move rows across, deletes, TRUNCATE, and a column added
+/// to the partitioned table (the map from partitions to the table is rebuilt).
+#[tokio::test]
+async fn postgres_partition_scenarios_replicate() {
+    let dbs = test_dbs("repl_pg_013_partition").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE tab1 (a int PRIMARY KEY, b text) PARTITION BY LIST (a);
+             CREATE TABLE tab1_1 (b text, a int NOT NULL);
+             ALTER TABLE tab1 ATTACH PARTITION tab1_1 FOR VALUES IN (1, 2, 3);
+             CREATE TABLE tab1_2 PARTITION OF tab1 FOR VALUES IN (4, 5, 6);
+             CREATE TABLE tab1_def PARTITION OF tab1 DEFAULT;
+             CREATE TABLE tab4 (a int PRIMARY KEY) PARTITION BY LIST (a);
+             CREATE TABLE tab4_1 PARTITION OF tab4 FOR VALUES IN (-1, 0, 1) PARTITION BY LIST (a);
+             CREATE TABLE tab4_1_1 PARTITION OF tab4_1 FOR VALUES IN (-1, 0, 1);
+             INSERT INTO tab4 VALUES (-1);",
+        )
+        .await
+        .expect("schema");
+    let daemon = Daemon::start(&dbs, "tab1,tab4", &[]);
+    wait_all_equal(&dbs, WAIT).await;
+    for step in [
+        // insert
+        "INSERT INTO tab1 VALUES (1); INSERT INTO tab1_1 (a) VALUES (3); INSERT INTO tab1_2 VALUES (5); \
+         INSERT INTO tab1 VALUES (0); INSERT INTO tab4 VALUES (0), (1);",
+        // update, replicated as update (within a partition, and across on a sub-partitioned mirror)
+        "UPDATE tab1 SET a = 2 WHERE a = 1; UPDATE tab1 SET a = 6 WHERE a = 5; \
+         UPDATE tab1 SET a = 4 WHERE a = 6; UPDATE tab1 SET a = 6 WHERE a = 4;",
+        // update moving rows across partitions (default to tab1_1, tab1_1 to tab1_2)
+        "UPDATE tab1 SET a = 1 WHERE a = 0; UPDATE tab1 SET a = 4 WHERE a = 1;",
+        // delete
+        "DELETE FROM tab1 WHERE a IN (2, 3, 5); DELETE FROM tab1_2;",
+        "INSERT INTO tab1 VALUES (1, 'foo'), (4, 'bar'), (10, 'baz'); UPDATE tab1 SET b = 'quux' WHERE a = 4;",
+        // truncate of the partitioned table
+        "TRUNCATE tab1; INSERT INTO tab1 VALUES (7, 'after');",
+        // a column added to the partitioned table, then rows with and without it
+        "ALTER TABLE tab1 ADD COLUMN c text DEFAULT 'pub_tab1'; \
+         INSERT INTO tab1 (a, b) VALUES (2, 'xxx'), (3, 'yyy'), (5, 'zzz'); \
+         INSERT INTO tab1 (a, b, c) VALUES (6, 'aaa', 'xxx_c');",
+    ] {
+        source.batch_execute(step).await.expect(step);
+        wait_all_equal(&dbs, WAIT).await;
+    }
+    support::schemas::assert_same_schema(&dbs.source_url, &dbs.mirror_url, &[]);
+    drop(daemon);
+}
+
+/// Scenarios of PostgreSQL's `src/test/subscription/t/100_bugs.pl`, ported: an index whose
+/// predicate calls a function of ours (the mirror needs the function), REPLICA IDENTITY FULL
+/// on a table with a dropped column and on one whose column was added with a default (rows
+/// written before it have it missing on disk), and a replica identity index changed on the
+/// source (updates and deletes then name rows by the new one).
+#[tokio::test]
+async fn postgres_bug_scenarios_replicate() {
+    let dbs = test_dbs("repl_pg_100_bugs").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(
+            "CREATE TABLE tab1 (a int PRIMARY KEY, b int);
+             CREATE FUNCTION double(x int) RETURNS int IMMUTABLE LANGUAGE SQL AS 'select x * 2';
+             CREATE INDEX ON tab1 (b) WHERE a > double(1);
+             CREATE TABLE dropped_cols (a int, b_drop int, c int);
+             ALTER TABLE dropped_cols REPLICA IDENTITY FULL;
+             INSERT INTO dropped_cols VALUES (1, 1, 1);
+             CREATE TABLE tab_default (a int);
+             ALTER TABLE tab_default REPLICA IDENTITY FULL;
+             INSERT INTO tab_default VALUES (1);
+             ALTER TABLE tab_default ADD COLUMN b bool DEFAULT false NOT NULL;
+             INSERT INTO tab_default VALUES (2, true);
+             CREATE TABLE tab_replidentity_index (a int NOT NULL, b int NOT NULL);
+             CREATE UNIQUE INDEX idx_replidentity_index_a ON tab_replidentity_index (a);
+             CREATE UNIQUE INDEX idx_replidentity_index_b ON tab_replidentity_index (b);
+             ALTER TABLE tab_replidentity_index REPLICA IDENTITY USING INDEX idx_replidentity_index_a;
+             INSERT INTO tab_replidentity_index VALUES (1, 1), (2, 2);",
+        )
+        .await
+        .expect("schema");
+    let tables = "tab1,dropped_cols,tab_default,tab_replidentity_index";
+    let daemon = Daemon::start(&dbs, tables, &[]);
+    wait_all_equal(&dbs, WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let indexes = "SELECT indexdef FROM pg_indexes WHERE tablename = 'tab1' ORDER BY 1";
+    assert_eq!(
+        support::strings(&mirror, indexes).await,
+        support::strings(&source, indexes).await,
+        "the index and the function its predicate calls"
+    );
+    source
+        .batch_execute(
+            "INSERT INTO tab1 VALUES (1, 2);
+             UPDATE tab_default SET a = a + 1;
+             ALTER TABLE tab_replidentity_index REPLICA IDENTITY USING INDEX idx_replidentity_index_b;
+             UPDATE tab_replidentity_index SET a = -a WHERE a = 1;
+             DELETE FROM tab_replidentity_index WHERE a = 2;",
+        )
+        .await
+        .unwrap();
+    wait_equal(
+        &dbs,
+        &[
+            "public.tab1",
+            "public.tab_default",
+            "public.tab_replidentity_index",
+        ],
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        support::strings(&mirror, "SELECT a || '|' || b FROM tab_default ORDER BY a").await,
+        ["2|false", "3|true"]
+    );
+    assert_eq!(
+        support::strings(&mirror, "SELECT a || '|' || b FROM tab_replidentity_index").await,
+        ["-1|1"]
+    );
+    // The mirror keeps a column the source dropped; rows are still found by the others.
+    source
+        .batch_execute(
+            "ALTER TABLE dropped_cols DROP COLUMN b_drop; UPDATE dropped_cols SET a = 100;",
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the update of a table with a dropped column",
+        WAIT,
+        || async {
+            (support::count(
+                &mirror,
+                "SELECT count(*) FROM dropped_cols WHERE a = 100 AND c = 1",
+            )
+            .await
+                == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    drop(daemon);
+}
+
+/// A publication made by an older bite-sync publishes partitions as themselves (it had no
+/// partitioned tables then). Adding a partitioned table switches it to publishing through
+/// the root first, and the tables it already streamed go on without a gap or a duplicate.
+#[tokio::test]
+async fn an_older_publication_is_switched_to_publish_through_the_root() {
+    let dbs = test_dbs("repl_old_publication").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    let mut daemon = Daemon::start(&dbs, "guests,tips", &[]);
+    wait_equal(&dbs, &["public.guests", "public.tips"], WAIT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(30)), Some(0));
+    // What an older version left: the same publication without the option.
+    source
+        .batch_execute(&format!(
+            "ALTER PUBLICATION \"{}\" SET (publish_via_partition_root = false)",
+            dbs.name
+        ))
+        .await
+        .unwrap();
+    source
+        .batch_execute("INSERT INTO tips (amount) VALUES (7); INSERT INTO payments (paid_at, amount) VALUES ('2026-11-05 10:00+00', 3)")
+        .await
+        .unwrap();
+    daemon.restart(&dbs, "guests,tips,payments", &[]);
+    wait_equal(
+        &dbs,
+        &["public.guests", "public.tips", "public.payments"],
+        WAIT,
+    )
+    .await;
+    let via_root: bool = source
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&dbs.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(via_root);
+    source
+        .batch_execute(
+            "INSERT INTO tips (amount) VALUES (8);
+             INSERT INTO payments (paid_at, amount) VALUES ('2026-12-05 10:00+00', 4), ('2028-01-01 00:00+00', 5);
+             UPDATE payments SET paid_at = paid_at + interval '1 month' WHERE amount = 3;",
+        )
+        .await
+        .unwrap();
+    wait_equal(
+        &dbs,
+        &["public.guests", "public.tips", "public.payments"],
+        WAIT,
+    )
+    .await;
+    let mirror = connect(&dbs.mirror_url).await;
+    let by_partition = "SELECT tableoid::regclass::text || ' ' || count(*) FROM payments GROUP BY tableoid ORDER BY 1";
+    assert_eq!(
+        support::strings(&mirror, by_partition).await,
+        support::strings(&source, by_partition).await,
+        "each row in its partition"
+    );
+    drop(daemon);
+}
+
+/// `[sync] flatten_partitions = true` under `run`: the partitioned table is one plain table on
+/// the mirror, rows of every partition (one created while streaming too) arrive in it; and a
+/// partition named alone is refused naming its table.
+#[tokio::test]
+async fn flattened_partitioned_tables_replicate_into_one_plain_table() {
+    let dbs = test_dbs("repl_flatten").await;
+    let source = connect(&dbs.source_url).await;
+    source
+        .batch_execute(support::schemas::FEATURES)
+        .await
+        .expect("feature schema");
+    let mut refused = Daemon::start(&dbs, "guests,payments_2026_11", &[]);
+    assert_eq!(refused.exit_code(WAIT), Some(2));
+    assert!(
+        refused
+            .log()
+            .contains("payments_2026_11 is a partition of payments"),
+        "{}",
+        refused.log()
+    );
+    drop(refused);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bite-sync.toml");
+    std::fs::write(&config, "[sync]\nflatten_partitions = true\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let daemon = Daemon::start(&dbs, "guests,payments", &["--config", &config]);
+    wait_equal(&dbs, &["public.guests", "public.payments"], WAIT).await;
+    source
+        .batch_execute(
+            "INSERT INTO payments (paid_at, amount) VALUES ('2026-10-09 10:00+00', 1), ('2027-05-01 10:00+00', 2);
+             UPDATE payments SET paid_at = paid_at + interval '1 month' WHERE amount < 2;
+             CREATE TABLE payments_2031_01 PARTITION OF payments
+                 FOR VALUES FROM ('2031-01-01 00:00:00+00') TO ('2031-02-01 00:00:00+00');
+             INSERT INTO payments (paid_at, amount) VALUES ('2031-01-02 10:00+00', 3);
+             DELETE FROM payments WHERE amount = 2;",
+        )
+        .await
+        .unwrap();
+    wait_equal(&dbs, &["public.guests", "public.payments"], WAIT).await;
+    let mirror = connect(&dbs.mirror_url).await;
+    assert_eq!(
+        support::strings(
+            &mirror,
+            "SELECT relname::text || ' ' || relkind::text FROM pg_class WHERE relname LIKE 'payments%' AND relkind IN ('r', 'p')"
+        )
+        .await,
+        ["payments r"]
+    );
+    drop(daemon);
+}

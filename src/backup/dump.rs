@@ -929,11 +929,17 @@ async fn table_ddls(
     names: &[QualifiedName],
 ) -> Result<Vec<TableDdl>, BackupError> {
     use crate::sync::ddl;
+    let search_path = catalog::search_path(control)
+        .await
+        .map_err(query("failed to read the search_path".to_string()))?;
     let mut out = Vec::new();
     for name in names {
-        let cat = catalog::read_tables(control, std::slice::from_ref(name))
+        let mut cat = catalog::read_tables(control, std::slice::from_ref(name))
             .await
             .map_err(query(format!("failed to read the definition of {name}")))?;
+        catalog::read_needs(control, &mut cat, &search_path)
+            .await
+            .map_err(query(format!("failed to read what {name} needs")))?;
         let Some(def) = cat.tables.get(name) else {
             continue;
         };

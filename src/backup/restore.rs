@@ -542,7 +542,11 @@ fn subset(
                 .filter(|p| p.partition_of.is_none())
                 .map(|p| QualifiedName::new(&p.schema, &p.name)),
         )
-        .map(|name| crate::sync::catalog::TableEntry { name, kind: 'r' })
+        .map(|name| crate::sync::catalog::TableEntry {
+            name,
+            kind: 'r',
+            root: None,
+        })
         .collect();
     let selected = crate::sync::plan::resolve(&entries, &["public".to_owned()], patterns, &[])
         .map_err(|e| RestoreError::NoBackup(format!("backup {}: {e}", m.id)))?;

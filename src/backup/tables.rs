@@ -124,6 +124,7 @@ pub fn select(
             .map(|t| TableEntry {
                 name: t.name.clone(),
                 kind: 'r',
+                root: None,
             })
             .collect();
         let named = plan::resolve(&top, search_path, patterns, &[])?;

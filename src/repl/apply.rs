@@ -137,6 +137,7 @@ struct MirrorColumn {
 #[derive(Debug, Clone, Copy)]
 struct Txn {
     final_lsn: Lsn,
+    xid: u32,
 }
 
 /// Applies the stream to the mirror; see the module docs.
@@ -150,6 +151,12 @@ pub struct Applier {
     tables: HashMap<QualifiedName, TableState>,
     relations: HashMap<u32, Known>,
     mirror_columns: HashMap<QualifiedName, Vec<MirrorColumn>>,
+    /// The mirror tables' kinds (`r`, or `p` when built partitioned); none: it has no such
+    /// table.
+    mirror_kinds: HashMap<QualifiedName, Option<char>>,
+    /// Partitions this session creates (its statements may not have run yet: a table's
+    /// description comes again with the first change of each of its partitions).
+    partitions_made: std::collections::HashSet<QualifiedName>,
     batch: BatchBuilder,
     txn: Option<Txn>,
     /// A mirror transaction holds part of a large source transaction.
@@ -163,6 +170,9 @@ pub struct Applier {
     batch_started: Option<Instant>,
     /// Pauses to record with the next commit.
     newly_paused: Vec<(QualifiedName, String)>,
+    /// Sequence positions to move the mirror to with the next batch (see
+    /// [`Applier::catch_up_sequences`]).
+    sequences_due: Option<String>,
     committed: Lsn,
     careful_until: Lsn,
     applied_rows: u64,
@@ -321,6 +331,8 @@ impl Applier {
             tables: tables.into_iter().map(|t| (t.name.clone(), t)).collect(),
             relations: HashMap::new(),
             mirror_columns: HashMap::new(),
+            mirror_kinds: HashMap::new(),
+            partitions_made: std::collections::HashSet::new(),
             batch,
             grouping,
             txn: None,
@@ -329,6 +341,7 @@ impl Applier {
             batch_end: None,
             batch_started: None,
             newly_paused: Vec::new(),
+            sequences_due: None,
             committed,
             careful_until,
             applied_rows: 0,
@@ -386,13 +399,13 @@ impl Applier {
     /// Handles one message of the stream.
     pub async fn handle(&mut self, message: Message) -> Result<(), ApplyFailure> {
         match message {
-            Message::Begin { final_lsn, .. } => {
+            Message::Begin { final_lsn, xid, .. } => {
                 if self.txn.is_some() {
                     return Err(ApplyFailure::Protocol(
                         "a transaction began inside another".into(),
                     ));
                 }
-                self.txn = Some(Txn { final_lsn });
+                self.txn = Some(Txn { final_lsn, xid });
                 self.batch_started.get_or_insert_with(Instant::now);
                 if self.is_careful(final_lsn) {
                     self.batch_careful = true;
@@ -509,6 +522,10 @@ impl Applier {
         for (name, reason) in std::mem::take(&mut self.newly_paused) {
             parts.sql(&pause_sql(&self.slot, &name, &reason));
         }
+        if let Some(sql) = self.sequences_due.take() {
+            parts.sql(&sql);
+            parts.sql(";\n");
+        }
         parts.sql(&format!(
             "UPDATE bite_sync.replication_state SET lsn = {}, source_commit_time = {}, \
              applied_at = now(), last_error = NULL WHERE slot_name = {};\nCOMMIT",
@@ -605,6 +622,28 @@ impl Applier {
             )
             .await
             .map_err(query("failed to record on the mirror that it is caught up"))?;
+        Ok(())
+    }
+
+    /// Moves the mirror's sequences up (`sql` from [`super::sequences::catch_up_sql`]): at once
+    /// when the mirror session is free, else with the next batch, so a busy stream still keeps
+    /// them in step (`setval` is not transactional: a batch rolled back has moved them all the
+    /// same, which never hurts, as they only move up).
+    pub async fn catch_up_sequences(&mut self, sql: String) -> Result<(), ApplyFailure> {
+        if self.in_flight.is_none() && !self.mirror_txn_open && self.batch_end.is_none() {
+            return self
+                .mirror
+                .batch_execute(&sql)
+                .await
+                .map_err(query("failed to catch up the mirror's sequences"));
+        }
+        // Inside a batch, a sequence the mirror user may not move must not fail the batch.
+        let select = sql.strip_prefix("SELECT ").unwrap_or(&sql);
+        self.sequences_due = Some(format!(
+            "DO $bite_sync$ BEGIN PERFORM {select}; \
+             EXCEPTION WHEN OTHERS THEN RAISE WARNING 'bite-sync could not move the mirror''s sequences: %', SQLERRM; \
+             END $bite_sync$"
+        ));
         Ok(())
     }
 
@@ -818,9 +857,15 @@ impl Applier {
             self.relations.insert(relation.oid, Known::Skipped(name));
             return Ok(());
         }
+        // What the description says is read from the source's catalog (a column's default, a
+        // new partition), which must show the transaction that changed it.
+        if let Some(txn) = self.txn {
+            self.wait_visible(txn.xid).await?;
+        }
         let mirror = self.mirror_columns(&name).await?;
+        let kind = self.mirror_kind(&name).await?;
         let source_types = self.source_types(&relation).await?;
-        match compare(&name, &relation, &source_types, &mirror) {
+        match compare(&name, &relation, &source_types, kind.is_some(), &mirror) {
             Err(reason) => {
                 self.pause(&name, reason);
                 self.relations.insert(relation.oid, Known::Skipped(name));
@@ -829,26 +874,23 @@ impl Applier {
                 let mut columns = self.mirror_columns.remove(&name).unwrap_or_default();
                 for i in added {
                     let column = &relation.columns[i];
-                    let default = self.source_default(relation.oid, &column.name).await?;
-                    let sql = format!(
-                        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}{}",
-                        name.quoted(),
-                        quote(&column.name),
-                        source_types[i],
-                        default.map(|d| format!(" DEFAULT {d}")).unwrap_or_default()
-                    );
+                    let (statements, identity_always) = self
+                        .added_column(&name, relation.oid, &column.name, &source_types[i])
+                        .await?;
                     tracing::info!(table = %name, column = %column.name, type_name = %source_types[i], "adding a column the source added");
-                    self.batch.barrier(Statement {
-                        tables: vec![relation.oid],
-                        sql,
-                        copy: None,
-                        rows: 0,
-                    });
+                    for sql in statements {
+                        self.batch.barrier(Statement {
+                            tables: vec![relation.oid],
+                            sql,
+                            copy: None,
+                            rows: 0,
+                        });
+                    }
                     columns.push(MirrorColumn {
                         name: column.name.clone(),
                         type_name: source_types[i].clone(),
                         required: false,
-                        identity_always: false,
+                        identity_always,
                     });
                 }
                 let shape = TableShape {
@@ -871,13 +913,141 @@ impl Applier {
                         })
                         .collect(),
                     identity_full: relation.replica_identity == b'f',
+                    partitioned: kind == Some('p'),
                 };
+                if kind == Some('p') {
+                    // A partition the source created since (a new month): on the mirror before
+                    // the rows that go to it. The first change a stream sends for a partition
+                    // comes after its root's description, so this always runs in time.
+                    for sql in self.missing_partitions(&name).await? {
+                        self.batch.barrier(Statement {
+                            tables: vec![relation.oid],
+                            sql,
+                            copy: None,
+                            rows: 0,
+                        });
+                    }
+                }
                 self.mirror_columns.insert(name, columns);
                 self.relations
                     .insert(relation.oid, Known::Applied(Arc::new(shape)));
             }
         }
         Ok(())
+    }
+
+    /// Waits until source transaction `xid` is visible to new snapshots on the source. The
+    /// stream can bring a transaction a moment before the source shows it to other sessions:
+    /// its commit is in the WAL (which is what is decoded) before it leaves the list of
+    /// running transactions, and a catalog read in between would miss what it changed.
+    async fn wait_visible(&self, xid: u32) -> Result<(), ApplyFailure> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let row = self
+                .source
+                .query_one(
+                    "SELECT pg_catalog.pg_snapshot_xmax(s)::text, \
+                            ARRAY(SELECT x::text FROM pg_catalog.pg_snapshot_xip(s) AS x)::text[] \
+                     FROM pg_catalog.pg_current_snapshot() AS s",
+                    &[],
+                )
+                .await
+                .map_err(query("failed to read the source's running transactions"))?;
+            let xmax: String = row.get(0);
+            let running: Vec<String> = row.get(1);
+            if snapshot_shows(xid, &xmax, &running) || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn mirror_kind(&mut self, name: &QualifiedName) -> Result<Option<char>, ApplyFailure> {
+        if let Some(kind) = self.mirror_kinds.get(name) {
+            return Ok(*kind);
+        }
+        let kind = self
+            .mirror
+            .query_opt(
+                "SELECT c.relkind::text FROM pg_catalog.pg_class c \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .map_err(query(format!("failed to look for {name} on the mirror")))?
+            .and_then(|r| r.get::<_, String>(0).chars().next());
+        self.mirror_kinds.insert(name.clone(), kind);
+        Ok(kind)
+    }
+
+    /// The statements that give the mirror's partitioned `table` the partitions the source's
+    /// has and it lacks, built as the source's: their own columns, keys and indexes (named as
+    /// on the source, so attaching the partition attaches them), bounds, sub-partitions, and
+    /// their own foreign keys. A partition the source no longer has is left alone (its rows
+    /// stay on the mirror), and said so.
+    async fn missing_partitions(
+        &mut self,
+        table: &QualifiedName,
+    ) -> Result<Vec<String>, ApplyFailure> {
+        let source = crate::sync::catalog::read_tables(&self.source, std::slice::from_ref(table))
+            .await
+            .map_err(query(format!(
+                "failed to read the partitions of {table} on the source"
+            )))?;
+        let Some(def) = source.tables.get(table) else {
+            return Ok(Vec::new());
+        };
+        let have: Vec<QualifiedName> = self
+            .mirror
+            .query(
+                "SELECT n.nspname::text, c.relname::text \
+                 FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass($1)) t \
+                 JOIN pg_catalog.pg_class c ON c.oid = t.relid \
+                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE t.level > 0",
+                &[&table.quoted()],
+            )
+            .await
+            .map_err(query(format!(
+                "failed to read the partitions of {table} on the mirror"
+            )))?
+            .iter()
+            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        for gone in have
+            .iter()
+            .filter(|h| !def.partitions.iter().any(|p| &p.def.name == *h))
+        {
+            tracing::warn!(%table, partition = %gone, "the source no longer has this partition; the mirror keeps it and its rows: drop it there (DROP TABLE) if they should go too");
+        }
+        let mut out = Vec::new();
+        let new: Vec<&crate::sync::catalog::Partition> = def
+            .partitions
+            .iter()
+            .filter(|p| !have.contains(&p.def.name) && !self.partitions_made.contains(&p.def.name))
+            .collect();
+        for p in new {
+            self.partitions_made.insert(p.def.name.clone());
+            tracing::info!(%table, partition = %p.def.name, bound = %p.bound, "creating a partition the source created");
+            // Its own foreign keys, to tables the mirror has.
+            let mut referenced = Vec::new();
+            for fk in &p.def.foreign_keys {
+                let there: bool = self
+                    .mirror
+                    .query_one(
+                        "SELECT pg_catalog.to_regclass($1) IS NOT NULL",
+                        &[&fk.referenced.quoted()],
+                    )
+                    .await
+                    .map_err(query("failed to look for a referenced table on the mirror"))?
+                    .get(0);
+                if there {
+                    referenced.push(fk.referenced.clone());
+                }
+            }
+            out.extend(crate::sync::ddl::new_partition(p, &referenced));
+        }
+        Ok(out)
     }
 
     async fn mirror_columns(
@@ -933,30 +1103,80 @@ impl Applier {
         Ok(row.get(0))
     }
 
-    /// The default of a source column, to give the mirror's new column the values the
-    /// source gave existing rows.
-    async fn source_default(
+    /// The statements that add a column the source added, the way the source has it: type,
+    /// collation, default, `NOT NULL`, identity, and the check and unique constraints over it
+    /// (the sequences its default draws from are created first). Existing rows get the
+    /// default, as they did on the source (a constant default gives them the source's values;
+    /// a volatile one, such as a sequence, cannot, and draws the mirror's own). Also whether
+    /// the column is `GENERATED ALWAYS AS IDENTITY`.
+    async fn added_column(
         &self,
-        table: u32,
+        table: &QualifiedName,
+        oid: u32,
         column: &str,
-    ) -> Result<Option<String>, ApplyFailure> {
-        let row = self
-            .source
-            .query_opt(
-                "SELECT pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
-                 FROM pg_catalog.pg_attribute a \
-                 JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attgenerated = ''",
-                &[&table, &column],
-            )
+        type_name: &str,
+    ) -> Result<(Vec<String>, bool), ApplyFailure> {
+        let added = crate::sync::catalog::read_added_column(&self.source, oid, column)
             .await
-            .map_err(query("failed to read a column default on the source"))?;
-        // A default drawing from a sequence would advance the mirror's copy of it for every
-        // existing row; those rows' values arrive with their changes anyway.
-        Ok(row
-            .map(|r| r.get::<_, String>(0))
-            .filter(|d| !d.contains("nextval(")))
+            .map_err(query(format!(
+                "failed to read column {column} of {table} on the source"
+            )))?;
+        let Some(added) = added else {
+            // Dropped again on the source since: the type is all there is to go by.
+            return Ok((
+                vec![format!(
+                    "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {type_name}",
+                    table.quoted(),
+                    quote(column)
+                )],
+                false,
+            ));
+        };
+        let mut out = Vec::new();
+        for seq in &added.sequences {
+            out.push(format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                quote(&seq.name.schema)
+            ));
+            out.push(crate::sync::ddl::create_sequence(seq));
+        }
+        out.push(format!(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {}",
+            table.quoted(),
+            crate::sync::ddl::column_sql(&added.column)
+        ));
+        for constraint in &added.constraints {
+            out.push(crate::sync::ddl::add_key(table, constraint));
+        }
+        for seq in &added.sequences {
+            if seq
+                .owned_by
+                .as_ref()
+                .is_some_and(|(t, c)| t == table && c == column)
+            {
+                out.push(format!(
+                    "ALTER SEQUENCE {} OWNED BY {}.{}",
+                    seq.name.quoted(),
+                    table.quoted(),
+                    quote(column)
+                ));
+            }
+        }
+        let identity_always = added.column.identity.as_ref().is_some_and(|i| i.always);
+        Ok((out, identity_always))
     }
+}
+
+/// Whether a snapshot (its `xmax` and running `xip`, as 64-bit transaction ids in text) shows
+/// the committed transaction `xid` (32 bits, as the stream names it): below xmax and not
+/// running, in the 32-bit space's circular order.
+fn snapshot_shows(xid: u32, xmax: &str, running: &[String]) -> bool {
+    let low = |text: &str| text.parse::<u64>().ok().map(|x| x as u32);
+    let Some(xmax) = low(xmax) else {
+        return true;
+    };
+    let below_xmax = (1..1u32 << 31).contains(&xmax.wrapping_sub(xid));
+    below_xmax && !running.iter().any(|r| low(r) == Some(xid))
 }
 
 /// Compares a relation's columns with the mirror's: the indexes of columns to add, or why
@@ -965,9 +1185,10 @@ fn compare(
     name: &QualifiedName,
     relation: &Relation,
     source_types: &[String],
+    exists: bool,
     mirror: &[MirrorColumn],
 ) -> Result<Vec<usize>, String> {
-    if mirror.is_empty() {
+    if !exists {
         return Err(format!(
             "{name} does not exist on the mirror: restart bite-sync run to copy it again"
         ));
@@ -1069,6 +1290,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![])
@@ -1084,6 +1306,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![2])
@@ -1098,6 +1321,7 @@ mod tests {
             &name(),
             &r,
             &types,
+            true,
             &mirror(&[("id", "integer", true), ("n", "integer", false)]),
         )
         .unwrap_err();
@@ -1120,6 +1344,7 @@ mod tests {
                 &name(),
                 &r,
                 &types,
+                true,
                 &mirror(&[("id", "integer", true), ("n", "integer", false)])
             ),
             Ok(vec![])
@@ -1128,6 +1353,7 @@ mod tests {
             &name(),
             &r,
             &types,
+            true,
             &mirror(&[("id", "integer", true), ("n", "integer", true)]),
         )
         .unwrap_err();
@@ -1137,8 +1363,28 @@ mod tests {
     #[test]
     fn a_table_missing_on_the_mirror_pauses() {
         let r = relation(&[("id", true)]);
-        let reason = compare(&name(), &r, &["integer".into()], &[]).unwrap_err();
+        let reason = compare(&name(), &r, &["integer".into()], false, &[]).unwrap_err();
         assert!(reason.contains("does not exist on the mirror"), "{reason}");
+        // A table without columns exists all the same.
+        let empty = relation(&[]);
+        assert_eq!(compare(&name(), &empty, &[], true, &[]), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_transaction_is_visible_once_below_xmax_and_not_running() {
+        // Epoch 1: the stream's 32-bit xid is the low half.
+        let epoch = 1u64 << 32;
+        let t = |x: u64| (epoch + x).to_string();
+        assert!(snapshot_shows(100, &t(101), &[]));
+        assert!(!snapshot_shows(100, &t(100), &[]), "not yet below xmax");
+        assert!(!snapshot_shows(100, &t(105), &[t(100)]), "still running");
+        assert!(snapshot_shows(100, &t(105), &[t(99)]));
+        // Across the 32-bit wrap: xid 4294967290, xmax 5 of the next epoch.
+        assert!(snapshot_shows(
+            4_294_967_290,
+            &(2 * epoch + 5).to_string(),
+            &[]
+        ));
     }
 
     #[test]

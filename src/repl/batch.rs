@@ -15,8 +15,13 @@
 //!   order between tables cannot change the state at commit, which is all readers see.
 //!   Otherwise statements keep the global order and only neighbours merge.
 //! - TRUNCATE and schema changes are barriers: everything before them is emitted first.
-//! - Values are sent as quoted literals of the source's text output; PostgreSQL casts them to
-//!   the column type. A TOASTed value that did not change ([`Datum::UnchangedToast`]) is left
+//! - Values are sent as quoted literals of the source's text output, and every literal that is
+//!   not assigned straight to a column carries the column's type (`'(terraza,1)'::public.seat`):
+//!   an untyped literal compared with a composite column is read as an anonymous record, which
+//!   PostgreSQL cannot parse, and comparisons of other types would silently depend on operator
+//!   resolution. Inserted values and `SET` values are assigned to their column, which types
+//!   them. A grouped update types its first row, which types the whole `VALUES` list. A TOASTed
+//!   value that did not change ([`Datum::UnchangedToast`]) is left
 //!   out of the `SET` list, so the mirror keeps its value. Nothing here panics on odd input: a
 //!   change that cannot be expressed is an [`ApplyError`].
 
@@ -41,6 +46,8 @@ pub struct TableShape {
     pub columns: Vec<ShapeColumn>,
     /// REPLICA IDENTITY FULL: old rows come whole and have no key.
     pub identity_full: bool,
+    /// The mirror's table is partitioned (a TRUNCATE must reach its partitions).
+    pub partitioned: bool,
 }
 
 /// One column of a [`TableShape`].
@@ -248,21 +255,9 @@ impl Segment {
             if self.copy {
                 // COPY gives identity columns the values it is given, as inserts do with
                 // OVERRIDING SYSTEM VALUE.
-                push(
-                    format!("COPY {t} ({columns}) FROM STDIN"),
-                    Some(values.concat()),
-                    rows,
-                );
+                push(copy_sql(t, &columns), Some(values.concat()), rows);
             } else {
-                // OVERRIDING SYSTEM VALUE: identity columns take the source's values.
-                push(
-                    format!(
-                        "INSERT INTO {t} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
-                        values.join(", ")
-                    ),
-                    None,
-                    rows,
-                );
+                push(insert_sql(t, &columns, &values), None, rows);
             }
         }
         out
@@ -398,8 +393,10 @@ impl BatchBuilder {
         match old {
             Some(OldTuple::Full(old)) => {
                 check_arity(shape, old)?;
+                // The row's physical address names it: (tableoid, ctid), as a ctid alone is
+                // unique only within one partition of a partitioned mirror table.
                 let sql = format!(
-                    "UPDATE {t} SET {assignments} WHERE ctid = (SELECT ctid FROM {t} WHERE {filter} LIMIT 1)",
+                    "UPDATE {t} SET {assignments} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {t} WHERE {filter} LIMIT 1)",
                     t = shape.name.quoted(),
                     assignments = assignments(shape, new)?,
                     filter = whole_row_filter(shape, old)?,
@@ -455,8 +452,9 @@ impl BatchBuilder {
         match old {
             OldTuple::Full(old) => {
                 check_arity(shape, old)?;
+                // (tableoid, ctid): see `update`.
                 let sql = format!(
-                    "DELETE FROM {t} WHERE ctid = (SELECT ctid FROM {t} WHERE {filter} LIMIT 1)",
+                    "DELETE FROM {t} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {t} WHERE {filter} LIMIT 1)",
                     t = shape.name.quoted(),
                     filter = whole_row_filter(shape, old)?,
                 );
@@ -465,7 +463,8 @@ impl BatchBuilder {
             OldTuple::Key(old) => {
                 check_arity(shape, old)?;
                 let key = key_values(shape, old, "delete")?;
-                self.add(shape, Op::Delete { row: key.clone() }, vec![key]);
+                let row = typed_key_values(shape, old, "delete")?;
+                self.add(shape, Op::Delete { row }, vec![key]);
             }
         }
         Ok(())
@@ -478,9 +477,20 @@ impl BatchBuilder {
         if shapes.is_empty() {
             return;
         }
-        let names: Vec<String> = shapes.iter().map(|s| s.name.quoted()).collect();
+        // ONLY keeps mirror tables that inherit from these out of it; a partitioned table's
+        // partitions are its rows, and must be in.
+        let names: Vec<String> = shapes
+            .iter()
+            .map(|s| {
+                if s.partitioned {
+                    s.name.quoted()
+                } else {
+                    format!("ONLY {}", s.name.quoted())
+                }
+            })
+            .collect();
         let sql = format!(
-            "TRUNCATE ONLY {}{}",
+            "TRUNCATE {}{}",
             names.join(", "),
             if restart_identity {
                 " RESTART IDENTITY"
@@ -598,16 +608,10 @@ impl BatchBuilder {
                         // Another column list (a column was added): its own segment next time.
                         seg.closed = true;
                         seg.singles.push(if seg.copy {
-                        (format!("COPY {} ({columns}) FROM STDIN", seg.quoted), Some(row))
-                    } else {
-                        (
-                            format!(
-                                "INSERT INTO {} ({columns}) OVERRIDING SYSTEM VALUE VALUES {row}",
-                                seg.quoted
-                            ),
-                            None,
-                        )
-                    });
+                            (copy_sql(&seg.quoted, &columns), Some(row))
+                        } else {
+                            (insert_sql(&seg.quoted, &columns, &[row]), None)
+                        });
                     }
                     None => seg.inserts = Some((columns, vec![row])),
                 }
@@ -720,6 +724,33 @@ impl BatchBuilder {
                 self.out.extend(segment.render());
             }
         }
+    }
+}
+
+/// `COPY` of merged inserts; a table without columns takes no column list (its rows are
+/// empty lines).
+fn copy_sql(table: &str, columns: &str) -> String {
+    if columns.is_empty() {
+        format!("COPY {table} FROM STDIN")
+    } else {
+        format!("COPY {table} ({columns}) FROM STDIN")
+    }
+}
+
+/// A multi-row `INSERT` of `rows` (tuples of literals). `OVERRIDING SYSTEM VALUE`: identity
+/// columns take the source's values. A table without columns has no `VALUES` to list: its
+/// rows are made by a select of nothing.
+fn insert_sql(table: &str, columns: &str, rows: &[String]) -> String {
+    if columns.is_empty() {
+        format!(
+            "INSERT INTO {table} SELECT FROM pg_catalog.generate_series(1, {})",
+            rows.len()
+        )
+    } else {
+        format!(
+            "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE VALUES {}",
+            rows.join(", ")
+        )
     }
 }
 
@@ -843,6 +874,15 @@ fn value(shape: &TableShape, column: &ShapeColumn, datum: &Datum) -> Result<Stri
     }
 }
 
+/// A datum as SQL carrying the column's type: `NULL` or `'(terraza,1)'::public.seat`.
+fn typed(shape: &TableShape, column: &ShapeColumn, datum: &Datum) -> Result<String, ApplyError> {
+    let v = value(shape, column, datum)?;
+    if column.mirror_type.is_empty() || matches!(datum, Datum::Null) {
+        return Ok(v);
+    }
+    Ok(format!("{v}::{}", column.mirror_type))
+}
+
 fn column_list<'a>(columns: impl Iterator<Item = &'a ShapeColumn>) -> String {
     columns
         .map(|c| quote(&c.name))
@@ -888,7 +928,32 @@ fn key_values(
     }
 }
 
-/// `"k1" = '1' AND "k2" = '2'` from a row's key columns.
+/// [`key_values`] with every value typed, as a delete's `IN` list needs it (a row of untyped
+/// literals is compared column by column, and a composite column then fails).
+fn typed_key_values(
+    shape: &TableShape,
+    tuple: &Tuple,
+    action: &'static str,
+) -> Result<String, ApplyError> {
+    let mut parts = Vec::new();
+    for (column, datum) in key_columns(shape).zip(key_datums(shape, tuple)) {
+        match datum {
+            Datum::Null | Datum::UnchangedToast => return Err(missing(shape, column)),
+            d => parts.push(typed(shape, column, d)?),
+        }
+    }
+    match parts.len() {
+        0 => Err(ApplyError::NoKey {
+            table: shape.name.clone(),
+            quoted: shape.name.quoted(),
+            action,
+        }),
+        1 => Ok(parts.remove(0)),
+        _ => Ok(format!("({})", parts.join(", "))),
+    }
+}
+
+/// `"k1" = '1'::integer AND "k2" = '2'::integer` from a row's key columns.
 fn key_filter(
     shape: &TableShape,
     tuple: &Tuple,
@@ -901,7 +966,7 @@ fn key_filter(
             d => parts.push(format!(
                 "{} = {}",
                 quote(&column.name),
-                value(shape, column, d)?
+                typed(shape, column, d)?
             )),
         }
     }
@@ -924,7 +989,7 @@ fn whole_row_filter(shape: &TableShape, tuple: &Tuple) -> Result<String, ApplyEr
         match datum {
             Datum::UnchangedToast => {}
             Datum::Null => parts.push(format!("{name} IS NULL")),
-            d => parts.push(format!("{name} = {}", value(shape, column, d)?)),
+            d => parts.push(format!("{name} = {}", typed(shape, column, d)?)),
         }
     }
     if parts.is_empty() {
@@ -968,6 +1033,7 @@ mod tests {
                 })
                 .collect(),
             identity_full: false,
+            partitioned: false,
         }
     }
 
@@ -1202,8 +1268,8 @@ mod tests {
             [
                 r#"INSERT INTO "public"."orders" ("id", "status", "note") OVERRIDING SYSTEM VALUE VALUES ('1', 'new', NULL)"#,
                 r#"INSERT INTO "public"."orders" ("id", "status", "note") OVERRIDING SYSTEM VALUE VALUES ('2', 'new', NULL)"#,
-                r#"UPDATE "public"."orders" SET "id" = '1', "status" = 'paid', "note" = NULL WHERE "id" = '1'"#,
-                r#"DELETE FROM "public"."orders" WHERE "id" IN ('2')"#,
+                r#"UPDATE "public"."orders" SET "id" = '1', "status" = 'paid', "note" = NULL WHERE "id" = '1'::bigint"#,
+                r#"DELETE FROM "public"."orders" WHERE "id" IN ('2'::bigint)"#,
             ]
         );
     }
@@ -1288,7 +1354,7 @@ mod tests {
         assert_eq!(
             sql(&mut b),
             [
-                r#"UPDATE "public"."Order Items" SET "order_id" = '1', "line" = '2' WHERE "order_id" = '1' AND "line" = '1'"#
+                r#"UPDATE "public"."Order Items" SET "order_id" = '1', "line" = '2' WHERE "order_id" = '1'::bigint AND "line" = '1'::integer"#
             ]
         );
     }
@@ -1307,8 +1373,8 @@ mod tests {
         assert_eq!(
             sql(&mut b),
             [
-                r#"DELETE FROM "public"."orders" WHERE "id" IN ('1', '2')"#,
-                r#"DELETE FROM "public"."Order Items" WHERE ("order_id", "line") IN (('1', '1'), ('1', '2'))"#,
+                r#"DELETE FROM "public"."orders" WHERE "id" IN ('1'::bigint, '2'::bigint)"#,
+                r#"DELETE FROM "public"."Order Items" WHERE ("order_id", "line") IN (('1'::bigint, '1'::integer), ('1'::bigint, '2'::integer))"#,
             ]
         );
     }
@@ -1323,9 +1389,81 @@ mod tests {
         assert_eq!(
             sql(&mut b),
             [
-                r#"DELETE FROM "public"."log" WHERE ctid = (SELECT ctid FROM "public"."log" WHERE "a" = 'x' AND "b" IS NULL LIMIT 1)"#
+                r#"DELETE FROM "public"."log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."log" WHERE "a" = 'x'::text AND "b" IS NULL LIMIT 1)"#
             ]
         );
+    }
+
+    #[test]
+    fn every_compared_value_carries_its_column_type() {
+        // A composite key and a whole-row identity over a composite column: an untyped
+        // '(terraza,1)' compared with them is an anonymous record, which the mirror refuses.
+        let seating = shape(
+            4,
+            "seating",
+            &[
+                ("place", true, "public.seat"),
+                ("capacity", false, "integer"),
+            ],
+        );
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.delete(&seating, &OldTuple::Key(row(&[Some("(terraza,1)"), None])))
+            .unwrap();
+        b.update(
+            &seating,
+            Some(&OldTuple::Key(row(&[Some("(salón,1)"), None]))),
+            &row(&[Some("(salón,2)"), Some("6")]),
+        )
+        .unwrap();
+        let mut log = shape(
+            5,
+            "seat_log",
+            &[("place", false, "public.seat"), ("note", false, "text")],
+        );
+        log.identity_full = true;
+        b.update(
+            &log,
+            Some(&OldTuple::Full(row(&[Some("(terraza,1)"), None]))),
+            &row(&[Some("(terraza,1)"), Some("moved")]),
+        )
+        .unwrap();
+        b.delete(&log, &OldTuple::Full(row(&[Some("(salón,1)"), Some("x")])))
+            .unwrap();
+        let out = sql(&mut b);
+        assert_eq!(
+            out,
+            [
+                r#"DELETE FROM "public"."seating" WHERE "place" IN ('(terraza,1)'::public.seat)"#,
+                r#"UPDATE "public"."seating" SET "place" = '(salón,2)', "capacity" = '6' WHERE "place" = '(salón,1)'::public.seat"#,
+                r#"UPDATE "public"."seat_log" SET "place" = '(terraza,1)', "note" = 'moved' WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."seat_log" WHERE "place" = '(terraza,1)'::public.seat AND "note" IS NULL LIMIT 1)"#,
+                r#"DELETE FROM "public"."seat_log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."seat_log" WHERE "place" = '(salón,1)'::public.seat AND "note" = 'x'::text LIMIT 1)"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_table_without_columns_inserts_and_deletes_rows() {
+        let mut marker = shape(6, "marker", &[]);
+        marker.identity_full = true;
+        let empty = Tuple(Vec::new());
+        let mut b = BatchBuilder::new(Grouping::PerTable);
+        b.insert(&marker, &empty).unwrap();
+        b.insert(&marker, &empty).unwrap();
+        b.delete(&marker, &OldTuple::Full(Tuple(Vec::new())))
+            .unwrap();
+        assert_eq!(
+            sql(&mut b),
+            [
+                r#"INSERT INTO "public"."marker" SELECT FROM pg_catalog.generate_series(1, 2)"#,
+                r#"DELETE FROM "public"."marker" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM "public"."marker" WHERE true LIMIT 1)"#,
+            ]
+        );
+        b.set_copy(true);
+        b.insert(&marker, &empty).unwrap();
+        b.insert(&marker, &empty).unwrap();
+        let out = b.take();
+        assert_eq!(out[0].sql, r#"COPY "public"."marker" FROM STDIN"#);
+        assert_eq!(out[0].copy.as_deref(), Some("\n\n"));
     }
 
     #[test]
@@ -1356,14 +1494,16 @@ mod tests {
         let mut b = BatchBuilder::new(Grouping::PerTable);
         b.insert(&orders(), &row(&[Some("1"), Some("new"), None]))
             .unwrap();
-        b.truncate(&[&orders(), &items()], true);
+        let mut partitioned = items();
+        partitioned.partitioned = true;
+        b.truncate(&[&partitioned, &orders()], true);
         b.insert(&orders(), &row(&[Some("2"), Some("new"), None]))
             .unwrap();
         let out = sql(&mut b);
         assert_eq!(out.len(), 3, "{out:#?}");
         assert_eq!(
-            out[1],
-            r#"TRUNCATE ONLY "public"."orders", "public"."Order Items" RESTART IDENTITY"#
+            out[1], r#"TRUNCATE "public"."Order Items", ONLY "public"."orders" RESTART IDENTITY"#,
+            "a partitioned table is truncated with its partitions"
         );
         assert!(out[2].contains("'2'"));
     }

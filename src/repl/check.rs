@@ -127,6 +127,66 @@ pub async fn add_delivery(config: &crate::config::Config, out: &mut Vec<Check>) 
     });
 }
 
+/// What the replicated tables need on the mirror besides themselves (types, collations,
+/// functions, extensions, sequences) and the mirror lacks, one line each with the DDL that
+/// creates it: OK for what `bite-sync run` creates itself, FIX for what it cannot (and would
+/// refuse to start over, changing nothing).
+pub async fn add_dependencies(
+    source: Option<&DbUrl>,
+    mirror: Option<&DbUrl>,
+    tables: &[TablePattern],
+    flatten_partitions: bool,
+    out: &mut Vec<Check>,
+) {
+    let (Some(source), Some(mirror)) = (source, mirror) else {
+        return;
+    };
+    if tables.is_empty() {
+        return;
+    }
+    match super::preflight::missing_dependencies(source, mirror, tables, flatten_partitions).await {
+        Ok(missing) if missing.is_empty() => out.push(line(
+            "mirror",
+            "dependencies",
+            true,
+            "the mirror has every type, function, collation and extension the tables need",
+        )),
+        Ok(missing) => {
+            for m in missing {
+                // A function's definition spans lines: indented, so each line of the report
+                // still starts with OK or FIX.
+                let ddl = m
+                    .ddl
+                    .as_deref()
+                    .map(|d| d.trim_end().replace('\n', "\n        "))
+                    .unwrap_or_default();
+                out.push(if m.created {
+                    line(
+                        "mirror",
+                        &m.object,
+                        true,
+                        format!("missing; `bite-sync run` creates it: {ddl}"),
+                    )
+                } else {
+                    line(
+                        "mirror",
+                        &m.object,
+                        !m.blocking,
+                        match &m.ddl {
+                            Some(_) => format!(
+                                "{}; it is created by: {ddl}",
+                                m.problem.as_deref().unwrap_or("missing")
+                            ),
+                            None => m.problem.clone().unwrap_or_else(|| "missing".into()),
+                        },
+                    )
+                });
+            }
+        }
+        Err(e) => out.push(line("mirror", "dependencies", false, e)),
+    }
+}
+
 async fn setting(client: &Client, name: &str) -> Option<String> {
     client
         .query_one("SELECT pg_catalog.current_setting($1)", &[&name])

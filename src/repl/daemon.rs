@@ -13,6 +13,12 @@
 //! slot does not hold WAL for changes that do not concern us. Keepalives that ask for a reply
 //! are answered at once.
 //!
+//! A stream that is caught up is silent: the walsender sends keepalives only to a client that
+//! stopped reporting, and this one reports every ten seconds. So a status update sent after a
+//! silent interval asks the source to answer, and the stream counts as dead only when nothing,
+//! not even those answers, arrived for the silence limit. An idle night is normal operation:
+//! no reconnects and no error recorded.
+//!
 //! Large transactions: the stream is asked for pgoutput protocol 1 without streaming, so a
 //! transaction arrives once it committed (PostgreSQL spills a large one to the source's disk
 //! while decoding) and is applied in parts inside one mirror transaction, in bounded memory.
@@ -61,11 +67,14 @@ pub struct RunOptions {
     pub lock_timeout: Duration,
     /// `maintenance_work_mem` for table copies.
     pub maintenance_work_mem: String,
-    /// A stream silent this long is dead (the source sends keepalives every
-    /// `wal_sender_timeout / 2`, 30 s by default).
+    /// A stream silent this long is dead. A quiet stream is asked to answer at every status
+    /// update (every 10 s), so this many seconds without an answer means the source or the
+    /// path to it is gone.
     pub silence_limit: Duration,
     /// Longest wait between retries.
     pub max_backoff: Duration,
+    /// Partitioned tables become one plain table on the mirror (`[sync] flatten_partitions`).
+    pub flatten_partitions: bool,
 }
 
 impl RunOptions {
@@ -84,6 +93,7 @@ impl RunOptions {
             maintenance_work_mem: "128MB".into(),
             silence_limit: Duration::from_secs(90),
             max_backoff: Duration::from_secs(30),
+            flatten_partitions: false,
         }
     }
 }
@@ -133,12 +143,9 @@ pub enum RunError {
         "no tables to replicate: pass --tables customers,orders or set replication.tables in bite-sync.toml"
     )]
     NoTables,
-    /// Tables whose updates and deletes could not be applied.
-    #[error("tables without a usable replica identity:\n  - {}", .0.join("\n  - "))]
-    NoReplicaIdentity(Vec<String>),
-    /// A source database whose text is not UTF-8.
-    #[error("the source database's encoding is {0}; bite-sync replicates UTF8 databases only")]
-    Encoding(String),
+    /// What keeps the start from going through, all of it, found before anything changed.
+    #[error("bite-sync run cannot start; nothing was changed on the source or the mirror:\n  - {}", .0.join("\n  - "))]
+    Preflight(Vec<String>),
     /// The mirror's record of the slot names another source.
     #[error(
         "the mirror's replication state for slot {slot} belongs to another source database: use another --slot, or delete that row from bite_sync.replication_state if the old source is gone"
@@ -209,8 +216,7 @@ impl RunError {
             RunError::SameDatabase(_)
             | RunError::NotInitialized(_)
             | RunError::NoTables
-            | RunError::NoReplicaIdentity(_)
-            | RunError::Encoding(_)
+            | RunError::Preflight(_)
             | RunError::WrongSource { .. }
             | RunError::ForeignSlot(_) => 2,
             RunError::Sync(e) => e.exit_code(),
@@ -252,8 +258,15 @@ pub async fn run(
                     backoff = Duration::from_millis(500);
                 }
                 let wait = jitter(backoff);
-                tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "replication interrupted; retrying");
-                record_error(opts, &e).await;
+                if matches!(e, RunError::SlotActive(_) | RunError::Busy(_)) {
+                    // The slot is still held: by the previous session's walsender, not yet
+                    // gone, or by a daemon that just handed over. Waiting is normal, not an
+                    // error.
+                    tracing::info!(reason = %e, retry_in = ?wait, "waiting for the replication slot");
+                } else {
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?wait, "replication interrupted; retrying");
+                    record_error(opts, &e).await;
+                }
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = cancel.cancelled() => return Ok(()),
@@ -295,6 +308,8 @@ async fn record_error(opts: &RunOptions, error: &RunError) {
 
 /// How often sequences are caught up while streaming.
 const SEQUENCE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the list of sequences the tables use is read again.
+const SEQUENCE_LIST_INTERVAL: Duration = Duration::from_secs(300);
 /// Standby status updates at least this often (PostgreSQL's default receiver interval).
 const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the slot's retained WAL is compared with the source's limit.
@@ -388,12 +403,27 @@ async fn session(
     cancel: &CancellationToken,
     careful_until: Lsn,
 ) -> Result<(), RunError> {
+    let preparing = setup::prepare(opts, observer, cancel);
+    tokio::pin!(preparing);
     let prepared = tokio::select! {
-        prepared = setup::prepare(opts, observer, cancel) => prepared?,
-        () = cancel.cancelled() => return Ok(()),
+        prepared = &mut preparing => prepared?,
+        () = cancel.cancelled() => {
+            // A copy in progress sees the cancellation too and ends; a first start then drops
+            // the slot it created. Waiting for that is bounded: a stuck look-up is abandoned.
+            let _ = tokio::time::timeout(Duration::from_secs(40), preparing).await;
+            return Ok(());
+        }
     };
     let names: Vec<QualifiedName> = prepared.tables.iter().map(|t| t.name.clone()).collect();
     let start = prepared.start;
+    let search_path = prepared.search_path.clone();
+    let mut sequence_list = sequences::used_by(&prepared.source, &names, &search_path)
+        .await
+        .map_err(|source| RunError::Query {
+            context: "failed to find the sequences the tables use".into(),
+            source,
+        })?;
+    let mut sequence_list_read = Instant::now();
     let mut applier = Applier::new(
         &opts.slot,
         prepared.mirror,
@@ -439,7 +469,7 @@ async fn session(
         tokio::select! {
             biased;
             () = cancel.cancelled() => {
-                return stop(feed, applier, &names).await;
+                return stop(feed, applier, &sequence_list).await;
             }
             message = feed.stream.next() => {
                 let message = message?;
@@ -468,10 +498,20 @@ async fn session(
                     applier.mark_caught_up().await?;
                     feed.caught_up_mark = Some((Instant::now(), applier.committed()));
                 }
-                if applier.is_idle() && last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
-                    sequences::catch_up(applier.source(), applier.mirror(), &names)
+                if last_sequences.is_none_or(|t| t.elapsed() >= SEQUENCE_INTERVAL) {
+                    // A default changed on the source may use another sequence now.
+                    if sequence_list_read.elapsed() >= SEQUENCE_LIST_INTERVAL {
+                        sequence_list = sequences::used_by(applier.source(), &names, &search_path)
+                            .await
+                            .map_err(|source| RunError::Query { context: "failed to find the sequences the tables use".into(), source })?;
+                        sequence_list_read = Instant::now();
+                    }
+                    let values = sequences::read(applier.source(), &sequence_list)
                         .await
-                        .map_err(|source| RunError::Query { context: "failed to catch up the mirror's sequences".into(), source })?;
+                        .map_err(|source| RunError::Query { context: "failed to read the source's sequences".into(), source })?;
+                    if let Some(sql) = sequences::catch_up_sql(&values) {
+                        applier.catch_up_sequences(sql).await?;
+                    }
                     last_sequences = Some(Instant::now());
                 }
                 if last_wal_check.is_none_or(|t| t.elapsed() >= WAL_CHECK_INTERVAL) {
@@ -481,7 +521,12 @@ async fn session(
                 if feed.last_status.elapsed() >= STATUS_INTERVAL {
                     let progress = applier.progress();
                     tracing::debug!(received = %feed.received, committed = %progress.committed, rows = progress.rows, transactions = progress.transactions, "streaming");
-                    feed.confirm(applier.committed(), false).await?;
+                    // A caught-up walsender sends nothing at all while this side keeps
+                    // reporting (it pings only a client that has gone quiet), so a quiet
+                    // stream is asked to answer: then only a stream that does not answer for
+                    // the silence limit is dead, never an idle source.
+                    let ask = feed.last_message.elapsed() >= STATUS_INTERVAL;
+                    feed.confirm(applier.committed(), ask).await?;
                 }
             }
         }
@@ -550,7 +595,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 async fn stop(
     mut feed: Feed,
     mut applier: Applier,
-    names: &[QualifiedName],
+    sequence_list: &[QualifiedName],
 ) -> Result<(), RunError> {
     let drained = tokio::time::timeout(DRAIN_LIMIT, async {
         while applier.in_transaction() {
@@ -571,7 +616,9 @@ async fn stop(
             applier.abandon().await;
         }
     }
-    if let Err(source) = sequences::catch_up(applier.source(), applier.mirror(), names).await {
+    if let Err(source) =
+        sequences::catch_up(applier.source(), applier.mirror(), sequence_list).await
+    {
         tracing::warn!(error = %crate::error_chain(&source), "could not catch up the mirror's sequences while stopping");
     }
     feed.confirm(applier.committed(), false).await?;

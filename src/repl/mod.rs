@@ -7,6 +7,7 @@
 //! - [`pgoutput`]: the pgoutput protocol decoded, as pure functions over bytes.
 //! - [`batch`]: decoded changes turned into few grouped statements (pure).
 //! - [`apply`]: batches applied to the mirror, each with the source position it reaches.
+//! - [`preflight`]: every precondition of a start, checked before anything changes.
 //! - [`setup`]: publication, slot, table copies, and where the stream starts.
 //! - [`daemon`]: the `bite-sync run` loop: sessions, retries, feedback, stopping.
 //! - [`sequences`]: the mirror's sequences kept at or above the source's.
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod daemon;
 pub mod lsn;
 pub mod pgoutput;
+pub mod preflight;
 pub mod privileges;
 pub mod sequences;
 pub mod setup;

@@ -29,6 +29,9 @@ pub struct Status {
     /// Each backup job's newest backup, when `backup.url` and a backup job are configured.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub backups: Vec<crate::alert::freshness::BackupFreshness>,
+    /// The mirror's sequences against the source's, when both could be read.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sequences: Option<super::sequences::SequenceStatus>,
     /// The WhatsApp relay's inbox on the mirror, when the relay has used it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub inbox: Option<crate::relay::inbox::InboxCounts>,
@@ -85,6 +88,8 @@ pub struct MirrorSide {
     pub last_error_at: Option<String>,
     /// Per replicated table.
     pub tables: Vec<TableStatus>,
+    /// The daemons on the slot's lock: the active one, and standbys waiting to take over.
+    pub daemons: Vec<super::setup::DaemonOnMirror>,
 }
 
 /// One replicated table.
@@ -128,11 +133,21 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         mirror_error: None,
         jobs: Vec::new(),
         backups: Vec::new(),
+        sequences: None,
         inbox: None,
         relay_secrets: Vec::new(),
         warnings: Vec::new(),
         healthy: false,
     };
+    let mut sequence_error = None;
+    if let (Ok(_), Ok(m), Some(source), Some(mirror)) = (&source_side, &mirror_side, source, mirror)
+        && m.initialized
+    {
+        match read_sequences(source, mirror, slot).await {
+            Ok(s) => status.sequences = Some(s),
+            Err(e) => sequence_error = Some(crate::error_chain(&*e)),
+        }
+    }
     match source_side {
         Ok(s) => status.source = Some(s),
         Err(e) => status.source_error = Some(e),
@@ -142,6 +157,11 @@ pub async fn status(source: Option<&DbUrl>, mirror: Option<&DbUrl>, slot: &str) 
         Err(e) => status.mirror_error = Some(e),
     }
     status.warnings = warnings(&status);
+    if let Some(e) = sequence_error {
+        status
+            .warnings
+            .push(format!("cannot compare the sequences: {e}"));
+    }
     status.healthy =
         status.source.is_some() && status.mirror.is_some() && status.warnings.is_empty();
     status
@@ -286,6 +306,32 @@ pub async fn add_inbox(status: &mut Status, mirror: Option<&DbUrl>) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The sequences the slot's tables use, on both sides.
+async fn read_sequences(
+    source_url: &DbUrl,
+    mirror_url: &DbUrl,
+    slot: &str,
+) -> Result<super::sequences::SequenceStatus, BoxError> {
+    let (source, mirror) = tokio::try_join!(source_url.connect(), mirror_url.connect())?;
+    let tables: Vec<crate::pg::ident::QualifiedName> = mirror
+        .query(
+            "SELECT table_schema, table_name FROM bite_sync.replication_tables WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .iter()
+        .map(|r| crate::pg::ident::QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let search_path = crate::sync::catalog::search_path(&source).await?;
+    // Tables gone from the source since are simply not found.
+    let names = super::sequences::used_by(&source, &tables, &search_path).await?;
+    let (on_source, on_mirror) = tokio::try_join!(
+        super::sequences::read(&source, &names),
+        super::sequences::read(&mirror, &names)
+    )?;
+    Ok(super::sequences::compare(&names, &on_source, &on_mirror))
+}
+
 async fn read_source(url: &DbUrl, slot: &str) -> Result<SourceSide, BoxError> {
     let client = url.connect().await?;
     let row = client
@@ -333,6 +379,7 @@ async fn read_mirror(url: &DbUrl, slot: &str) -> Result<MirrorSide, BoxError> {
         last_error: None,
         last_error_at: None,
         tables: Vec::new(),
+        daemons: Vec::new(),
     };
     if !has_table {
         return Ok(empty);
@@ -379,6 +426,7 @@ async fn read_mirror(url: &DbUrl, slot: &str) -> Result<MirrorSide, BoxError> {
         last_error: row.get(3),
         last_error_at: row.get(4),
         tables,
+        daemons: super::setup::daemons_on_mirror(&client, slot).await?,
     })
 }
 
@@ -432,6 +480,18 @@ fn warnings(status: &Status) -> Vec<String> {
         if let Some(e) = &m.last_error {
             out.push(format!("last error: {e}"));
         }
+    }
+    // Behind while a daemon streams is the few seconds between catch-ups; behind with none
+    // streaming is what a failover would meet: ids the source already used.
+    let streaming = status.source.as_ref().is_some_and(|s| s.active);
+    if let Some(seq) = &status.sequences
+        && !seq.behind.is_empty()
+        && !streaming
+    {
+        out.push(format!(
+            "the mirror's sequences are behind the source's: {}; the next `bite-sync run` moves them up (a mirror used as it is would hand out ids the source already used)",
+            seq.behind.join(", ")
+        ));
     }
     out
 }
@@ -489,6 +549,26 @@ pub fn render(status: &Status) -> String {
                 m.source_commit_time.as_deref().unwrap_or("-"),
                 m.applied_at.as_deref().unwrap_or("-")
             ));
+            for d in &m.daemons {
+                out.push_str(&format!(
+                    "  daemon:  {} {} (pid {})\n",
+                    if d.active { "active on" } else { "standby on" },
+                    d.host,
+                    d.pid
+                ));
+            }
+            if let Some(seq) = &status.sequences {
+                if seq.behind.is_empty() {
+                    out.push_str(&format!("  sequences: {} in step\n", seq.in_step));
+                } else {
+                    out.push_str(&format!(
+                        "  sequences: {} of {} in step; behind: {}\n",
+                        seq.in_step,
+                        seq.total,
+                        seq.behind.join(", ")
+                    ));
+                }
+            }
             for t in &m.tables {
                 out.push_str(&format!(
                     "    {:<28} {}{}\n",
@@ -632,6 +712,7 @@ mod tests {
                 applied_at: None,
                 last_error: None,
                 last_error_at: None,
+                daemons: Vec::new(),
                 tables: vec![TableStatus {
                     table: "orders".into(),
                     state: "paused".into(),
@@ -642,6 +723,7 @@ mod tests {
             mirror_error: None,
             jobs: Vec::new(),
             backups: Vec::new(),
+            sequences: None,
             inbox: None,
             relay_secrets: Vec::new(),
             warnings: Vec::new(),
@@ -697,6 +779,7 @@ mod tests {
             mirror_error: Some("x".into()),
             jobs: Vec::new(),
             backups: Vec::new(),
+            sequences: None,
             inbox: None,
             relay_secrets: Vec::new(),
             warnings: Vec::new(),

@@ -27,7 +27,7 @@ use tokio_postgres::error::SqlState;
 use crate::pg::ident::{QualifiedName, literal};
 
 use super::catalog::TableDef;
-use super::copy::{self, CopyError, CopyStats};
+use super::copy::{self, CopyError, CopyFormat, CopyStats};
 use super::tasks::{Next, Node, Tasks};
 use super::{
     Mode, Observer, Planned, PlannedTable, Side, StagedKey, SyncError, SyncOptions, ddl,
@@ -67,7 +67,100 @@ pub(super) fn key_statements(def: &TableDef, at: &QualifiedName) -> Vec<String> 
         .iter()
         .filter(|c| c.kind != 'c' || ddl::is_not_valid(c))
         .map(|c| ddl::attach_key(at, c))
+        .chain(replica_identity(def, at))
         .collect()
+}
+
+/// `REPLICA IDENTITY` as on the source, once the index it may name exists.
+fn replica_identity(def: &TableDef, at: &QualifiedName) -> Option<String> {
+    def.replica_identity.as_ref().map(|identity| {
+        format!(
+            "ALTER TABLE ONLY {} REPLICA IDENTITY {identity}",
+            at.quoted()
+        )
+    })
+}
+
+/// The statements that create a staged table: the table and each of its partitions, then each
+/// partition attached to its parent (while no index exists yet, so attaching makes none).
+pub(super) fn create_statements(t: &PlannedTable) -> Vec<String> {
+    let mut out: Vec<String> = t
+        .staged_tree()
+        .into_iter()
+        .map(|(def, at)| ddl::create_table(def, at))
+        .collect();
+    for (p, at) in t.def.partitions.iter().zip(&t.staged_partitions) {
+        if let Some(parent_at) = t.staged_name(&p.parent) {
+            out.push(ddl::attach_partition(parent_at, at, &p.bound));
+        }
+    }
+    out
+}
+
+/// The index builds of a staged table and its partitions: the real work, on every table that
+/// holds rows (a partitioned table's own indexes are made empty by [`tree_key_statements`]).
+pub(super) fn tree_index_statements(t: &PlannedTable) -> Vec<String> {
+    t.staged_tree()
+        .into_iter()
+        .filter(|(def, _)| !def.is_partitioned_on_mirror())
+        .flat_map(|(def, at)| index_statements(def, at))
+        .collect()
+}
+
+/// The keys of a staged table and its partitions, once their indexes are built, the way
+/// `pg_dump` restores them: each partition's unique indexes become its constraints; a
+/// partitioned table gets its own keys and indexes (empty, invalid); then every partition's
+/// index is attached to its parent's, deepest first, which makes the parents' valid.
+pub(super) fn tree_key_statements(t: &PlannedTable) -> Vec<String> {
+    let tree = t.staged_tree();
+    let mut out = Vec::new();
+    for (def, at) in &tree {
+        if !def.is_partitioned_on_mirror() {
+            out.extend(key_statements(def, at));
+        }
+    }
+    for (def, at) in &tree {
+        if !def.is_partitioned_on_mirror() {
+            continue;
+        }
+        for c in &def.constraints {
+            match c.kind {
+                'p' | 'u' | 'x' => out.push(ddl::add_key_only(at, c)),
+                'c' if ddl::is_not_valid(c) => out.push(ddl::add_key(at, c)),
+                _ => {}
+            }
+        }
+        out.extend(def.indexes.iter().map(|i| ddl::create_index_only(at, i)));
+    }
+    for (p, at) in t.def.partitions.iter().zip(&t.staged_partitions).rev() {
+        let Some(parent_at) = t.staged_name(&p.parent) else {
+            continue;
+        };
+        let attached = p
+            .def
+            .constraints
+            .iter()
+            .filter_map(|c| c.attached_to.as_ref().map(|to| (&c.name, to)))
+            .chain(
+                p.def
+                    .indexes
+                    .iter()
+                    .filter_map(|i| i.attached_to.as_ref().map(|to| (&i.name, to))),
+            );
+        for (child, parent) in attached {
+            out.push(ddl::attach_index(
+                &QualifiedName::new(parent_at.schema.clone(), parent.clone()),
+                &QualifiedName::new(at.schema.clone(), child.clone()),
+            ));
+        }
+    }
+    // Last: an identity index of a partitioned table is valid only once attached everywhere.
+    out.extend(
+        tree.iter()
+            .filter(|(def, _)| def.is_partitioned_on_mirror())
+            .filter_map(|(def, at)| replica_identity(def, at)),
+    );
+    out
 }
 
 /// The task graph of a run: per table load → indexes → keys, then foreign keys after the keys
@@ -77,7 +170,9 @@ fn graph(planned: &Planned) -> Vec<Node<Work>> {
     let mut nodes = Vec::new();
     let mut keys_node = vec![None; planned.tables.len()];
     for (i, t) in planned.tables.iter().enumerate() {
-        let Some(at) = &t.staged else { continue };
+        if t.staged.is_none() {
+            continue;
+        }
         let size = t.def.estimated_bytes.max(8192) as u64;
         let load = nodes.len();
         nodes.push(Node {
@@ -86,7 +181,7 @@ fn graph(planned: &Planned) -> Vec<Node<Work>> {
             cost: size,
         });
         let mut keys_after = vec![load];
-        for statement in index_statements(&t.def, at) {
+        for statement in tree_index_statements(t) {
             keys_after.push(nodes.len());
             nodes.push(Node {
                 work: Work::Index(i, statement),
@@ -278,47 +373,78 @@ async fn load(
     mirror: &mut Client,
     table: &PlannedTable,
 ) -> Result<CopyStats, SyncError> {
-    let at = table.staged.as_ref().expect("only staged tables are built");
     let name = &table.def.name;
     observer.table_started(name, table.def.estimated_rows as u64);
     let tx = mirror
         .transaction()
         .await
         .map_err(pg(Side::Mirror, format!("failed to start building {name}")))?;
-    tx.batch_execute(&ddl::create_table(&table.def, at))
-        .await
-        .map_err(pg(
+    for statement in create_statements(table) {
+        tx.batch_execute(&statement).await.map_err(pg(
             Side::Mirror,
             format!("failed to create {name} on the mirror"),
         ))?;
+    }
     let mut stats = CopyStats::default();
     if table.copies_data(opts.mode) {
-        stats = copy::copy_table(source, &tx, &table.def, at, table.format, |s| {
-            observer.table_progress(name, s)
-        })
-        .await
-        .map_err(|e| match e {
-            CopyError::Source(e) => pg(
-                Side::Source,
-                format!("failed to copy {name}: reading the source failed"),
-            )(e),
-            CopyError::Mirror(e) => pg(
-                Side::Mirror,
-                format!("failed to copy {name}: writing the mirror failed"),
-            )(e),
-        })?;
+        // A table built partitioned is filled partition by partition (each straight from its
+        // own on the source, frozen); otherwise in one stream (a flattened partitioned table
+        // is read through its root).
+        let parts: Vec<(&TableDef, &QualifiedName, CopyFormat)> =
+            if table.def.is_partitioned_on_mirror() {
+                table
+                    .staged_tree()
+                    .into_iter()
+                    .filter(|(def, _)| !def.partitioned)
+                    .map(|(def, at)| (def, at, CopyFormat::for_table(def)))
+                    .collect()
+            } else {
+                table
+                    .staged_tree()
+                    .into_iter()
+                    .take(1)
+                    .map(|(def, at)| (def, at, table.format))
+                    .collect()
+            };
+        for (def, at, format) in parts {
+            let before = stats;
+            let part = copy::copy_table(source, &tx, def, at, format, |s| {
+                observer.table_progress(
+                    name,
+                    CopyStats {
+                        rows: before.rows + s.rows,
+                        bytes: before.bytes + s.bytes,
+                    },
+                )
+            })
+            .await
+            .map_err(|e| match e {
+                CopyError::Source(e) => pg(
+                    Side::Source,
+                    format!("failed to copy {}: reading the source failed", def.name),
+                )(e),
+                CopyError::Mirror(e) => pg(
+                    Side::Mirror,
+                    format!("failed to copy {}: writing the mirror failed", def.name),
+                )(e),
+            })?;
+            stats.rows += part.rows;
+            stats.bytes += part.bytes;
+        }
     }
     if opts.mode != Mode::SchemaOnly {
-        for column in &table.def.columns {
-            if let Some(identity) = &column.identity {
-                let seq =
-                    QualifiedName::new(at.schema.clone(), identity.sequence.name.name.clone());
-                tx.batch_execute(&ddl::set_sequence(&seq, &identity.sequence))
-                    .await
-                    .map_err(pg(
-                        Side::Mirror,
-                        format!("failed to set the identity of {name}"),
-                    ))?;
+        for (def, at) in table.staged_tree() {
+            for column in &def.columns {
+                if let Some(identity) = &column.identity {
+                    let seq =
+                        QualifiedName::new(at.schema.clone(), identity.sequence.name.name.clone());
+                    tx.batch_execute(&ddl::set_sequence(&seq, &identity.sequence))
+                        .await
+                        .map_err(pg(
+                            Side::Mirror,
+                            format!("failed to set the identity of {}", def.name),
+                        ))?;
+                }
             }
         }
     }
@@ -330,8 +456,7 @@ async fn load(
 
 /// Turns a staged table's unique indexes into its keys, in one transaction.
 async fn attach_keys(mirror: &mut Client, table: &PlannedTable) -> Result<(), SyncError> {
-    let at = table.staged.as_ref().expect("only staged tables are built");
-    let statements = key_statements(&table.def, at);
+    let statements = tree_key_statements(table);
     if statements.is_empty() {
         return Ok(());
     }
@@ -375,14 +500,13 @@ async fn add_foreign_keys(
     keys: &[StagedKey],
 ) -> Result<(), SyncError> {
     let name = &table.def.name;
-    let at = table.staged.as_ref().expect("only staged tables get keys");
     let mut attempt = 1;
     loop {
         let result = async {
             let tx = mirror.transaction().await?;
             for key in keys.iter().filter(|k| k.table == index) {
                 let indexed: bool = tx
-                    .query_one(LEADING_INDEX, &[&at.schema, &at.name, &key.columns])
+                    .query_one(LEADING_INDEX, &[&key.at.schema, &key.at.name, &key.columns])
                     .await?
                     .get(0);
                 tx.batch_execute(&format!(

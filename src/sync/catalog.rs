@@ -8,7 +8,7 @@
 //! This module only runs queries and fills plain structs; deciding what to do with them is
 //! [`super::plan`]'s job and turning them into SQL is [`super::ddl`]'s.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use tokio_postgres::Client;
 
@@ -37,6 +37,50 @@ pub struct TableDef {
     pub estimated_rows: i64,
     /// Heap size in bytes, for scheduling the biggest tables first.
     pub estimated_bytes: i64,
+    /// Partitioned on the source: its rows live in its partitions, and are read through it.
+    pub partitioned: bool,
+    /// `PARTITION BY` clause (`RANGE (paid_at)`) the mirror's table is built with; `None` for a
+    /// plain table, or a partitioned one the mirror flattens into one plain table.
+    pub partition_key: Option<String>,
+    /// Its partitions, each after its parent (sub-partitions follow theirs), built on the
+    /// mirror as on the source; empty for a plain or flattened table.
+    pub partitions: Vec<Partition>,
+    /// `REPLICA IDENTITY` other than the default: `FULL`, `NOTHING` or `USING INDEX "name"`
+    /// (a mirror promoted after a failover publishes its changes the same way).
+    pub replica_identity: Option<String>,
+}
+
+/// A partition of a partitioned table, with its own definition: its columns (their order and
+/// defaults may differ from its parent's), constraints and indexes, those inherited from the
+/// parent included (they say which of the parent's they are attached to).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Partition {
+    /// The table it is a partition of (the root, or a sub-partitioned partition).
+    pub parent: QualifiedName,
+    /// `FOR VALUES ...` or `DEFAULT`, as `pg_get_expr` prints it.
+    pub bound: String,
+    /// Its definition; `partition_key` is set when it is sub-partitioned.
+    pub def: TableDef,
+}
+
+impl TableDef {
+    /// The table as one plain table (`[sync] flatten_partitions`): its own columns, keys,
+    /// indexes and foreign keys, no partitions; rows are still read through it.
+    pub fn flattened(mut self) -> TableDef {
+        self.partition_key = None;
+        self.partitions.clear();
+        self
+    }
+
+    /// The table and its partitions, each after its parent.
+    pub fn tree(&self) -> impl Iterator<Item = &TableDef> {
+        std::iter::once(self).chain(self.partitions.iter().map(|p| &p.def))
+    }
+
+    /// Whether the mirror's table is built partitioned.
+    pub fn is_partitioned_on_mirror(&self) -> bool {
+        self.partition_key.is_some()
+    }
 }
 
 /// One column.
@@ -119,6 +163,9 @@ pub struct ConstraintDef {
     pub deferrable: bool,
     /// `INITIALLY DEFERRED`.
     pub initially_deferred: bool,
+    /// On a partition, the parent's index this constraint's index is attached to (the
+    /// constraint is the partition's part of its parent's).
+    pub attached_to: Option<String>,
 }
 
 /// A foreign key.
@@ -155,6 +202,8 @@ pub struct IndexDef {
     pub using: String,
     /// `CREATE UNIQUE INDEX`.
     pub unique: bool,
+    /// On a partition, the parent's index this one is attached to.
+    pub attached_to: Option<String>,
 }
 
 /// A user-defined type a synced column depends on.
@@ -182,8 +231,22 @@ pub enum TypeDef {
         /// Named `CHECK` constraints: (name, definition).
         checks: Vec<(String, String)>,
     },
-    /// A type the mirror must already have (from an extension, or a composite or range type):
-    /// bite-sync does not create it, only checks that it exists.
+    /// `CREATE TYPE ... AS (...)`.
+    Composite {
+        /// Schema and name.
+        name: QualifiedName,
+        /// Attributes: name, type as SQL text, `COLLATE` clause text when not the type's.
+        attributes: Vec<(String, String, Option<String>)>,
+    },
+    /// `CREATE TYPE ... AS RANGE (...)`.
+    Range {
+        /// Schema and name.
+        name: QualifiedName,
+        /// The options: `subtype = ...`, `subtype_opclass = ...`, ...
+        options: Vec<String>,
+    },
+    /// A type the mirror must already have (a base type written in C, from an extension or
+    /// not): bite-sync does not create it, only checks that it exists.
     External {
         /// Schema and name.
         name: QualifiedName,
@@ -200,6 +263,8 @@ impl TypeDef {
         match self {
             TypeDef::Enum { name, .. }
             | TypeDef::Domain { name, .. }
+            | TypeDef::Composite { name, .. }
+            | TypeDef::Range { name, .. }
             | TypeDef::External { name, .. } => name,
         }
     }
@@ -210,9 +275,13 @@ impl TypeDef {
 pub struct SourceCatalog {
     /// The selected tables, by name.
     pub tables: BTreeMap<QualifiedName, TableDef>,
-    /// User types the tables need, dependencies first (a domain after the enum it wraps).
+    /// What the tables need on the mirror besides themselves (types, collations, functions,
+    /// extensions, sequences), in dependency order ([`read_needs`]; empty until then).
+    pub needs: Vec<super::depends::Need>,
+    /// The user types among `needs`, dependencies first.
     pub types: Vec<TypeDef>,
-    /// Sequences referenced by column defaults (`serial` columns and hand-made `nextval`).
+    /// The sequences among `needs`: those column defaults draw from, directly (`serial`,
+    /// `nextval('...')`) or through a function they call.
     pub sequences: Vec<SequenceDef>,
 }
 
@@ -223,6 +292,9 @@ pub struct TableEntry {
     pub name: QualifiedName,
     /// `r` (table) or `p` (partitioned table).
     pub kind: char,
+    /// For a partition, the partitioned table at the top of its tree (which is what is
+    /// synced and replicated).
+    pub root: Option<QualifiedName>,
 }
 
 /// Schemas that never hold user tables to sync.
@@ -230,12 +302,14 @@ const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schem
      AND n.nspname NOT LIKE 'pg_temp_%' AND n.nspname NOT LIKE 'pg_toast_temp_%' \
      AND NOT starts_with(n.nspname, 'bite_sync_stage_')";
 
-/// Lists every user table of the database.
+/// Lists every user table of the database, partitions included (with their root).
 pub async fn list_tables(client: &Client) -> Result<Vec<TableEntry>, tokio_postgres::Error> {
     let sql = format!(
-        "SELECT n.nspname, c.relname, c.relkind::text \
+        "SELECT n.nspname, c.relname, c.relkind::text, rn.nspname, rc.relname \
          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND {SYSTEM_SCHEMAS} \
+         LEFT JOIN pg_catalog.pg_class rc ON c.relispartition AND rc.oid = pg_catalog.pg_partition_root(c.oid) \
+         LEFT JOIN pg_catalog.pg_namespace rn ON rn.oid = rc.relnamespace \
+         WHERE c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS} \
          ORDER BY 1, 2"
     );
     let rows = client.query(&sql, &[]).await?;
@@ -244,6 +318,10 @@ pub async fn list_tables(client: &Client) -> Result<Vec<TableEntry>, tokio_postg
         .map(|r| TableEntry {
             name: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
             kind: r.get::<_, String>(2).chars().next().unwrap_or('r'),
+            root: match (r.get::<_, Option<String>>(3), r.get::<_, Option<String>>(4)) {
+                (Some(schema), Some(name)) => Some(QualifiedName::new(schema, name)),
+                _ => None,
+            },
         })
         .collect())
 }
@@ -256,61 +334,227 @@ pub async fn search_path(client: &Client) -> Result<Vec<String>, tokio_postgres:
     Ok(row.get(0))
 }
 
-/// Reads the full definitions of `names` (which must exist) plus the types and sequences they
-/// depend on.
+/// Reads the full definitions of `names` (which must exist), partitioned tables with every
+/// partition under them. What they need besides ([`SourceCatalog::needs`]) is read by
+/// [`read_needs`].
 pub async fn read_tables(
     client: &Client,
     names: &[QualifiedName],
 ) -> Result<SourceCatalog, tokio_postgres::Error> {
     let (schemas, tables) = QualifiedName::split(names);
+    // Every selected table and the partitions under it, parents before their partitions.
     let rows = client
         .query(
-            "SELECT c.oid, n.nspname, c.relname, c.reltuples::int8, \
-                    pg_catalog.pg_relation_size(c.oid) \
-             FROM unnest($1::text[], $2::text[]) AS want(schema, name) \
-             JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
-             JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.name \
-             WHERE c.relkind IN ('r', 'p')",
+            "WITH roots AS (SELECT c.oid FROM unnest($1::text[], $2::text[]) AS want(schema, name) \
+                            JOIN pg_catalog.pg_namespace n ON n.nspname = want.schema \
+                            JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.name \
+                            WHERE c.relkind IN ('r', 'p')), \
+                  tree AS (SELECT r.oid AS root, r.oid AS relid, NULL::oid AS parentrelid, 0 AS level FROM roots r \
+                           UNION ALL \
+                           SELECT r.oid, t.relid::oid, t.parentrelid::oid, t.level \
+                           FROM roots r, pg_catalog.pg_partition_tree(r.oid) t WHERE t.level > 0) \
+             SELECT tree.root, c.oid, n.nspname, c.relname, c.relkind::text, tree.parentrelid, \
+                    pg_catalog.pg_get_expr(c.relpartbound, c.oid), \
+                    CASE WHEN c.relkind = 'p' THEN pg_catalog.pg_get_partkeydef(c.oid) END, \
+                    GREATEST(c.reltuples, 0)::int8, pg_catalog.pg_relation_size(c.oid), \
+                    CASE c.relreplident WHEN 'f' THEN 'FULL' WHEN 'n' THEN 'NOTHING' \
+                         WHEN 'i' THEN 'USING INDEX ' || pg_catalog.quote_ident((SELECT ic.relname FROM pg_catalog.pg_index i \
+                              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid AND i.indisreplident)) END \
+             FROM tree JOIN pg_catalog.pg_class c ON c.oid = tree.relid \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             ORDER BY tree.root, tree.level, c.oid",
             &[&schemas, &tables],
         )
         .await?;
+    struct Member {
+        root: u32,
+        parent: Option<u32>,
+        bound: Option<String>,
+    }
     let mut by_oid: BTreeMap<u32, TableDef> = BTreeMap::new();
+    let mut members: Vec<(u32, Member)> = Vec::new();
     for r in &rows {
-        let oid: u32 = r.get(0);
+        let root: u32 = r.get(0);
+        let oid: u32 = r.get(1);
+        let kind: String = r.get(4);
         by_oid.insert(
             oid,
             TableDef {
                 oid,
-                name: QualifiedName::new(r.get::<_, String>(1), r.get::<_, String>(2)),
+                name: QualifiedName::new(r.get::<_, String>(2), r.get::<_, String>(3)),
                 columns: Vec::new(),
                 constraints: Vec::new(),
                 foreign_keys: Vec::new(),
                 indexes: Vec::new(),
-                estimated_rows: r.get::<_, i64>(3).max(0),
-                estimated_bytes: r.get(4),
+                estimated_rows: r.get(8),
+                estimated_bytes: r.get(9),
+                partitioned: kind == "p",
+                partition_key: r.get(7),
+                partitions: Vec::new(),
+                replica_identity: r.get(10),
             },
         );
+        members.push((
+            oid,
+            Member {
+                root,
+                parent: r.get(5),
+                bound: r.get(6),
+            },
+        ));
     }
     let oids: Vec<u32> = by_oid.keys().copied().collect();
-
     read_columns(client, &oids, &mut by_oid).await?;
     read_constraints(client, &oids, &mut by_oid).await?;
     read_indexes(client, &oids, &mut by_oid).await?;
-    let sequences = read_default_sequences(client, &oids).await?;
 
-    let mut type_oids = BTreeSet::new();
-    for t in by_oid.values() {
-        for c in &t.columns {
-            type_oids.insert(c.type_oid);
+    let names_by_oid: BTreeMap<u32, QualifiedName> = by_oid
+        .iter()
+        .map(|(oid, def)| (*oid, def.name.clone()))
+        .collect();
+    let mut roots: BTreeMap<u32, TableDef> = BTreeMap::new();
+    for (oid, member) in members {
+        let def = by_oid.remove(&oid).expect("read above");
+        if oid == member.root {
+            roots.insert(oid, def);
+            continue;
+        }
+        let Some(root) = roots.get_mut(&member.root) else {
+            continue;
+        };
+        root.estimated_rows += def.estimated_rows;
+        root.estimated_bytes += def.estimated_bytes;
+        let parent = member
+            .parent
+            .and_then(|p| names_by_oid.get(&p).cloned())
+            .unwrap_or_else(|| root.name.clone());
+        root.partitions.push(Partition {
+            parent,
+            bound: member.bound.unwrap_or_default(),
+            def,
+        });
+    }
+    Ok(SourceCatalog {
+        tables: roots.into_values().map(|t| (t.name.clone(), t)).collect(),
+        needs: Vec::new(),
+        types: Vec::new(),
+        sequences: Vec::new(),
+    })
+}
+
+/// Fills in what the catalog's tables need on the mirror ([`super::depends::read`]).
+/// `search_path` is the source's usual one, to resolve names in function bodies.
+pub async fn read_needs(
+    client: &Client,
+    catalog: &mut SourceCatalog,
+    search_path: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    let oids: Vec<u32> = catalog
+        .tables
+        .values()
+        .flat_map(|t| t.tree().map(|d| d.oid))
+        .collect();
+    catalog.needs = super::depends::read(client, &oids, search_path).await?;
+    catalog.sequences = catalog
+        .needs
+        .iter()
+        .filter_map(|n| match n {
+            super::depends::Need::Sequence(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    catalog.sequences.sort_by(|a, b| a.name.cmp(&b.name));
+    catalog.types = catalog
+        .needs
+        .iter()
+        .filter_map(|n| match n {
+            super::depends::Need::Type(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect();
+    Ok(())
+}
+
+/// A column the source added to a replicated table, with what the mirror needs to add it the
+/// same: its definition (type, collation, default, `NOT NULL`, identity), the check and unique
+/// constraints over it, and the sequences its default draws from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddedColumn {
+    /// The column.
+    pub column: ColumnDef,
+    /// Check and unique constraints that involve it.
+    pub constraints: Vec<ConstraintDef>,
+    /// Sequences its default calls (`serial`, hand-written `nextval`).
+    pub sequences: Vec<SequenceDef>,
+}
+
+/// Reads column `column` of table `table_oid` and what it needs (see [`AddedColumn`]); `None`
+/// when the table has no such column (any more).
+pub async fn read_added_column(
+    client: &Client,
+    table_oid: u32,
+    column: &str,
+) -> Result<Option<AddedColumn>, tokio_postgres::Error> {
+    let placeholder = TableDef {
+        oid: table_oid,
+        name: QualifiedName::new("", ""),
+        columns: Vec::new(),
+        constraints: Vec::new(),
+        foreign_keys: Vec::new(),
+        indexes: Vec::new(),
+        estimated_rows: 0,
+        estimated_bytes: 0,
+        partitioned: false,
+        partition_key: None,
+        partitions: Vec::new(),
+        replica_identity: None,
+    };
+    let mut tables = BTreeMap::from([(table_oid, placeholder)]);
+    read_columns(client, &[table_oid], &mut tables).await?;
+    read_constraints(client, &[table_oid], &mut tables).await?;
+    let table = tables.remove(&table_oid).expect("inserted above");
+    let Some(def) = table.columns.into_iter().find(|c| c.name == column) else {
+        return Ok(None);
+    };
+    let involved: Vec<String> = client
+        .query(
+            "SELECT con.conname::text FROM pg_catalog.pg_constraint con \
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = con.conrelid AND a.attname = $2 \
+             WHERE con.conrelid = $1 AND con.contype IN ('c', 'u') AND a.attnum = ANY (con.conkey)",
+            &[&table_oid, &column],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let constraints = table
+        .constraints
+        .into_iter()
+        .filter(|c| involved.contains(&c.name))
+        .collect();
+    let rows = client
+        .query(
+            "SELECT DISTINCT dep.refobjid \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+             JOIN pg_catalog.pg_depend dep ON dep.classid = 'pg_catalog.pg_attrdef'::regclass \
+                  AND dep.objid = ad.oid AND dep.refclassid = 'pg_catalog.pg_class'::regclass \
+             JOIN pg_catalog.pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S' \
+             WHERE a.attrelid = $1 AND a.attname = $2",
+            &[&table_oid, &column],
+        )
+        .await?;
+    let mut sequences = Vec::new();
+    for r in &rows {
+        if let Some(seq) = read_sequence(client, r.get(0)).await? {
+            sequences.push(seq);
         }
     }
-    let types = read_types(client, type_oids).await?;
-
-    Ok(SourceCatalog {
-        tables: by_oid.into_values().map(|t| (t.name.clone(), t)).collect(),
-        types,
+    Ok(Some(AddedColumn {
+        column: def,
+        constraints,
         sequences,
-    })
+    }))
 }
 
 async fn read_columns(
@@ -397,14 +641,16 @@ async fn read_constraints(
                     con.condeferrable, con.condeferred, \
                     CASE WHEN con.contype IN ('p', 'u') THEN pg_catalog.pg_get_indexdef(con.conindid) END, \
                     pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(cc.relname), \
-                    con.convalidated \
+                    con.convalidated, \
+                    (SELECT pi.relname::text FROM pg_catalog.pg_constraint pcon \
+                     JOIN pg_catalog.pg_class pi ON pi.oid = pcon.conindid WHERE pcon.oid = con.conparentid) \
              FROM pg_catalog.pg_constraint con \
              JOIN pg_catalog.pg_class cc ON cc.oid = con.conrelid \
              JOIN pg_catalog.pg_namespace cn ON cn.oid = cc.relnamespace \
              LEFT JOIN pg_catalog.pg_class fc ON fc.oid = con.confrelid \
              LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid = fc.relnamespace \
              WHERE con.conrelid = ANY($1) AND con.contype IN ('p', 'u', 'c', 'x', 'f') \
-               AND con.conparentid = 0 \
+               AND (con.conparentid = 0 OR con.contype <> 'f') \
              ORDER BY con.conrelid, con.contype, con.conname",
             &[&oids],
         )
@@ -439,6 +685,7 @@ async fn read_constraints(
                 index_using: index_def.and_then(|d| using_clause(&d, &qualified_table)),
                 deferrable: r.get(11),
                 initially_deferred: r.get(12),
+                attached_to: r.get(16),
             });
         }
     }
@@ -455,7 +702,9 @@ async fn read_indexes(
     let rows = client
         .query(
             "SELECT i.indrelid, ic.relname, i.indisunique, pg_catalog.pg_get_indexdef(i.indexrelid), \
-                    pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(tc.relname) \
+                    pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(tc.relname), \
+                    (SELECT pi.relname::text FROM pg_catalog.pg_inherits inh \
+                     JOIN pg_catalog.pg_class pi ON pi.oid = inh.inhparent WHERE inh.inhrelid = i.indexrelid) \
              FROM pg_catalog.pg_index i \
              JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
              JOIN pg_catalog.pg_class tc ON tc.oid = i.indrelid \
@@ -483,6 +732,7 @@ async fn read_indexes(
             name,
             using,
             unique: r.get(2),
+            attached_to: r.get(5),
         });
     }
     Ok(())
@@ -503,7 +753,8 @@ pub fn using_clause(definition: &str, qualified_table: &str) -> Option<String> {
     Some(definition[at..].to_string())
 }
 
-async fn read_sequence(
+/// A sequence's definition and position; `None` when there is no such sequence.
+pub(super) async fn read_sequence(
     client: &Client,
     oid: u32,
 ) -> Result<Option<SequenceDef>, tokio_postgres::Error> {
@@ -547,79 +798,8 @@ async fn read_sequence(
     }))
 }
 
-/// Sequences that column defaults of `oids` call (serial columns, hand-written `nextval`).
-async fn read_default_sequences(
-    client: &Client,
-    oids: &[u32],
-) -> Result<Vec<SequenceDef>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT DISTINCT dep.refobjid \
-             FROM pg_catalog.pg_attrdef ad \
-             JOIN pg_catalog.pg_depend dep ON dep.classid = 'pg_catalog.pg_attrdef'::regclass \
-                  AND dep.objid = ad.oid AND dep.refclassid = 'pg_catalog.pg_class'::regclass \
-             JOIN pg_catalog.pg_class s ON s.oid = dep.refobjid AND s.relkind = 'S' \
-             WHERE ad.adrelid = ANY($1)",
-            &[&oids],
-        )
-        .await?;
-    let mut out = Vec::new();
-    for r in &rows {
-        if let Some(seq) = read_sequence(client, r.get(0)).await? {
-            out.push(seq);
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
-}
-
-/// Reads the user types behind `type_oids`, following arrays to their elements and domains to
-/// their base types, and returns them dependencies first.
-async fn read_types(
-    client: &Client,
-    type_oids: BTreeSet<u32>,
-) -> Result<Vec<TypeDef>, tokio_postgres::Error> {
-    let mut seen = BTreeSet::new();
-    let mut ordered: Vec<TypeDef> = Vec::new();
-    // Depth-first, emitting a type after its dependencies; `seen` makes each type visited, and
-    // so emitted, once.
-    let mut stack: Vec<(u32, bool)> = type_oids.into_iter().map(|o| (o, false)).collect();
-    while let Some((oid, expanded)) = stack.pop() {
-        if oid < FIRST_USER_OID {
-            continue;
-        }
-        if expanded {
-            ordered.push(read_type(client, oid).await?);
-            continue;
-        }
-        if !seen.insert(oid) {
-            continue;
-        }
-        let row = client
-            .query_one(
-                "SELECT t.typtype::text, t.typelem, t.typbasetype, t.typcategory::text \
-                 FROM pg_catalog.pg_type t WHERE t.oid = $1",
-                &[&oid],
-            )
-            .await?;
-        let typtype = first_char(row.get(0));
-        let elem: u32 = row.get(1);
-        let base: u32 = row.get(2);
-        let category = first_char(row.get(3));
-        if category == 'A' && elem != 0 {
-            // An array type is created along with its element type.
-            stack.push((elem, false));
-            continue;
-        }
-        stack.push((oid, true));
-        if typtype == 'd' {
-            stack.push((base, false));
-        }
-    }
-    Ok(ordered)
-}
-
-async fn read_type(client: &Client, oid: u32) -> Result<TypeDef, tokio_postgres::Error> {
+/// A user type's definition (the extension that provides it, if any, makes it external).
+pub(super) async fn read_type(client: &Client, oid: u32) -> Result<TypeDef, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT n.nspname, t.typname, t.typtype::text, \
@@ -680,16 +860,72 @@ async fn read_type(client: &Client, oid: u32) -> Result<TypeDef, tokio_postgres:
                 checks,
             }
         }
-        'c' => TypeDef::External {
-            name,
-            kind: "composite",
-            extension: None,
-        },
-        'r' | 'm' => TypeDef::External {
-            name,
-            kind: "range",
-            extension: None,
-        },
+        'c' => {
+            let attributes = client
+                .query(
+                    "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                            CASE WHEN a.attcollation <> at.typcollation AND a.attcollation <> 0 \
+                                 THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END \
+                     FROM pg_catalog.pg_type t \
+                     JOIN pg_catalog.pg_attribute a ON a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped \
+                     JOIN pg_catalog.pg_type at ON at.oid = a.atttypid \
+                     LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation \
+                     LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
+                     WHERE t.oid = $1 ORDER BY a.attnum",
+                    &[&oid],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            TypeDef::Composite { name, attributes }
+        }
+        'r' => {
+            let r = client
+                .query_one(
+                    "SELECT pg_catalog.format_type(r.rngsubtype, NULL), \
+                            pg_catalog.quote_ident(on_.nspname) || '.' || pg_catalog.quote_ident(opc.opcname), \
+                            CASE WHEN r.rngcollation <> 0 THEN pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname) END, \
+                            r.rngcanonical <> 0, \
+                            CASE WHEN r.rngsubdiff <> 0 THEN r.rngsubdiff::regprocedure::text END, \
+                            (SELECT pg_catalog.quote_ident(mn.nspname) || '.' || pg_catalog.quote_ident(mt.typname) \
+                             FROM pg_catalog.pg_type mt JOIN pg_catalog.pg_namespace mn ON mn.oid = mt.typnamespace \
+                             WHERE mt.oid = r.rngmultitypid) \
+                     FROM pg_catalog.pg_range r \
+                     JOIN pg_catalog.pg_opclass opc ON opc.oid = r.rngsubopc \
+                     JOIN pg_catalog.pg_namespace on_ ON on_.oid = opc.opcnamespace \
+                     LEFT JOIN pg_catalog.pg_collation co ON co.oid = r.rngcollation \
+                     LEFT JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace \
+                     WHERE r.rngtypid = $1",
+                    &[&oid],
+                )
+                .await?;
+            let canonical: bool = r.get(3);
+            if canonical {
+                // A canonical function is written in C: it comes with an extension.
+                return Ok(TypeDef::External {
+                    name,
+                    kind: "range",
+                    extension: None,
+                });
+            }
+            let mut options = vec![
+                format!("subtype = {}", r.get::<_, String>(0)),
+                format!("subtype_opclass = {}", r.get::<_, String>(1)),
+            ];
+            if let Some(c) = r.get::<_, Option<String>>(2) {
+                options.push(format!("collation = {c}"));
+            }
+            if let Some(d) = r.get::<_, Option<String>>(4) {
+                // regprocedure text: the function name is what the option takes.
+                let name = d.split('(').next().unwrap_or(&d).to_string();
+                options.push(format!("subtype_diff = {name}"));
+            }
+            if let Some(m) = r.get::<_, Option<String>>(5) {
+                options.push(format!("multirange_type_name = {m}"));
+            }
+            TypeDef::Range { name, options }
+        }
         _ => TypeDef::External {
             name,
             kind: "base",

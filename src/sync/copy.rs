@@ -96,28 +96,12 @@ pub async fn copy_table(
     format: CopyFormat,
     mut progress: impl FnMut(CopyStats),
 ) -> Result<CopyStats, CopyError> {
-    let columns = table
-        .columns
-        .iter()
-        .filter(|c| c.is_copied())
-        .map(|c| quote(&c.name))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let option = format.option();
+    let (from_sql, to_sql) = copy_statements(table, to, format);
     let out = source
-        .copy_out(&format!(
-            "COPY {} ({columns}) TO STDOUT ({option})",
-            table.name.quoted()
-        ))
+        .copy_out(&from_sql)
         .await
         .map_err(CopyError::Source)?;
-    let sink = mirror
-        .copy_in(&format!(
-            "COPY {} ({columns}) FROM STDIN ({option}, FREEZE)",
-            to.quoted()
-        ))
-        .await
-        .map_err(CopyError::Mirror)?;
+    let sink = mirror.copy_in(&to_sql).await.map_err(CopyError::Mirror)?;
     pin_mut!(out);
     pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(CHUNK_BYTES + (64 << 10));
@@ -142,6 +126,42 @@ pub async fn copy_table(
     stats.rows = sink.as_mut().finish().await.map_err(CopyError::Mirror)?;
     progress(stats);
     Ok(stats)
+}
+
+/// The `COPY ... TO STDOUT` for the source and the `COPY ... FROM STDIN` for the mirror. A
+/// partitioned table has no rows of its own, so a flattened one is read through a query over
+/// it (every partition's rows); a table without columns (`CREATE TABLE marker ()`) takes no
+/// column list, which cannot be empty.
+pub fn copy_statements(
+    table: &TableDef,
+    to: &QualifiedName,
+    format: CopyFormat,
+) -> (String, String) {
+    let columns = table
+        .columns
+        .iter()
+        .filter(|c| c.is_copied())
+        .map(|c| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let list = if columns.is_empty() {
+        String::new()
+    } else {
+        format!(" ({columns})")
+    };
+    let option = format.option();
+    let from = if table.partitioned {
+        format!(
+            "COPY (SELECT {columns} FROM {}) TO STDOUT ({option})",
+            table.name.quoted()
+        )
+    } else {
+        format!("COPY {}{list} TO STDOUT ({option})", table.name.quoted())
+    };
+    (
+        from,
+        format!("COPY {}{list} FROM STDIN ({option}, FREEZE)", to.quoted()),
+    )
 }
 
 #[cfg(test)]
@@ -173,7 +193,33 @@ mod tests {
             indexes: vec![],
             estimated_rows: 0,
             estimated_bytes: 0,
+            partitioned: false,
+            partition_key: None,
+            partitions: Vec::new(),
+            replica_identity: None,
         }
+    }
+
+    #[test]
+    fn tables_without_columns_and_flattened_partitioned_tables_copy() {
+        let to = QualifiedName::new("bite_sync_stage_1_0", "t");
+        let (from, into) = copy_statements(&table(vec![]), &to, CopyFormat::Text);
+        assert_eq!(from, "COPY \"public\".\"t\" TO STDOUT (FORMAT text)");
+        assert_eq!(
+            into,
+            "COPY \"bite_sync_stage_1_0\".\"t\" FROM STDIN (FORMAT text, FREEZE)"
+        );
+        let mut flat = table(vec![column("at", 0, false), column("g", 0, true)]);
+        flat.partitioned = true;
+        let (from, into) = copy_statements(&flat, &to, CopyFormat::Binary);
+        assert_eq!(
+            from,
+            "COPY (SELECT \"at\" FROM \"public\".\"t\") TO STDOUT (FORMAT binary)"
+        );
+        assert!(
+            into.contains("(\"at\") FROM STDIN (FORMAT binary, FREEZE)"),
+            "{into}"
+        );
     }
 
     #[test]

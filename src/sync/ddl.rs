@@ -9,7 +9,7 @@
 use crate::pg::ident::{QualifiedName, literal, quote};
 
 use super::catalog::{
-    ColumnDef, ConstraintDef, ForeignKeyDef, IndexDef, SequenceDef, TableDef, TypeDef,
+    ColumnDef, ConstraintDef, ForeignKeyDef, IndexDef, Partition, SequenceDef, TableDef, TypeDef,
 };
 
 /// `CREATE TYPE` / `CREATE DOMAIN` for a type the mirror lacks; `None` for types bite-sync does
@@ -48,6 +48,23 @@ pub fn create_type(def: &TypeDef) -> Option<String> {
             }
             Some(sql)
         }
+        TypeDef::Composite { name, attributes } => Some(format!(
+            "CREATE TYPE {} AS ({})",
+            name.quoted(),
+            attributes
+                .iter()
+                .map(|(attr, type_sql, collation)| match collation {
+                    Some(c) => format!("{} {type_sql} COLLATE {c}", quote(attr)),
+                    None => format!("{} {type_sql}", quote(attr)),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        TypeDef::Range { name, options } => Some(format!(
+            "CREATE TYPE {} AS RANGE ({})",
+            name.quoted(),
+            options.join(", ")
+        )),
         TypeDef::External { .. } => None,
     }
 }
@@ -160,10 +177,106 @@ pub fn create_table(def: &TableDef, at: &QualifiedName) -> String {
     {
         parts.push(format!("CONSTRAINT {} {}", quote(&c.name), c.definition));
     }
-    format!(
+    let mut sql = format!(
         "CREATE TABLE {} (\n    {}\n)",
         at.quoted(),
         parts.join(",\n    ")
+    );
+    if let Some(key) = &def.partition_key {
+        sql.push_str(&format!(" PARTITION BY {key}"));
+    }
+    sql
+}
+
+/// Makes `child` a partition of `parent`: `bound` is `FOR VALUES ...` or `DEFAULT`. `ONLY`:
+/// the parent's indexes are attached separately (as `pg_dump` does), so a partition keeps
+/// the source's index names.
+pub fn attach_partition(parent: &QualifiedName, child: &QualifiedName, bound: &str) -> String {
+    format!(
+        "ALTER TABLE ONLY {} ATTACH PARTITION {} {bound}",
+        parent.quoted(),
+        child.quoted()
+    )
+}
+
+/// The statements that add partition `p` to its parent where the parent exists with rows (a
+/// partition the source created while replication runs): the table with its own columns,
+/// then its keys and indexes named as on the source (so attaching it matches them to the
+/// parent's instead of making new ones), the attachment, its own foreign keys to the
+/// `referenced` tables, and its replica identity.
+pub fn new_partition(p: &Partition, referenced: &[QualifiedName]) -> Vec<String> {
+    let def = &p.def;
+    let at = &def.name;
+    let partitioned = def.is_partitioned_on_mirror();
+    let mut out = vec![
+        format!("CREATE SCHEMA IF NOT EXISTS {}", quote(&at.schema)),
+        create_table(def, at),
+    ];
+    for c in &def.constraints {
+        match c.kind {
+            'p' | 'u' | 'x' if partitioned => out.push(add_key_only(at, c)),
+            'p' | 'u' | 'x' => out.push(add_key(at, c)),
+            'c' if is_not_valid(c) => out.push(add_key(at, c)),
+            _ => {}
+        }
+    }
+    for i in &def.indexes {
+        out.push(if partitioned {
+            create_index_only(at, i)
+        } else {
+            create_index(at, i)
+        });
+    }
+    out.push(format!(
+        "ALTER TABLE {} ATTACH PARTITION {} {}",
+        p.parent.quoted(),
+        at.quoted(),
+        p.bound
+    ));
+    for fk in def
+        .foreign_keys
+        .iter()
+        .filter(|fk| referenced.contains(&fk.referenced))
+    {
+        out.push(add_foreign_key(at, fk, &fk.referenced));
+    }
+    if let Some(identity) = &def.replica_identity {
+        out.push(format!(
+            "ALTER TABLE ONLY {} REPLICA IDENTITY {identity}",
+            at.quoted()
+        ));
+    }
+    out
+}
+
+/// A primary key, unique or exclusion constraint of a partitioned table itself: its index is
+/// made invalid and empty, and becomes valid once every partition's index is attached to it.
+pub fn add_key_only(at: &QualifiedName, constraint: &ConstraintDef) -> String {
+    format!(
+        "ALTER TABLE ONLY {} ADD CONSTRAINT {} {}",
+        at.quoted(),
+        quote(&constraint.name),
+        constraint.definition
+    )
+}
+
+/// An index of a partitioned table itself, to which its partitions' indexes are attached.
+pub fn create_index_only(at: &QualifiedName, index: &IndexDef) -> String {
+    format!(
+        "CREATE {}INDEX {} ON ONLY {}{}",
+        if index.unique { "UNIQUE " } else { "" },
+        quote(&index.name),
+        at.quoted(),
+        index.using
+    )
+}
+
+/// Attaches a partition's index to its parent's.
+pub fn attach_index(parent_index: &QualifiedName, child_index: &QualifiedName) -> String {
+    format!(
+        "ALTER INDEX {} ATTACH PARTITION {}",
+        parent_index.quoted(),
+        child_index.quoted()
     )
 }
 
@@ -392,6 +505,7 @@ mod tests {
                     index_using: None,
                     deferrable: false,
                     initially_deferred: false,
+                    attached_to: None,
                 },
                 ConstraintDef {
                     name: "Order Items_pkey".into(),
@@ -400,12 +514,17 @@ mod tests {
                     index_using: Some(" USING btree (id)".into()),
                     deferrable: false,
                     initially_deferred: false,
+                    attached_to: None,
                 },
             ],
             foreign_keys: vec![],
             indexes: vec![],
             estimated_rows: 0,
             estimated_bytes: 0,
+            partitioned: false,
+            partition_key: None,
+            partitions: Vec::new(),
+            replica_identity: None,
         };
         let at = QualifiedName::new("bite_sync_stage_7_0", "Order Items");
         assert_eq!(
@@ -471,6 +590,7 @@ mod tests {
             name: "items_created".into(),
             using: " USING btree (created_at DESC)".into(),
             unique: false,
+            attached_to: None,
         };
         assert_eq!(
             create_index(&at, &idx),

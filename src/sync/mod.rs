@@ -9,9 +9,13 @@
 //!    worker imports it, so all tables are read as of one instant, and the catalog is read in
 //!    it too.
 //! 3. **Plan** ([`plan`]): resolve patterns, compare with the mirror, refuse what cannot be
-//!    applied, order by foreign keys. `--dry-run` stops here and prints the plan.
-//! 4. **Stage**: types, sequences and schemas the tables need are created on the mirror
-//!    (additive, harmless to readers). Each table is built in a per-run staging schema by up to
+//!    applied, find what the tables need that the mirror lacks ([`depends`]) and refuse what
+//!    bite-sync cannot create, order by foreign keys. Nothing has changed on either side up to
+//!    here (not even the bookkeeping); `--dry-run` stops here and prints the plan.
+//! 4. **Stage**: schemas, types, collations, extensions, functions and sequences the tables
+//!    need are created on the mirror (additive, harmless to readers). A partitioned table is
+//!    built partitioned, each partition filled from its own on the source (or as one plain
+//!    table, `flatten_partitions`). Each table is built in a per-run staging schema by up to
 //!    `--jobs` workers: `CREATE TABLE`, binary `COPY ... FREEZE` streamed from the source
 //!    ([`copy`]), then keys and indexes: data before indexes. Then foreign keys among staged
 //!    tables, and sequences set to the source's values.
@@ -25,6 +29,7 @@ mod build;
 pub mod catalog;
 pub mod copy;
 pub mod ddl;
+pub mod depends;
 pub mod plan;
 pub mod progress;
 pub mod report;
@@ -43,7 +48,7 @@ use crate::bookkeeping::{self, BookkeepingError};
 use crate::pg::connect::{ConnectError, DbUrl};
 use crate::pg::ident::{QualifiedName, TablePattern, literal, quote};
 
-use self::catalog::{ForeignKeyDef, SourceCatalog, TableDef, TypeDef};
+use self::catalog::{ForeignKeyDef, SourceCatalog, TableDef};
 use self::copy::{CopyFormat, CopyStats};
 pub use self::plan::{Mode, PlanError, TableAction};
 use self::swap::{SwapPlan, SwapTable};
@@ -73,6 +78,12 @@ pub struct SyncOptions {
     pub maintenance_work_mem: String,
     /// Read from this exported snapshot instead of taking a new one (replication set-up).
     pub snapshot: Option<String>,
+    /// Build each partitioned table as one plain table on the mirror (`[sync]
+    /// flatten_partitions`), instead of partitioned the same way as on the source.
+    pub flatten_partitions: bool,
+    /// The replication daemon's own copy (or its check of one): tables it streams into may be
+    /// replaced.
+    pub replicating: bool,
 }
 
 impl SyncOptions {
@@ -90,6 +101,8 @@ impl SyncOptions {
             lock_timeout: Duration::from_secs(10),
             maintenance_work_mem: "128MB".into(),
             snapshot: None,
+            flatten_partitions: false,
+            replicating: false,
         }
     }
 
@@ -106,6 +119,7 @@ impl SyncOptions {
             jobs: settings.jobs,
             lock_timeout: settings.lock_timeout,
             maintenance_work_mem: settings.maintenance_work_mem.clone(),
+            flatten_partitions: settings.flatten_partitions,
             ..Self::new(source, mirror)
         }
     }
@@ -247,18 +261,10 @@ pub enum SyncError {
     /// Bookkeeping migrations failed.
     #[error("failed to set up bookkeeping on the mirror")]
     Bookkeeping(#[from] BookkeepingError),
-    /// A column type the mirror lacks and bite-sync does not create.
-    #[error("{table} needs type {type_name} ({kind}{}), which the mirror lacks: create it on the mirror first", .extension.as_ref().map(|e| format!(" from extension {e}: CREATE EXTENSION {e}")).unwrap_or_default())]
-    MissingType {
-        /// A table that uses it.
-        table: String,
-        /// The type.
-        type_name: String,
-        /// What kind of type.
-        kind: &'static str,
-        /// The extension that provides it on the source.
-        extension: Option<String>,
-    },
+    /// Objects the tables need that the mirror lacks and bite-sync cannot create; nothing
+    /// was changed on either side.
+    #[error("the mirror lacks what the tables need, and bite-sync cannot create it; nothing was changed:\n  - {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  - "))]
+    MissingDependencies(Vec<depends::Missing>),
     /// Mirror objects would be dropped along with a replaced table.
     #[error("{table} on the mirror has dependent objects that a sync would have to drop: {}; drop them on the mirror (they can be recreated after the sync) or leave {table} out", .objects.join(", "))]
     MirrorDependents {
@@ -412,8 +418,6 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         if !locked {
             return Err(SyncError::Busy(opts.mirror.target()));
         }
-        bookkeeping::migrate(&mut mirror).await?;
-        cleanup_leftovers(&mirror).await?;
     }
 
     // The snapshot every table is read from.
@@ -431,12 +435,23 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         .map_err(pg(Side::Source, "failed to list the source's tables"))?;
     let selected = plan::resolve(&all, &search_path, &opts.tables, &opts.exclude)?;
     let names: Vec<QualifiedName> = selected.into_iter().map(|e| e.name).collect();
-    let source_catalog = catalog::read_tables(&source, &names).await.map_err(pg(
+    let mut source_catalog = catalog::read_tables(&source, &names).await.map_err(pg(
         Side::Source,
         "failed to read the source's table definitions",
     ))?;
+    if opts.flatten_partitions {
+        for def in source_catalog.tables.values_mut() {
+            *def = def.clone().flattened();
+        }
+    }
+    catalog::read_needs(&source, &mut source_catalog, &search_path)
+        .await
+        .map_err(pg(
+            Side::Source,
+            "failed to read what the source's tables need (types, functions, extensions ...)",
+        ))?;
 
-    if opts.snapshot.is_none() && initialized {
+    if !opts.replicating && initialized {
         refuse_replicated(&mirror, &names).await?;
     }
 
@@ -461,17 +476,35 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
         "failed to read the mirror's table definitions",
     ))?;
 
+    // Everything that can be known to fail is found before anything changes on either side:
+    // the plan's refusals and what the mirror lacks that bite-sync cannot create.
+    let mut planned = plan_run(
+        opts,
+        &source_catalog,
+        &mirror_catalog,
+        &mirror_all,
+        "dry_run",
+    )?;
+    let needs = depends::plan(&mirror, &source_catalog.needs)
+        .await
+        .map_err(pg(
+            Side::Mirror,
+            "failed to look for the tables' types, functions and extensions on the mirror",
+        ))?;
+    let problems: Vec<depends::Missing> = needs.problems().into_iter().cloned().collect();
+    if !problems.is_empty() {
+        return Err(SyncError::MissingDependencies(problems));
+    }
+    check_dependents(&mirror, &planned, &mirror_catalog).await?;
+    let prepare = prepare_statements(&source_catalog, &needs);
+    let warnings: Vec<String> = needs.warnings().iter().map(ToString::to_string).collect();
     if opts.dry_run {
-        let mut planned = plan_run(
-            opts,
-            &source_catalog,
-            &mirror_catalog,
-            &mirror_all,
-            "dry_run",
-        )?;
-        planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
+        planned.prepare = prepare;
+        planned.warnings.extend(warnings);
         return Ok(planned.report(None, !initialized, started));
     }
+    bookkeeping::migrate(&mut mirror).await?;
+    cleanup_leftovers(&mirror).await?;
 
     // From here on the run is recorded, failures included.
     let run_id = record_start(&mirror, opts, &names, &source_id).await?;
@@ -483,8 +516,11 @@ async fn run(opts: &SyncOptions, observer: Arc<dyn Observer>) -> Result<SyncRepo
             &mirror_all,
             &run_id.to_string(),
         )?;
-        planned.prepare = prepare_statements(&mirror, &source_catalog, &names).await?;
-        check_dependents(&mirror, &planned, &mirror_catalog).await?;
+        for missing in needs.missing.iter().filter(|m| m.created) {
+            tracing::info!(object = %missing.object, "creating on the mirror what the tables need");
+        }
+        planned.prepare = prepare;
+        planned.warnings.extend(warnings);
         execute(
             opts,
             &observer,
@@ -651,11 +687,38 @@ struct PlannedTable {
     format: CopyFormat,
     /// Where the table is built; `None` when nothing is built (schema-only on an existing table).
     staged: Option<QualifiedName>,
+    /// Where each of its partitions is built, in the order of `def.partitions` (empty when
+    /// nothing is built).
+    staged_partitions: Vec<QualifiedName>,
     stats: CopyStats,
     duration: Duration,
 }
 
 impl PlannedTable {
+    /// The table and its partitions with where each is built: (definition, staged name).
+    fn staged_tree(&self) -> Vec<(&TableDef, &QualifiedName)> {
+        let Some(root) = &self.staged else {
+            return Vec::new();
+        };
+        std::iter::once((&self.def, root))
+            .chain(
+                self.def
+                    .partitions
+                    .iter()
+                    .map(|p| &p.def)
+                    .zip(&self.staged_partitions),
+            )
+            .collect()
+    }
+
+    /// Where `name` (the table or one of its partitions) is built.
+    fn staged_name(&self, name: &QualifiedName) -> Option<&QualifiedName> {
+        self.staged_tree()
+            .into_iter()
+            .find(|(def, _)| &def.name == name)
+            .map(|(_, at)| at)
+    }
+
     fn copies_data(&self, mode: Mode) -> bool {
         self.staged.is_some() && mode != Mode::SchemaOnly
     }
@@ -680,6 +743,8 @@ impl PlannedTable {
 struct StagedKey {
     /// Index of the referencing table in the plan.
     table: usize,
+    /// Where the referencing table (or partition) is built.
+    at: QualifiedName,
     /// The referencing columns.
     columns: Vec<String>,
     /// Index of the referenced table, when it is staged too (the key waits for it).
@@ -699,6 +764,9 @@ struct Planned {
     foreign_keys: Vec<StagedKey>,
     /// Foreign keys to mirror tables outside the run, added by the swap.
     outside_keys: Vec<swap::OutsideKey>,
+    /// The same, from tables built partitioned: PostgreSQL cannot hold a key `NOT VALID` on a
+    /// partitioned table, so these are added (and validated) once the swap has committed.
+    late_keys: Vec<swap::OutsideKey>,
     warnings: Vec<String>,
 }
 
@@ -744,10 +812,10 @@ impl Planned {
         let t = &self.tables[i];
         let mut out = Vec::new();
         match (&t.staged, &t.action) {
-            (Some(at), _) => {
-                out.push(ddl::create_table(&t.def, at));
-                out.extend(build::index_statements(&t.def, at));
-                out.extend(build::key_statements(&t.def, at));
+            (Some(_), _) => {
+                out.extend(build::create_statements(t));
+                out.extend(build::tree_index_statements(t));
+                out.extend(build::tree_key_statements(t));
             }
             (None, _) => out.extend(t.add_column_statements()),
         }
@@ -760,8 +828,14 @@ impl Planned {
         out.extend(
             self.outside_keys
                 .iter()
-                .filter(|k| k.key.table == t.def.name)
+                .filter(|k| t.def.tree().any(|d| d.name == k.key.table))
                 .map(|k| format!("{}  -- in the swap, validated after", k.statement)),
+        );
+        out.extend(
+            self.late_keys
+                .iter()
+                .filter(|k| t.def.tree().any(|d| d.name == k.key.table))
+                .map(|k| format!("{}  -- after the swap", k.statement)),
         );
         out
     }
@@ -776,34 +850,40 @@ fn plan_run(
     tag: &str,
 ) -> Result<Planned, SyncError> {
     let order = plan::fk_order(&source.tables);
+    // Partitions may live in other schemas than their partitioned table.
     let target_schemas: Vec<String> = order
         .iter()
-        .map(|n| n.schema.clone())
+        .flat_map(|n| source.tables[n].tree().map(|d| d.name.schema.clone()))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let staged_at = |name: &QualifiedName| {
+        let i = target_schemas
+            .iter()
+            .position(|s| s == &name.schema)
+            .unwrap_or(0);
+        QualifiedName::new(format!("{STAGING_PREFIX}{tag}_{i}"), name.name.clone())
+    };
     let mut tables = Vec::with_capacity(order.len());
     for name in &order {
         let def = source.tables[name].clone();
         let action = plan::compare(&def, mirror.tables.get(name), opts.mode)?;
-        let staged = match &action {
-            TableAction::AddColumns { .. } => None,
-            _ => {
-                let i = target_schemas
+        let (staged, staged_partitions) = match &action {
+            TableAction::AddColumns { .. } => (None, Vec::new()),
+            _ => (
+                Some(staged_at(name)),
+                def.partitions
                     .iter()
-                    .position(|s| s == &name.schema)
-                    .unwrap_or(0);
-                Some(QualifiedName::new(
-                    format!("{STAGING_PREFIX}{tag}_{i}"),
-                    name.name.clone(),
-                ))
-            }
+                    .map(|p| staged_at(&p.def.name))
+                    .collect(),
+            ),
         };
         tables.push(PlannedTable {
             format: CopyFormat::for_table(&def),
             def,
             action,
             staged,
+            staged_partitions,
             stats: CopyStats::default(),
             duration: Duration::ZERO,
         });
@@ -812,41 +892,53 @@ fn plan_run(
     let mut warnings = Vec::new();
     let mut foreign_keys = Vec::new();
     let mut outside_keys = Vec::new();
+    let mut late_keys = Vec::new();
     for (i, t) in tables.iter().enumerate() {
-        let Some(at) = &t.staged else { continue };
-        for fk in &t.def.foreign_keys {
-            match tables.iter().position(|p| p.def.name == fk.referenced) {
-                Some(p) => {
-                    let parent = &tables[p];
-                    let referenced_at = parent.staged.as_ref().unwrap_or(&parent.def.name);
-                    foreign_keys.push(StagedKey {
-                        table: i,
-                        columns: fk.columns.clone(),
-                        parent: parent.staged.is_some().then_some(p),
-                        statement: ddl::add_foreign_key(at, fk, referenced_at),
-                    });
+        // The table's keys, and its partitions' own (those cloned from the table's come with it).
+        for (def, at) in t.staged_tree() {
+            for fk in &def.foreign_keys {
+                match tables.iter().position(|p| p.def.name == fk.referenced) {
+                    Some(p) => {
+                        let parent = &tables[p];
+                        let referenced_at = parent.staged.as_ref().unwrap_or(&parent.def.name);
+                        foreign_keys.push(StagedKey {
+                            table: i,
+                            at: at.clone(),
+                            columns: fk.columns.clone(),
+                            parent: parent.staged.is_some().then_some(p),
+                            statement: ddl::add_foreign_key(at, fk, referenced_at),
+                        });
+                    }
+                    // The parent is already on the mirror: keep the key, pointing at it. It is
+                    // added NOT VALID in the swap and validated after, as the parent's rows are
+                    // the mirror's, not this snapshot's.
+                    None if mirror_tables.contains(&fk.referenced) => {
+                        let partitioned = def.is_partitioned_on_mirror();
+                        let key = swap::OutsideKey {
+                            key: swap::RepointedKey {
+                                table: def.name.clone(),
+                                name: fk.name.clone(),
+                            },
+                            statement: ddl::add_foreign_key(
+                                &def.name,
+                                &ForeignKeyDef {
+                                    validated: partitioned && fk.validated,
+                                    ..fk.clone()
+                                },
+                                &fk.referenced,
+                            ),
+                        };
+                        if partitioned {
+                            late_keys.push(key);
+                        } else {
+                            outside_keys.push(key);
+                        }
+                    }
+                    None => warnings.push(format!(
+                        "foreign key {} on {} references {}, which is neither part of this sync nor on the mirror: skipped",
+                        fk.name, def.name, fk.referenced
+                    )),
                 }
-                // The parent is already on the mirror: keep the key, pointing at it. It is
-                // added NOT VALID in the swap and validated after, as the parent's rows are
-                // the mirror's, not this snapshot's.
-                None if mirror_tables.contains(&fk.referenced) => outside_keys.push(swap::OutsideKey {
-                    key: swap::RepointedKey {
-                        table: t.def.name.clone(),
-                        name: fk.name.clone(),
-                    },
-                    statement: ddl::add_foreign_key(
-                        &t.def.name,
-                        &ForeignKeyDef {
-                            validated: false,
-                            ..fk.clone()
-                        },
-                        &fk.referenced,
-                    ),
-                }),
-                None => warnings.push(format!(
-                    "foreign key {} on {} references {}, which is neither part of this sync nor on the mirror: skipped",
-                    fk.name, t.def.name, fk.referenced
-                )),
             }
         }
     }
@@ -860,72 +952,24 @@ fn plan_run(
         prepare: Vec::new(),
         foreign_keys,
         outside_keys,
+        late_keys,
         warnings,
     })
 }
 
-/// Schemas, types and sequences the mirror needs before the tables can be built; additive, so
-/// they are committed right away.
-async fn prepare_statements(
-    mirror: &Client,
-    source: &SourceCatalog,
-    names: &[QualifiedName],
-) -> Result<Vec<String>, SyncError> {
-    let mut out = Vec::new();
-    let mut schemas: BTreeSet<&str> = names.iter().map(|n| n.schema.as_str()).collect();
-    schemas.extend(source.types.iter().map(|t| t.name().schema.as_str()));
-    schemas.extend(source.sequences.iter().map(|s| s.name.schema.as_str()));
-    for schema in schemas {
-        out.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)));
-    }
-    for t in &source.types {
-        let name = t.name();
-        let found = mirror
-            .query_opt(
-                "SELECT t.typtype::text, \
-                        ARRAY(SELECT enumlabel::text FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid ORDER BY enumsortorder) \
-                 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
-                 WHERE n.nspname = $1 AND t.typname = $2",
-                &[&name.schema, &name.name],
-            )
-            .await
-            .map_err(pg(Side::Mirror, format!("failed to look up type {name} on the mirror")))?;
-        match (t, found) {
-            (TypeDef::Enum { labels, .. }, Some(row)) => {
-                let mirror_labels: Vec<String> = row.get(1);
-                out.extend(ddl::add_enum_labels(name, labels, &mirror_labels));
-            }
-            (_, Some(_)) => {}
-            (
-                TypeDef::External {
-                    kind, extension, ..
-                },
-                None,
-            ) => {
-                let table = source
-                    .tables
-                    .values()
-                    .find(|d| {
-                        d.columns.iter().any(|c| {
-                            c.type_sql.contains(&name.quoted()) || c.type_sql.contains(&name.name)
-                        })
-                    })
-                    .map(|d| d.name.to_string())
-                    .unwrap_or_default();
-                return Err(SyncError::MissingType {
-                    table,
-                    type_name: name.to_string(),
-                    kind,
-                    extension: extension.clone(),
-                });
-            }
-            (def, None) => out.extend(ddl::create_type(def)),
-        }
-    }
-    for seq in &source.sequences {
-        out.push(ddl::create_sequence(seq));
-    }
-    Ok(out)
+/// Schemas, types, functions, collations, extensions and sequences the mirror needs before
+/// the tables can be built; additive, so they are committed right away.
+fn prepare_statements(source: &SourceCatalog, needs: &depends::Plan) -> Vec<String> {
+    let schemas: BTreeSet<&str> = source
+        .tables
+        .values()
+        .flat_map(|t| t.tree().map(|d| d.name.schema.as_str()))
+        .collect();
+    schemas
+        .into_iter()
+        .map(|schema| format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+        .chain(needs.statements.iter().cloned())
+        .collect()
 }
 
 /// Refuses to replace a mirror table that other mirror objects (views) depend on: dropping it
@@ -942,15 +986,17 @@ async fn check_dependents(
         let Some(old) = mirror_catalog.tables.get(&t.def.name) else {
             continue;
         };
+        // The old table and its partitions, which go with it.
+        let oids: Vec<u32> = old.tree().map(|d| d.oid).collect();
         let rows = mirror
             .query(
                 "SELECT DISTINCT pg_catalog.pg_describe_object('pg_catalog.pg_class'::regclass, rw.ev_class, 0) \
                  FROM pg_catalog.pg_depend d \
                  JOIN pg_catalog.pg_rewrite rw ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND rw.oid = d.objid \
-                 WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = $1 \
-                   AND rw.ev_class <> $1 \
+                 WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = ANY ($1) \
+                   AND rw.ev_class <> ALL ($1) \
                  ORDER BY 1",
-                &[&old.oid],
+                &[&oids],
             )
             .await
             .map_err(pg(Side::Mirror, "failed to look for objects that depend on mirror tables"))?;
@@ -1016,6 +1062,10 @@ async fn execute(
             .transaction()
             .await
             .map_err(pg(Side::Mirror, "failed to prepare the mirror"))?;
+        // A function's body may name objects created after it (or tables of the run).
+        tx.batch_execute("SET LOCAL check_function_bodies = off")
+            .await
+            .map_err(pg(Side::Mirror, "failed to prepare the mirror"))?;
         for statement in planned.prepare.iter().cloned().chain(
             planned
                 .staging_schemas
@@ -1055,13 +1105,19 @@ async fn execute(
             target: t.def.name.clone(),
             staged: t.staged.clone(),
             replaces_existing: matches!(t.action, TableAction::Replace { .. }),
+            partitions: t
+                .staged_partitions
+                .iter()
+                .cloned()
+                .zip(t.def.partitions.iter().map(|p| p.def.name.clone()))
+                .collect(),
             add_columns: t.add_column_statements(),
             owned_sequences: source_catalog
                 .sequences
                 .iter()
                 .filter_map(|s| s.owned_by.as_ref().map(|o| (s, o)))
-                .filter(|(_, (owner, _))| owner == &t.def.name)
-                .map(|(s, (_, column))| (s.name.clone(), column.clone()))
+                .filter(|(_, (owner, _))| t.def.tree().any(|d| &d.name == owner))
+                .map(|(s, (owner, column))| (s.name.clone(), owner.clone(), column.clone()))
                 .collect(),
         })
         .collect();
@@ -1077,6 +1133,30 @@ async fn execute(
         .await
         .map_err(pg(Side::Mirror, "failed to swap the new tables in"))?;
 
+    for key in &planned.late_keys {
+        match mirror.batch_execute(&key.statement).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) => {
+                let detail = e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default();
+                planned.warnings.push(format!(
+                    "foreign key {} on {} was not added: the mirror's rows do not satisfy it ({detail}), and PostgreSQL cannot keep it NOT VALID on a partitioned table",
+                    key.key.name, key.key.table
+                ));
+            }
+            Err(e) => {
+                return Err(pg(
+                    Side::Mirror,
+                    format!(
+                        "failed to add foreign key {} on {}",
+                        key.key.name, key.key.table
+                    ),
+                )(e));
+            }
+        }
+    }
     if !outcome.repointed.is_empty() {
         observer.phase("validating foreign keys from other mirror tables");
         let violated = swap::validate_foreign_keys(mirror, &outcome.repointed)

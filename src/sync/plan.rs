@@ -59,11 +59,16 @@ pub enum PlanError {
     /// Everything was excluded, or the source has no tables.
     #[error("no tables to sync: the selection is empty")]
     NothingSelected,
-    /// Partitioned tables are not synced yet.
+    /// A partition named on its own: its partitioned table is what is synced.
     #[error(
-        "table {0} is partitioned: partitioned tables are not supported yet; sync its partitions' data through a plain table or leave it out with --exclude"
+        "{partition} is a partition of {root}: partitions are synced and replicated with their partitioned table, as one table; name {root} instead (every partition comes with it)"
     )]
-    Partitioned(QualifiedName),
+    Partition {
+        /// The partition, as typed.
+        partition: QualifiedName,
+        /// The partitioned table at the top of its tree.
+        root: QualifiedName,
+    },
     /// Same column, different type.
     #[error(
         "column {column} of {table} is {source_type} on the source but {mirror_type} on the mirror: change it on the mirror (ALTER TABLE ... ALTER COLUMN ... TYPE) or drop the mirror table, then sync again"
@@ -110,6 +115,7 @@ impl PlanError {
             PlanError::UnknownTable { .. }
                 | PlanError::UnknownSchema { .. }
                 | PlanError::NothingSelected
+                | PlanError::Partition { .. }
         )
     }
 }
@@ -124,7 +130,9 @@ fn suggestion_text(suggestions: &[String]) -> String {
 
 /// Turns patterns into the sorted list of tables they select. No `include` patterns means every
 /// user table. Unqualified names are looked up along `search_path`, then in any schema where
-/// the name is unique.
+/// the name is unique. A partitioned table stands for its whole tree: its partitions are never
+/// selected on their own (a schema pattern leaves them out, a name is refused naming the
+/// partitioned table).
 pub fn resolve(
     all: &[TableEntry],
     search_path: &[String],
@@ -133,7 +141,7 @@ pub fn resolve(
 ) -> Result<Vec<TableEntry>, PlanError> {
     let mut selected: BTreeSet<&TableEntry> = BTreeSet::new();
     if include.is_empty() {
-        selected.extend(all.iter());
+        selected.extend(all.iter().filter(|e| e.root.is_none()));
     }
     for pattern in include {
         selected.extend(matching(all, search_path, pattern)?);
@@ -146,9 +154,6 @@ pub fn resolve(
     if selected.is_empty() {
         return Err(PlanError::NothingSelected);
     }
-    if let Some(p) = selected.iter().find(|e| e.kind == 'p') {
-        return Err(PlanError::Partitioned(p.name.clone()));
-    }
     Ok(selected.into_iter().cloned().collect())
 }
 
@@ -157,9 +162,30 @@ fn matching<'a>(
     search_path: &[String],
     pattern: &TablePattern,
 ) -> Result<Vec<&'a TableEntry>, PlanError> {
+    let found = matching_any(all, search_path, pattern)?;
+    if let TablePattern::Table { .. } = pattern
+        && let [entry] = found.as_slice()
+        && let Some(root) = &entry.root
+    {
+        return Err(PlanError::Partition {
+            partition: entry.name.clone(),
+            root: root.clone(),
+        });
+    }
+    Ok(found.into_iter().filter(|e| e.root.is_none()).collect())
+}
+
+fn matching_any<'a>(
+    all: &'a [TableEntry],
+    search_path: &[String],
+    pattern: &TablePattern,
+) -> Result<Vec<&'a TableEntry>, PlanError> {
     match pattern {
         TablePattern::Schema(schema) => {
-            let found: Vec<_> = all.iter().filter(|e| &e.name.schema == schema).collect();
+            let found: Vec<_> = all
+                .iter()
+                .filter(|e| &e.name.schema == schema && e.root.is_none())
+                .collect();
             if found.is_empty() {
                 let schemas: BTreeSet<&str> = all.iter().map(|e| e.name.schema.as_str()).collect();
                 return Err(PlanError::UnknownSchema {
@@ -204,7 +230,12 @@ fn matching<'a>(
 fn unknown(all: &[TableEntry], pattern: &TablePattern) -> PlanError {
     PlanError::UnknownTable {
         pattern: pattern.to_string(),
-        suggestions: near(&pattern.to_string(), all.iter().map(|e| e.name.to_string())),
+        suggestions: near(
+            &pattern.to_string(),
+            all.iter()
+                .filter(|e| e.root.is_none())
+                .map(|e| e.name.to_string()),
+        ),
     }
 }
 
@@ -365,6 +396,7 @@ mod tests {
         TableEntry {
             name: QualifiedName::new(schema, name),
             kind: 'r',
+            root: None,
         }
     }
 
@@ -427,6 +459,54 @@ mod tests {
     }
 
     #[test]
+    fn a_partitioned_table_stands_for_its_partitions() {
+        let payments = QualifiedName::new("public", "payments");
+        let mut all = sample();
+        all.push(TableEntry {
+            name: payments.clone(),
+            kind: 'p',
+            root: None,
+        });
+        for month in ["payments_2026_10", "payments_2026_11"] {
+            all.push(TableEntry {
+                name: QualifiedName::new("public", month),
+                kind: 'r',
+                root: Some(payments.clone()),
+            });
+        }
+        let got =
+            names(resolve(&all, &path(), &parse_pattern_list("public.*").unwrap(), &[]).unwrap());
+        assert!(got.contains(&"payments".to_string()), "{got:?}");
+        assert!(!got.iter().any(|n| n.starts_with("payments_")), "{got:?}");
+        assert!(
+            !names(resolve(&all, &path(), &[], &[]).unwrap())
+                .iter()
+                .any(|n| n.starts_with("payments_"))
+        );
+        let err = resolve(
+            &all,
+            &path(),
+            &parse_pattern_list("payments_2026_11").unwrap(),
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payments_2026_11 is a partition of payments: partitions are synced and replicated with their partitioned table, as one table; name payments instead (every partition comes with it)"
+        );
+        assert!(err.is_usage());
+        assert!(matches!(
+            resolve(
+                &all,
+                &path(),
+                &[],
+                &parse_pattern_list("payments_2026_10").unwrap()
+            ),
+            Err(PlanError::Partition { .. })
+        ));
+    }
+
+    #[test]
     fn typos_get_suggestions() {
         let include = parse_pattern_list("custmers").unwrap();
         let err = resolve(&sample(), &path(), &include, &[]).unwrap_err();
@@ -451,17 +531,6 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.to_string(), "no table zzzzzzzzzz on the source");
-    }
-
-    #[test]
-    fn partitioned_tables_are_refused_by_name() {
-        let mut all = sample();
-        all.push(TableEntry {
-            name: QualifiedName::new("public", "events"),
-            kind: 'p',
-        });
-        let err = resolve(&all, &path(), &parse_pattern_list("events").unwrap(), &[]).unwrap_err();
-        assert!(matches!(err, PlanError::Partitioned(_)));
     }
 
     fn column(name: &str, type_sql: &str) -> ColumnDef {
@@ -502,6 +571,10 @@ mod tests {
             indexes: vec![],
             estimated_rows: 0,
             estimated_bytes: 0,
+            partitioned: false,
+            partition_key: None,
+            partitions: Vec::new(),
+            replica_identity: None,
         }
     }
 

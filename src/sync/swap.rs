@@ -26,10 +26,14 @@ pub struct SwapTable {
     pub staged: Option<QualifiedName>,
     /// Whether a table of that name exists on the mirror now and is replaced.
     pub replaces_existing: bool,
+    /// Its partitions, when it is built partitioned: (where built, final name). Each moves
+    /// into place on its own; the old table's partitions go with the old table.
+    pub partitions: Vec<(QualifiedName, QualifiedName)>,
     /// `ALTER TABLE ... ADD COLUMN` statements (schema-only runs).
     pub add_columns: Vec<String>,
-    /// Sequences the source says this table's columns own: (sequence, column).
-    pub owned_sequences: Vec<(QualifiedName, String)>,
+    /// Sequences the source says this table's (or its partitions') columns own:
+    /// (sequence, table, column).
+    pub owned_sequences: Vec<(QualifiedName, QualifiedName, String)>,
 }
 
 /// A foreign key from a table outside the run that was re-added `NOT VALID`.
@@ -145,13 +149,15 @@ async fn swap_once(
         let inbound = tx
             .query(
                 &format!(
-                    "WITH old AS ({old}) \
+                    "WITH old AS ({old}), \
+                          old_tree AS (SELECT oid AS relid FROM old UNION SELECT t.relid FROM old, pg_catalog.pg_partition_tree(old.oid) t) \
                      SELECT n.nspname, c.relname, con.conname, pg_catalog.pg_get_constraintdef(con.oid) \
                      FROM pg_catalog.pg_constraint con \
                      JOIN pg_catalog.pg_class c ON c.oid = con.conrelid \
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                     WHERE con.contype = 'f' AND con.confrelid IN (SELECT oid FROM old) \
-                       AND con.conrelid NOT IN (SELECT oid FROM old)"
+                     WHERE con.contype = 'f' AND con.confrelid IN (SELECT relid FROM old_tree) \
+                       AND con.conrelid NOT IN (SELECT relid FROM old_tree) \
+                       AND con.conparentid = 0"
                 ),
                 &[&schemas, &rels],
             )
@@ -218,18 +224,19 @@ async fn swap_once(
             .await?;
         after_move.extend(triggers.iter().map(|r| r.get::<_, String>(0)));
 
-        // Sequences the old tables own would be dropped with them, but column defaults of
-        // the new tables call them.
+        // Sequences the old tables (or their partitions) own would be dropped with them, but
+        // column defaults of the new tables call them.
         let owned = tx
             .query(
                 &format!(
-                    "WITH old AS ({old}) \
+                    "WITH old AS ({old}), \
+                          old_tree AS (SELECT oid AS relid FROM old UNION SELECT t.relid FROM old, pg_catalog.pg_partition_tree(old.oid) t) \
                      SELECT n.nspname, s.relname FROM pg_catalog.pg_depend d \
                      JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S' \
                      JOIN pg_catalog.pg_namespace n ON n.oid = s.relnamespace \
                      WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.deptype = 'a' \
                        AND d.refclassid = 'pg_catalog.pg_class'::regclass \
-                       AND d.refobjid IN (SELECT oid FROM old)"
+                       AND d.refobjid IN (SELECT relid FROM old_tree)"
                 ),
                 &[&schemas, &rels],
             )
@@ -245,21 +252,29 @@ async fn swap_once(
 
     for table in tables {
         if let Some(staged) = &table.staged {
-            tx.batch_execute(&format!(
-                "ALTER TABLE {} SET SCHEMA {}",
-                staged.quoted(),
-                quote(&table.target.schema)
-            ))
-            .await?;
+            let moves = std::iter::once((staged, &table.target)).chain(
+                table
+                    .partitions
+                    .iter()
+                    .map(|(staged, target)| (staged, target)),
+            );
+            for (staged, target) in moves {
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {} SET SCHEMA {}",
+                    staged.quoted(),
+                    quote(&target.schema)
+                ))
+                .await?;
+            }
         }
         for statement in &table.add_columns {
             tx.batch_execute(statement).await?;
         }
-        for (seq, column) in &table.owned_sequences {
+        for (seq, owner, column) in &table.owned_sequences {
             tx.batch_execute(&format!(
                 "ALTER SEQUENCE {} OWNED BY {}.{}",
                 seq.quoted(),
-                table.target.quoted(),
+                owner.quoted(),
                 quote(column)
             ))
             .await?;

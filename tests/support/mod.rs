@@ -22,6 +22,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+pub mod schemas;
+
 use bite_sync::backup::store::S3Settings;
 use bite_sync::pg::cluster::{ClusterOptions, TempCluster};
 use tokio_util::sync::CancellationToken;
