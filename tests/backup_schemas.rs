@@ -712,7 +712,12 @@ async fn row_security_never_thins_a_backup_silently() {
         "{stderr}"
     );
     let listed = run(&["backups", "list", "--from", &to, "--json"]);
-    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).trim(),
+        "[]",
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

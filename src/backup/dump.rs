@@ -1019,8 +1019,6 @@ async fn table_ddls(
 /// Where a table stands in a partition tree, for its generated schema.
 #[derive(Debug, Default)]
 struct PartitionInfo {
-    /// `RANGE (paid_at)`: it is partitioned so.
-    partition_by: Option<String>,
     /// Its partitioned table (quoted) and bound (`FOR VALUES ...`, `DEFAULT`).
     attach_to: Option<(String, String)>,
     /// Its constraints and indexes that come from its partitioned table's.
@@ -1028,13 +1026,11 @@ struct PartitionInfo {
 }
 
 impl PartitionInfo {
-    /// `CREATE TABLE` as generated, partitioned and attached as on the source (pg_dump too
-    /// creates a partition as a table, then attaches it).
+    /// `CREATE TABLE` as generated (partitioned as on the source: the catalog's definition
+    /// carries the partition key), then attached as on the source (pg_dump too creates a
+    /// partition as a table, then attaches it).
     fn create(&self, create_table: &str, name: &QualifiedName) -> String {
         let mut sql = create_table.to_owned();
-        if let Some(by) = &self.partition_by {
-            sql.push_str(&format!(" PARTITION BY {by}"));
-        }
         sql.push_str(";\n");
         if let Some((parent, bound)) = &self.attach_to {
             sql.push_str(&format!(
@@ -1052,8 +1048,7 @@ async fn partition_info(
 ) -> Result<PartitionInfo, BackupError> {
     let row = control
         .query_one(
-            "SELECT CASE WHEN c.relkind = 'p' THEN pg_catalog.pg_get_partkeydef(c.oid) END, \
-                    (SELECT pg_catalog.format('%I.%I', pn.nspname, p.relname) \
+            "SELECT (SELECT pg_catalog.format('%I.%I', pn.nspname, p.relname) \
                        FROM pg_catalog.pg_inherits i \
                        JOIN pg_catalog.pg_class p ON p.oid = i.inhparent \
                        JOIN pg_catalog.pg_namespace pn ON pn.oid = p.relnamespace \
@@ -1072,11 +1067,10 @@ async fn partition_info(
         .await
         .map_err(query(format!("failed to read the partitioning of {name}")))?;
     Ok(PartitionInfo {
-        partition_by: row.get(0),
         attach_to: row
-            .get::<_, Option<String>>(1)
-            .zip(row.get::<_, Option<String>>(2)),
-        inherited: row.get(3),
+            .get::<_, Option<String>>(0)
+            .zip(row.get::<_, Option<String>>(1)),
+        inherited: row.get(2),
     })
 }
 
