@@ -910,22 +910,7 @@ fn key_values(
     tuple: &Tuple,
     action: &'static str,
 ) -> Result<String, ApplyError> {
-    let mut parts = Vec::new();
-    for (column, datum) in key_columns(shape).zip(key_datums(shape, tuple)) {
-        match datum {
-            Datum::Null | Datum::UnchangedToast => return Err(missing(shape, column)),
-            d => parts.push(value(shape, column, d)?),
-        }
-    }
-    match parts.len() {
-        0 => Err(ApplyError::NoKey {
-            table: shape.name.clone(),
-            quoted: shape.name.quoted(),
-            action,
-        }),
-        1 => Ok(parts.remove(0)),
-        _ => Ok(format!("({})", parts.join(", "))),
-    }
+    key_row(shape, tuple, action, value)
 }
 
 /// [`key_values`] with every value typed, as a delete's `IN` list needs it (a row of untyped
@@ -935,11 +920,21 @@ fn typed_key_values(
     tuple: &Tuple,
     action: &'static str,
 ) -> Result<String, ApplyError> {
+    key_row(shape, tuple, action, typed)
+}
+
+/// The key's values, each rendered by `render`, as one value or a row of them.
+fn key_row(
+    shape: &TableShape,
+    tuple: &Tuple,
+    action: &'static str,
+    render: fn(&TableShape, &ShapeColumn, &Datum) -> Result<String, ApplyError>,
+) -> Result<String, ApplyError> {
     let mut parts = Vec::new();
     for (column, datum) in key_columns(shape).zip(key_datums(shape, tuple)) {
         match datum {
             Datum::Null | Datum::UnchangedToast => return Err(missing(shape, column)),
-            d => parts.push(typed(shape, column, d)?),
+            d => parts.push(render(shape, column, d)?),
         }
     }
     match parts.len() {
